@@ -1,0 +1,147 @@
+"""``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements on flat buffers."""
+
+import numpy as np
+
+from fastmomentum.kernels import cpu, hyperparameters
+
+from .optimizer import FlatOptimizer
+
+
+class Adam(FlatOptimizer):
+    r"""Adam (Kingma & Ba, 2015), optionally AMSGrad, with L2 or decoupled weight decay.
+
+    Same arguments, defaults, state and numbers as ``torch.optim.Adam``; one fused kernel
+    call per flat buffer per step. For a parameter at its step ``t`` (counted per
+    parameter), with ``g = ±∇f(p)``::
+
+        p ← p·(1 − lr·λ)                       if decoupled_weight_decay (AdamW)
+        g ← g + λ·p                            otherwise
+        m ← β1·m + (1 − β1)·g
+        v ← β2·v + (1 − β2)·g²
+        v̂ ← max(v̂, v) if amsgrad else v
+        p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + ε)
+
+    ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
+    fused kernel per buffer); ``capturable=True`` and ``differentiable=True`` are rejected.
+    """
+
+    counts_steps = True
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0,
+        amsgrad=False,
+        *,
+        foreach=None,
+        maximize=False,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=False,
+    ):
+        if isinstance(betas, list):
+            betas = tuple(betas)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        self.check_group(defaults)
+        super().__init__(params, defaults)
+
+    def state_names(self, group):
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def check_group(self, group):
+        betas = tuple(float(beta) for beta in group["betas"])
+        hyperparameters.check_adam(float(group["lr"]), betas, group["eps"], group["weight_decay"])
+
+    def update(self, group, buffer, active):
+        steps = buffer.array("steps")
+        active_mask = np.asarray(active)
+        steps[active_mask] += 1
+        param, grad = buffer.array("values"), buffer.array("grads")
+        exp_avg, exp_avg_sq = buffer.array("exp_avg"), buffer.array("exp_avg_sq")
+        amsgrad = bool(group["amsgrad"])
+        max_exp_avg_sq = buffer.array("max_exp_avg_sq") if amsgrad else exp_avg_sq[:0]
+        settings = (
+            float(group["lr"]),
+            tuple(float(beta) for beta in group["betas"]),
+            group["eps"],
+            group["weight_decay"],
+            bool(group["decoupled_weight_decay"]),
+            bool(group["maximize"]),
+        )
+        for start, end, step in buffer.runs(active, steps.tolist()):
+            coefficients = hyperparameters.adam_coefficients(param.dtype, step, *settings)
+            part = slice(start, end)
+            cpu.adam(
+                param[part],
+                grad[part],
+                exp_avg[part],
+                exp_avg_sq[part],
+                max_exp_avg_sq[part] if amsgrad else max_exp_avg_sq,
+                coefficients,
+                amsgrad,
+            )
+        for index, is_active in enumerate(active):
+            if is_active and not buffer.initialized[index]:
+                self.expose_state(group, buffer, index)
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
+
+    Same arguments, defaults (``weight_decay=1e-2``), state and numbers as
+    ``torch.optim.AdamW``; the update is `Adam`'s with ``p ← p·(1 − lr·λ)`` applied
+    before the moment update instead of adding ``λ·p`` to the gradient.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,206 @@
+"""The shared base of fastmomentum's torch optimizers: param groups on flat buffers.
+
+Subclasses say which state tensors they keep and how one flat buffer is updated; this
+class does the rest as ``torch.optim.Optimizer`` does it: param groups,
+``add_param_group``, ``step(closure)``, ``zero_grad``, ``state_dict`` and
+``load_state_dict`` in torch's format.
+"""
+
+import torch
+
+from .flat_buffer import FlatBuffer
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose step is one kernel call per flat buffer.
+
+    For every param group the parameters are grouped by (device, dtype) into
+    `FlatBuffer` objects; ``self.state[p]`` holds views into the buffers' state under
+    torch's keys, so user code and ``state_dict`` see exactly what ``torch.optim`` shows.
+    """
+
+    #: Whether ``state[p]`` carries a ``"step"`` count (Adam) or not (SGD).
+    counts_steps = False
+
+    def __init__(self, params, defaults):
+        _check_implementation_options(defaults)
+        self._buffers = []  # per param group, its FlatBuffers
+        super().__init__(params, defaults)
+
+    def state_names(self, group):
+        """Names of the per-parameter state tensors ``group`` keeps, in torch's order."""
+        raise NotImplementedError
+
+    def check_group(self, group):
+        """Raise ``ValueError`` if ``group``'s hyperparameters are invalid."""
+        raise NotImplementedError
+
+    def update(self, group, buffer, active):
+        """Apply one step to ``buffer``'s parameters flagged in ``active``."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group):
+        """Add a param group (as ``torch.optim``) and move its parameters into flat buffers."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self.check_group(group)
+            _check_implementation_options(group)
+            _check_params(group["params"])
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._buffers.append(self._make_buffers(group, len(self.param_groups) - 1))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, buffers in zip(self.param_groups, self._buffers):
+            self.check_group(group)
+            for buffer in buffers:
+                buffer.check()
+        for group, buffers in zip(self.param_groups, self._buffers):
+            for buffer in buffers:
+                active = buffer.gather_grads()
+                if any(active):
+                    self.update(group, buffer, active)
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        """Reset the gradients: to ``None`` (default) or to zero in place, as ``torch.optim``."""
+        for buffers in self._buffers:
+            for buffer in buffers:
+                buffer.zero_grads(set_to_none)
+
+    def expose_state(self, group, buffer, index):
+        """Make ``self.state[p]`` of ``buffer``'s parameter ``index`` views into its flat state."""
+        entry = {}
+        if self.counts_steps:
+            entry["step"] = buffer.steps[index]
+        for name in self.state_names(group):
+            entry[name] = buffer.view_of(buffer.state(name), index)
+        self.state[buffer.params[index]] = entry
+        buffer.initialized[index] = True
+
+    def load_state_dict(self, state_dict):
+        """Load a ``torch.optim`` or fastmomentum state dict; values are copied into the buffers.
+
+        Everything is checked first: on a mismatch nothing changes.
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for group, buffers in zip(self.param_groups, self._buffers):
+                for buffer in buffers:
+                    self._bind_loaded_state(group, buffer)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, default in self.defaults.items():
+                group.setdefault(name, default)
+
+    def _make_buffers(self, group, group_index):
+        by_kind = {}
+        for position, param in enumerate(group["params"]):
+            name = f"parameter {position} of param group {group_index}"
+            by_kind.setdefault((param.device, param.dtype), []).append((param, name))
+        return [FlatBuffer(*zip(*members)) for members in by_kind.values()]
+
+    def _check_loadable(self, state_dict):
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups; "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        params_by_id = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {index} of the loaded state dict has {len(saved['params'])} "
+                    f"parameters; this optimizer's has {len(group['params'])}"
+                )
+            merged = {**self.defaults, **saved, "params": group["params"]}
+            self.check_group(merged)
+            _check_implementation_options(merged)
+            for param_id, param in zip(saved["params"], group["params"]):
+                params_by_id[param_id] = (param, merged)
+        for param_id, entry in state_dict["state"].items():
+            if param_id not in params_by_id:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {param_id}")
+            param, group = params_by_id[param_id]
+            names = self.state_names(group)
+            if all(entry.get(name) is None for name in names):
+                continue  # {} or {"momentum_buffer": None}: no state yet
+            for name in names:
+                value = entry.get(name)
+                if not torch.is_tensor(value) or value.shape != param.shape:
+                    shape = tuple(value.shape) if torch.is_tensor(value) else repr(value)
+                    raise ValueError(
+                        f"loaded state {name!r} of parameter id {param_id} has shape {shape}; "
+                        f"the parameter has shape {tuple(param.shape)}"
+                    )
+            if self.counts_steps and "step" not in entry:
+                raise ValueError(f"loaded state of parameter id {param_id} has no 'step'")
+
+    def _bind_loaded_state(self, group, buffer):
+        if self.counts_steps:
+            buffer.steps.zero_()
+        for name in self.state_names(group):
+            buffer.state(name).zero_()  # parameters without saved state start afresh
+        for index, param in enumerate(buffer.params):
+            loaded = self.state.pop(param, {})
+            buffer.initialized[index] = False
+            if not loaded or any(loaded.get(name) is None for name in self.state_names(group)):
+                continue
+            for name in self.state_names(group):
+                buffer.view_of(buffer.state(name), index).copy_(loaded[name])
+            if self.counts_steps:
+                buffer.steps[index] = float(loaded["step"])
+            self.expose_state(group, buffer, index)
+
+
+def _check_implementation_options(options):
+    """Accept torch's implementation switches only with values we honour."""
+    if options.get("differentiable"):
+        raise ValueError("fastmomentum does not support differentiable=True")
+    if options.get("capturable"):
+        raise ValueError("fastmomentum does not support capturable=True (CUDA graph capture)")
+    if options.get("foreach") and options.get("fused"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _check_params(params):
+    """Raise for parameters a flat buffer cannot hold, before any of them is touched."""
+    seen = set()
+    extents = []
+    for position, param in enumerate(params):
+        name = f"parameter {position}"
+        if id(param) in seen:
+            raise ValueError(f"{name} appears twice in the param group")
+        seen.add(id(param))
+        if param.is_complex():
+            raise TypeError(f"{name} is complex ({param.dtype}); fastmomentum supports real params")
+        if param.layout != torch.strided:
+            raise TypeError(f"{name} has layout {param.layout}; fastmomentum needs dense params")
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {param.dtype}; fastmomentum supports float32 and float64")
+        if param.device.type != "cpu":
+            raise ValueError(f"{name} is on {param.device}; this build supports CPU parameters")
+        if param.grad is not None and param.grad.is_sparse:
+            raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
+        if param.numel():
+            start = param.data_ptr()
+            span = 1 + sum((size - 1) * stride for size, stride in zip(param.shape, param.stride()))
+            extents.append((start, start + span * param.element_size(), name))
+    extents.sort()
+    for (_, end, name), (start, _, other) in zip(extents, extents[1:]):
+        if start < end:
+            raise ValueError(f"{name} and {other} overlap in memory; a flat buffer needs disjoint params")

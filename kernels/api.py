@@ -1,0 +1,132 @@
+"""The low-level API: one optimizer step on NumPy arrays, validated, then dispatched.
+
+Nothing is written unless every array and hyperparameter passes its check, so a
+rejected call leaves all arrays as they were.
+"""
+
+import numpy as np
+
+from . import cpu, hyperparameters
+from .arrays import flat_views
+
+
+def sgd_step(
+    param,
+    grad,
+    momentum_buffer=None,
+    *,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    first_step=False,
+    momentum_convention="pytorch",
+):
+    """One SGD step, in place on ``param`` (and ``momentum_buffer`` when momentum > 0).
+
+    With ``d = ±g + λ·p`` (minus when ``maximize``), in PyTorch's convention::
+
+        v ← d on the first step, else μ·v + (1 − τ)·d
+        p ← p − lr·(d + μ·v)   (nesterov)   or   p ← p − lr·v
+
+    and in the lr-folded convention (Polyak, Sutskever et al., Keras)::
+
+        v ← lr·d on the first step, else μ·v + (1 − τ)·lr·d
+        p ← p − (lr·d + μ·v)   (nesterov)   or   p ← p − v
+
+    ``first_step=True`` initialises the buffer from ``d`` (torch's first step); with
+    ``False`` the buffer's current contents are used. ``momentum_buffer`` is required when
+    ``momentum > 0`` and ignored otherwise.
+
+    Example::
+
+        >>> p, g, v = np.ones(3, np.float32), np.full(3, 0.5, np.float32), np.zeros(3, np.float32)
+        >>> sgd_step(p, g, v, lr=0.1, momentum=0.9, first_step=True)
+        >>> p
+        array([0.95, 0.95, 0.95], dtype=float32)
+    """
+    hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
+    if momentum == 0:
+        param, grad = flat_views({"param": param, "grad": grad})
+        coefficients = hyperparameters.sgd_plain_coefficients(
+            param.dtype, lr, weight_decay, maximize
+        )
+        cpu.sgd_plain(param, grad, coefficients)
+        return
+    if momentum_buffer is None:
+        raise ValueError("momentum_buffer is required when momentum > 0")
+    param, grad, momentum_buffer = flat_views(
+        {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}
+    )
+    coefficients = hyperparameters.sgd_momentum_coefficients(
+        param.dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
+    )
+    cpu.sgd_momentum(param, grad, momentum_buffer, coefficients, bool(nesterov), bool(first_step))
+
+
+def adam_step(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq=None,
+    *,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    amsgrad=False,
+    maximize=False,
+    decoupled_weight_decay=False,
+):
+    """One Adam step (Kingma & Ba), in place on ``param`` and the moment buffers.
+
+    ``step`` is this step's count t ≥ 1 (1 on the first call). With ``g = ±grad``::
+
+        p ← p·(1 − lr·λ)                            if decoupled_weight_decay (AdamW)
+        g ← g + λ·p                                 otherwise (L2, Adam)
+        m ← β1·m + (1 − β1)·g
+        v ← β2·v + (1 − β2)·g²
+        v̂ ← max(v̂, v) if amsgrad else v
+        p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + ε)
+
+    ``max_exp_avg_sq`` is required with ``amsgrad`` and ignored otherwise.
+    """
+    hyperparameters.check_adam(lr, betas, eps, weight_decay)
+    if not (isinstance(step, (int, np.integer)) or float(step).is_integer()) or step < 1:
+        raise ValueError(f"Invalid step: {step}; the first step is 1")
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("max_exp_avg_sq is required when amsgrad=True")
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = flat_views(
+        {
+            "param": param,
+            "grad": grad,
+            "exp_avg": exp_avg,
+            "exp_avg_sq": exp_avg_sq,
+            "max_exp_avg_sq": max_exp_avg_sq if amsgrad else None,
+        }
+    )
+    coefficients = hyperparameters.adam_coefficients(
+        param.dtype, float(step), lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
+    )
+    if not amsgrad:
+        max_exp_avg_sq = exp_avg_sq[:0]
+    cpu.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, bool(amsgrad))
+
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, weight_decay=1e-2, **options):
+    """One AdamW step (Loshchilov & Hutter): `adam_step` with decoupled weight decay."""
+    adam_step(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        step=step,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=True,
+        **options,
+    )

@@ -1,0 +1,97 @@
+"""Hyperparameter checks and their conversion into kernel coefficients.
+
+The checks raise ``ValueError`` with the messages ``torch.optim`` uses, so the torch
+optimizers and the low-level API reject the same inputs the same way. The coefficient
+tuples are what the kernels take: every scalar already in the arrays' dtype (a float64
+scalar would silently turn float32 arithmetic into float64), derived quantities such as
+``1 − τ`` or ``−lr/(1 − β1ᵗ)`` computed once here in double precision, as torch does.
+"""
+
+import math
+
+import numpy as np
+
+MOMENTUM_CONVENTIONS = ("pytorch", "lr_folded")
+
+
+def check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention):
+    """Raise ``ValueError`` for SGD settings that ``torch.optim.SGD`` rejects (or we do)."""
+    _check_non_negative("learning rate", lr)
+    _check_non_negative("momentum value", momentum)
+    _check_non_negative("weight_decay value", weight_decay)
+    _check_finite("dampening value", dampening)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if momentum_convention not in MOMENTUM_CONVENTIONS:
+        raise ValueError(
+            f"Invalid momentum_convention: {momentum_convention!r}; "
+            f"expected one of {MOMENTUM_CONVENTIONS}"
+        )
+
+
+def check_adam(lr, betas, eps, weight_decay):
+    """Raise ``ValueError`` for Adam settings that ``torch.optim.Adam`` rejects."""
+    _check_non_negative("learning rate", lr)
+    _check_non_negative("epsilon value", eps)
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    _check_non_negative("weight_decay value", weight_decay)
+
+
+def sgd_plain_coefficients(dtype, lr, weight_decay, maximize):
+    """``(lr, grad_sign, weight_decay)`` for `kernels.cpu.sgd_plain`."""
+    return _in_dtype(dtype, lr, -1.0 if maximize else 1.0, weight_decay)
+
+
+def sgd_momentum_coefficients(
+    dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
+):
+    """Coefficients of `rules.sgd_momentum`, in its argument order."""
+    lr_folded = momentum_convention == "lr_folded"
+    return _in_dtype(
+        dtype,
+        momentum,
+        1.0 - dampening,
+        -1.0 if maximize else 1.0,
+        weight_decay,
+        lr if lr_folded else 1.0,
+        1.0 if lr_folded else lr,
+    )
+
+
+def adam_coefficients(dtype, step, lr, betas, eps, weight_decay, decoupled, maximize):
+    """Coefficients of `rules.adam` for a parameter at step ``step`` (≥ 1, after increment)."""
+    beta1, beta2 = betas
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    return _in_dtype(
+        dtype,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        -lr / bias_correction1,
+        bias_correction2**0.5,  # as torch computes it
+        eps,
+        -1.0 if maximize else 1.0,
+        0.0 if decoupled else weight_decay,
+        1.0 - lr * weight_decay if decoupled else 1.0,
+    )
+
+
+def _in_dtype(dtype, *values):
+    scalar = np.dtype(dtype).type
+    return tuple(scalar(value) for value in values)
+
+
+def _check_non_negative(name, value):
+    if not value >= 0.0:  # written so that NaN fails too
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def _check_finite(name, value):
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value}")

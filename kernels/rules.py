@@ -1,0 +1,119 @@
+"""Per-element update rules, written once as plain Python.
+
+Every function here works on scalars and returns the new values. ``register_jitable``
+leaves each one an ordinary Python function (usable as a float64 reference) that Numba
+compiles inline wherever a kernel calls it: the CPU loops of `kernels.cpu` and the CUDA
+kernels alike. Scalars arrive already in the
+arrays' dtype (see `kernels.coefficients`); the rules contain no float literals, so
+float32 arithmetic stays float32.
+"""
+
+import math
+
+from numba.extending import register_jitable
+
+
+@register_jitable
+def descent_direction(param, grad, grad_sign, weight_decay):
+    """``d = ±g + λ·p`` (the sign is −1 when maximizing; L2 decay only if λ ≠ 0)."""
+    direction = grad_sign * grad
+    if weight_decay != 0:
+        direction = direction + weight_decay * param
+    return direction
+
+
+@register_jitable
+def sgd_plain(param, grad, lr, grad_sign, weight_decay):
+    """SGD without momentum: ``p ← p − lr·d``."""
+    return param - lr * descent_direction(param, grad, grad_sign, weight_decay)
+
+
+@register_jitable
+def sgd_momentum(
+    param,
+    grad,
+    velocity,
+    momentum,
+    dampening_complement,
+    grad_sign,
+    weight_decay,
+    velocity_scale,
+    update_scale,
+    nesterov,
+    first_step,
+):
+    """SGD with heavy-ball or Nesterov momentum, in either convention.
+
+    With ``d = ±g + λ·p`` and ``s = velocity_scale``::
+
+        first step:  v ← s·d
+        later:       v ← μ·v + (1 − τ)·s·d
+        step         = s·d + μ·v   if nesterov else   v
+        p ← p − update_scale·step
+
+    PyTorch's convention passes ``s = 1, update_scale = lr``; the lr-folded convention
+    (Polyak, Sutskever et al., Keras) passes ``s = lr, update_scale = 1``, so the velocity
+    carries the learning rate. Returns ``(param, velocity)``.
+    """
+    direction = velocity_scale * descent_direction(param, grad, grad_sign, weight_decay)
+    if first_step:
+        velocity = direction
+    else:
+        velocity = momentum * velocity + dampening_complement * direction
+    if nesterov:
+        step = direction + momentum * velocity
+    else:
+        step = velocity
+    return param - update_scale * step, velocity
+
+
+@register_jitable
+def lerp(start, end, weight, weight_complement):
+    """``start + w·(end − start)``, evaluated as torch's ``lerp`` does (``w_c = 1 − w``)."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * weight_complement
+
+
+@register_jitable
+def adam(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    beta1,
+    beta1_complement,
+    beta2,
+    beta2_complement,
+    neg_step_size,
+    bias_correction2_sqrt,
+    eps,
+    grad_sign,
+    weight_decay,
+    param_decay,
+    amsgrad,
+):
+    """Adam / AdamW for one element, torch's for-loop arithmetic.
+
+    ::
+
+        p ← p·(1 − lr·λ)                     (AdamW: param_decay; 1 for Adam)
+        g ← ±g + λ·p                          (Adam: weight_decay; 0 for AdamW)
+        m ← lerp(m, g, 1 − β1)
+        v ← β2·v + (1 − β2)·g²
+        v̂ ← max(v̂, v) if amsgrad else v
+        p ← p − (lr / (1 − β1ᵗ)) · m / (√v̂ / √(1 − β2ᵗ) + ε)
+
+    ``neg_step_size`` is ``−lr / (1 − β1ᵗ)``. Returns ``(param, m, v, v̂max)``.
+    """
+    param = param * param_decay
+    grad = descent_direction(param, grad, grad_sign, weight_decay)
+    exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
+    second_moment = exp_avg_sq
+    if amsgrad:
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    denom = math.sqrt(second_moment) / bias_correction2_sqrt + eps
+    return param + neg_step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq

@@ -1,0 +1,51 @@
+"""A small real model and a seeded training loop, shared by the optimizer tests."""
+
+import torch
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    """Embedding, Conv1d, BatchNorm, LayerNorm and Linear layers: ≈1.4k parameters."""
+
+    def __init__(self, vocabulary=32, width=8, channels=16, outputs=4):
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, width)
+        # no conv bias: BatchNorm right after it would cancel its gradient to rounding noise
+        self.conv = nn.Conv1d(width, channels, kernel_size=3, padding=1, bias=False)
+        self.batch_norm = nn.BatchNorm1d(channels)
+        self.layer_norm = nn.LayerNorm(channels)
+        self.head = nn.Linear(channels, outputs)
+
+    def forward(self, tokens):
+        x = self.embedding(tokens).transpose(1, 2)
+        x = torch.tanh(self.batch_norm(self.conv(x)))
+        x = self.layer_norm(x.transpose(1, 2)).mean(dim=1)
+        return self.head(x)
+
+
+def make_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return SmallNet().to(dtype)
+
+
+def batches(steps, dtype=torch.float64, seed=1, batch=16, length=12):
+    """``steps`` random (tokens, targets) pairs, the same for every caller with this seed."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens = torch.randint(0, 32, (batch, length), generator=generator)
+        targets = torch.randn(batch, 4, generator=generator, dtype=dtype)
+        yield tokens, targets
+
+
+def train(model, optimizer, steps, dtype=torch.float64, scheduler=None, set_to_none=True):
+    """Train ``steps`` steps of MSE regression on random data; returns the losses."""
+    losses = []
+    for tokens, targets in batches(steps, dtype):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        loss = nn.functional.mse_loss(model(tokens), targets)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
