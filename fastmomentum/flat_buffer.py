@@ -88,7 +88,9 @@ class FlatBuffer:
             if grad is None or grad is self.grad_views[index]:
                 continue
             if grad.is_sparse or grad.layout != torch.strided:
-                raise TypeError(f"{self.names[index]} has a sparse gradient; fastmomentum needs dense gradients")
+                raise TypeError(
+                    f"{self.names[index]} has a sparse gradient; fastmomentum needs dense gradients"
+                )
             if grad.dtype != self.dtype or grad.device != self.device or grad.shape != param.shape:
                 raise ValueError(
                     f"{self.names[index]} has a gradient of {grad.dtype} {tuple(grad.shape)} on "
@@ -104,7 +106,9 @@ class FlatBuffer:
         active = []
         for index, param in enumerate(self.params):
             if self.numels[index] and param.data_ptr() != self._data_ptrs[index]:
-                self.adopt_param(index)  # ``p.data`` was reassigned, e.g. load_state_dict(assign=True)
+                self.adopt_param(
+                    index
+                )  # ``p.data`` was reassigned, e.g. load_state_dict(assign=True)
             grad = param.grad
             if grad is None:
                 active.append(False)

@@ -56,7 +56,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimization step; ``closure`` (optional) reruns the model and returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -191,7 +191,9 @@ def _check_params(params):
         if param.layout != torch.strided:
             raise TypeError(f"{name} has layout {param.layout}; fastmomentum needs dense params")
         if param.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {param.dtype}; fastmomentum supports float32 and float64")
+            raise TypeError(
+                f"{name} has dtype {param.dtype}; fastmomentum supports float32 and float64"
+            )
         if param.device.type != "cpu":
             raise ValueError(f"{name} is on {param.device}; this build supports CPU parameters")
         if param.grad is not None and param.grad.is_sparse:
@@ -203,4 +205,6 @@ def _check_params(params):
     extents.sort()
     for (_, end, name), (start, _, other) in zip(extents, extents[1:]):
         if start < end:
-            raise ValueError(f"{name} and {other} overlap in memory; a flat buffer needs disjoint params")
+            raise ValueError(
+                f"{name} and {other} overlap in memory; a flat buffer needs disjoint params"
+            )

@@ -92,7 +92,12 @@ class SGD(FlatOptimizer):
         nesterov = bool(group["nesterov"])
         for start, end, first in buffer.runs(active, first_step):
             cpu.sgd_momentum(
-                param[start:end], grad[start:end], velocity[start:end], coefficients, nesterov, first
+                param[start:end],
+                grad[start:end],
+                velocity[start:end],
+                coefficients,
+                nesterov,
+                first,
             )
         for index, (is_active, first) in enumerate(zip(active, first_step)):
             if is_active and first:

@@ -117,7 +117,9 @@ def adam_step(
     cpu.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, bool(amsgrad))
 
 
-def adamw_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, weight_decay=1e-2, **options):
+def adamw_step(
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, weight_decay=1e-2, **options
+):
     """One AdamW step (Loshchilov & Hutter): `adam_step` with decoupled weight decay."""
     adam_step(
         param,

@@ -1,0 +1,51 @@
+"""Float64 NumPy references for the update rules, written independently of `kernels.rules`."""
+
+import numpy as np
+
+
+def sgd(
+    param,
+    grad,
+    buffer,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    first_step,
+    lr_folded=False,
+):
+    """One SGD step on float64 copies; returns ``(param, buffer)``."""
+    d = -grad if maximize else grad.copy()
+    if weight_decay:
+        d = d + weight_decay * param
+    if momentum == 0:
+        return param - lr * d, buffer
+    scale = lr if lr_folded else 1.0
+    if first_step:
+        buffer = scale * d
+    else:
+        buffer = momentum * buffer + (1 - dampening) * scale * d
+    step = scale * d + momentum * buffer if nesterov else buffer
+    return param - (1.0 if lr_folded else lr) * step, buffer
+
+
+def adam(
+    param, grad, m, v, vmax, *, step, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled
+):
+    """One Adam/AdamW step on float64 copies; returns ``(param, m, v, vmax)``."""
+    beta1, beta2 = betas
+    g = -grad if maximize else grad.copy()
+    if decoupled:
+        param = param * (1 - lr * weight_decay)
+    elif weight_decay:
+        g = g + weight_decay * param
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    if amsgrad:
+        vmax = np.maximum(vmax, v)
+    second = vmax if amsgrad else v
+    denom = np.sqrt(second) / np.sqrt(1 - beta2**step) + eps
+    return param - lr / (1 - beta1**step) * m / denom, m, v, vmax

@@ -1,0 +1,150 @@
+"""Bad input to the torch optimizers: a clear error, raised before any value changes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmomentum
+
+from .models import make_model, train
+from .test_state_dict import assert_unchanged, snapshot
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("SGD", {"lr": -0.1}, "Invalid learning rate"),
+        ("SGD", {"lr": 0.1, "momentum": -0.9}, "Invalid momentum value"),
+        ("SGD", {"lr": 0.1, "weight_decay": -1e-4}, "Invalid weight_decay value"),
+        ("SGD", {"lr": 0.1, "nesterov": True}, "Nesterov momentum requires"),
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "nesterov": True}, "Nesterov"),
+        ("Adam", {"lr": -1e-3}, "Invalid learning rate"),
+        ("Adam", {"eps": -1.0}, "Invalid epsilon value"),
+        ("Adam", {"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+        ("Adam", {"betas": (0.9, 1.5)}, "Invalid beta parameter at index 1"),
+        ("AdamW", {"weight_decay": -0.1}, "Invalid weight_decay value"),
+    ],
+)
+def test_invalid_hyperparameters_raise_like_torch(name, options, message):
+    params = [nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.optim, name)(params, **options)
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match=message):
+        getattr(fastmomentum, name)(params, **options)
+    assert torch.equal(params[0], before)
+
+
+def test_momentum_convention_must_be_known():
+    with pytest.raises(ValueError, match="momentum_convention"):
+        fastmomentum.SGD([nn.Parameter(torch.randn(3))], lr=0.1, momentum_convention="keras")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "error", "message"),
+    [
+        ("SGD", {"foreach": True, "fused": True}, RuntimeError, "cannot be `True` together"),
+        ("SGD", {"differentiable": True}, ValueError, "differentiable=True"),
+        ("Adam", {"capturable": True}, ValueError, "capturable=True"),
+        ("AdamW", {"differentiable": True}, ValueError, "differentiable=True"),
+    ],
+)
+def test_implementation_options_we_cannot_honour(name, options, error, message):
+    with pytest.raises(error, match=message):
+        getattr(fastmomentum, name)([nn.Parameter(torch.randn(3))], **options)
+
+
+@pytest.mark.parametrize(
+    "options", [{"foreach": True}, {"foreach": False}, {"fused": True}, {"fused": False}]
+)
+def test_implementation_hints_are_accepted(options):
+    param = nn.Parameter(torch.randn(3))
+    optimizer = fastmomentum.Adam([param], **options)
+    param.grad = torch.ones(3)
+    optimizer.step()
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: [nn.Parameter(torch.randn(3, dtype=torch.complex64))], TypeError, "complex"),
+        (lambda: [nn.Parameter(torch.randn(3, dtype=torch.float16))], TypeError, "float16"),
+        (lambda: [nn.Parameter(torch.randn(3, dtype=torch.bfloat16))], TypeError, "bfloat16"),
+        (lambda: [nn.Parameter(torch.randn(3).to_sparse())], TypeError, "layout"),
+    ],
+)
+def test_unsupported_params_are_rejected_at_construction(make, error, message):
+    with pytest.raises(error, match=message):
+        fastmomentum.SGD(make(), lr=0.1)
+
+
+def test_overlapping_params_are_rejected_before_anything_moves():
+    storage = torch.randn(10)
+    first, second = nn.Parameter(storage[:6]), nn.Parameter(storage[4:])
+    before = storage.clone()
+    with pytest.raises(ValueError, match="overlap in memory"):
+        fastmomentum.SGD([first, second], lr=0.1)
+    assert first.data_ptr() == storage.data_ptr()  # still where they were
+    assert torch.equal(storage, before)
+
+
+def test_duplicate_param_in_a_group_is_rejected():
+    param = nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="appears twice"):
+        fastmomentum.SGD([param, param], lr=0.1)
+
+
+def test_sparse_gradient_fails_the_step_before_any_update():
+    torch.manual_seed(0)
+    dense, sparse = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
+    optimizer = fastmomentum.SGD([*dense.parameters(), *sparse.parameters()], lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+    dense(sparse(torch.tensor([1, 2]))).sum().backward()
+    assert sparse.weight.grad.is_sparse
+    with pytest.raises(TypeError, match="parameter 2 of param group 0 has a sparse gradient"):
+        optimizer.step()
+    for param, was in zip(optimizer.param_groups[0]["params"], before):
+        assert torch.equal(param, was)
+    assert len(optimizer.state) == 0
+
+
+def test_invalid_lr_set_mid_training_fails_before_any_group_steps():
+    model = make_model()
+    optimizer = fastmomentum.SGD(
+        [{"params": list(model.head.parameters())}, {"params": list(model.embedding.parameters())}],
+        lr=0.1,
+        momentum=0.9,
+    )
+    train(model, optimizer, 2)
+    before = snapshot(model, optimizer)
+    optimizer.param_groups[1]["lr"] = -0.5
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        optimizer.step()
+    optimizer.param_groups[1]["lr"] = 0.1
+    assert_unchanged(model, optimizer, before)
+
+
+def test_add_param_group_with_bad_values_leaves_groups_as_they_were():
+    optimizer = fastmomentum.Adam([nn.Parameter(torch.randn(3))])
+    groups = copy.deepcopy(optimizer.param_groups)
+    extra = nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="Invalid beta parameter"):
+        optimizer.add_param_group({"params": [extra], "betas": (0.9, 2.0)})
+    with pytest.raises(TypeError, match="float16"):
+        optimizer.add_param_group({"params": [extra.detach().half().requires_grad_()]})
+    assert len(optimizer.param_groups) == len(groups) == 1
+    assert len(optimizer._buffers) == 1
+
+
+def test_param_cast_after_construction_is_reported():
+    model = make_model(torch.float32)
+    optimizer = fastmomentum.Adam(model.parameters())
+    model.double()
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match="create the optimizer after moving or casting"):
+        optimizer.step()

@@ -1,0 +1,239 @@
+"""The low-level API on NumPy arrays against the float64 references, and its input checks."""
+
+import itertools
+
+import numpy as np
+import pytest
+from fastmomentum.kernels import adam_step, adamw_step, sgd_step
+
+from . import reference
+from .assertions import RTOL, assert_relative_close
+
+DTYPES = [np.float32, np.float64]
+SIZES = [0, 1, 1001]  # empty, scalar-like, odd and larger than a thread's chunk
+STEPS = 60
+
+SGD_CASES = [
+    {"momentum": 0.0},
+    {"momentum": 0.0, "weight_decay": 0.1, "maximize": True},
+    {"momentum": 0.9},
+    {"momentum": 0.9, "dampening": 0.3},
+    {"momentum": 0.9, "nesterov": True},
+    {"momentum": 0.7, "weight_decay": 0.05, "nesterov": True, "maximize": True},
+]
+ADAM_CASES = [
+    {},
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    {"amsgrad": True},
+    {"maximize": True, "amsgrad": True, "weight_decay": 0.01},
+    {"betas": (0.3, 0.6)},  # 1 − β1 ≥ 0.5: the other branch of torch's lerp
+]
+
+
+def learning_rate(step):
+    """A learning rate that changes every step, so the two conventions are told apart."""
+    return 0.05 * (1.0 + 0.5 * np.sin(step))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(
+    ("case", "convention"), list(itertools.product(SGD_CASES, ["pytorch", "lr_folded"]))
+)
+def test_sgd_step_matches_float64_reference(dtype, size, case, convention):
+    rng = np.random.default_rng(size)
+    param = rng.standard_normal(size).astype(dtype)
+    velocity = np.zeros(size, dtype)
+    expected_param, expected_velocity = param.astype(np.float64), velocity.astype(np.float64)
+    options = {"dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False, **case}
+    for step in range(STEPS):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step)
+        sgd_step(
+            param,
+            grad,
+            velocity,
+            lr=lr,
+            first_step=step == 0,
+            momentum_convention=convention,
+            **options,
+        )
+        expected_param, expected_velocity = reference.sgd(
+            expected_param,
+            grad.astype(np.float64),
+            expected_velocity,
+            lr=lr,
+            first_step=step == 0,
+            lr_folded=convention == "lr_folded",
+            **options,
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    assert_relative_close(param, expected_param, tolerance, "param")
+    if case["momentum"]:
+        assert_relative_close(velocity, expected_velocity, tolerance, "momentum_buffer")
+    else:
+        assert not velocity.any(), "momentum_buffer was written although momentum == 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", ADAM_CASES)
+def test_adam_step_matches_float64_reference(dtype, size, case):
+    rng = np.random.default_rng(size + 7)
+    param = rng.standard_normal(size).astype(dtype)
+    moments = [np.zeros(size, dtype) for _ in range(3)]
+    expected = [param.astype(np.float64)] + [np.zeros(size) for _ in range(3)]
+    options = {
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+        **case,
+    }
+    decoupled = options.pop("decoupled_weight_decay", False)
+    for step in range(1, STEPS + 1):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step) / 10
+        adam_step(
+            param, grad, *moments, step=step, lr=lr, decoupled_weight_decay=decoupled, **options
+        )
+        expected = reference.adam(
+            *expected[:1],
+            grad.astype(np.float64),
+            *expected[1:],
+            step=step,
+            lr=lr,
+            decoupled=decoupled,
+            **options,
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    names = ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    for name, actual, wanted in zip(names, [param, *moments], expected):
+        if name == "max_exp_avg_sq" and not options["amsgrad"]:
+            assert not actual.any(), "max_exp_avg_sq was written without amsgrad"
+            continue
+        assert_relative_close(actual, wanted, tolerance, name)
+
+
+def test_adamw_step_is_adam_with_decoupled_decay():
+    rng = np.random.default_rng(3)
+    param, grad = rng.standard_normal(257), rng.standard_normal(257)
+    a = [param.copy(), np.zeros(257), np.zeros(257)]
+    b = [param.copy(), np.zeros(257), np.zeros(257)]
+    adamw_step(a[0], grad, a[1], a[2], step=1, lr=0.01)
+    adam_step(
+        b[0], grad, b[1], b[2], step=1, lr=0.01, weight_decay=1e-2, decoupled_weight_decay=True
+    )
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_multidimensional_contiguous_arrays_are_accepted():
+    rng = np.random.default_rng(4)
+    param = rng.standard_normal((3, 5, 7))
+    flat = param.reshape(-1).copy()
+    grad = rng.standard_normal((3, 5, 7))
+    sgd_step(param, grad, lr=0.1)
+    sgd_step(flat, grad.reshape(-1), lr=0.1)
+    np.testing.assert_array_equal(param.reshape(-1), flat)
+
+
+def test_float32_arithmetic_is_not_promoted_to_float64():
+    """One float32 step must round like float32 arithmetic, not like float64 rounded once."""
+    param = np.array([1.0], np.float32)
+    grad = np.array([1e-8], np.float32)
+    sgd_step(param, grad, lr=1.0)
+    assert param[0] == np.float32(1.0), "float32 1 − 1e-8 must round back to 1"
+
+
+# --- bad input: a clear error, and nothing written -------------------------------------
+
+
+def _sgd_arrays(dtype=np.float32, size=8):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(size).astype(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (lambda a: [a[0], a[1].astype(np.float64), a[2]], TypeError, "grad has dtype float64"),
+        (lambda a: [a[0].astype(np.float16), a[1], a[2]], TypeError, "expected float32 or float64"),
+        (lambda a: [a[0].astype(np.int32), a[1], a[2]], TypeError, "expected float32 or float64"),
+        (lambda a: [a[0], a[1][:4], a[2]], ValueError, "grad has shape"),
+        (lambda a: [a[0], np.repeat(a[1], 2)[::2], a[2]], ValueError, "grad is not C-contiguous"),
+        (lambda a: [a[0], a[1], a[0]], ValueError, "param and momentum_buffer overlap"),
+        (lambda a: [a[0], a[1], None], ValueError, "momentum_buffer is required"),
+        (lambda a: [a[0], list(a[1]), a[2]], TypeError, "grad must be a NumPy array"),
+    ],
+)
+def test_sgd_step_rejects_bad_arrays_before_writing(change, error, message):
+    arrays = change(_sgd_arrays())
+    before = [None if a is None else np.array(a, copy=True) for a in arrays]
+    with pytest.raises(error, match=message):
+        sgd_step(*arrays, lr=0.1, momentum=0.9)
+    for after, was in zip(arrays, before):
+        if isinstance(after, np.ndarray):
+            np.testing.assert_array_equal(after, was)
+
+
+def test_read_only_param_is_rejected():
+    param, grad, velocity = _sgd_arrays()
+    param.flags.writeable = False
+    with pytest.raises(ValueError, match="param is read-only"):
+        sgd_step(param, grad, velocity, lr=0.1, momentum=0.9)
+    grad.flags.writeable = False  # a read-only gradient is fine
+    param.flags.writeable = True
+    sgd_step(param, grad, velocity, lr=0.1, momentum=0.9)
+
+
+def test_partially_overlapping_views_are_rejected():
+    storage = np.zeros(12, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        sgd_step(storage[:8], np.ones(8, np.float32), storage[4:], lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": -0.1}, "Invalid learning rate"),
+        ({"lr": float("nan")}, "Invalid learning rate"),
+        ({"lr": 0.1, "momentum": -0.5}, "Invalid momentum value"),
+        ({"lr": 0.1, "weight_decay": -1.0}, "Invalid weight_decay value"),
+        ({"lr": 0.1, "nesterov": True}, "Nesterov momentum requires"),
+        ({"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "nesterov": True}, "Nesterov"),
+        ({"lr": 0.1, "momentum": 0.9, "momentum_convention": "keras"}, "momentum_convention"),
+    ],
+)
+def test_sgd_step_rejects_bad_hyperparameters_before_writing(options, message):
+    arrays = _sgd_arrays()
+    before = [a.copy() for a in arrays]
+    with pytest.raises(ValueError, match=message):
+        sgd_step(*arrays, **options)
+    for after, was in zip(arrays, before):
+        np.testing.assert_array_equal(after, was)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"step": 1, "lr": -1.0}, "Invalid learning rate"),
+        ({"step": 1, "eps": -1e-8}, "Invalid epsilon value"),
+        ({"step": 1, "betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+        ({"step": 1, "betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
+        ({"step": 1, "weight_decay": -0.1}, "Invalid weight_decay value"),
+        ({"step": 0}, "Invalid step"),
+        ({"step": 1.5}, "Invalid step"),
+        ({"step": 1, "amsgrad": True}, "max_exp_avg_sq is required"),
+    ],
+)
+def test_adam_step_rejects_bad_hyperparameters_before_writing(options, message):
+    arrays = _sgd_arrays() + _sgd_arrays()[:1]
+    arrays[3] = np.abs(arrays[3])
+    before = [a.copy() for a in arrays]
+    with pytest.raises(ValueError, match=message):
+        adam_step(*arrays, **options)
+    for after, was in zip(arrays, before):
+        np.testing.assert_array_equal(after, was)

@@ -1,0 +1,38 @@
+"""The kernel library must import and run where torch is not installed."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_kernels_import_and_run_without_torch():
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+
+        sys.meta_path.insert(0, BlockTorch())
+        import numpy as np
+        import fastmomentum
+        import fastmomentum.kernels as kernels
+
+        param, grad = np.ones(5, np.float32), np.full(5, 0.5, np.float32)
+        kernels.sgd_step(param, grad, lr=0.1)
+        assert np.allclose(param, 0.95), param
+        assert "torch" not in sys.modules
+        try:
+            fastmomentum.SGD
+        except ImportError as error:
+            assert "torch is blocked" in str(error)
+        else:
+            raise AssertionError("fastmomentum.SGD imported although torch is blocked")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -1,0 +1,137 @@
+"""fastmomentum's optimizers train a real model exactly like torch.optim's for-loop.
+
+Every case trains `SmallNet` for `STEPS` steps on random data with ours and with the
+``torch.optim`` twin (``foreach=False``: the readable reference implementation), then
+compares every parameter and the whole state dict within the per-dtype tolerance.
+"""
+
+import pytest
+import torch
+
+import fastmomentum
+
+from .assertions import RTOL, assert_relative_close
+from .models import make_model, train
+
+STEPS = 120
+IMPLEMENTATION_KEYS = {"foreach", "fused", "momentum_convention"}
+
+
+def one_group(model, **options):
+    return [{"params": list(model.parameters()), **options}]
+
+
+def two_groups(model):
+    """Norm layers without weight decay and a larger lr: different hyperparameters per group."""
+    norms = [p for name, p in model.named_parameters() if "norm" in name]
+    others = [p for name, p in model.named_parameters() if "norm" not in name]
+    return [{"params": others}, {"params": norms, "weight_decay": 0.0, "lr": 0.02}]
+
+
+def step_lr(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=25, gamma=0.5)
+
+
+def one_cycle(optimizer):
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=0.05, total_steps=STEPS, cycle_momentum=True
+    )
+
+
+def warmup_cosine(optimizer):
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=10)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=STEPS - 10)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[10])
+
+
+CASES = {
+    "sgd": ("SGD", {"lr": 0.05}, one_group, None),
+    "sgd-weight-decay-maximize": (
+        "SGD",
+        {"lr": 0.01, "weight_decay": 0.1, "maximize": True},
+        one_group,
+        None,
+    ),
+    "momentum": ("SGD", {"lr": 0.05, "momentum": 0.9}, one_group, None),
+    "momentum-dampening": ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.5}, one_group, None),
+    "nesterov-weight-decay": (
+        "SGD",
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+        one_group,
+        None,
+    ),
+    "momentum-maximize": ("SGD", {"lr": 0.01, "momentum": 0.5, "maximize": True}, one_group, None),
+    "momentum-two-groups-step-lr": (
+        "SGD",
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+        two_groups,
+        step_lr,
+    ),
+    "nesterov-one-cycle": (
+        "SGD",
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+        one_group,
+        one_cycle,
+    ),
+    "adam": ("Adam", {"lr": 1e-2}, one_group, None),
+    "adam-weight-decay": ("Adam", {"lr": 1e-2, "weight_decay": 0.1}, one_group, None),
+    "adam-amsgrad-maximize": (
+        "Adam",
+        {"lr": 1e-3, "amsgrad": True, "maximize": True},
+        one_group,
+        None,
+    ),
+    "adam-betas-eps": ("Adam", {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6}, one_group, None),
+    "adam-two-groups-warmup-cosine": ("Adam", {"lr": 1e-2}, two_groups, warmup_cosine),
+    "adam-one-cycle": ("Adam", {"lr": 1e-2}, one_group, one_cycle),
+    "adamw": ("AdamW", {"lr": 1e-2}, one_group, None),
+    "adamw-amsgrad-two-groups": (
+        "AdamW",
+        {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.05},
+        two_groups,
+        None,
+    ),
+}
+
+
+def build(library, case, dtype):
+    name, options, groups, scheduler = CASES[case]
+    model = make_model(dtype)
+    extra = {} if library is fastmomentum else {"foreach": False}
+    optimizer = getattr(library, name)(groups(model), **options, **extra)
+    return model, optimizer, scheduler(optimizer) if scheduler else None
+
+
+def assert_same_training(ours, theirs, dtype):
+    """Parameters and the whole state dicts of two (model, optimizer) pairs agree."""
+    tolerance = RTOL[str(dtype).removeprefix("torch.")]
+    (model, optimizer), (ref_model, ref_optimizer) = ours, theirs
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.dtype == q.dtype
+        assert_relative_close(p.detach(), q.detach(), tolerance, name)
+    state, ref_state = optimizer.state_dict(), ref_optimizer.state_dict()
+    assert state["state"].keys() == ref_state["state"].keys()
+    for index, entry in ref_state["state"].items():
+        assert state["state"][index].keys() == entry.keys(), f"state keys of parameter {index}"
+        for key, value in entry.items():
+            mine = state["state"][index][key]
+            if key == "step":
+                assert mine.dtype == value.dtype and float(mine) == float(value)
+            else:
+                assert mine.stride() == value.stride(), f"{key} of parameter {index}: layout"
+                assert_relative_close(mine, value, tolerance, f"state {index} {key}")
+    for group, ref_group in zip(state["param_groups"], ref_state["param_groups"]):
+        for key in ref_group.keys() - IMPLEMENTATION_KEYS:
+            assert group[key] == pytest.approx(ref_group[key], rel=1e-15), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_matches_torch_optim(case, dtype):
+    model, optimizer, scheduler = build(fastmomentum, case, dtype)
+    ref_model, ref_optimizer, ref_scheduler = build(torch.optim, case, dtype)
+    losses = train(model, optimizer, STEPS, dtype, scheduler)
+    ref_losses = train(ref_model, ref_optimizer, STEPS, dtype, ref_scheduler)
+    assert losses[-1] != losses[0], "the model did not train"
+    assert_relative_close(losses, ref_losses, RTOL[str(dtype).removeprefix("torch.")], "losses")
+    assert_same_training((model, optimizer), (ref_model, ref_optimizer), dtype)

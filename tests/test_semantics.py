@@ -1,0 +1,251 @@
+"""torch.optim semantics beyond plain training: skipped params, zero_grad, groups, layouts."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmomentum
+
+from .assertions import RTOL, assert_relative_close
+from .models import make_model, train
+from .test_parity import assert_same_training
+
+OPTIMIZERS = [
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    ("Adam", {"lr": 1e-2, "amsgrad": True}),
+    ("AdamW", {"lr": 1e-2}),
+]
+IDS = ["sgd", "nesterov", "adam-amsgrad", "adamw"]
+
+
+def twins(name, options, model):
+    """(our optimizer on ``model``, torch's on a deep copy of it, that copy)."""
+    ref_model = copy.deepcopy(model)
+    ours = getattr(fastmomentum, name)(model.parameters(), **options)
+    theirs = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **options)
+    return ours, theirs, ref_model
+
+
+def backward(model, seed, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 32, (8, 12), generator=generator)
+    targets = torch.randn(8, 4, generator=generator, dtype=dtype)
+    loss = nn.functional.mse_loss(model(tokens), targets)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_params_without_grad_are_skipped_with_their_step_counts(name, options):
+    """A param whose .grad is None is not moved, its state untouched, its t not advanced."""
+    model = make_model()
+    ours, theirs, ref_model = twins(name, options, model)
+    skipped = {"head.bias", "layer_norm.weight"}
+    for step in range(40):
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            optimizer.zero_grad()
+            backward(net, step)
+            for param_name, param in net.named_parameters():
+                # head.bias misses every other step, layer_norm.weight its first ten
+                if (param_name == "head.bias" and step % 2) or (
+                    param_name == "layer_norm.weight" and step < 10
+                ):
+                    param.grad = None
+            if step == 5:
+                frozen = dict(net.named_parameters())["layer_norm.weight"].detach().clone()
+            optimizer.step()
+        if step == 5:
+            assert torch.equal(dict(model.named_parameters())["layer_norm.weight"], frozen)
+            assert dict(model.named_parameters())["layer_norm.weight"] not in ours.state
+    assert skipped <= {n for n, _ in model.named_parameters()}
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+    if "Adam" in name:
+        steps = {n: float(ours.state[p]["step"]) for n, p in model.named_parameters()}
+        assert steps["head.bias"] == 20 and steps["layer_norm.weight"] == 30
+        assert steps["conv.weight"] == 40
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_step_with_closure_returns_the_loss(name, options):
+    model = make_model()
+    ours, theirs, ref_model = twins(name, options, model)
+    for step in range(10):
+
+        def closure(net=model, optimizer=ours, seed=step):
+            optimizer.zero_grad()
+            return backward(net, seed)
+
+        def ref_closure(net=ref_model, optimizer=theirs, seed=step):
+            optimizer.zero_grad()
+            return backward(net, seed)
+
+        assert ours.step(closure).item() == pytest.approx(
+            theirs.step(ref_closure).item(), rel=1e-12
+        )
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_matches_torch(set_to_none):
+    model = make_model()
+    optimizer = fastmomentum.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    backward(model, 0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    for param in model.parameters():
+        if set_to_none:
+            assert param.grad is None
+        else:
+            assert param.grad is not None and not param.grad.any()
+
+
+@pytest.mark.parametrize(
+    "zeroing",
+    ["optimizer-none", "optimizer-zero", "model-none", "model-zero", "assign", "accumulate"],
+)
+def test_every_way_of_resetting_grads_trains_like_torch(zeroing):
+    """Grads that are our flat views, replaced, dropped or accumulated all step correctly."""
+    model = make_model()
+    ours, theirs, ref_model = twins("SGD", {"lr": 0.05, "momentum": 0.9}, model)
+    for step in range(30):
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            if zeroing == "optimizer-none":
+                optimizer.zero_grad()
+            elif zeroing == "optimizer-zero":
+                optimizer.zero_grad(set_to_none=False)
+            elif zeroing == "model-none":
+                net.zero_grad()
+            elif zeroing == "model-zero":
+                net.zero_grad(set_to_none=False)
+            elif zeroing == "assign":
+                for param in net.parameters():
+                    param.grad = torch.zeros_like(param)
+            elif step % 3 == 0:  # accumulate over three backward passes
+                optimizer.zero_grad()
+            backward(net, step)
+            if zeroing != "accumulate" or step % 3 == 2:
+                optimizer.step()
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_add_param_group_mid_training(name, options):
+    model = make_model()
+    head = list(model.head.parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("head")]
+    ref_model = copy.deepcopy(model)
+    ref_head = list(ref_model.head.parameters())
+    ref_body = [p for n, p in ref_model.named_parameters() if not n.startswith("head")]
+    ours = getattr(fastmomentum, name)(body, **options)
+    theirs = getattr(torch.optim, name)(ref_body, foreach=False, **options)
+    for step in range(20):
+        if step == 8:
+            ours.add_param_group({"params": head, "lr": 0.02})
+            theirs.add_param_group({"params": ref_head, "lr": 0.02})
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            net.zero_grad()
+            backward(net, step)
+            optimizer.step()
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_channels_last_layout_is_preserved(name, options):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    ).double()
+    model = model.to(memory_format=torch.channels_last)
+    ours, theirs, ref_model = twins(name, options, model)
+    for param in model.parameters():
+        if param.dim() == 4:
+            assert param.is_contiguous(memory_format=torch.channels_last)
+    inputs = torch.randn(4, 3, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for _ in range(15):
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            optimizer.zero_grad()
+            net(inputs).square().mean().backward()
+            optimizer.step()
+    for param in model.parameters():
+        if param.dim() == 4:
+            assert param.is_contiguous(memory_format=torch.channels_last)
+            for value in ours.state[param].values():
+                if value.dim() == 4:
+                    assert value.is_contiguous(memory_format=torch.channels_last)
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_frozen_zero_size_and_tied_params(name, options):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(16, 6)
+            self.frozen = nn.Linear(6, 6)
+            self.frozen.requires_grad_(False)
+            self.empty = nn.Parameter(torch.zeros(0, 3))
+            self.out = nn.Linear(6, 16, bias=False)
+            self.out.weight = self.embedding.weight  # tied
+
+        def forward(self, tokens):
+            hidden = torch.tanh(self.frozen(self.embedding(tokens)))
+            return self.out(hidden).mean() + self.empty.sum()
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    assert len(list(model.parameters())) == 4
+    frozen_before = model.frozen.weight.detach().clone()
+    ours, theirs, ref_model = twins(name, options, model)
+    tokens = torch.randint(0, 16, (5, 7))
+    for _ in range(12):
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            optimizer.zero_grad()
+            net(tokens).backward()
+            optimizer.step()
+    assert torch.equal(model.frozen.weight, frozen_before)
+    assert model.out.weight is model.embedding.weight
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_params_of_several_dtypes_in_one_group(name, options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[2].double()
+    ours, theirs, ref_model = twins(name, options, model)
+    inputs = torch.randn(9, 5)
+    for _ in range(20):
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            optimizer.zero_grad()
+            net[2](net[1](net[0](inputs)).double()).square().mean().backward()
+            optimizer.step()
+    assert {p.dtype for p in model.parameters()} == {torch.float32, torch.float64}
+    # float32 tolerance throughout: the float64 layer's gradients come through float32 ones
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert_relative_close(p.detach(), q.detach(), RTOL["float32"], "param")
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        for key, value in theirs.state[q].items():
+            assert ours.state[p][key].dtype == value.dtype
+            if key != "step":
+                assert_relative_close(ours.state[p][key], value, RTOL["float32"], key)
+
+
+def test_reassigned_param_data_is_adopted():
+    """User code that replaces ``p.data`` (with new values, even): the step follows it."""
+    model = make_model()
+    ours, theirs, ref_model = twins("Adam", {"lr": 1e-2}, model)
+    train(model, ours, 5)
+    train(ref_model, theirs, 5)
+    with torch.no_grad():
+        for param, ref_param in zip(model.parameters(), ref_model.parameters()):
+            param.data = param.data * 0.5
+            ref_param.data = ref_param.data * 0.5
+    for step in range(5):
+        for net, optimizer in ((model, ours), (ref_model, theirs)):
+            optimizer.zero_grad()
+            backward(net, 100 + step)
+            optimizer.step()
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
