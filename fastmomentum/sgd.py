@@ -60,7 +60,7 @@ class SGD(FlatOptimizer):
 
     def check_group(self, group):
         hyperparameters.check_sgd(
-            _scalar(group["lr"]),
+            float(group["lr"]),
             group["momentum"],
             group["dampening"],
             group["weight_decay"],
@@ -69,7 +69,7 @@ class SGD(FlatOptimizer):
         )
 
     def update(self, group, buffer, active):
-        lr, momentum = _scalar(group["lr"]), group["momentum"]
+        lr, momentum = float(group["lr"]), group["momentum"]
         param, grad = buffer.array("values"), buffer.array("grads")
         if momentum == 0:
             coefficients = hyperparameters.sgd_plain_coefficients(
@@ -102,8 +102,3 @@ class SGD(FlatOptimizer):
         for index, (is_active, first) in enumerate(zip(active, first_step)):
             if is_active and first:
                 self.expose_state(group, buffer, index)
-
-
-def _scalar(value):
-    """A Python float from a float or a one-element tensor (torch accepts both for lr)."""
-    return float(value)

@@ -90,6 +90,7 @@ def test_overlapping_params_are_rejected_before_anything_moves():
     assert torch.equal(storage, before)
 
 
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
 def test_duplicate_param_in_a_group_is_rejected():
     param = nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="appears twice"):
