@@ -1,5 +1,10 @@
 """``fastmomentum.SGD``: drop-in ``torch.optim.SGD`` on flat buffers."""
 
+from typing import Literal
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
 from fastmomentum.kernels import cpu, hyperparameters
 
 from .optimizer import FlatOptimizer
@@ -27,19 +32,19 @@ class SGD(FlatOptimizer):
 
     def __init__(
         self,
-        params,
-        lr=1e-3,
-        momentum=0,
-        dampening=0,
-        weight_decay=0,
-        nesterov=False,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
         *,
-        maximize=False,
-        foreach=None,
-        differentiable=False,
-        fused=None,
-        momentum_convention="pytorch",
-    ):
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+    ) -> None:
         defaults = {
             "lr": lr,
             "momentum": momentum,

@@ -4,6 +4,8 @@ Nothing is written unless every array and hyperparameter passes its check, so a
 rejected call leaves all arrays as they were.
 """
 
+from typing import Literal
+
 import numpy as np
 
 from . import cpu, hyperparameters
@@ -11,19 +13,19 @@ from .arrays import flat_views
 
 
 def sgd_step(
-    param,
-    grad,
-    momentum_buffer=None,
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray | None = None,
     *,
-    lr,
-    momentum=0.0,
-    dampening=0.0,
-    weight_decay=0.0,
-    nesterov=False,
-    maximize=False,
-    first_step=False,
-    momentum_convention="pytorch",
-):
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+) -> None:
     """One SGD step, in place on ``param`` (and ``momentum_buffer`` when momentum > 0).
 
     With ``d = ±g + λ·p`` (minus when ``maximize``), in PyTorch's convention::
@@ -67,21 +69,21 @@ def sgd_step(
 
 
 def adam_step(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    max_exp_avg_sq=None,
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None = None,
     *,
-    step,
-    lr=1e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    amsgrad=False,
-    maximize=False,
-    decoupled_weight_decay=False,
-):
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
     """One Adam step (Kingma & Ba), in place on ``param`` and the moment buffers.
 
     ``step`` is this step's count t ≥ 1 (1 on the first call). With ``g = ±grad``::
@@ -118,8 +120,16 @@ def adam_step(
 
 
 def adamw_step(
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, weight_decay=1e-2, **options
-):
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None = None,
+    *,
+    step: int,
+    weight_decay: float = 1e-2,
+    **options,
+) -> None:
     """One AdamW step (Loshchilov & Hutter): `adam_step` with decoupled weight decay."""
     adam_step(
         param,
