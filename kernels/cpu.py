@@ -13,67 +13,26 @@ from . import rules
 @njit(parallel=True, cache=True)
 def sgd_plain(param, grad, coefficients):
     """``p ← p − lr·(±g + λ·p)``; coefficients ``(lr, grad_sign, weight_decay)``."""
-    lr, grad_sign, weight_decay = coefficients
     for i in prange(param.size):
-        param[i] = rules.sgd_plain(param[i], grad[i], lr, grad_sign, weight_decay)
+        param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
 
 
 @njit(parallel=True, cache=True)
 def sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step):
     """SGD with momentum (`rules.sgd_momentum`); coefficients in that rule's order."""
-    momentum, dampening_complement, grad_sign, weight_decay, velocity_scale, update_scale = (
-        coefficients
-    )
     for i in prange(param.size):
         param[i], velocity[i] = rules.sgd_momentum(
-            param[i],
-            grad[i],
-            velocity[i],
-            momentum,
-            dampening_complement,
-            grad_sign,
-            weight_decay,
-            velocity_scale,
-            update_scale,
-            nesterov,
-            first_step,
+            param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
         )
 
 
 @njit(parallel=True, cache=True)
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad):
     """Adam/AdamW (`rules.adam`); ``max_exp_avg_sq`` is only touched when ``amsgrad``."""
-    (
-        beta1,
-        beta1_complement,
-        beta2,
-        beta2_complement,
-        neg_step_size,
-        bias_correction2_sqrt,
-        eps,
-        grad_sign,
-        weight_decay,
-        param_decay,
-    ) = coefficients
     for i in prange(param.size):
         running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
         param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
-            param[i],
-            grad[i],
-            exp_avg[i],
-            exp_avg_sq[i],
-            running_max,
-            beta1,
-            beta1_complement,
-            beta2,
-            beta2_complement,
-            neg_step_size,
-            bias_correction2_sqrt,
-            eps,
-            grad_sign,
-            weight_decay,
-            param_decay,
-            amsgrad,
+            param[i], grad[i], exp_avg[i], exp_avg_sq[i], running_max, *coefficients, amsgrad
         )
         if amsgrad:
             max_exp_avg_sq[i] = running_max
