@@ -68,28 +68,39 @@ class Adam(FlatOptimizer):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def check_group(self, group):
-        betas = tuple(float(beta) for beta in group["betas"])
-        hyperparameters.check_adam(float(group["lr"]), betas, group["eps"], group["weight_decay"])
-
-    def update(self, group, buffer, active):
-        steps = buffer.array("steps")
-        active_mask = np.asarray(active)
-        steps[active_mask] += 1
-        param, grad = buffer.array("values"), buffer.array("grads")
-        exp_avg, exp_avg_sq = buffer.array("exp_avg"), buffer.array("exp_avg_sq")
-        amsgrad = bool(group["amsgrad"])
-        max_exp_avg_sq = buffer.array("max_exp_avg_sq") if amsgrad else exp_avg_sq[:0]
-        settings = (
+    def settings(self, group):
+        beta1, beta2 = group["betas"]
+        return (
             float(group["lr"]),
-            tuple(float(beta) for beta in group["betas"]),
+            (float(beta1), float(beta2)),
             group["eps"],
             group["weight_decay"],
             bool(group["decoupled_weight_decay"]),
             bool(group["maximize"]),
+            bool(group["amsgrad"]),
         )
-        for start, end, step in buffer.runs(active, steps.tolist()):
-            coefficients = hyperparameters.adam_coefficients(param.dtype, step, *settings)
+
+    def check_settings(self, settings):
+        lr, betas, eps, weight_decay, *_ = settings
+        hyperparameters.check_adam(lr, betas, eps, weight_decay)
+
+    def update(self, group, buffer, settings, active):
+        *step_settings, amsgrad = settings
+        steps = buffer.array("steps")
+        if active is None:
+            steps += 1
+            uniform = steps.min() == steps.max()
+            keys = None if uniform else steps.tolist()
+        else:
+            steps[np.asarray(active)] += 1
+            keys = steps.tolist()
+        param, grad = buffer.array("values"), buffer.array("grads")
+        exp_avg, exp_avg_sq = buffer.array("exp_avg"), buffer.array("exp_avg_sq")
+        max_exp_avg_sq = buffer.array("max_exp_avg_sq") if amsgrad else exp_avg_sq[:0]
+        for start, end, step in buffer.runs(active, keys):
+            coefficients = hyperparameters.adam_coefficients(
+                param.dtype, float(steps[0]) if step is None else step, *step_settings
+            )
             part = slice(start, end)
             cpu.adam(
                 param[part],
@@ -100,9 +111,8 @@ class Adam(FlatOptimizer):
                 coefficients,
                 amsgrad,
             )
-        for index, is_active in enumerate(active):
-            if is_active and not buffer.initialized[index]:
-                self.expose_state(group, buffer, index)
+        if not buffer.all_initialized:
+            self.expose_new_state(group, buffer, active)
 
 
 class AdamW(Adam):

@@ -35,12 +35,14 @@ class FlatBuffer:
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
         self.initialized = [False] * len(self.params)  # has optimizer state (torch's ``state[p]``)
+        self.all_initialized = False
+        self.coefficients = (None, None)  # (hyperparameters, kernel coefficients) of last step
         self.device, self.dtype = first.device, first.dtype
         self.numels = [p.numel() for p in self.params]
         self.offsets = [0]
         for numel in self.numels:
             self.offsets.append(self.offsets[-1] + numel)
-        total = self.offsets.pop()
+        self.size = total = self.offsets.pop()
         self.values = torch.empty(total, dtype=self.dtype, device=self.device)
         self.grads = torch.zeros_like(self.values)
         self.grad_views = [self.view_of(self.grads, i) for i in range(len(self.params))]
@@ -72,6 +74,16 @@ class FlatBuffer:
         param, view = self.params[index], self.grad_views[index]
         view.copy_(param.grad)
         param.grad = view
+
+    def bound(self):
+        """Whether every parameter's data and ``.grad`` are still views into this buffer.
+
+        Then a step needs no checks and no copies: the fast path.
+        """
+        for param, grad_view, data_ptr in zip(self.params, self.grad_views, self._data_ptrs):
+            if param.grad is not grad_view or param.data_ptr() != data_ptr:
+                return False
+        return True
 
     def check(self):
         """Raise before a step if a parameter or gradient can no longer be used."""
@@ -105,7 +117,7 @@ class FlatBuffer:
         """
         active = []
         for index, param in enumerate(self.params):
-            if self.numels[index] and param.data_ptr() != self._data_ptrs[index]:
+            if param.data_ptr() != self._data_ptrs[index]:
                 self.adopt_param(
                     index
                 )  # ``p.data`` was reassigned, e.g. load_state_dict(assign=True)
@@ -153,12 +165,16 @@ class FlatBuffer:
             self._arrays[name] = as_array(flat)
         return self._arrays[name]
 
-    def runs(self, active, keys):
+    def runs(self, active=None, keys=None):
         """Maximal ``(start, end, key)`` element ranges of adjacent active params sharing a key.
 
-        In the common case, every parameter active with one step count, this is a
-        single range over the whole buffer: one kernel call.
+        ``active=None`` means every parameter, ``keys=None`` one key for all (given as
+        None): then, the common case, the whole buffer is one range and one kernel call.
         """
+        if active is None and keys is None:
+            return [(0, self.size, None)] if self.size else []
+        active = [True] * len(self.params) if active is None else active
+        keys = [None] * len(self.params) if keys is None else keys
         runs = []
         for index, (is_active, key) in enumerate(zip(active, keys)):
             if not is_active:

@@ -63,47 +63,55 @@ class SGD(FlatOptimizer):
     def state_names(self, group):
         return ("momentum_buffer",)
 
-    def check_group(self, group):
-        hyperparameters.check_sgd(
+    def settings(self, group):
+        return (
             float(group["lr"]),
             group["momentum"],
             group["dampening"],
             group["weight_decay"],
-            group["nesterov"],
+            bool(group["nesterov"]),
+            bool(group["maximize"]),
             group["momentum_convention"],
         )
 
-    def update(self, group, buffer, active):
-        lr, momentum = float(group["lr"]), group["momentum"]
+    def check_settings(self, settings):
+        lr, momentum, dampening, weight_decay, nesterov, _, convention = settings
+        hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, convention)
+
+    def update(self, group, buffer, settings, active):
+        lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings
         param, grad = buffer.array("values"), buffer.array("grads")
         if momentum == 0:
-            coefficients = hyperparameters.sgd_plain_coefficients(
-                param.dtype, lr, group["weight_decay"], group["maximize"]
+            coefficients = _cached(
+                buffer,
+                settings,
+                lambda: hyperparameters.sgd_plain_coefficients(
+                    param.dtype, lr, weight_decay, maximize
+                ),
             )
-            for start, end, _ in buffer.runs(active, active):
+            for start, end, _ in buffer.runs(active):
                 cpu.sgd_plain(param[start:end], grad[start:end], coefficients)
             return
         velocity = buffer.array("momentum_buffer")
-        coefficients = hyperparameters.sgd_momentum_coefficients(
-            param.dtype,
-            lr,
-            momentum,
-            group["dampening"],
-            group["weight_decay"],
-            group["maximize"],
-            group["momentum_convention"],
+        coefficients = _cached(
+            buffer,
+            settings,
+            lambda: hyperparameters.sgd_momentum_coefficients(
+                param.dtype, lr, momentum, dampening, weight_decay, maximize, convention
+            ),
         )
-        first_step = [not initialized for initialized in buffer.initialized]
-        nesterov = bool(group["nesterov"])
-        for start, end, first in buffer.runs(active, first_step):
+        first_steps = None if buffer.all_initialized else [not x for x in buffer.initialized]
+        for start, end, first in buffer.runs(active, first_steps):
+            part = slice(start, end)
             cpu.sgd_momentum(
-                param[start:end],
-                grad[start:end],
-                velocity[start:end],
-                coefficients,
-                nesterov,
-                first,
+                param[part], grad[part], velocity[part], coefficients, nesterov, bool(first)
             )
-        for index, (is_active, first) in enumerate(zip(active, first_step)):
-            if is_active and first:
-                self.expose_state(group, buffer, index)
+        if first_steps is not None:
+            self.expose_new_state(group, buffer, active)
+
+
+def _cached(buffer, settings, compute):
+    """The buffer's kernel coefficients for these settings, computed when they change."""
+    if buffer.coefficients[0] != settings:
+        buffer.coefficients = (settings, compute())
+    return buffer.coefficients[1]

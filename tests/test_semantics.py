@@ -5,6 +5,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 import fastmomentum
 
@@ -249,3 +253,50 @@ def test_reassigned_param_data_is_adopted():
             backward(net, 100 + step)
             optimizer.step()
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+def test_step_hooks_and_profiler_range_work_as_in_torch():
+    """Our step skips torch's hook wrapper only while nothing is hooked or profiling."""
+    param = nn.Parameter(torch.randn(5))
+    optimizer = fastmomentum.SGD([param], lr=0.1)
+    calls = []
+    pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    post = optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    global_pre = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: calls.append("global pre")
+    )
+    global_post = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: calls.append("global post")
+    )
+    try:
+        param.grad = torch.ones(5)
+        optimizer.step()
+        assert calls == ["global pre", "pre", "post", "global post"]
+    finally:
+        for handle in (pre, post, global_pre, global_post):
+            handle.remove()
+    calls.clear()
+    before = param.detach().clone()
+    optimizer.step()
+    assert calls == [] and torch.allclose(param, before - 0.1)
+
+    with torch.autograd.profiler.profile() as profile:
+        optimizer.step()
+    names = [event.name for event in profile.function_events]
+    assert "Optimizer.step#SGD.step" in names
+
+
+def test_a_pre_hook_may_replace_the_closure():
+    param = nn.Parameter(torch.randn(3))
+    optimizer = fastmomentum.SGD([param], lr=0.1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = param.square().sum()
+        loss.backward()
+        return loss
+
+    handle = optimizer.register_step_pre_hook(lambda opt, args, kwargs: ((opt, closure), {}))
+    loss = optimizer.step()
+    handle.remove()
+    assert loss is not None and param.grad is not None

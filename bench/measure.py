@@ -1,0 +1,101 @@
+"""Setting up one benchmark case and timing its steps.
+
+Timing rules (shared by the report and the pytest-benchmark suite):
+- gradients are fixed standard-normal values (never zeros), the same for every provider;
+- warm-up steps run first and are not timed (Numba compiles, or loads its cache, there);
+- before every timed step the parameters are restored to their starting values, outside
+  the timed region, so nothing drifts towards overflow or denormals however long it runs;
+- cases compared with each other take turns step by step (`time_cases`), and each
+  reports the median over its timed steps.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import twin
+from .providers import ARRAYS_MOVED, OPTIMIZERS, PROVIDERS
+
+
+@dataclass
+class Case:
+    """A ready-to-time case: ``step()`` is what is timed, ``reset()`` runs before it."""
+
+    step: object
+    reset: object
+    numel: int
+    tensors: int
+    bytes_per_step: int
+
+
+def make_params(shapes, dtype, seed=0):
+    """Parameters of ``shapes`` with standard-normal values and gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype))
+        param.grad = torch.randn(shape, generator=generator, dtype=dtype)
+        params.append(param)
+    return params
+
+
+def optimizer_case(benchmark, provider, shapes, dtype):
+    """The step of ``provider``'s optimizer, or ``None`` where it has none."""
+    name, options = OPTIMIZERS[benchmark]
+    params = make_params(shapes, dtype)
+    optimizer = PROVIDERS[provider](name, params, options)
+    if optimizer is None:
+        return None
+    start = [param.detach().clone() for param in params]
+
+    @torch.no_grad()
+    def reset():
+        for param, value in zip(params, start):
+            param.copy_(value)
+
+    numel = sum(param.numel() for param in params)
+    moved = ARRAYS_MOVED[name] * numel * params[0].element_size()
+    return Case(optimizer.step, reset, numel, len(params), moved)
+
+
+def twin_case(benchmark, numel, dtype):
+    """The traffic twin of ``benchmark`` over one flat buffer of ``numel`` parameters."""
+    name, _ = OPTIMIZERS[benchmark]
+    kernel, count = (twin.sgd_momentum_twin, 3) if name == "SGD" else (twin.adam_twin, 4)
+    np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(numel, dtype=np_dtype) for _ in range(count)]
+    moved = ARRAYS_MOVED[name] * numel * np_dtype.itemsize
+    start = arrays[0].copy()
+
+    def reset():  # the same parameter write-back the optimizers' cases do
+        np.copyto(arrays[0], start)
+
+    return Case(lambda: kernel(*arrays), reset, numel, 1, moved)
+
+
+def time_cases(cases, repeats, warmup=3):
+    """Seconds of each timed step of every case in ``cases`` (a dict), interleaved.
+
+    The cases take turns step by step, so a change in the machine's load during the
+    measurement (it is shared and has 2 cores) hits every provider alike.
+    """
+    for _ in range(warmup):
+        for case in cases.values():
+            case.reset()
+            case.step()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            case.reset()
+            start = time.perf_counter()
+            case.step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(times):
+    return statistics.median(times)

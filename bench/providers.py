@@ -1,0 +1,62 @@
+"""The optimizer implementations a benchmark compares, behind one signature.
+
+Each provider takes (optimizer name, params, hyperparameters) and returns an object with
+``step()``; `None` means it does not implement that optimizer here.
+"""
+
+import torch
+
+import fastmomentum
+
+#: Benchmark name -> (optimizer class name, hyperparameters). Small lr: values stay O(1).
+OPTIMIZERS = {
+    "SGD momentum": ("SGD", {"lr": 1e-3, "momentum": 0.9}),
+    "SGD Nesterov": ("SGD", {"lr": 1e-3, "momentum": 0.9, "nesterov": True}),
+    "Adam": ("Adam", {"lr": 1e-3}),
+    "AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}),
+}
+
+#: Arrays read plus arrays written per parameter by one step (see bench/twin.py).
+ARRAYS_MOVED = {"SGD": 5, "Adam": 7, "AdamW": 7}
+
+
+def ours(name, params, options):
+    return getattr(fastmomentum, name)(params, **options)
+
+
+def torch_for_loop(name, params, options):
+    return getattr(torch.optim, name)(params, foreach=False, **options)
+
+
+def torch_foreach(name, params, options):
+    return getattr(torch.optim, name)(params, foreach=True, **options)
+
+
+def torch_fused(name, params, options):
+    return getattr(torch.optim, name)(params, fused=True, **options)
+
+
+def deepspeed_cpu_adam(name, params, options):
+    """DeepSpeed's AVX C++ Adam (ZeRO-Offload's), when deepspeed is installed."""
+    if name not in ("Adam", "AdamW"):
+        return None
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, adamw_mode=name == "AdamW", **options)
+
+
+def deepspeed_available():
+    try:
+        import deepspeed.ops.adam  # noqa: F401
+    except Exception:  # not installed, or its CPU op cannot build here
+        return False
+    return True
+
+
+PROVIDERS = {
+    "fastmomentum": ours,
+    "torch for-loop": torch_for_loop,
+    "torch foreach": torch_foreach,
+    "torch fused": torch_fused,
+    "DeepSpeedCPUAdam": deepspeed_cpu_adam,
+}

@@ -1,0 +1,27 @@
+"""Traffic twins: kernels that move exactly an optimizer step's bytes with trivial math.
+
+A step is memory-bound, so the time a twin takes over the same number of parameters is
+the floor for that step on this machine, measured in the same run. Each twin reads and
+writes the same arrays as its optimizer (SGD with momentum: read p, g, v, write p, v,
+20 bytes per float32 parameter; Adam: read p, g, m, v, write p, m, v, 28 bytes) and
+computes ``x ← g − x``, which keeps every value bounded however often it runs.
+"""
+
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def sgd_momentum_twin(param, grad, velocity):
+    for i in prange(param.size):
+        g = grad[i]
+        param[i] = g - param[i]
+        velocity[i] = g - velocity[i]
+
+
+@njit(parallel=True, cache=True)
+def adam_twin(param, grad, exp_avg, exp_avg_sq):
+    for i in prange(param.size):
+        g = grad[i]
+        param[i] = g - param[i]
+        exp_avg[i] = g - exp_avg[i]
+        exp_avg_sq[i] = g - exp_avg_sq[i]
