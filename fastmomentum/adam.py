@@ -85,32 +85,31 @@ class Adam(FlatOptimizer):
         hyperparameters.check_adam(lr, betas, eps, weight_decay)
 
     def update(self, group, buffer, settings, active):
-        *step_settings, amsgrad = settings
+        lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings
         steps = buffer.array("steps")
         if active is None:
             steps += 1
-            uniform = steps.min() == steps.max()
-            keys = None if uniform else steps.tolist()
         else:
             steps[np.asarray(active)] += 1
-            keys = steps.tolist()
-        param, grad = buffer.array("values"), buffer.array("grads")
-        exp_avg, exp_avg_sq = buffer.array("exp_avg"), buffer.array("exp_avg_sq")
-        max_exp_avg_sq = buffer.array("max_exp_avg_sq") if amsgrad else exp_avg_sq[:0]
+        keys = steps.tolist()
+        first_step_count = keys[0]
+        if active is None and keys.count(first_step_count) == len(keys):
+            keys = None  # one step count for all: one range, one kernel call
+        dtype = buffer.array("values").dtype
+        if buffer.coefficients[0] != settings:
+            constant = hyperparameters.adam_constant_coefficients(
+                dtype, lr, betas, eps, weight_decay, decoupled, maximize
+            )
+            buffer.coefficients = (settings, constant)
+        arrays = [buffer.array(name) for name in ("values", "grads", "exp_avg", "exp_avg_sq")]
+        arrays.append(buffer.array("max_exp_avg_sq") if amsgrad else arrays[3][:0])
         for start, end, step in buffer.runs(active, keys):
-            coefficients = hyperparameters.adam_coefficients(
-                param.dtype, float(steps[0]) if step is None else step, *step_settings
+            coefficients = buffer.coefficients[1] + hyperparameters.adam_step_coefficients(
+                dtype, first_step_count if step is None else step, lr, betas
             )
-            part = slice(start, end)
-            cpu.adam(
-                param[part],
-                grad[part],
-                exp_avg[part],
-                exp_avg_sq[part],
-                max_exp_avg_sq[part] if amsgrad else max_exp_avg_sq,
-                coefficients,
-                amsgrad,
-            )
+            whole = end - start == buffer.size
+            part = arrays if whole else [a[start:end] if a.size else a for a in arrays]
+            cpu.adam(*part, coefficients, amsgrad)
         if not buffer.all_initialized:
             self.expose_new_state(group, buffer, active)
 

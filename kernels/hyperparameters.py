@@ -64,22 +64,32 @@ def sgd_momentum_coefficients(
 
 def adam_coefficients(dtype, step, lr, betas, eps, weight_decay, decoupled, maximize):
     """Coefficients of `rules.adam` for a parameter at step ``step`` (≥ 1, after increment)."""
+    constant = adam_constant_coefficients(dtype, lr, betas, eps, weight_decay, decoupled, maximize)
+    return constant + adam_step_coefficients(dtype, step, lr, betas)
+
+
+def adam_constant_coefficients(dtype, lr, betas, eps, weight_decay, decoupled, maximize):
+    """The leading coefficients of `rules.adam`: those that do not change with the step."""
     beta1, beta2 = betas
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
     return _in_dtype(
         dtype,
         beta1,
         1.0 - beta1,
         beta2,
         1.0 - beta2,
-        -lr / bias_correction1,
-        bias_correction2**0.5,  # as torch computes it
         eps,
         -1.0 if maximize else 1.0,
         0.0 if decoupled else weight_decay,
         1.0 - lr * weight_decay if decoupled else 1.0,
     )
+
+
+def adam_step_coefficients(dtype, step, lr, betas):
+    """The trailing coefficients of `rules.adam`: ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
+    beta1, beta2 = betas
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    return _in_dtype(dtype, -lr / bias_correction1, bias_correction2**0.5)  # torch's arithmetic
 
 
 def _in_dtype(dtype, *values):

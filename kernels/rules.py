@@ -86,12 +86,12 @@ def adam(
     beta1_complement,
     beta2,
     beta2_complement,
-    neg_step_size,
-    bias_correction2_sqrt,
     eps,
     grad_sign,
     weight_decay,
     param_decay,
+    neg_step_size,
+    bias_correction2_sqrt,
     amsgrad,
 ):
     """Adam / AdamW for one element, torch's for-loop arithmetic.
