@@ -6,6 +6,8 @@ class does the rest as ``torch.optim.Optimizer`` does it: param groups,
 ``load_state_dict`` in torch's format.
 """
 
+import sys
+
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
@@ -52,7 +54,12 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         """Add a param group (as ``torch.optim``) and move its parameters into flat buffers."""
-        super().add_param_group(param_group)
+        add = torch.optim.Optimizer.add_param_group
+        if "torch._dynamo" not in sys.modules:
+            # torch's version imports torch._dynamo on first use (≈1 s here) only to keep
+            # torch.compile from tracing it, and nothing compiles before that import.
+            add = add.__wrapped__
+        add(self, param_group)
         group = self.param_groups[-1]
         try:
             self.check_group(group)
