@@ -38,8 +38,8 @@ def torch_fused(name, params, options):
 
 def deepspeed_cpu_adam(name, params, options):
     """DeepSpeed's AVX C++ Adam (ZeRO-Offload's), when deepspeed is installed."""
-    if name not in ("Adam", "AdamW"):
-        return None
+    if name not in ("Adam", "AdamW") or params[0].dtype == torch.float64:
+        return None  # it has no SGD, and no float64 ("not supported on current hardware")
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     return DeepSpeedCPUAdam(params, adamw_mode=name == "AdamW", **options)

@@ -84,34 +84,37 @@ class Adam(FlatOptimizer):
         lr, betas, eps, weight_decay, *_ = settings
         hyperparameters.check_adam(lr, betas, eps, weight_decay)
 
-    def update(self, group, buffer, settings, active):
+    def update(self, group, buffer, settings, sources):
         lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings
         steps = buffer.array("steps")
-        if active is None:
+        if sources is None:
             steps += 1
         else:
-            steps[np.asarray(active)] += 1
+            steps[np.array([source is not None for source in sources])] += 1
         keys = steps.tolist()
         first_step_count = keys[0]
-        if active is None and keys.count(first_step_count) == len(keys):
+        if sources is None and keys.count(first_step_count) == len(keys):
             keys = None  # one step count for all: one range, one kernel call
-        dtype = buffer.array("values").dtype
+        param = buffer.array("values")
         if buffer.coefficients[0] != settings:
             constant = hyperparameters.adam_constant_coefficients(
-                dtype, lr, betas, eps, weight_decay, decoupled, maximize
+                param.dtype, lr, betas, eps, weight_decay, decoupled, maximize
             )
             buffer.coefficients = (settings, constant)
-        arrays = [buffer.array(name) for name in ("values", "grads", "exp_avg", "exp_avg_sq")]
-        arrays.append(buffer.array("max_exp_avg_sq") if amsgrad else arrays[3][:0])
-        for start, end, step in buffer.runs(active, keys):
+        moments = [buffer.array("exp_avg"), buffer.array("exp_avg_sq")]
+        moments.append(buffer.array("max_exp_avg_sq") if amsgrad else moments[1][:0])
+        for start, end, step, grad in buffer.segments(sources, keys):
             coefficients = buffer.coefficients[1] + hyperparameters.adam_step_coefficients(
-                dtype, first_step_count if step is None else step, lr, betas
+                param.dtype, first_step_count if step is None else step, lr, betas
             )
-            whole = end - start == buffer.size
-            part = arrays if whole else [a[start:end] if a.size else a for a in arrays]
-            cpu.adam(*part, coefficients, amsgrad)
+            exp_avg, exp_avg_sq, max_exp_avg_sq = (
+                moment[start:end] if moment.size else moment for moment in moments
+            )
+            cpu.adam(
+                param[start:end], grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad
+            )
         if not buffer.all_initialized:
-            self.expose_new_state(group, buffer, active)
+            self.expose_new_state(group, buffer, sources)
 
 
 class AdamW(Adam):

@@ -10,6 +10,8 @@ import torch
 
 from .dlpack import as_array
 
+FLAT = "flat"  # `gather_grads`: this parameter's gradient is its view into ``grads``
+
 
 def step_dtype():
     """The dtype of ``state["step"]``, as ``torch.optim`` picks it (non-fused)."""
@@ -110,47 +112,47 @@ class FlatBuffer:
                 )
 
     def gather_grads(self):
-        """Bring every parameter's data and gradient into the flat tensors (after `check`).
+        """Where each parameter's gradient is read from this step (call after `check`).
 
-        Returns, per parameter, whether it has a gradient (parameters without one are
-        skipped by the step, as in ``torch.optim``).
+        Per parameter: ``None`` when it has no gradient (it is skipped, as in
+        ``torch.optim``); `FLAT` when its ``.grad`` is our view; otherwise a flat array of
+        the gradient tensor itself, read in place: autograd gives a gradient the
+        parameter's strides, so its memory lines up with the parameter's range. Only a
+        gradient laid out otherwise is copied into the flat buffer.
         """
-        active = []
+        sources = []
         for index, param in enumerate(self.params):
             if param.data_ptr() != self._data_ptrs[index]:
-                self.adopt_param(
-                    index
-                )  # ``p.data`` was reassigned, e.g. load_state_dict(assign=True)
+                self.adopt_param(index)  # ``p.data`` was reassigned by user code
             grad = param.grad
+            view = self.grad_views[index]
             if grad is None:
-                active.append(False)
-                continue
-            if grad is not self.grad_views[index]:
+                sources.append(None)
+            elif grad is view:
+                sources.append(FLAT)
+            elif grad.stride() == view.stride() or grad.numel() <= 1:
+                memory_order = grad.detach().as_strided((grad.numel(),), (1,))
+                sources.append(as_array(memory_order))
+            else:
                 self.adopt_grad(index)
-            active.append(True)
-        return active
+                sources.append(FLAT)
+        return sources
 
     def zero_grads(self, set_to_none):
-        """``zero_grad`` for these parameters, with ``torch.optim``'s semantics."""
+        """``zero_grad`` for these parameters, as ``torch.optim`` does it.
+
+        With ``set_to_none=False`` every existing gradient becomes a zeroed view into
+        the flat gradient buffer (zeroed in one pass), so the next backward accumulates
+        there and the next step is a single kernel call.
+        """
         if set_to_none:
             for param in self.params:
                 param.grad = None
             return
-        own = False
-        for index, param in enumerate(self.params):
-            grad = param.grad
-            if grad is None:
-                continue
-            if grad is self.grad_views[index]:
-                own = True
-                continue
-            if grad.grad_fn is not None:
-                grad.detach_()
-            else:
-                grad.requires_grad_(False)
-            grad.zero_()
-        if own:
-            self.grads.zero_()  # one pass instead of one call per parameter
+        self.grads.zero_()
+        for param, view in zip(self.params, self.grad_views):
+            if param.grad is not None and param.grad is not view:
+                param.grad = view
 
     def state(self, name):
         """The flat state tensor ``name`` (e.g. ``"exp_avg"``), zero-filled on first use."""
@@ -165,24 +167,38 @@ class FlatBuffer:
             self._arrays[name] = as_array(flat)
         return self._arrays[name]
 
-    def runs(self, active=None, keys=None):
-        """Maximal ``(start, end, key)`` element ranges of adjacent active params sharing a key.
+    def segments(self, sources=None, keys=None):
+        """The kernel calls of a step: ``(start, end, key, grad)`` element ranges.
 
-        ``active=None`` means every parameter, ``keys=None`` one key for all (given as
-        None): then, the common case, the whole buffer is one range and one kernel call.
+        ``sources`` comes from `gather_grads` (``None``: every gradient is our view) and
+        ``keys`` holds a per-parameter key such as the step count (``None``: one key
+        for all, given as ``None``). Adjacent parameters with flat gradients and equal
+        keys share one range; a gradient read in place gets a range of its own. In the
+        common case the whole buffer is one range: one kernel call.
         """
-        if active is None and keys is None:
-            return [(0, self.size, None)] if self.size else []
-        active = [True] * len(self.params) if active is None else active
+        grads = self.array("grads")
+        if sources is None and keys is None:
+            return [(0, self.size, None, grads)] if self.size else []
+        sources = [FLAT] * len(self.params) if sources is None else sources
         keys = [None] * len(self.params) if keys is None else keys
-        runs = []
-        for index, (is_active, key) in enumerate(zip(active, keys)):
-            if not is_active:
-                continue
+        ranges = []
+        for index, (source, key) in enumerate(zip(sources, keys)):
             start = self.offsets[index]
             end = start + self.numels[index]
-            if runs and runs[-1][2] == key and runs[-1][1] == start:
-                runs[-1][1] = end
+            if source is None or end == start:
+                continue
+            previous = ranges[-1] if ranges else None
+            if (
+                source is FLAT
+                and previous is not None
+                and previous[3] is FLAT
+                and previous[1] == start
+                and previous[2] == key
+            ):
+                previous[1] = end
             else:
-                runs.append([start, end, key])
-        return [(start, end, key) for start, end, key in runs if end > start]
+                ranges.append([start, end, key, source])
+        return [
+            (start, end, key, grads[start:end] if source is FLAT else source)
+            for start, end, key, source in ranges
+        ]

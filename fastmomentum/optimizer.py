@@ -45,8 +45,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Raise ``ValueError`` for invalid hyperparameters (torch's messages)."""
         raise NotImplementedError
 
-    def update(self, group, buffer, settings, active):
-        """Step ``buffer``'s parameters: those flagged in ``active``, or all if it is None."""
+    def update(self, group, buffer, settings, sources):
+        """Step ``buffer``'s parameters, reading gradients from ``sources``.
+
+        ``sources`` is `FlatBuffer.gather_grads`'s list, or ``None`` when every gradient
+        is the parameter's view into the flat gradient buffer.
+        """
         raise NotImplementedError
 
     def check_group(self, group):
@@ -117,9 +121,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self.update(group, buffer, settings, None)
                     continue
                 with torch.no_grad():
-                    active = buffer.gather_grads()
-                if any(active):
-                    self.update(group, buffer, settings, active)
+                    sources = buffer.gather_grads()
+                if any(source is not None for source in sources):
+                    self.update(group, buffer, settings, sources)
         return loss
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
@@ -130,10 +134,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             for buffer in buffers:
                 buffer.zero_grads(set_to_none)
 
-    def expose_new_state(self, group, buffer, active):
-        """`expose_state` for every stepped parameter (all if ``active`` is None) without it."""
+    def expose_new_state(self, group, buffer, sources):
+        """`expose_state` for every parameter stepped (see `update`) that has none yet."""
         for index, initialized in enumerate(buffer.initialized):
-            if not initialized and (active is None or active[index]):
+            if not initialized and (sources is None or sources[index] is not None):
                 self.expose_state(group, buffer, index)
         buffer.all_initialized = all(buffer.initialized)
 

@@ -78,9 +78,9 @@ class SGD(FlatOptimizer):
         lr, momentum, dampening, weight_decay, nesterov, _, convention = settings
         hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, convention)
 
-    def update(self, group, buffer, settings, active):
+    def update(self, group, buffer, settings, sources):
         lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings
-        param, grad = buffer.array("values"), buffer.array("grads")
+        param = buffer.array("values")
         if momentum == 0:
             coefficients = _cached(
                 buffer,
@@ -89,8 +89,8 @@ class SGD(FlatOptimizer):
                     param.dtype, lr, weight_decay, maximize
                 ),
             )
-            for start, end, _ in buffer.runs(active):
-                cpu.sgd_plain(param[start:end], grad[start:end], coefficients)
+            for start, end, _, grad in buffer.segments(sources):
+                cpu.sgd_plain(param[start:end], grad, coefficients)
             return
         velocity = buffer.array("momentum_buffer")
         coefficients = _cached(
@@ -101,13 +101,11 @@ class SGD(FlatOptimizer):
             ),
         )
         first_steps = None if buffer.all_initialized else [not x for x in buffer.initialized]
-        for start, end, first in buffer.runs(active, first_steps):
+        for start, end, first, grad in buffer.segments(sources, first_steps):
             part = slice(start, end)
-            cpu.sgd_momentum(
-                param[part], grad[part], velocity[part], coefficients, nesterov, bool(first)
-            )
+            cpu.sgd_momentum(param[part], grad, velocity[part], coefficients, nesterov, bool(first))
         if first_steps is not None:
-            self.expose_new_state(group, buffer, active)
+            self.expose_new_state(group, buffer, sources)
 
 
 def _cached(buffer, settings, compute):

@@ -300,3 +300,42 @@ def test_a_pre_hook_may_replace_the_closure():
     loss = optimizer.step()
     handle.remove()
     assert loss is not None and param.grad is not None
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_gradients_in_any_layout_step_like_torch(name, options):
+    """Gradients read in place, copied (layout differs from the param's) or our views."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last))
+    bias = nn.Parameter(torch.randn(4))
+    scale = nn.Parameter(torch.randn(5, 6))
+    params = [weight, bias, scale]
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    ours = getattr(fastmomentum, name)(params, **options)
+    theirs = getattr(torch.optim, name)(ref_params, foreach=False, **options)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(12):
+        grads = [torch.randn(p.shape, generator=generator) for p in params]
+        grads[2] = grads[2].t().contiguous().t()  # transposed layout: must be copied in
+        if step % 3 == 2:
+            ours.zero_grad(set_to_none=False)  # our zeroed views; accumulate into them
+            for p, g in zip(params, grads):
+                p.grad.add_(g)
+        else:
+            for p, g in zip(params, grads):
+                p.grad = g  # contiguous: differs from the channels_last weight's layout
+        user_grads = [p.grad for p in params]
+        kept = [g.clone() for g in user_grads]
+        for p, g in zip(ref_params, grads):
+            p.grad = g.clone()
+        ours.step()
+        theirs.step()
+        for user_grad, before, p in zip(user_grads, kept, params):
+            assert torch.equal(user_grad, before), "a step must not change a gradient"
+            assert torch.equal(p.grad, before)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(params, ref_params):
+        assert_relative_close(p.detach(), q.detach(), RTOL["float32"], "param")
+        for key, value in theirs.state[q].items():
+            if key != "step":
+                assert_relative_close(ours.state[p][key], value, RTOL["float32"], key)
