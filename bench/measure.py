@@ -5,8 +5,8 @@ Timing rules (shared by the report and the pytest-benchmark suite):
 - warm-up steps run first and are not timed (Numba compiles, or loads its cache, there);
 - before every timed step the parameters are restored to their starting values, outside
   the timed region, so nothing drifts towards overflow or denormals however long it runs;
-- cases compared with each other take turns step by step (`time_cases`), and each
-  reports the median over its timed steps.
+- cases compared with each other take turns (`time_cases`), each turn an untimed step
+  and then a timed one, and each case reports the median over its timed steps.
 """
 
 import statistics
@@ -80,8 +80,10 @@ def twin_case(benchmark, numel, dtype):
 def time_cases(cases, repeats, warmup=3):
     """Seconds of each timed step of every case in ``cases`` (a dict), interleaved.
 
-    The cases take turns step by step, so a change in the machine's load during the
-    measurement (it is shared and has 2 cores) hits every provider alike.
+    The cases take turns, so a change in the machine's load during the measurement (it
+    is shared and has 2 cores) hits every provider alike. In its turn a case takes one
+    untimed step and then the timed one, so each timed step finds its own data as warm
+    as the step before left it, not evicted by the other providers' steps.
     """
     for _ in range(warmup):
         for case in cases.values():
@@ -90,6 +92,8 @@ def time_cases(cases, repeats, warmup=3):
     times = {name: [] for name in cases}
     for _ in range(repeats):
         for name, case in cases.items():
+            case.reset()
+            case.step()
             case.reset()
             start = time.perf_counter()
             case.step()
