@@ -13,7 +13,6 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import twin
@@ -62,18 +61,22 @@ def optimizer_case(benchmark, provider, shapes, dtype):
 
 
 def twin_case(benchmark, numel, dtype):
-    """The traffic twin of ``benchmark`` over one flat buffer of ``numel`` parameters."""
+    """The traffic twin of ``benchmark`` over one flat buffer of ``numel`` parameters.
+
+    Its arrays are torch tensors seen through NumPy and its reset is the same torch
+    ``copy_`` the optimizer cases do, so it starts each step from the same cache state.
+    """
     name, _ = OPTIMIZERS[benchmark]
     kernel, count = (twin.sgd_momentum_twin, 3) if name == "SGD" else (twin.adam_twin, 4)
-    np_dtype = np.dtype(str(dtype).removeprefix("torch."))
-    rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal(numel, dtype=np_dtype) for _ in range(count)]
-    moved = ARRAYS_MOVED[name] * numel * np_dtype.itemsize
-    start = arrays[0].copy()
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(numel, generator=generator, dtype=dtype) for _ in range(count)]
+    arrays = [tensor.numpy() for tensor in tensors]
+    start = tensors[0].clone()
 
-    def reset():  # the same parameter write-back the optimizers' cases do
-        np.copyto(arrays[0], start)
+    def reset():
+        tensors[0].copy_(start)
 
+    moved = ARRAYS_MOVED[name] * numel * tensors[0].element_size()
     return Case(lambda: kernel(*arrays), reset, numel, 1, moved)
 
 

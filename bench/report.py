@@ -153,6 +153,33 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def markdown_summary(rows):
+    """One line per (optimizer, layout, dtype): ours beside torch fused, DeepSpeed, the twin."""
+    groups = {}
+    for row in rows:
+        key = (row["optimizer"], row["layout"], row["dtype"])
+        groups.setdefault(key, {})[row["provider"]] = row
+    lines = [
+        "| optimizer | layout | dtype | fastmomentum ms | torch fused ms | DeepSpeedCPUAdam ms "
+        "| twin ms | ours / fused | ours / twin | ours GB/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (optimizer, layout, dtype), by_provider in groups.items():
+        ours = by_provider["fastmomentum"]
+
+        def ms(provider, by_provider=by_provider):
+            row = by_provider.get(provider)
+            return f"{row['median_s'] * 1e3:.3f}" if row else "-"
+
+        fused = f"{ours['vs_torch_fused']:.2f}" if ours["vs_torch_fused"] else "-"
+        lines.append(
+            f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} | {ms('torch fused')} "
+            f"| {ms('DeepSpeedCPUAdam')} | {ms(TWIN)} | {fused} | {ours['vs_twin']:.2f} "
+            f"| {ours['gb_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     """GB/s against tensor size, one panel per optimizer, the twin as the ceiling."""
     import matplotlib
@@ -233,11 +260,12 @@ def main(argv=None):
     args.output.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.output / f"{mode}.json", args.output / f"{mode}.png"
     json_path.write_text(json.dumps(report, indent=1))
+    (args.output / f"{mode}.md").write_text(markdown_summary(rows) + "\n")
     plot(rows, png_path)
     print(format_table(rows))
     print(
-        f"\n{report['machine']['cpu']}, {args.threads} threads; "
-        f"results in {json_path} and {png_path}"
+        f"\n{report['machine']['cpu']}, {args.threads} threads; results in {json_path}, "
+        f"{png_path} and {mode}.md beside them"
     )
 
 
