@@ -26,10 +26,11 @@ def dense_strides(tensor):
 class FlatBuffer:
     """Values, gradients and state of some parameters, each in one contiguous tensor.
 
-    ``offsets[i]`` is where parameter ``i`` starts in every flat tensor. Gradients live
-    in ``grads``; after a step each parameter's ``.grad`` is a view into it, so autograd
-    accumulates there in place. A gradient that user code (or ``zero_grad``) replaced is
-    copied in at the next step.
+    ``offsets[i]`` is where parameter ``i`` starts in every flat tensor. A gradient that
+    exists when the buffer is built, or that ``zero_grad(set_to_none=False)`` resets,
+    becomes a view into ``grads``; autograd then accumulates there in place and a step
+    is one kernel call over the whole buffer. Gradients that autograd or user code
+    allocated are read where they are (see `gather_grads`).
     """
 
     def __init__(self, params, names):
