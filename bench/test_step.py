@@ -46,5 +46,5 @@ def test_step(benchmark, optimizer, provider, layout, dtype):
             pytest.skip("deepspeed is not installed")
         case = optimizer_case(optimizer, provider, shapes, dtype)
         if case is None:
-            pytest.skip(f"{provider} has no {optimizer}")
+            pytest.skip(f"{provider} does not run {optimizer} on {str(dtype)[6:]}")
     run(benchmark, case, f"{optimizer} | {layout} | {str(dtype)[6:]}")

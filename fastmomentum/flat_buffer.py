@@ -42,13 +42,15 @@ class FlatBuffer:
         self.coefficients = (None, None)  # (hyperparameters, kernel coefficients) of last step
         self.device, self.dtype = first.device, first.dtype
         self.numels = [p.numel() for p in self.params]
+        self.shapes = [p.shape for p in self.params]
+        self.strides = [dense_strides(p) for p in self.params]  # of every flat view
         self.offsets = [0]
         for numel in self.numels:
             self.offsets.append(self.offsets[-1] + numel)
         self.size = total = self.offsets.pop()
         self.values = torch.empty(total, dtype=self.dtype, device=self.device)
-        self.grads = torch.zeros_like(self.values)
-        self.grad_views = [self.view_of(self.grads, i) for i in range(len(self.params))]
+        self._grads = None  # allocated when first needed: see `grads`
+        self._grad_views = [None] * len(self.params)
         self.steps = torch.zeros(len(self.params), dtype=step_dtype())  # per-parameter t
         self._state = {}
         self._arrays = {}
@@ -59,10 +61,24 @@ class FlatBuffer:
                 if self.params[index].grad is not None:
                     self.adopt_grad(index)
 
+    @property
+    def grads(self):
+        """The flat gradient buffer, allocated (zero-filled) on first use.
+
+        A loop that always calls ``zero_grad()`` with ``set_to_none=True`` never needs
+        it: its gradients are read where autograd put them.
+        """
+        self._allocate_grads()
+        return self._grads
+
+    def _allocate_grads(self):
+        if self._grads is None:
+            self._grads = torch.zeros_like(self.values)
+            self._grad_views = [self.view_of(self._grads, i) for i in range(len(self.params))]
+
     def view_of(self, flat, index):
         """Parameter ``index``'s view into the flat tensor ``flat``."""
-        param = self.params[index]
-        return flat.as_strided(param.shape, dense_strides(param), self.offsets[index])
+        return flat.as_strided(self.shapes[index], self.strides[index], self.offsets[index])
 
     def adopt_param(self, index):
         """Copy parameter ``index`` into ``values`` and re-point its ``.data`` there."""
@@ -74,7 +90,8 @@ class FlatBuffer:
 
     def adopt_grad(self, index):
         """Copy parameter ``index``'s gradient into ``grads`` and make ``.grad`` a view there."""
-        param, view = self.params[index], self.grad_views[index]
+        self._allocate_grads()
+        param, view = self.params[index], self._grad_views[index]
         view.copy_(param.grad)
         param.grad = view
 
@@ -83,7 +100,7 @@ class FlatBuffer:
 
         Then a step needs no checks and no copies: the fast path.
         """
-        for param, grad_view, data_ptr in zip(self.params, self.grad_views, self._data_ptrs):
+        for param, grad_view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
             if param.grad is not grad_view or param.data_ptr() != data_ptr:
                 return False
         return True
@@ -91,7 +108,7 @@ class FlatBuffer:
     def check(self):
         """Raise before a step if a parameter or gradient can no longer be used."""
         for index, param in enumerate(self.params):
-            expected = (self.dtype, self.device, self.grad_views[index].shape)
+            expected = (self.dtype, self.device, self.shapes[index])
             if (param.dtype, param.device, param.shape) != expected:
                 raise RuntimeError(
                     f"{self.names[index]} changed from {self.dtype} {tuple(expected[2])} on "
@@ -100,7 +117,7 @@ class FlatBuffer:
                     "casting the model"
                 )
             grad = param.grad
-            if grad is None or grad is self.grad_views[index]:
+            if grad is None or grad is self._grad_views[index]:
                 continue
             if grad.is_sparse or grad.layout != torch.strided:
                 raise TypeError(
@@ -126,12 +143,11 @@ class FlatBuffer:
             if param.data_ptr() != self._data_ptrs[index]:
                 self.adopt_param(index)  # ``p.data`` was reassigned by user code
             grad = param.grad
-            view = self.grad_views[index]
             if grad is None:
                 sources.append(None)
-            elif grad is view:
+            elif grad is self._grad_views[index]:
                 sources.append(FLAT)
-            elif grad.stride() == view.stride() or grad.numel() <= 1:
+            elif grad.stride() == self.strides[index] or grad.numel() <= 1:
                 memory_order = grad.detach().as_strided((grad.numel(),), (1,))
                 sources.append(as_array(memory_order))
             else:
@@ -150,8 +166,10 @@ class FlatBuffer:
             for param in self.params:
                 param.grad = None
             return
+        if all(param.grad is None for param in self.params):
+            return
         self.grads.zero_()
-        for param, view in zip(self.params, self.grad_views):
+        for param, view in zip(self.params, self._grad_views):
             if param.grad is not None and param.grad is not view:
                 param.grad = view
 
@@ -177,9 +195,8 @@ class FlatBuffer:
         keys share one range; a gradient read in place gets a range of its own. In the
         common case the whole buffer is one range: one kernel call.
         """
-        grads = self.array("grads")
         if sources is None and keys is None:
-            return [(0, self.size, None, grads)] if self.size else []
+            return [(0, self.size, None, self.array("grads"))] if self.size else []
         sources = [FLAT] * len(self.params) if sources is None else sources
         keys = [None] * len(self.params) if keys is None else keys
         ranges = []
@@ -199,6 +216,7 @@ class FlatBuffer:
                 previous[1] = end
             else:
                 ranges.append([start, end, key, source])
+        grads = self.array("grads") if any(r[3] is FLAT for r in ranges) else None
         return [
             (start, end, key, grads[start:end] if source is FLAT else source)
             for start, end, key, source in ranges

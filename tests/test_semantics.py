@@ -339,3 +339,28 @@ def test_gradients_in_any_layout_step_like_torch(name, options):
         for key, value in theirs.state[q].items():
             if key != "step":
                 assert_relative_close(ours.state[p][key], value, RTOL["float32"], key)
+
+
+def test_hooks_run_once_for_a_subclass_that_overrides_step():
+    class Logged(fastmomentum.SGD):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    param = nn.Parameter(torch.randn(3))
+    optimizer = Logged([param], lr=0.1)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    param.grad = torch.ones(3)
+    optimizer.step()
+    assert calls == ["pre"]
+
+
+def test_flat_gradient_buffer_is_allocated_only_when_used():
+    model = make_model()
+    optimizer = fastmomentum.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, optimizer, 3)  # zero_grad(set_to_none=True): gradients read in place
+    assert all(buffer._grads is None for buffers in optimizer._buffers for buffer in buffers)
+    train(model, optimizer, 2, set_to_none=False)
+    assert all(buffer._grads is not None for buffers in optimizer._buffers for buffer in buffers)
+    for param in model.parameters():
+        assert param.grad.data_ptr() != 0
