@@ -237,3 +237,16 @@ def test_adam_step_rejects_bad_hyperparameters_before_writing(options, message):
         adam_step(*arrays, **options)
     for after, was in zip(arrays, before):
         np.testing.assert_array_equal(after, was)
+
+
+def test_kernel_modules_carry_the_current_rules_digest():
+    """Keeps Numba's on-disk cache honest: see RULES_DIGEST in kernels/cpu.py."""
+    import hashlib
+    from pathlib import Path
+
+    from fastmomentum.kernels import cpu, rules
+
+    digest = hashlib.sha256(Path(rules.__file__).read_bytes()).hexdigest()[:16]
+    assert cpu.RULES_DIGEST == digest, f"rules.py changed: set RULES_DIGEST = {digest!r}"
+    source = Path(cpu.__file__).with_name("cuda.py").read_text()
+    assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"
