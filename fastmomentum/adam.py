@@ -4,7 +4,7 @@ import numpy as np
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import cpu, hyperparameters
+from fastmomentum.kernels import hyperparameters
 
 from .optimizer import FlatOptimizer
 
@@ -110,7 +110,7 @@ class Adam(FlatOptimizer):
             exp_avg, exp_avg_sq, max_exp_avg_sq = (
                 moment[start:end] if moment.size else moment for moment in moments
             )
-            cpu.adam(
+            buffer.kernels.adam(
                 param[start:end], grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad
             )
         if not buffer.all_initialized:

@@ -8,6 +8,7 @@ parameter of the buffer in one pass over memory.
 
 import torch
 
+from .devices import kernels_for
 from .dlpack import as_array
 
 FLAT = "flat"  # `gather_grads`: this parameter's gradient is its view into ``grads``
@@ -41,6 +42,7 @@ class FlatBuffer:
         self.all_initialized = False
         self.coefficients = (None, None)  # (hyperparameters, kernel coefficients) of last step
         self.device, self.dtype = first.device, first.dtype
+        self.kernels = kernels_for(self.device)  # `kernels.cpu`, or CUDA on torch's stream
         self.numels = [p.numel() for p in self.params]
         self.shapes = [p.shape for p in self.params]
         self.strides = [dense_strides(p) for p in self.params]  # of every flat view

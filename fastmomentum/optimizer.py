@@ -11,6 +11,7 @@ import sys
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from .devices import cuda_unavailable_reason
 from .flat_buffer import FlatBuffer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -260,8 +261,12 @@ def _check_params(params):
             raise TypeError(
                 f"{name} has dtype {param.dtype}; fastmomentum supports float32 and float64"
             )
-        if param.device.type != "cpu":
-            raise ValueError(f"{name} is on {param.device}; this build supports CPU parameters")
+        if param.device.type == "cuda":
+            reason = cuda_unavailable_reason()
+            if reason:
+                raise ValueError(f"{name} is on {param.device}: {reason}")
+        elif param.device.type != "cpu":
+            raise ValueError(f"{name} is on {param.device}; fastmomentum runs on CPU and CUDA")
         if param.grad is not None and param.grad.is_sparse:
             raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
         if param.numel():

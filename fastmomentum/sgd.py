@@ -5,7 +5,7 @@ from typing import Literal
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import cpu, hyperparameters
+from fastmomentum.kernels import hyperparameters
 
 from .optimizer import FlatOptimizer
 
@@ -90,7 +90,7 @@ class SGD(FlatOptimizer):
                 ),
             )
             for start, end, _, grad in buffer.segments(sources):
-                cpu.sgd_plain(param[start:end], grad, coefficients)
+                buffer.kernels.sgd_plain(param[start:end], grad, coefficients)
             return
         velocity = buffer.array("momentum_buffer")
         coefficients = _cached(
@@ -103,7 +103,9 @@ class SGD(FlatOptimizer):
         first_steps = None if buffer.all_initialized else [not x for x in buffer.initialized]
         for start, end, first, grad in buffer.segments(sources, first_steps):
             part = slice(start, end)
-            cpu.sgd_momentum(param[part], grad, velocity[part], coefficients, nesterov, bool(first))
+            buffer.kernels.sgd_momentum(
+                param[part], grad, velocity[part], coefficients, nesterov, bool(first)
+            )
         if first_steps is not None:
             self.expose_new_state(group, buffer, sources)
 

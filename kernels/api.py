@@ -1,7 +1,11 @@
-"""The low-level API: one optimizer step on NumPy arrays, validated, then dispatched.
+"""The low-level API: one optimizer step on NumPy or GPU arrays, validated, then dispatched.
 
-Nothing is written unless every array and hyperparameter passes its check, so a
-rejected call leaves all arrays as they were.
+The arrays decide where the step runs: NumPy arrays on the CPU kernels, GPU arrays (Numba
+device arrays, ``__cuda_array_interface__`` objects such as torch CUDA tensors) on the
+CUDA kernels, queued on ``stream`` (a Numba stream, a raw ``cudaStream_t`` as an int, or
+an object with a ``cuda_stream`` attribute such as ``torch.cuda.Stream``; default: the
+default stream). Nothing is written unless every array and hyperparameter passes its
+check, so a rejected call leaves all arrays as they were.
 """
 
 from typing import Literal
@@ -9,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from . import cpu, hyperparameters
-from .arrays import flat_views
+from .arrays import device_views, flat_views, locate
 
 
 def sgd_step(
@@ -25,6 +29,7 @@ def sgd_step(
     maximize: bool = False,
     first_step: bool = False,
     momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+    stream=None,
 ) -> None:
     """One SGD step, in place on ``param`` (and ``momentum_buffer`` when momentum > 0).
 
@@ -51,21 +56,23 @@ def sgd_step(
     """
     hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
     if momentum == 0:
-        param, grad = flat_views({"param": param, "grad": grad})
+        kernels, (param, grad), launch = _dispatch({"param": param, "grad": grad}, stream)
         coefficients = hyperparameters.sgd_plain_coefficients(
             param.dtype, lr, weight_decay, maximize
         )
-        cpu.sgd_plain(param, grad, coefficients)
+        kernels.sgd_plain(param, grad, coefficients, **launch)
         return
     if momentum_buffer is None:
         raise ValueError("momentum_buffer is required when momentum > 0")
-    param, grad, momentum_buffer = flat_views(
-        {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}
+    kernels, (param, grad, momentum_buffer), launch = _dispatch(
+        {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}, stream
     )
     coefficients = hyperparameters.sgd_momentum_coefficients(
         param.dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
-    cpu.sgd_momentum(param, grad, momentum_buffer, coefficients, bool(nesterov), bool(first_step))
+    kernels.sgd_momentum(
+        param, grad, momentum_buffer, coefficients, bool(nesterov), bool(first_step), **launch
+    )
 
 
 def adam_step(
@@ -83,6 +90,7 @@ def adam_step(
     amsgrad: bool = False,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    stream=None,
 ) -> None:
     """One Adam step (Kingma & Ba), in place on ``param`` and the moment buffers.
 
@@ -102,21 +110,24 @@ def adam_step(
         raise ValueError(f"Invalid step: {step}; the first step is 1")
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = flat_views(
+    kernels, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq), launch = _dispatch(
         {
             "param": param,
             "grad": grad,
             "exp_avg": exp_avg,
             "exp_avg_sq": exp_avg_sq,
             "max_exp_avg_sq": max_exp_avg_sq if amsgrad else None,
-        }
+        },
+        stream,
     )
     coefficients = hyperparameters.adam_coefficients(
         param.dtype, float(step), lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
     if not amsgrad:
         max_exp_avg_sq = exp_avg_sq[:0]
-    cpu.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, bool(amsgrad))
+    kernels.adam(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, bool(amsgrad), **launch
+    )
 
 
 def adamw_step(
@@ -142,3 +153,45 @@ def adamw_step(
         decoupled_weight_decay=True,
         **options,
     )
+
+
+def _dispatch(arrays, stream):
+    """Check ``arrays``; return (kernel module, 1-D views, launch options) for their place."""
+    if locate(arrays) == "cpu":
+        if stream is not None:
+            raise ValueError("stream applies to CUDA arrays; these are NumPy arrays")
+        return cpu, flat_views(arrays), {}
+    kernels = cuda_kernels()
+    return kernels, device_views(arrays), {"stream": as_stream(stream)}
+
+
+def cuda_kernels():
+    """The CUDA kernel module, or an error that says what is missing for it."""
+    try:
+        from numba import cuda
+
+        from . import cuda as kernels
+    except ImportError as error:
+        raise ImportError(
+            "CUDA arrays need the CUDA target of Numba: pip install 'fastmomentum[cuda]' "
+            f"(numba-cuda) ({error})"
+        ) from error
+    if not cuda.is_available():
+        raise RuntimeError(
+            "CUDA arrays were given but Numba finds no usable CUDA driver and GPU "
+            "(numba.cuda.is_available() is False; numba.cuda.detect() says why)"
+        )
+    return kernels
+
+
+def as_stream(stream):
+    """A Numba stream from None (default stream), a Numba stream, an int or a torch stream."""
+    if stream is None or stream == 0:
+        return None
+    from numba import cuda
+
+    if isinstance(stream, int):
+        return cuda.external_stream(stream)
+    if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream and alike
+        return cuda.external_stream(stream.cuda_stream)
+    return stream

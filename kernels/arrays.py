@@ -38,3 +38,86 @@ def flat_views(arrays, read_only=("grad",)):
             if np.may_share_memory(present[name], present[other]):
                 raise ValueError(f"{name} and {other} overlap in memory")
     return [None if array is None else array.reshape(-1) for array in arrays.values()]
+
+
+def locate(arrays):
+    """``"cpu"`` if every array is a NumPy array, ``"cuda"`` if every one is on the GPU.
+
+    GPU arrays are Numba device arrays, objects with ``__cuda_array_interface__`` (torch,
+    CuPy, JAX) and, under Numba's CUDA simulator, its simulated device arrays. Raises
+    ``TypeError`` for anything else and for a mix.
+    """
+    places = {}
+    for name, array in arrays.items():
+        if array is None:
+            continue
+        if isinstance(array, np.ndarray):
+            places[name] = "cpu"
+        elif hasattr(array, "__cuda_array_interface__") or _is_simulated_device_array(array):
+            places[name] = "cuda"
+        elif hasattr(array, "__dlpack_device__"):
+            raise TypeError(
+                f"{name} is a DLPack array without __cuda_array_interface__; pass a NumPy "
+                "array, a Numba device array or a CUDA array-interface object"
+            )
+        else:
+            kind = f"{type(array).__module__}.{type(array).__qualname__}"
+            raise TypeError(f"{name} must be a NumPy array or a CUDA array, got {kind}")
+    if len(set(places.values())) > 1:
+        on_gpu = [name for name, place in places.items() if place == "cuda"]
+        on_cpu = [name for name, place in places.items() if place == "cpu"]
+        raise TypeError(f"{', '.join(on_gpu)} on the GPU but {', '.join(on_cpu)} in host memory")
+    return next(iter(places.values()))
+
+
+def device_views(arrays, read_only=("grad",)):
+    """`flat_views` for GPU arrays: the same checks, returning 1-D Numba device arrays.
+
+    Nothing is copied and nothing waits on the GPU (``sync=False``): the kernels are
+    queued on the stream the caller names, behind the work that produced the arrays.
+    """
+    from numba import cuda
+
+    present = {}
+    for name, array in arrays.items():
+        if array is None:
+            continue
+        if _is_simulated_device_array(array):
+            present[name] = array
+        else:
+            interface = array.__cuda_array_interface__
+            if name not in read_only and interface["data"][1]:
+                raise ValueError(f"{name} is read-only but is updated in place")
+            present[name] = cuda.as_cuda_array(array, sync=False)
+    (first_name, first), *others = present.items()
+    if np.dtype(first.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"{first_name} has dtype {first.dtype}; expected float32 or float64")
+    for name, array in others:
+        if array.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}")
+        if array.shape != first.shape:
+            raise ValueError(f"{name} has shape {array.shape} but {first_name} has {first.shape}")
+    for name, array in present.items():
+        if not array.is_c_contiguous():
+            raise ValueError(f"{name} is not C-contiguous")
+    extents = sorted((*_device_extent(array), name) for name, array in present.items())
+    for (_, end, name), (start, _, other) in zip(extents, extents[1:]):
+        if start < end:
+            raise ValueError(f"{name} and {other} overlap in memory")
+    return [
+        None if arrays[name] is None else present[name].reshape(present[name].size)
+        for name in arrays
+    ]
+
+
+def _is_simulated_device_array(array):
+    return type(array).__name__ == "FakeCUDAArray"
+
+
+def _device_extent(array):
+    """``[start, end)`` byte addresses of a device array (empty arrays: an empty range)."""
+    if _is_simulated_device_array(array):
+        start = array._ary.__array_interface__["data"][0]
+    else:
+        start = array.__cuda_array_interface__["data"][0]
+    return start, start + array.size * np.dtype(array.dtype).itemsize

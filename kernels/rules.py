@@ -69,8 +69,13 @@ def sgd_momentum(
 
 @register_jitable
 def lerp(start, end, weight, weight_complement):
-    """``start + w·(end − start)``, evaluated as torch's ``lerp`` does (``w_c = 1 − w``)."""
-    if abs(weight) < 0.5:
+    """``start + w·(end − start)`` for ``w ∈ [0, 1]``, evaluated as torch's ``lerp`` does.
+
+    ``w_c = 1 − w``. Torch picks the formula by ``|w| < 0.5``; for ``w ∈ [0, 1]`` that is
+    ``w < w_c``, which compares two values of the arrays' dtype (a 0.5 literal would be
+    float64 and cost a double-precision compare per element on a GPU).
+    """
+    if weight < weight_complement:
         return start + weight * (end - start)
     return end - (end - start) * weight_complement
 

@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from fastmomentum.kernels import adam_step, adamw_step, sgd_step
 
 from . import reference

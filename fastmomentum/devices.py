@@ -1,0 +1,54 @@
+"""Which kernels a flat buffer launches: CPU loops, or CUDA kernels on torch's stream."""
+
+import torch
+
+from fastmomentum.kernels import config, cpu
+from fastmomentum.kernels.api import cuda_kernels
+
+
+def cuda_unavailable_reason():
+    """``None`` if the CUDA kernels can run here, else why not (for error messages)."""
+    try:
+        cuda_kernels()
+    except (ImportError, RuntimeError) as error:
+        return str(error)
+    return None
+
+
+def kernels_for(device):
+    """The kernels for a buffer on ``device`` (``config.FORCE_CUDA``: CUDA for CPU too)."""
+    if device.type == "cpu" and not config.FORCE_CUDA:
+        return cpu
+    return TorchStreamKernels(device)
+
+
+class TorchStreamKernels:
+    """The CUDA kernels with the CPU kernels' signatures, launched on torch's current
+    stream of the buffer's device, so they run in order with torch's own work and the
+    host never waits for them."""
+
+    def __init__(self, device):
+        self.device = device
+        self._cuda = cuda_kernels()
+        self._streams = {}
+
+    def sgd_plain(self, *args):
+        self._launch(self._cuda.sgd_plain, args)
+
+    def sgd_momentum(self, *args):
+        self._launch(self._cuda.sgd_momentum, args)
+
+    def adam(self, *args):
+        self._launch(self._cuda.adam, args)
+
+    def _launch(self, kernel, args):
+        if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)
+            kernel(*args, stream=None)
+            return
+        from numba import cuda
+
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        if handle not in self._streams:
+            self._streams[handle] = cuda.external_stream(handle) if handle else None
+        with cuda.gpus[self.device.index or 0]:
+            kernel(*args, stream=self._streams[handle])

@@ -1,0 +1,171 @@
+"""The CUDA kernels, in Numba's CUDA simulator on small odd-sized arrays.
+
+Threads per block and blocks per multiprocessor are patched small, so the simulator runs
+several blocks and every thread's grid-stride loop takes several turns.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import fastmomentum
+from fastmomentum.kernels import adam_step, config, sgd_step
+
+from . import reference
+from .assertions import RTOL, assert_relative_close
+from .models import make_model, train
+from .test_kernels import ADAM_CASES, SGD_CASES, learning_rate
+
+cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+pytestmark = pytest.mark.cudasim
+
+SIZES = [1, 37, 203]  # not multiples of the block; 203 > blocks × threads below
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def small_launches(monkeypatch):
+    monkeypatch.setattr(config, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(config, "BLOCKS_PER_SM", 2)
+
+
+def on_device(*arrays):
+    return [cuda.to_device(array) for array in arrays]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("convention", ["pytorch", "lr_folded"])
+@pytest.mark.parametrize("case", SGD_CASES)
+def test_cuda_sgd_matches_cpu_kernel_and_float64_reference(case, convention, size, dtype):
+    rng = np.random.default_rng(size)
+    host = [rng.standard_normal(size).astype(dtype), np.zeros(size, dtype)]
+    device = on_device(*host)
+    expected = [a.astype(np.float64) for a in host]
+    options = {"dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False, **case}
+    for step in range(STEPS):
+        grad = rng.standard_normal(size).astype(dtype)
+        common = dict(lr=learning_rate(step), first_step=step == 0, **options)
+        sgd_step(
+            device[0], cuda.to_device(grad), device[1], momentum_convention=convention, **common
+        )
+        sgd_step(host[0], grad, host[1], momentum_convention=convention, **common)
+        expected = reference.sgd(
+            expected[0],
+            grad.astype(np.float64),
+            expected[1],
+            lr_folded=convention == "lr_folded",
+            **common,
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    for name, gpu, cpu_value, wanted in zip(["param", "momentum_buffer"], device, host, expected):
+        if name == "momentum_buffer" and not case["momentum"]:
+            continue
+        assert_relative_close(gpu.copy_to_host(), cpu_value, tolerance, f"{name} vs CPU")
+        assert_relative_close(gpu.copy_to_host(), wanted, tolerance, f"{name} vs float64")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", ADAM_CASES)
+def test_cuda_adam_matches_cpu_kernel_and_float64_reference(case, size, dtype):
+    rng = np.random.default_rng(size + 3)
+    host = [rng.standard_normal(size).astype(dtype)] + [np.zeros(size, dtype) for _ in range(3)]
+    device = on_device(*host)
+    expected = [a.astype(np.float64) for a in host]
+    options = {
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+        **case,
+    }
+    decoupled = options.pop("decoupled_weight_decay", False)
+    for step in range(1, STEPS + 1):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step) / 10
+        for arrays, g in ((device, cuda.to_device(grad)), (host, grad)):
+            adam_step(
+                arrays[0],
+                g,
+                *arrays[1:],
+                step=step,
+                lr=lr,
+                decoupled_weight_decay=decoupled,
+                **options,
+            )
+        expected = reference.adam(
+            expected[0],
+            grad.astype(np.float64),
+            *expected[1:],
+            step=step,
+            lr=lr,
+            decoupled=decoupled,
+            **options,
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    names = ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    for name, gpu, cpu_value, wanted in zip(names, device, host, expected):
+        if name == "max_exp_avg_sq" and not options["amsgrad"]:
+            assert not gpu.copy_to_host().any()
+            continue
+        assert_relative_close(gpu.copy_to_host(), cpu_value, tolerance, f"{name} vs CPU")
+        assert_relative_close(gpu.copy_to_host(), wanted, tolerance, f"{name} vs float64")
+
+
+def test_mixed_host_and_device_arrays_are_rejected():
+    param, grad = np.ones(5, np.float32), np.ones(5, np.float32)
+    with pytest.raises(TypeError, match="param on the GPU but grad in host memory"):
+        sgd_step(cuda.to_device(param), grad, lr=0.1)
+
+
+def test_device_arrays_are_checked_before_any_write():
+    storage = cuda.to_device(np.arange(12, dtype=np.float32))
+    grad = cuda.to_device(np.ones(8, np.float32))
+    with pytest.raises(ValueError, match="overlap"):
+        sgd_step(storage[:8], grad, storage[4:], lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="dtype float64"):
+        sgd_step(storage[:8], cuda.to_device(np.ones(8)), lr=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        sgd_step(storage[:8], cuda.to_device(np.ones(7, np.float32)), lr=0.1)
+    np.testing.assert_array_equal(storage.copy_to_host(), np.arange(12, dtype=np.float32))
+
+
+def test_a_stream_is_accepted_for_device_arrays_only():
+    param, grad = np.ones(9, np.float32), np.full(9, 0.5, np.float32)
+    device_param = cuda.to_device(param)
+    stream = cuda.stream()
+    sgd_step(device_param, cuda.to_device(grad), lr=0.1, stream=stream)
+    stream.synchronize()
+    np.testing.assert_allclose(device_param.copy_to_host(), 0.95)
+    with pytest.raises(ValueError, match="stream applies to CUDA arrays"):
+        sgd_step(param, grad, lr=0.1, stream=stream)
+
+
+OPTIMIZERS = [
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
+    ("AdamW", {"lr": 1e-2}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=["sgd", "nesterov", "adam", "adamw"])
+def test_optimizers_through_the_cuda_kernels_match_torch(name, options, dtype, monkeypatch):
+    """``config.FORCE_CUDA``: the torch optimizers launch the CUDA kernels on CPU tensors."""
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+    model, ref_model = make_model(dtype), make_model(dtype)
+    ours = getattr(fastmomentum, name)(model.parameters(), **options)
+    assert all(type(b.kernels).__name__ == "TorchStreamKernels" for bs in ours._buffers for b in bs)
+    theirs = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **options)
+    for set_to_none in (True, False):  # gradients read in place, then our flat views
+        train(model, ours, 4, dtype, set_to_none=set_to_none)
+        train(ref_model, theirs, 4, dtype, set_to_none=set_to_none)
+    tolerance = RTOL[str(dtype)[6:]]
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert_relative_close(p.detach(), q.detach(), tolerance, "param")
+        for key, value in theirs.state[q].items():
+            if key != "step":
+                assert_relative_close(ours.state[p][key], value, tolerance, key)
