@@ -36,3 +36,40 @@ def test_kernels_import_and_run_without_torch():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_cuda_arrays_without_numba_cuda_get_an_error_naming_it():
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class BlockNumbaCuda:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "numba_cuda" or name.startswith("numba.cuda"):
+                    raise ImportError("numba-cuda is blocked in this test")
+
+        sys.meta_path.insert(0, BlockNumbaCuda())
+        import numpy as np
+        from fastmomentum.kernels import sgd_step
+        from fastmomentum.devices import cuda_unavailable_reason
+
+        class FakeGpuArray:
+            __cuda_array_interface__ = {"shape": (3,), "typestr": "<f4", "data": (1, False),
+                                        "version": 3}
+
+        param = np.ones(3, np.float32)
+        sgd_step(param, np.ones(3, np.float32), lr=0.5)  # the CPU path is unaffected
+        assert param.tolist() == [0.5, 0.5, 0.5]
+        try:
+            sgd_step(FakeGpuArray(), FakeGpuArray(), lr=0.1)
+        except ImportError as error:
+            assert "pip install 'fastmomentum[cuda]'" in str(error), error
+        else:
+            raise AssertionError("no error for CUDA arrays without numba-cuda")
+        assert "numba-cuda" in cuda_unavailable_reason()
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
