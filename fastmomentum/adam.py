@@ -84,7 +84,7 @@ class Adam(FlatOptimizer):
         lr, betas, eps, weight_decay, *_ = settings
         hyperparameters.check_adam(lr, betas, eps, weight_decay)
 
-    def update(self, group, buffer, settings, sources):
+    def update(self, group, buffer, settings, sources, grad_scale):
         lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings
         steps = buffer.array("steps")
         if sources is None:
@@ -96,11 +96,11 @@ class Adam(FlatOptimizer):
         if sources is None and keys.count(first_step_count) == len(keys):
             keys = None  # one step count for all: one range, one kernel call
         param = buffer.array("values")
-        if buffer.coefficients[0] != settings:
+        if buffer.coefficients[0] != (settings, grad_scale):
             constant = hyperparameters.adam_constant_coefficients(
-                param.dtype, lr, betas, eps, weight_decay, decoupled, maximize
+                param.dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
             )
-            buffer.coefficients = (settings, constant)
+            buffer.coefficients = ((settings, grad_scale), constant)
         moments = [buffer.array("exp_avg"), buffer.array("exp_avg_sq")]
         moments.append(buffer.array("max_exp_avg_sq") if amsgrad else moments[1][:0])
         for start, end, step, grad in buffer.segments(sources, keys):

@@ -28,6 +28,11 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: Whether ``state[p]`` carries a ``"step"`` count (Adam) or not (SGD).
     counts_steps = False
 
+    #: ``torch.amp.GradScaler`` protocol of torch's fused optimizers: the scaler sets
+    #: ``grad_scale`` (unless the user called ``unscale_``) and ``found_inf`` on the
+    #: optimizer; the step skips itself on inf/NaN and unscales inside the kernel.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, defaults):
         _check_implementation_options(defaults)
         self._buffers = []  # per param group, its FlatBuffers
@@ -46,11 +51,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Raise ``ValueError`` for invalid hyperparameters (torch's messages)."""
         raise NotImplementedError
 
-    def update(self, group, buffer, settings, sources):
+    def update(self, group, buffer, settings, sources, grad_scale):
         """Step ``buffer``'s parameters, reading gradients from ``sources``.
 
         ``sources`` is `FlatBuffer.gather_grads`'s list, or ``None`` when every gradient
-        is the parameter's view into the flat gradient buffer.
+        is the parameter's view into the flat gradient buffer. ``grad_scale`` is the AMP
+        loss scale to divide gradients by, or ``None``.
         """
         raise NotImplementedError
 
@@ -102,6 +108,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            return loss  # GradScaler found inf/NaN gradients: nothing moves, as in torch
+        grad_scale = getattr(self, "grad_scale", None)
+        grad_scale = None if grad_scale is None else float(grad_scale)
         all_settings = []
         for index, group in enumerate(self.param_groups):
             settings = self.settings(group)
@@ -119,12 +130,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         ):
             for buffer, is_bound in zip(buffers, flags):
                 if is_bound:
-                    self.update(group, buffer, settings, None)
+                    self.update(group, buffer, settings, None, grad_scale)
                     continue
                 with torch.no_grad():
                     sources = buffer.gather_grads()
                 if any(source is not None for source in sources):
-                    self.update(group, buffer, settings, sources)
+                    self.update(group, buffer, settings, sources, grad_scale)
         return loss
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)

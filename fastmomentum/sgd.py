@@ -78,15 +78,15 @@ class SGD(FlatOptimizer):
         lr, momentum, dampening, weight_decay, nesterov, _, convention = settings
         hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, convention)
 
-    def update(self, group, buffer, settings, sources):
+    def update(self, group, buffer, settings, sources, grad_scale):
         lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings
         param = buffer.array("values")
         if momentum == 0:
             coefficients = _cached(
                 buffer,
-                settings,
+                (settings, grad_scale),
                 lambda: hyperparameters.sgd_plain_coefficients(
-                    param.dtype, lr, weight_decay, maximize
+                    param.dtype, lr, weight_decay, maximize, grad_scale
                 ),
             )
             for start, end, _, grad in buffer.segments(sources):
@@ -95,9 +95,9 @@ class SGD(FlatOptimizer):
         velocity = buffer.array("momentum_buffer")
         coefficients = _cached(
             buffer,
-            settings,
+            (settings, grad_scale),
             lambda: hyperparameters.sgd_momentum_coefficients(
-                param.dtype, lr, momentum, dampening, weight_decay, maximize, convention
+                param.dtype, lr, momentum, dampening, weight_decay, maximize, convention, grad_scale
             ),
         )
         first_steps = None if buffer.all_initialized else [not x for x in buffer.initialized]
@@ -110,8 +110,9 @@ class SGD(FlatOptimizer):
             self.expose_new_state(group, buffer, sources)
 
 
-def _cached(buffer, settings, compute):
-    """The buffer's kernel coefficients for these settings, computed when they change."""
-    if buffer.coefficients[0] != settings:
-        buffer.coefficients = (settings, compute())
+def _cached(buffer, key, compute):
+    """The buffer's kernel coefficients for ``key`` (settings and loss scale), computed
+    when it changes."""
+    if buffer.coefficients[0] != key:
+        buffer.coefficients = (key, compute())
     return buffer.coefficients[1]

@@ -12,12 +12,12 @@ from . import rules
 # Numba invalidates a cached kernel only when this file changes, not when a rule it
 # calls does. This digest of rules.py makes every edit there change this file too;
 # tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "7b011378fc96a851"
+RULES_DIGEST = "2326e6b504583f4e"
 
 
 @njit(parallel=True, cache=True)
 def sgd_plain(param, grad, coefficients):
-    """``p ← p − lr·(±g + λ·p)``; coefficients ``(lr, grad_sign, weight_decay)``."""
+    """``p ← p − lr·(±g + λ·p)``; coefficients ``(lr, grad_factor, weight_decay)``."""
     for i in prange(param.size):
         param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
 

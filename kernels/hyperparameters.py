@@ -41,13 +41,23 @@ def check_adam(lr, betas, eps, weight_decay):
     _check_non_negative("weight_decay value", weight_decay)
 
 
-def sgd_plain_coefficients(dtype, lr, weight_decay, maximize):
-    """``(lr, grad_sign, weight_decay)`` for `kernels.cpu.sgd_plain`."""
-    return _in_dtype(dtype, lr, -1.0 if maximize else 1.0, weight_decay)
+def grad_factor(maximize, grad_scale=None):
+    """What the rules multiply a gradient by: ±1, and ``1/scale`` to undo AMP's loss scale.
+
+    GradScaler's scales are powers of two, so the product is exact and equals unscaling
+    the gradient first, as ``GradScaler.unscale_`` does.
+    """
+    sign = -1.0 if maximize else 1.0
+    return sign if grad_scale is None else sign / float(grad_scale)
+
+
+def sgd_plain_coefficients(dtype, lr, weight_decay, maximize, grad_scale=None):
+    """``(lr, grad_factor, weight_decay)`` for `kernels.cpu.sgd_plain`."""
+    return _in_dtype(dtype, lr, grad_factor(maximize, grad_scale), weight_decay)
 
 
 def sgd_momentum_coefficients(
-    dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
+    dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention, grad_scale=None
 ):
     """Coefficients of `rules.sgd_momentum`, in its argument order."""
     lr_folded = momentum_convention == "lr_folded"
@@ -55,20 +65,26 @@ def sgd_momentum_coefficients(
         dtype,
         momentum,
         1.0 - dampening,
-        -1.0 if maximize else 1.0,
+        grad_factor(maximize, grad_scale),
         weight_decay,
         lr if lr_folded else 1.0,
         1.0 if lr_folded else lr,
     )
 
 
-def adam_coefficients(dtype, step, lr, betas, eps, weight_decay, decoupled, maximize):
+def adam_coefficients(
+    dtype, step, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale=None
+):
     """Coefficients of `rules.adam` for a parameter at step ``step`` (≥ 1, after increment)."""
-    constant = adam_constant_coefficients(dtype, lr, betas, eps, weight_decay, decoupled, maximize)
+    constant = adam_constant_coefficients(
+        dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
+    )
     return constant + adam_step_coefficients(dtype, step, lr, betas)
 
 
-def adam_constant_coefficients(dtype, lr, betas, eps, weight_decay, decoupled, maximize):
+def adam_constant_coefficients(
+    dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale=None
+):
     """The leading coefficients of `rules.adam`: those that do not change with the step."""
     beta1, beta2 = betas
     return _in_dtype(
@@ -78,7 +94,7 @@ def adam_constant_coefficients(dtype, lr, betas, eps, weight_decay, decoupled, m
         beta2,
         1.0 - beta2,
         eps,
-        -1.0 if maximize else 1.0,
+        grad_factor(maximize, grad_scale),
         0.0 if decoupled else weight_decay,
         1.0 - lr * weight_decay if decoupled else 1.0,
     )

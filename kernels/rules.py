@@ -14,18 +14,19 @@ from numba.extending import register_jitable
 
 
 @register_jitable
-def descent_direction(param, grad, grad_sign, weight_decay):
-    """``d = ±g + λ·p`` (the sign is −1 when maximizing; L2 decay only if λ ≠ 0)."""
-    direction = grad_sign * grad
+def descent_direction(param, grad, grad_factor, weight_decay):
+    """``d = f·g + λ·p``; ``f`` is ±1 (−1 when maximizing), divided by the AMP loss scale
+    when the step unscales the gradient itself. L2 decay only if λ ≠ 0."""
+    direction = grad_factor * grad
     if weight_decay != 0:
         direction = direction + weight_decay * param
     return direction
 
 
 @register_jitable
-def sgd_plain(param, grad, lr, grad_sign, weight_decay):
+def sgd_plain(param, grad, lr, grad_factor, weight_decay):
     """SGD without momentum: ``p ← p − lr·d``."""
-    return param - lr * descent_direction(param, grad, grad_sign, weight_decay)
+    return param - lr * descent_direction(param, grad, grad_factor, weight_decay)
 
 
 @register_jitable
@@ -35,7 +36,7 @@ def sgd_momentum(
     velocity,
     momentum,
     dampening_complement,
-    grad_sign,
+    grad_factor,
     weight_decay,
     velocity_scale,
     update_scale,
@@ -55,7 +56,7 @@ def sgd_momentum(
     (Polyak, Sutskever et al., Keras) passes ``s = lr, update_scale = 1``, so the velocity
     carries the learning rate. Returns ``(param, velocity)``.
     """
-    direction = velocity_scale * descent_direction(param, grad, grad_sign, weight_decay)
+    direction = velocity_scale * descent_direction(param, grad, grad_factor, weight_decay)
     if first_step:
         velocity = direction
     else:
@@ -92,7 +93,7 @@ def adam(
     beta2,
     beta2_complement,
     eps,
-    grad_sign,
+    grad_factor,
     weight_decay,
     param_decay,
     neg_step_size,
@@ -113,7 +114,7 @@ def adam(
     ``neg_step_size`` is ``−lr / (1 − β1ᵗ)``. Returns ``(param, m, v, v̂max)``.
     """
     param = param * param_decay
-    grad = descent_direction(param, grad, grad_sign, weight_decay)
+    grad = descent_direction(param, grad, grad_factor, weight_decay)
     exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
     exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
     second_moment = exp_avg_sq
