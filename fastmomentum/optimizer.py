@@ -140,6 +140,40 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False):
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters.
+
+        Scales every gradient by ``min(1, max_norm / (total_norm + 1e-6))`` in place and
+        returns the total norm. Where a buffer's gradients are all its flat views, the
+        norm and the scaling each take one pass over the whole buffer instead of one call
+        per parameter.
+        """
+        grads = []
+        for buffers in self._buffers:
+            for buffer in buffers:
+                if buffer.bound() and buffer.size:
+                    grads.append(buffer.grads)
+                else:
+                    grads.extend(p.grad for p in buffer.params if p.grad is not None)
+        if not grads:
+            return torch.tensor(0.0)
+        norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
+        first_device = norms[0].device
+        total = torch.linalg.vector_norm(
+            torch.stack([norm.to(first_device) for norm in norms]), norm_type
+        )
+        if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the "
+                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
+            )
+        clip_coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(clip_coefficient.to(grad.device))
+        return total
+
     def zero_grad(self, set_to_none=True):
         """Reset the gradients: to ``None`` (default) or to zero in place, as ``torch.optim``."""
         for buffers in self._buffers:
