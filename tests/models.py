@@ -49,3 +49,14 @@ def train(model, optimizer, steps, dtype=torch.float64, scheduler=None, set_to_n
             scheduler.step()
         losses.append(loss.item())
     return losses
+
+
+def train_on(model, optimizer, steps, dtype=torch.float64):
+    """Train on the batches numbered ``steps`` of the `batches` sequence (for resuming)."""
+    steps = list(steps)
+    for step, (tokens, targets) in enumerate(batches(max(steps) + 1, dtype)):
+        if step not in steps:
+            continue
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(tokens), targets).backward()
+        optimizer.step()
