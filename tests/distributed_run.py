@@ -1,0 +1,75 @@
+"""Two-process data-parallel runs for test_distributed (gloo on loopback).
+
+Each rank trains on its half of every batch, in every case: DDP with our optimizers
+(with and without ``gradient_as_bucket_view``, both ``zero_grad`` modes), and
+``ZeroRedundancyOptimizer`` with our classes and with torch.optim's as
+``optimizer_class``. Rank 0 saves the final parameters of each case.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+import fastmomentum
+
+STEPS, BATCH = 12, 16
+OPTIONS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adam": {"lr": 1e-2, "amsgrad": True}}
+CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
+    ("ddp-sgd", "SGD", False, True),
+    ("ddp-sgd-bucket-view", "SGD", True, False),
+    ("ddp-adam-bucket-view", "Adam", True, True),
+    ("ddp-adam", "Adam", False, False),
+]
+
+
+def make_model():
+    """No BatchNorm: per-rank batch statistics would differ from the full batch's."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 4)).double()
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        yield (
+            torch.randn(BATCH, 8, generator=generator, dtype=torch.float64),
+            torch.randn(BATCH, 4, generator=generator, dtype=torch.float64),
+        )
+
+
+def train(model, optimizer, rank, world, set_to_none=True):
+    share = BATCH // world
+    for inputs, targets in batches():
+        part = slice(rank * share, (rank + 1) * share)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        nn.functional.mse_loss(model(inputs[part]), targets[part]).backward()
+        optimizer.step()
+
+
+def worker(rank, world, folder, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for case, name, bucket_view, set_to_none in CASES:
+        model = DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
+        optimizer = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+        train(model, optimizer, rank, world, set_to_none)
+        results[case] = [p.detach().clone() for p in model.parameters()]
+    for name in OPTIONS:
+        for library in (fastmomentum, torch.optim):
+            model = make_model()
+            optimizer = ZeroRedundancyOptimizer(
+                model.parameters(), optimizer_class=getattr(library, name), **OPTIONS[name]
+            )
+            train(model, optimizer, 0, 1)  # every rank the full batch: ZeRO shards the state
+            results[f"zero-{name}-{library.__name__}"] = [
+                p.detach().clone() for p in model.parameters()
+            ]
+    if rank == 0:
+        torch.save(results, os.path.join(folder, "distributed.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

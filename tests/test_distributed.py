@@ -1,0 +1,43 @@
+"""DDP (gloo, 2 processes on loopback) and ZeroRedundancyOptimizer with our optimizers."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastmomentum
+
+from . import distributed_run
+from .assertions import RTOL, assert_relative_close
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    mp.spawn(distributed_run.worker, args=(2, str(folder), free_port()), nprocs=2, join=True)
+    return torch.load(folder / "distributed.pt")
+
+
+@pytest.mark.parametrize(("case", "name", "bucket_view", "set_to_none"), distributed_run.CASES)
+def test_ddp_matches_one_process_on_the_whole_batch(results, case, name, bucket_view, set_to_none):
+    model = distributed_run.make_model()
+    optimizer = getattr(fastmomentum, name)(model.parameters(), **distributed_run.OPTIONS[name])
+    distributed_run.train(model, optimizer, 0, 1, set_to_none)
+    for ddp_param, param in zip(results[case], model.parameters()):
+        assert_relative_close(ddp_param, param.detach(), RTOL["float64"], case)
+
+
+@pytest.mark.parametrize("name", list(distributed_run.OPTIONS))
+def test_zero_redundancy_optimizer_accepts_our_classes(results, name):
+    ours, theirs = results[f"zero-{name}-fastmomentum"], results[f"zero-{name}-torch.optim"]
+    for p, q in zip(ours, theirs):
+        assert_relative_close(p, q, RTOL["float64"], f"ZeRO {name}")
