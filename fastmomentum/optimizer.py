@@ -84,6 +84,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """One optimization step; ``closure`` (optional) reruns the model and returns the loss."""
+        if torch.compiler.is_compiling():
+            # Inside a function that torch.compile traces: the Numba kernels cannot be
+            # traced, so the step runs eagerly, a graph break (torch.compiler.disable).
+            return torch.compiler.disable(self._eager_step)(closure)
+        return self._eager_step(closure)
+
+    def _eager_step(self, closure):
         if type(self).step is FlatOptimizer.step and self._step_is_observed():
             return self._observed_step(closure)
         return self._step(closure)  # (a subclass's own step is wrapped by torch already)
