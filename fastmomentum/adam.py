@@ -6,7 +6,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import hyperparameters
 
-from .optimizer import FlatOptimizer
+from .optimizer import FlatOptimizer, host_float
 
 
 class Adam(FlatOptimizer):
@@ -71,8 +71,8 @@ class Adam(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return (
-            float(group["lr"]),
-            (float(beta1), float(beta2)),
+            host_float(group["lr"], "lr"),
+            (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
             group["eps"],
             group["weight_decay"],
             bool(group["decoupled_weight_decay"]),

@@ -30,25 +30,18 @@ class TorchStreamKernels:
     def __init__(self, device):
         self.device = device
         self._cuda = cuda_kernels()
-        self._streams = {}
 
     def sgd_plain(self, *args):
-        self._launch(self._cuda.sgd_plain, args)
+        self._cuda.sgd_plain(*args, **self._placement())
 
     def sgd_momentum(self, *args):
-        self._launch(self._cuda.sgd_momentum, args)
+        self._cuda.sgd_momentum(*args, **self._placement())
 
     def adam(self, *args):
-        self._launch(self._cuda.adam, args)
+        self._cuda.adam(*args, **self._placement())
 
-    def _launch(self, kernel, args):
+    def _placement(self):
         if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)
-            kernel(*args, stream=None)
-            return
-        from numba import cuda
-
-        handle = torch.cuda.current_stream(self.device).cuda_stream
-        if handle not in self._streams:
-            self._streams[handle] = cuda.external_stream(handle) if handle else None
-        with cuda.gpus[self.device.index or 0]:
-            kernel(*args, stream=self._streams[handle])
+            return {}
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        return {"stream": stream, "device": self.device.index}

@@ -16,5 +16,6 @@ def as_array(tensor):
     if tensor.device.type == "cuda":
         from numba import cuda
 
-        return cuda.as_cuda_array(tensor, sync=False)
+        with cuda.gpus[tensor.device.index]:  # no context on another device
+            return cuda.as_cuda_array(tensor, sync=False)
     raise ValueError(f"expected a CPU or CUDA tensor, got one on {tensor.device}")

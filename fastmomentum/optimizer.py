@@ -286,6 +286,20 @@ class FlatOptimizer(torch.optim.Optimizer):
         buffer.coefficients = (None, None)
 
 
+def host_float(value, name):
+    """A hyperparameter as a Python float; a GPU tensor is refused, since reading it every
+    step would make the host wait for the GPU."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.device.type != "cpu":
+            raise ValueError(
+                f"{name} is a tensor on {value.device}; pass a float or a CPU tensor (reading "
+                "a GPU value would synchronise every step)"
+            )
+    return float(value)
+
+
 def _check_implementation_options(options):
     """Accept torch's implementation switches only with values we honour."""
     if options.get("differentiable"):

@@ -7,7 +7,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import hyperparameters
 
-from .optimizer import FlatOptimizer
+from .optimizer import FlatOptimizer, host_float
 
 
 class SGD(FlatOptimizer):
@@ -65,7 +65,7 @@ class SGD(FlatOptimizer):
 
     def settings(self, group):
         return (
-            float(group["lr"]),
+            host_float(group["lr"], "lr"),
             group["momentum"],
             group["dampening"],
             group["weight_decay"],

@@ -2,9 +2,11 @@
 
 The arrays decide where the step runs: NumPy arrays on the CPU kernels, GPU arrays (Numba
 device arrays, ``__cuda_array_interface__`` objects such as torch CUDA tensors) on the
-CUDA kernels, queued on ``stream`` (a Numba stream, a raw ``cudaStream_t`` as an int, or
-an object with a ``cuda_stream`` attribute such as ``torch.cuda.Stream``; default: the
-default stream). Nothing is written unless every array and hyperparameter passes its
+CUDA kernels on the arrays' GPU, queued on ``stream`` (a Numba stream, a raw
+``cudaStream_t`` as an int, or an object with a ``cuda_stream`` attribute such as
+``torch.cuda.Stream``; by default the stream the arrays' producer names: torch's current
+stream for torch tensors, the array interface's ``stream`` otherwise, else the default
+stream). Nothing is written unless every array and hyperparameter passes its
 check, so a rejected call leaves all arrays as they were.
 """
 
@@ -13,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from . import cpu, hyperparameters
-from .arrays import device_views, flat_views, locate
+from .arrays import device_views, flat_views, locate, placement
 
 
 def sgd_step(
@@ -162,7 +164,10 @@ def _dispatch(arrays, stream):
             raise ValueError("stream applies to CUDA arrays; these are NumPy arrays")
         return cpu, flat_views(arrays), {}
     kernels = cuda_kernels()
-    return kernels, device_views(arrays), {"stream": as_stream(stream)}
+    device, producer_stream = placement(arrays)
+    views = device_views(arrays)
+    stream = producer_stream if stream is None else as_stream(stream)
+    return kernels, views, {"stream": stream, "device": device}
 
 
 def cuda_kernels():
@@ -185,13 +190,7 @@ def cuda_kernels():
 
 
 def as_stream(stream):
-    """A Numba stream from None (default stream), a Numba stream, an int or a torch stream."""
-    if stream is None or stream == 0:
-        return None
-    from numba import cuda
-
-    if isinstance(stream, int):
-        return cuda.external_stream(stream)
+    """A raw stream handle (int) or Numba stream from what the caller passed as ``stream``."""
     if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream and alike
-        return cuda.external_stream(stream.cuda_stream)
+        return stream.cuda_stream
     return stream

@@ -53,7 +53,7 @@ def locate(arrays):
             continue
         if isinstance(array, np.ndarray):
             places[name] = "cpu"
-        elif hasattr(array, "__cuda_array_interface__") or _is_simulated_device_array(array):
+        elif cuda_array_interface(name, array) is not None or _is_simulated_device_array(array):
             places[name] = "cuda"
         elif hasattr(array, "__dlpack_device__"):
             raise TypeError(
@@ -108,6 +108,46 @@ def device_views(arrays, read_only=("grad",)):
         None if arrays[name] is None else present[name].reshape(present[name].size)
         for name in arrays
     ]
+
+
+def cuda_array_interface(name, array):
+    """``array.__cuda_array_interface__``, or None if it has none."""
+    try:
+        return array.__cuda_array_interface__
+    except AttributeError:
+        return None
+    except RuntimeError as error:  # torch: a tensor that requires grad
+        raise TypeError(f"{name}: {error}") from None
+
+
+def placement(arrays):
+    """``(device ordinal, stream handle)`` the GPU arrays' producers imply (None: unknown).
+
+    The ordinal comes from a ``device`` attribute (torch's ``.index``, CuPy's ``.id``);
+    arrays on different GPUs are an error. The stream is the one the producer says its
+    data is ready on (the array interface's ``stream``) or, for torch tensors, torch's
+    current stream of their device: queued there, the step follows the work that wrote
+    the arrays.
+    """
+    ordinals, streams = set(), set()
+    for name, array in arrays.items():
+        if array is None or _is_simulated_device_array(array):
+            continue
+        device = getattr(array, "device", None)
+        ordinal = getattr(device, "index", getattr(device, "id", None))
+        if ordinal is not None:
+            ordinals.add(ordinal)
+        stream = cuda_array_interface(name, array).get("stream")
+        if stream is None and type(array).__module__.startswith("torch"):
+            import torch
+
+            stream = torch.cuda.current_stream(device).cuda_stream
+        if stream is not None:
+            streams.add(stream)
+    if len(ordinals) > 1:
+        raise ValueError(f"the arrays are on different GPUs: {sorted(ordinals)}")
+    ordinal = next(iter(ordinals), None)
+    return ordinal, next(iter(streams)) if len(streams) == 1 else None
 
 
 def _is_simulated_device_array(array):

@@ -10,20 +10,24 @@ tests drive the CUDA path end to end on a machine without a GPU.
 import os
 
 THREADS_PER_BLOCK = 256
-BLOCKS_PER_SM = 8
+BLOCKS_PER_SM = 32  # several waves at any occupancy (float32 Adam: 32 registers, float64 48)
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
 
-_multiprocessors = None
+_multiprocessors = {}  # per device id
+
+
+def multiprocessors():
+    """The current device's multiprocessor count (2 for the simulator, which has none)."""
+    from numba import cuda
+
+    device = cuda.get_current_device()
+    key = getattr(device, "id", 0)
+    if key not in _multiprocessors:
+        _multiprocessors[key] = getattr(device, "MULTIPROCESSOR_COUNT", 2)
+    return _multiprocessors[key]
 
 
 def launch_shape(size):
     """``(blocks, threads_per_block)`` for a grid-stride loop over ``size`` elements."""
-    global _multiprocessors
-    if _multiprocessors is None:
-        from numba import cuda
-
-        device = cuda.get_current_device()
-        # The simulator's device has no multiprocessor count; 2 keeps it small.
-        _multiprocessors = getattr(device, "MULTIPROCESSOR_COUNT", 2)
     needed = -(-size // THREADS_PER_BLOCK)
-    return max(1, min(needed, _multiprocessors * BLOCKS_PER_SM)), THREADS_PER_BLOCK
+    return max(1, min(needed, multiprocessors() * BLOCKS_PER_SM)), THREADS_PER_BLOCK

@@ -6,14 +6,23 @@ functions at the bottom have the CPU kernels' signatures plus ``stream`` and pic
 launch shape from `kernels.config`. Importing this module needs numba-cuda.
 """
 
+import contextlib
+import warnings
+
 from numba import cuda
 
 from . import config, rules
 
+# A small parameter gets a small grid on purpose (one launch per parameter whose
+# gradient is read in place); numba-cuda would warn about each such launch.
+warnings.filterwarnings(
+    "ignore", message="Grid size .* will likely result in GPU under-utilization"
+)
+
 # Numba invalidates a cached kernel only when this file changes, not when a rule it
 # calls does. This digest of rules.py makes every edit there change this file too;
 # tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "2326e6b504583f4e"
+RULES_DIGEST = "a29526485039e556"
 
 
 @cuda.jit(cache=True)
@@ -41,24 +50,31 @@ def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgra
             max_exp_avg_sq[i] = running_max
 
 
-def _launch(kernel, size, stream, *args):
+def _launch(kernel, size, stream, device, *args):
     if size == 0:
         return
-    blocks, threads = config.launch_shape(size)
-    kernel[blocks, threads, stream or 0](*args)
+    with cuda.gpus[device] if device is not None else contextlib.nullcontext():
+        if isinstance(stream, int):  # a raw cudaStream_t, e.g. torch's current stream
+            stream = cuda.external_stream(stream) if stream else 0
+        blocks, threads = config.launch_shape(size)
+        kernel[blocks, threads, stream or 0](*args)
 
 
-def sgd_plain(param, grad, coefficients, stream=None):
-    """`kernels.cpu.sgd_plain` on the GPU, queued on ``stream`` (default stream if None)."""
-    _launch(_sgd_plain, param.size, stream, param, grad, coefficients)
+def sgd_plain(param, grad, coefficients, stream=None, device=None):
+    """`kernels.cpu.sgd_plain` on GPU ``device`` (default: the current one), queued on
+    ``stream``: a Numba stream, a raw stream handle, or None for the default stream."""
+    _launch(_sgd_plain, param.size, stream, device, param, grad, coefficients)
 
 
-def sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step, stream=None):
-    """`kernels.cpu.sgd_momentum` on the GPU, queued on ``stream``."""
+def sgd_momentum(
+    param, grad, velocity, coefficients, nesterov, first_step, stream=None, device=None
+):
+    """`kernels.cpu.sgd_momentum` on the GPU; ``stream`` and ``device`` as `sgd_plain`."""
     _launch(
         _sgd_momentum,
         param.size,
         stream,
+        device,
         param,
         grad,
         velocity,
@@ -68,12 +84,23 @@ def sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step, stre
     )
 
 
-def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad, stream=None):
-    """`kernels.cpu.adam` on the GPU, queued on ``stream``."""
+def adam(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    coefficients,
+    amsgrad,
+    stream=None,
+    device=None,
+):
+    """`kernels.cpu.adam` on the GPU; ``stream`` and ``device`` as `sgd_plain`."""
     _launch(
         _adam,
         param.size,
         stream,
+        device,
         param,
         grad,
         exp_avg,

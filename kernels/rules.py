@@ -82,6 +82,15 @@ def lerp(start, end, weight, weight_complement):
 
 
 @register_jitable
+def nan_max(a, b):
+    """The larger of ``a`` and ``b``, NaN if either is NaN (``torch.maximum``; the CUDA
+    target's ``max`` would drop a NaN)."""
+    if a > b or a != a:
+        return a
+    return b
+
+
+@register_jitable
 def adam(
     param,
     grad,
@@ -119,7 +128,7 @@ def adam(
     exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
     second_moment = exp_avg_sq
     if amsgrad:
-        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq)
         second_moment = max_exp_avg_sq
     denom = math.sqrt(second_moment) / bias_correction2_sqrt + eps
     return param + neg_step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq

@@ -27,6 +27,7 @@ STEPS = 6
 def small_launches(monkeypatch):
     monkeypatch.setattr(config, "THREADS_PER_BLOCK", 8)
     monkeypatch.setattr(config, "BLOCKS_PER_SM", 2)
+    monkeypatch.setattr(config, "multiprocessors", lambda: 2)  # 32 threads on any device
 
 
 def on_device(*arrays):
@@ -169,3 +170,14 @@ def test_optimizers_through_the_cuda_kernels_match_torch(name, options, dtype, m
         for key, value in theirs.state[q].items():
             if key != "step":
                 assert_relative_close(ours.state[p][key], value, tolerance, key)
+
+
+def test_amsgrad_keeps_nan_like_torch_maximum():
+    host = [np.ones(3, np.float32), np.array([1.0, np.nan, 1.0], np.float32)]
+    state = [np.zeros(3, np.float32) for _ in range(3)]
+    device = on_device(host[0], *state)
+    adam_step(device[0], cuda.to_device(host[1]), *device[1:], step=1, amsgrad=True)
+    adam_step(host[0], host[1], *state, step=1, amsgrad=True)
+    for gpu, cpu_value in zip(device, [host[0], *state]):
+        np.testing.assert_array_equal(np.isnan(gpu.copy_to_host()), np.isnan(cpu_value))
+    assert np.isnan(state[2][1]) and not np.isnan(state[2][0])

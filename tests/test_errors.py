@@ -149,3 +149,13 @@ def test_param_cast_after_construction_is_reported():
         param.grad = torch.ones_like(param)
     with pytest.raises(RuntimeError, match="create the optimizer after moving or casting"):
         optimizer.step()
+
+
+def test_tensor_learning_rates_on_the_host_work_and_must_have_one_element():
+    param = nn.Parameter(torch.ones(3))
+    optimizer = fastmomentum.SGD([param], lr=torch.tensor(0.5))
+    param.grad = torch.ones(3)
+    optimizer.step()
+    assert torch.equal(param.detach(), torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="must be 1-element"):
+        fastmomentum.SGD([param], lr=torch.tensor([0.1, 0.2]))
