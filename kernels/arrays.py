@@ -19,14 +19,7 @@ def flat_views(arrays, read_only=("grad",)):
         if not isinstance(array, np.ndarray):
             kind = f"{type(array).__module__}.{type(array).__qualname__}"
             raise TypeError(f"{name} must be a NumPy array, got {kind}")
-    (first_name, first), *others = present.items()
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{first_name} has dtype {first.dtype}; expected float32 or float64")
-    for name, array in others:
-        if array.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}")
-        if array.shape != first.shape:
-            raise ValueError(f"{name} has shape {array.shape} but {first_name} has {first.shape}")
+    _check_dtypes_and_shapes(present)
     for name, array in present.items():
         if not array.flags.c_contiguous:
             raise ValueError(f"{name} is not C-contiguous; pass np.ascontiguousarray({name})")
@@ -89,14 +82,7 @@ def device_views(arrays, read_only=("grad",)):
             if name not in read_only and interface["data"][1]:
                 raise ValueError(f"{name} is read-only but is updated in place")
             present[name] = cuda.as_cuda_array(array, sync=False)
-    (first_name, first), *others = present.items()
-    if np.dtype(first.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"{first_name} has dtype {first.dtype}; expected float32 or float64")
-    for name, array in others:
-        if array.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}")
-        if array.shape != first.shape:
-            raise ValueError(f"{name} has shape {array.shape} but {first_name} has {first.shape}")
+    _check_dtypes_and_shapes(present)
     for name, array in present.items():
         if not array.is_c_contiguous():
             raise ValueError(f"{name} is not C-contiguous")
@@ -108,6 +94,18 @@ def device_views(arrays, read_only=("grad",)):
         None if arrays[name] is None else present[name].reshape(present[name].size)
         for name in arrays
     ]
+
+
+def _check_dtypes_and_shapes(present):
+    """One supported float dtype and one shape for all the (named) arrays."""
+    (first_name, first), *others = present.items()
+    if np.dtype(first.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"{first_name} has dtype {first.dtype}; expected float32 or float64")
+    for name, array in others:
+        if array.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}")
+        if array.shape != first.shape:
+            raise ValueError(f"{name} has shape {array.shape} but {first_name} has {first.shape}")
 
 
 def cuda_array_interface(name, array):
