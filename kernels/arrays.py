@@ -49,10 +49,9 @@ def locate(arrays):
         elif cuda_array_interface(name, array) is not None or _is_simulated_device_array(array):
             places[name] = "cuda"
         elif hasattr(array, "__dlpack_device__"):
-            raise TypeError(
-                f"{name} is a DLPack array without __cuda_array_interface__; pass a NumPy "
-                "array, a Numba device array or a CUDA array-interface object"
-            )
+            in_host_memory = array.__dlpack_device__()[0] == 1  # kDLCPU
+            hint = f"np.from_dlpack({name})" if in_host_memory else "a Numba device array"
+            raise TypeError(f"{name} is a DLPack array that is not a NumPy array; pass {hint}")
         else:
             kind = f"{type(array).__module__}.{type(array).__qualname__}"
             raise TypeError(f"{name} must be a NumPy array or a CUDA array, got {kind}")

@@ -152,6 +152,19 @@ def test_float32_arithmetic_is_not_promoted_to_float64():
 # --- bad input: a clear error, and nothing written -------------------------------------
 
 
+class _Host:
+    """A DLPack producer in host memory that is not a NumPy array (like a CPU tensor)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, stream=None):
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
 def _sgd_arrays(dtype=np.float32, size=8):
     rng = np.random.default_rng(0)
     return [rng.standard_normal(size).astype(dtype) for _ in range(3)]
@@ -168,6 +181,7 @@ def _sgd_arrays(dtype=np.float32, size=8):
         (lambda a: [a[0], a[1], a[0]], ValueError, "param and momentum_buffer overlap"),
         (lambda a: [a[0], a[1], None], ValueError, "momentum_buffer is required"),
         (lambda a: [a[0], list(a[1]), a[2]], TypeError, "grad must be a NumPy array"),
+        (lambda a: [a[0], _Host(a[1]), a[2]], TypeError, r"pass np.from_dlpack\(grad\)"),
     ],
 )
 def test_sgd_step_rejects_bad_arrays_before_writing(change, error, message):
