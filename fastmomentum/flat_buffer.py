@@ -102,6 +102,8 @@ class FlatBuffer:
 
         Then a step needs no checks and no copies: the fast path.
         """
+        if self._grads is None:  # no gradient is a view yet (all may be None)
+            return False
         for param, grad_view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
             if param.grad is not grad_view or param.data_ptr() != data_ptr:
                 return False

@@ -364,3 +364,23 @@ def test_flat_gradient_buffer_is_allocated_only_when_used():
     assert all(buffer._grads is not None for buffers in optimizer._buffers for buffer in buffers)
     for param in model.parameters():
         assert param.grad.data_ptr() != 0
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+def test_a_step_without_any_gradient_changes_nothing(name, options):
+    model = make_model()
+    optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
+    initial = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()  # before any backward: every .grad is None
+    assert all(torch.equal(p, was) for p, was in zip(model.parameters(), initial))
+    assert len(optimizer.state) == 0
+    train(model, optimizer, 2)
+    optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(optimizer.state_dict())
+    optimizer.step()
+    for p, was in zip(model.parameters(), before):
+        assert torch.equal(p, was)
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, state["state"][index][key]), key
