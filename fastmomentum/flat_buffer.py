@@ -9,7 +9,7 @@ parameter of the buffer in one pass over memory.
 import torch
 
 from .devices import kernels_for
-from .dlpack import as_array
+from .dlpack import as_array, memory_order_array
 
 FLAT = "flat"  # `gather_grads`: this parameter's gradient is its view into ``grads``
 
@@ -152,8 +152,7 @@ class FlatBuffer:
             elif grad is self._grad_views[index]:
                 sources.append(FLAT)
             elif grad.stride() == self.strides[index] or grad.numel() <= 1:
-                memory_order = grad.detach().as_strided((grad.numel(),), (1,))
-                sources.append(as_array(memory_order))
+                sources.append(memory_order_array(grad))
             else:
                 self.adopt_grad(index)
                 sources.append(FLAT)
