@@ -21,6 +21,12 @@ ARRAYS_MOVED = {"SGD": 5, "Adam": 7, "AdamW": 7}
 
 
 def ours(name, params, options):
+    """Gradients kept in the flat buffer (``flat_gradients=True``): one kernel per step."""
+    return getattr(fastmomentum, name)(params, flat_gradients=True, **options)
+
+
+def ours_default(name, params, options):
+    """Default mode: each gradient read where it is, one kernel call per parameter."""
     return getattr(fastmomentum, name)(params, **options)
 
 

@@ -25,6 +25,7 @@ class Adam(FlatOptimizer):
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
     fused kernel per buffer); ``capturable=True`` and ``differentiable=True`` are rejected.
+    ``flat_gradients``: as in `fastmomentum.SGD`.
     """
 
     counts_steps = True
@@ -44,6 +45,7 @@ class Adam(FlatOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        flat_gradients: bool = False,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -61,7 +63,7 @@ class Adam(FlatOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat_gradients)
 
     def state_names(self, group):
         if group["amsgrad"]:
@@ -73,8 +75,8 @@ class Adam(FlatOptimizer):
         return (
             host_float(group["lr"], "lr"),
             (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
-            group["eps"],
-            group["weight_decay"],
+            host_float(group["eps"], "eps"),
+            host_float(group["weight_decay"], "weight_decay"),
             bool(group["decoupled_weight_decay"]),
             bool(group["maximize"]),
             bool(group["amsgrad"]),
@@ -113,7 +115,7 @@ class Adam(FlatOptimizer):
             buffer.kernels.adam(
                 param[start:end], grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad
             )
-        if not buffer.all_initialized:
+        if not buffer.all_initialized or buffer.exposed_names != self.state_names(group):
             self.expose_new_state(group, buffer, sources)
 
 
@@ -139,6 +141,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        flat_gradients: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -153,6 +156,7 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            flat_gradients=flat_gradients,
         )
 
     def __setstate__(self, state):

@@ -27,19 +27,21 @@ def dense_strides(tensor):
 class FlatBuffer:
     """Values, gradients and state of some parameters, each in one contiguous tensor.
 
-    ``offsets[i]`` is where parameter ``i`` starts in every flat tensor. A gradient that
-    exists when the buffer is built, or that ``zero_grad(set_to_none=False)`` resets,
-    becomes a view into ``grads``; autograd then accumulates there in place and a step
-    is one kernel call over the whole buffer. Gradients that autograd or user code
-    allocated are read where they are (see `gather_grads`).
+    ``offsets[i]`` is where parameter ``i`` starts in every flat tensor. Gradients that
+    autograd or user code allocated are read where they are (see `gather_grads`). With
+    ``flat_gradients``, a gradient that exists when the buffer is built, or that
+    ``zero_grad(set_to_none=False)`` resets, becomes a view into ``grads``; autograd then
+    accumulates there in place and a step is one kernel call over the whole buffer.
     """
 
-    def __init__(self, params, names):
+    def __init__(self, params, names, flat_gradients=False):
         first = params[0]
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
+        self.flat_gradients = flat_gradients  # .grad may be replaced by our views
         self.initialized = [False] * len(self.params)  # has optimizer state (torch's ``state[p]``)
         self.all_initialized = False
+        self.exposed_names = ()  # the state names ``state[p]`` entries were made with
         self.coefficients = (None, None)  # (hyperparameters, kernel coefficients) of last step
         self.device, self.dtype = first.device, first.dtype
         self.kernels = kernels_for(self.device)  # `kernels.cpu`, or CUDA on torch's stream
@@ -60,7 +62,7 @@ class FlatBuffer:
         with torch.no_grad():
             for index in range(len(self.params)):
                 self.adopt_param(index)
-                if self.params[index].grad is not None:
+                if flat_gradients and self.params[index].grad is not None:
                     self.adopt_grad(index)
 
     @property
@@ -86,16 +88,21 @@ class FlatBuffer:
         """Copy parameter ``index`` into ``values`` and re-point its ``.data`` there."""
         param = self.params[index]
         view = self.view_of(self.values, index)
-        view.copy_(param.data)
+        data = param.data
+        if data.untyped_storage().data_ptr() == self.values.untyped_storage().data_ptr():
+            data = data.clone()  # e.g. p.data = p.data.t(): a new view of our own memory
+        view.copy_(data)
         param.data = view
         self._data_ptrs[index] = param.data_ptr()
 
     def adopt_grad(self, index):
-        """Copy parameter ``index``'s gradient into ``grads`` and make ``.grad`` a view there."""
+        """Copy parameter ``index``'s gradient into ``grads``; with ``flat_gradients`` its
+        ``.grad`` becomes that view, otherwise the user's tensor stays its ``.grad``."""
         self._allocate_grads()
         param, view = self.params[index], self._grad_views[index]
         view.copy_(param.grad)
-        param.grad = view
+        if self.flat_gradients:
+            param.grad = view
 
     def bound(self):
         """Whether every parameter's data and ``.grad`` are still views into this buffer.
@@ -104,8 +111,12 @@ class FlatBuffer:
         """
         if self._grads is None:  # no gradient is a view yet (all may be None)
             return False
-        for param, grad_view, data_ptr in zip(self.params, self._grad_views, self._data_ptrs):
+        for param, grad_view, data_ptr, strides in zip(
+            self.params, self._grad_views, self._data_ptrs, self.strides
+        ):
             if param.grad is not grad_view or param.data_ptr() != data_ptr:
+                return False
+            if param.stride() != strides:  # e.g. p.data = p.data.t() on a square weight
                 return False
         return True
 
@@ -144,7 +155,8 @@ class FlatBuffer:
         """
         sources = []
         for index, param in enumerate(self.params):
-            if param.data_ptr() != self._data_ptrs[index]:
+            moved = param.data_ptr() != self._data_ptrs[index]
+            if moved or param.stride() != self.strides[index]:
                 self.adopt_param(index)  # ``p.data`` was reassigned by user code
             grad = param.grad
             if grad is None:
@@ -161,9 +173,10 @@ class FlatBuffer:
     def zero_grads(self, set_to_none):
         """``zero_grad`` for these parameters, as ``torch.optim`` does it.
 
-        With ``set_to_none=False`` every existing gradient becomes a zeroed view into
-        the flat gradient buffer (zeroed in one pass), so the next backward accumulates
-        there and the next step is a single kernel call.
+        With ``set_to_none=False`` existing gradients are zeroed in place; with
+        ``flat_gradients`` they are instead replaced by zeroed views into the flat
+        gradient buffer (one pass), so backward accumulates there and the next step is a
+        single kernel call.
         """
         if set_to_none:
             for param in self.params:
@@ -171,10 +184,26 @@ class FlatBuffer:
             return
         if all(param.grad is None for param in self.params):
             return
-        self.grads.zero_()
+        if self.flat_gradients:
+            self.grads.zero_()
+            for param, view in zip(self.params, self._grad_views):
+                if param.grad is not None and param.grad is not view:
+                    param.grad = view
+            return
+        own = self._grads is not None and any(
+            param.grad is view for param, view in zip(self.params, self._grad_views)
+        )
+        if own:
+            self.grads.zero_()  # our views: one pass
         for param, view in zip(self.params, self._grad_views):
-            if param.grad is not None and param.grad is not view:
-                param.grad = view
+            grad = param.grad
+            if grad is None or grad is view:
+                continue
+            if grad.grad_fn is not None:
+                grad.detach_()
+            else:
+                grad.requires_grad_(False)
+            grad.zero_()
 
     def state(self, name):
         """The flat state tensor ``name`` (e.g. ``"exp_avg"``), zero-filled on first use."""

@@ -33,11 +33,13 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: optimizer; the step skips itself on inf/NaN and unscales inside the kernel.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, flat_gradients=False):
         _check_implementation_options(defaults)
+        self._flat_gradients = flat_gradients
         self._buffers = []  # per param group, its FlatBuffers
         self._checked = []  # per param group, the settings last found valid
         super().__init__(params, defaults)
+        self._state_seen = (self.state, len(self.state))
 
     def state_names(self, group):
         """Names of the per-parameter state tensors ``group`` keeps, in torch's order."""
@@ -120,6 +122,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             return loss  # GradScaler found inf/NaN gradients: nothing moves, as in torch
         grad_scale = getattr(self, "grad_scale", None)
         grad_scale = None if grad_scale is None else float(grad_scale)
+        seen_state, seen_size = self._state_seen
+        if self.state is not seen_state or len(self.state) != seen_size:
+            self._bind_state()  # user code replaced, cleared or deleted state entries
         all_settings = []
         for index, group in enumerate(self.param_groups):
             settings = self.settings(group)
@@ -143,7 +148,28 @@ class FlatOptimizer(torch.optim.Optimizer):
                     sources = buffer.gather_grads()
                 if any(source is not None for source in sources):
                     self.update(group, buffer, settings, sources, grad_scale)
+        if grad_scale is not None:
+            self._unscale_grads(grad_scale)
+        self._state_seen = (self.state, len(self.state))
         return loss
+
+    @torch.no_grad()
+    def _unscale_grads(self, grad_scale):
+        """Leave the gradients unscaled after an AMP step, as torch's fused optimizers do."""
+        grads = self._grads_to_touch()
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / grad_scale)
+
+    def _grads_to_touch(self):
+        """Every gradient tensor once: a buffer's flat gradients if all are its views."""
+        grads = []
+        for buffers in self._buffers:
+            for buffer in buffers:
+                if buffer.bound() and buffer.size:
+                    grads.append(buffer.grads)
+                else:
+                    grads.extend(p.grad for p in buffer.params if p.grad is not None)
+        return grads
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
 
@@ -156,13 +182,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         norm and the scaling each take one pass over the whole buffer instead of one call
         per parameter.
         """
-        grads = []
-        for buffers in self._buffers:
-            for buffer in buffers:
-                if buffer.bound() and buffer.size:
-                    grads.append(buffer.grads)
-                else:
-                    grads.extend(p.grad for p in buffer.params if p.grad is not None)
+        grads = self._grads_to_touch()
         if not grads:
             return torch.tensor(0.0)
         norms = [torch.linalg.vector_norm(grad, norm_type) for grad in grads]
@@ -188,10 +208,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                 buffer.zero_grads(set_to_none)
 
     def expose_new_state(self, group, buffer, sources):
-        """`expose_state` for every parameter stepped (see `update`) that has none yet."""
+        """`expose_state` for every parameter stepped (see `update`) that has none yet, and
+        again for all if the group's state names changed (``amsgrad`` switched on)."""
+        renamed = buffer.exposed_names != self.state_names(group)
         for index, initialized in enumerate(buffer.initialized):
-            if not initialized and (sources is None or sources[index] is not None):
+            stepped = sources is None or sources[index] is not None
+            if (not initialized and stepped) or (initialized and renamed):
                 self.expose_state(group, buffer, index)
+        buffer.exposed_names = self.state_names(group)
         buffer.all_initialized = all(buffer.initialized)
 
     def expose_state(self, group, buffer, index):
@@ -204,6 +228,19 @@ class FlatOptimizer(torch.optim.Optimizer):
         self.state[buffer.params[index]] = entry
         buffer.initialized[index] = True
 
+    def state_dict(self):
+        """``torch.optim``'s state dict, with copies of the state tensors.
+
+        The live state tensors are views into flat buffers: handed out as they are, each
+        would pickle the whole buffer, and a checkpoint would alias the running state.
+        """
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {key: _copy(value) for key, value in entry.items()}
+            for index, entry in state_dict["state"].items()
+        }
+        return state_dict
+
     def load_state_dict(self, state_dict):
         """Load a ``torch.optim`` or fastmomentum state dict; values are copied into the buffers.
 
@@ -212,23 +249,67 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         self._checked = [None] * len(self.param_groups)
-        with torch.no_grad():
-            for group, buffers in zip(self.param_groups, self._buffers):
-                for buffer in buffers:
-                    self._bind_loaded_state(group, buffer)
+        self._bind_state()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
+        if "_buffers" not in self.__dict__:  # unpickled or deep-copied: rebuild the buffers
+            self._buffers = [
+                self._make_buffers(group, index) for index, group in enumerate(self.param_groups)
+            ]
+            self._checked = [None] * len(self.param_groups)
+            self._bind_state()
+
+    def _bind_state(self):
+        """Make the flat buffers hold what ``self.state`` says, and ``self.state`` views of them.
+
+        Runs after a load, an unpickling, and when user code replaced, cleared or
+        deleted entries of ``self.state`` (torch's way to reset an optimizer's state).
+        """
+        with torch.no_grad():
+            for group, buffers in zip(self.param_groups, self._buffers):
+                for buffer in buffers:
+                    self._bind_buffer_state(group, buffer)
+        self._state_seen = (self.state, len(self.state))
+
+    def _bind_buffer_state(self, group, buffer):
+        names = self.state_names(group)
+        saved = []
+        for param in buffer.params:  # copies first: the entries may be views of the buffers
+            entry = self.state.pop(param, {})
+            if not entry or any(entry.get(name) is None for name in names):
+                saved.append(None)
+                continue
+            step = float(entry["step"]) if self.counts_steps else None
+            saved.append((step, {name: entry[name].detach().clone() for name in names}))
+        if self.counts_steps:
+            buffer.steps.zero_()
+        for name in names:
+            buffer.state(name).zero_()  # parameters without saved state start afresh
+        for index, entry in enumerate(saved):
+            buffer.initialized[index] = False
+            if entry is None:
+                continue
+            step, values = entry
+            for name, value in values.items():
+                buffer.view_of(buffer.state(name), index).copy_(value)
+            if self.counts_steps:
+                buffer.steps[index] = step
+            self.expose_state(group, buffer, index)
+        buffer.exposed_names = names
+        buffer.all_initialized = all(buffer.initialized)
+        buffer.coefficients = (None, None)
 
     def _make_buffers(self, group, group_index):
         by_kind = {}
         for position, param in enumerate(group["params"]):
             name = f"parameter {position} of param group {group_index}"
             by_kind.setdefault((param.device, param.dtype), []).append((param, name))
-        return [FlatBuffer(*zip(*members)) for members in by_kind.values()]
+        flat = self.__dict__.get("_flat_gradients", False)
+        return [FlatBuffer(*zip(*members), flat) for members in by_kind.values()]
 
     def _check_loadable(self, state_dict):
         saved_groups = state_dict["param_groups"]
@@ -267,23 +348,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             if self.counts_steps and "step" not in entry:
                 raise ValueError(f"loaded state of parameter id {param_id} has no 'step'")
 
-    def _bind_loaded_state(self, group, buffer):
-        if self.counts_steps:
-            buffer.steps.zero_()
-        for name in self.state_names(group):
-            buffer.state(name).zero_()  # parameters without saved state start afresh
-        for index, param in enumerate(buffer.params):
-            loaded = self.state.pop(param, {})
-            buffer.initialized[index] = False
-            if not loaded or any(loaded.get(name) is None for name in self.state_names(group)):
-                continue
-            for name in self.state_names(group):
-                buffer.view_of(buffer.state(name), index).copy_(loaded[name])
-            if self.counts_steps:
-                buffer.steps[index] = float(loaded["step"])
-            self.expose_state(group, buffer, index)
-        buffer.all_initialized = all(buffer.initialized)
-        buffer.coefficients = (None, None)
+
+def _copy(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def host_float(value, name):

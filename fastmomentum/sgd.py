@@ -27,7 +27,11 @@ class SGD(FlatOptimizer):
     and differ when it changes. ``state[p]["momentum_buffer"]`` then holds ``lr·v``.
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
-    fused kernel per buffer); ``differentiable=True`` is rejected.
+    fused kernel per buffer); ``differentiable=True`` is rejected. ``flat_gradients=True``
+    lets ``zero_grad(set_to_none=False)`` (and construction) replace each ``.grad`` by a
+    view into the flat gradient buffer instead of zeroing it in place: backward then
+    accumulates there and the step is one kernel call (a different tensor object than
+    torch leaves in ``.grad``; references to the old one see no more updates).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class SGD(FlatOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+        flat_gradients: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -58,7 +63,7 @@ class SGD(FlatOptimizer):
             "momentum_convention": momentum_convention,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat_gradients)
 
     def state_names(self, group):
         return ("momentum_buffer",)
@@ -66,9 +71,9 @@ class SGD(FlatOptimizer):
     def settings(self, group):
         return (
             host_float(group["lr"], "lr"),
-            group["momentum"],
-            group["dampening"],
-            group["weight_decay"],
+            host_float(group["momentum"], "momentum"),
+            host_float(group["dampening"], "dampening"),
+            host_float(group["weight_decay"], "weight_decay"),
             bool(group["nesterov"]),
             bool(group["maximize"]),
             group["momentum_convention"],

@@ -54,13 +54,19 @@ def test_grad_scaler_trains_like_torch_and_skips_inf_steps(name, options, unscal
         assert torch.equal(p, q)
 
 
-def test_the_fused_path_is_used_and_unscales_inside_the_step():
-    param = nn.Parameter(torch.tensor([1.0, 2.0]))
-    optimizer = fastmomentum.SGD([param], lr=0.5)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    scaler.scale(param.sum()).backward()
-    assert torch.equal(param.grad, torch.tensor([1024.0, 1024.0]))
-    scaler.step(optimizer)
-    assert torch.equal(param.detach(), torch.tensor([0.5, 1.5]))  # unscaled in the kernel
-    assert torch.equal(param.grad, torch.tensor([1024.0, 1024.0]))  # gradient left as it was
-    assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+def test_the_fused_path_is_used_and_leaves_unscaled_gradients_like_torch_fused():
+    params = {}
+    for library in (fastmomentum, torch.optim):
+        param = nn.Parameter(torch.tensor([1.0, 2.0]))
+        options = {"fused": True} if library is torch.optim else {}
+        optimizer = library.SGD([param], lr=0.5, **options)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(param.sum()).backward()
+        assert torch.equal(param.grad, torch.tensor([1024.0, 1024.0]))
+        scaler.step(optimizer)
+        assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+        params[library] = param
+    ours, theirs = params[fastmomentum], params[torch.optim]
+    assert torch.equal(ours.detach(), torch.tensor([0.5, 1.5]))
+    assert torch.equal(ours.detach(), theirs.detach())
+    assert torch.equal(ours.grad, theirs.grad) and torch.equal(ours.grad, torch.ones(2))

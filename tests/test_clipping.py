@@ -17,7 +17,7 @@ from .test_semantics import backward
 @pytest.mark.parametrize("max_norm", [0.05, 1e6], ids=["clips", "no-op"])
 def test_clip_grad_norm_matches_torch(max_norm, norm_type, set_to_none):
     model = make_model(torch.float32)
-    optimizer = fastmomentum.Adam(model.parameters(), lr=1e-2)
+    optimizer = fastmomentum.Adam(model.parameters(), lr=1e-2, flat_gradients=not set_to_none)
     ref_model = copy.deepcopy(model)
     ref_optimizer = torch.optim.Adam(ref_model.parameters(), lr=1e-2, foreach=False)
     for step in range(5):

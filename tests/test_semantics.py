@@ -357,7 +357,7 @@ def test_hooks_run_once_for_a_subclass_that_overrides_step():
 
 def test_flat_gradient_buffer_is_allocated_only_when_used():
     model = make_model()
-    optimizer = fastmomentum.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = fastmomentum.SGD(model.parameters(), lr=0.05, momentum=0.9, flat_gradients=True)
     train(model, optimizer, 3)  # zero_grad(set_to_none=True): gradients read in place
     assert all(buffer._grads is None for buffers in optimizer._buffers for buffer in buffers)
     train(model, optimizer, 2, set_to_none=False)
