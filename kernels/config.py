@@ -1,4 +1,4 @@
-"""Tuning knobs of the CUDA kernels, in one place (tests patch them small).
+"""Tuning knobs of the kernels, in one place (tests patch them small).
 
 ``THREADS_PER_BLOCK`` threads per block; at most ``BLOCKS_PER_SM`` blocks per
 multiprocessor, each thread striding over the rest of the array (grid-stride loop).
@@ -12,6 +12,9 @@ import os
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 32  # several waves at any occupancy (float32 Adam: 32 registers, float64 48)
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
+
+#: CPU kernels run single-threaded below this many elements (see `kernels.cpu._serial`).
+CPU_SERIAL_BELOW = 1 << 14  # 64 KiB per float32 array: a single core streams less from DRAM
 
 _multiprocessors = {}  # per device id
 

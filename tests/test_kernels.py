@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fastmomentum.kernels import adam_step, adamw_step, sgd_step
+from fastmomentum.kernels import adam_step, adamw_step, config, sgd_step
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
@@ -30,6 +30,12 @@ ADAM_CASES = [
     {"maximize": True, "amsgrad": True, "weight_decay": 0.01},
     {"betas": (0.3, 0.6)},  # 1 − β1 ≥ 0.5: the other branch of torch's lerp
 ]
+
+
+@pytest.fixture(autouse=True, params=["serial", "threaded"])
+def cpu_loop(request, monkeypatch):
+    """Every CPU test runs both loops: single-threaded (short arrays) and threaded."""
+    monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 62 if request.param == "serial" else 0)
 
 
 def learning_rate(step):
