@@ -2,7 +2,8 @@
 
 Each kernel takes 1-D C-contiguous arrays of one dtype (float32 or float64) and a tuple
 of coefficients in that same dtype (built by `kernels.hyperparameters`), and touches
-every element exactly once: one pass over memory, split across Numba's threads.
+every element exactly once: one pass over memory, split across Numba's threads (arrays
+shorter than ``config.CPU_SERIAL_BELOW`` run on the calling thread).
 """
 
 import types
@@ -68,20 +69,22 @@ _sgd_momentum_serial = _serial(_sgd_momentum)
 _adam_serial = _serial(_adam)
 
 
+def _loop(threaded, serial, size):
+    return serial if size < config.CPU_SERIAL_BELOW else threaded
+
+
 def sgd_plain(param, grad, coefficients):
     """``p ← p − lr·(f·g + λ·p)``; coefficients ``(lr, grad_factor, weight_decay)``."""
-    serial = param.size < config.CPU_SERIAL_BELOW
-    (_sgd_plain_serial if serial else _sgd_plain)(param, grad, coefficients)
+    _loop(_sgd_plain, _sgd_plain_serial, param.size)(param, grad, coefficients)
 
 
 def sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step):
     """SGD with momentum (`rules.sgd_momentum`); coefficients in that rule's order."""
-    serial = param.size < config.CPU_SERIAL_BELOW
-    kernel = _sgd_momentum_serial if serial else _sgd_momentum
+    kernel = _loop(_sgd_momentum, _sgd_momentum_serial, param.size)
     kernel(param, grad, velocity, coefficients, nesterov, first_step)
 
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad):
     """Adam/AdamW (`rules.adam`); ``max_exp_avg_sq`` is only touched when ``amsgrad``."""
-    kernel = _adam_serial if param.size < config.CPU_SERIAL_BELOW else _adam
+    kernel = _loop(_adam, _adam_serial, param.size)
     kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad)
