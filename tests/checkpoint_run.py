@@ -17,7 +17,7 @@ import torch
 
 import fastmomentum
 
-from .models import make_model, train_on
+from .models import make_model, train
 
 CASES = {
     "sgd": ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
@@ -38,8 +38,8 @@ def run(mode, folder):
                 checkpoint = torch.load(folder / f"{tag}.ckpt")
                 model.load_state_dict(checkpoint["model"])
                 optimizer.load_state_dict(checkpoint["optimizer"])
-            steps = {"whole": range(STEPS), "first": range(HALF), "second": range(HALF, STEPS)}
-            train_on(model, optimizer, steps[mode], dtype)
+            end, first = {"whole": (STEPS, 0), "first": (HALF, 0), "second": (STEPS, HALF)}[mode]
+            train(model, optimizer, end, dtype, first=first)
             if mode == "first":
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
                 torch.save(state, folder / f"{tag}.ckpt")

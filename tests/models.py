@@ -37,10 +37,13 @@ def batches(steps, dtype=torch.float64, seed=1, batch=16, length=12):
         yield tokens, targets
 
 
-def train(model, optimizer, steps, dtype=torch.float64, scheduler=None, set_to_none=True):
-    """Train ``steps`` steps of MSE regression on random data; returns the losses."""
+def train(model, optimizer, steps, dtype=torch.float64, scheduler=None, set_to_none=True, first=0):
+    """Train on batches ``first`` to ``steps − 1`` of MSE regression on random data (a
+    resumed run passes ``first``); returns the losses."""
     losses = []
-    for tokens, targets in batches(steps, dtype):
+    for step, (tokens, targets) in enumerate(batches(steps, dtype)):
+        if step < first:
+            continue
         optimizer.zero_grad(set_to_none=set_to_none)
         loss = nn.functional.mse_loss(model(tokens), targets)
         loss.backward()
@@ -49,14 +52,3 @@ def train(model, optimizer, steps, dtype=torch.float64, scheduler=None, set_to_n
             scheduler.step()
         losses.append(loss.item())
     return losses
-
-
-def train_on(model, optimizer, steps, dtype=torch.float64):
-    """Train on the batches numbered ``steps`` of the `batches` sequence (for resuming)."""
-    steps = list(steps)
-    for step, (tokens, targets) in enumerate(batches(max(steps) + 1, dtype)):
-        if step not in steps:
-            continue
-        optimizer.zero_grad()
-        nn.functional.mse_loss(model(tokens), targets).backward()
-        optimizer.step()
