@@ -14,7 +14,7 @@ from fastmomentum.kernels import adam_step, config, sgd_step
 from . import reference
 from .assertions import RTOL, assert_relative_close
 from .models import make_model, train
-from .test_kernels import ADAM_CASES, SGD_CASES, learning_rate
+from .test_kernels import ADAM_CASES, SGD_CASES, adam_options, learning_rate, sgd_options
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
 pytestmark = pytest.mark.cudasim
@@ -43,7 +43,7 @@ def test_cuda_sgd_matches_cpu_kernel_and_float64_reference(case, convention, siz
     host = [rng.standard_normal(size).astype(dtype), np.zeros(size, dtype)]
     device = on_device(*host)
     expected = [a.astype(np.float64) for a in host]
-    options = {"dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False, **case}
+    options = sgd_options(case)
     for step in range(STEPS):
         grad = rng.standard_normal(size).astype(dtype)
         common = dict(lr=learning_rate(step), first_step=step == 0, **options)
@@ -74,15 +74,7 @@ def test_cuda_adam_matches_cpu_kernel_and_float64_reference(case, size, dtype):
     host = [rng.standard_normal(size).astype(dtype)] + [np.zeros(size, dtype) for _ in range(3)]
     device = on_device(*host)
     expected = [a.astype(np.float64) for a in host]
-    options = {
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "amsgrad": False,
-        "maximize": False,
-        **case,
-    }
-    decoupled = options.pop("decoupled_weight_decay", False)
+    options, decoupled = adam_options(case)
     for step in range(1, STEPS + 1):
         grad = rng.standard_normal(size).astype(dtype)
         lr = learning_rate(step) / 10

@@ -38,6 +38,24 @@ def cpu_loop(request, monkeypatch):
     monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 62 if request.param == "serial" else 0)
 
 
+def sgd_options(case):
+    """A `SGD_CASES` entry with every unspecified option at its default."""
+    return {"dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False, **case}
+
+
+def adam_options(case):
+    """An `ADAM_CASES` entry as (options for `adam_step`, decoupled weight decay or not)."""
+    options = {
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+        **case,
+    }
+    return options, options.pop("decoupled_weight_decay", False)
+
+
 def learning_rate(step):
     """A learning rate that changes every step, so the two conventions are told apart."""
     return 0.05 * (1.0 + 0.5 * np.sin(step))
@@ -53,7 +71,7 @@ def test_sgd_step_matches_float64_reference(dtype, size, case, convention):
     param = rng.standard_normal(size).astype(dtype)
     velocity = np.zeros(size, dtype)
     expected_param, expected_velocity = param.astype(np.float64), velocity.astype(np.float64)
-    options = {"dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False, **case}
+    options = sgd_options(case)
     for step in range(STEPS):
         grad = rng.standard_normal(size).astype(dtype)
         lr = learning_rate(step)
@@ -91,15 +109,7 @@ def test_adam_step_matches_float64_reference(dtype, size, case):
     param = rng.standard_normal(size).astype(dtype)
     moments = [np.zeros(size, dtype) for _ in range(3)]
     expected = [param.astype(np.float64)] + [np.zeros(size) for _ in range(3)]
-    options = {
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "amsgrad": False,
-        "maximize": False,
-        **case,
-    }
-    decoupled = options.pop("decoupled_weight_decay", False)
+    options, decoupled = adam_options(case)
     for step in range(1, STEPS + 1):
         grad = rng.standard_normal(size).astype(dtype)
         lr = learning_rate(step) / 10
