@@ -1,12 +1,12 @@
 """``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements on flat buffers."""
 
-import numpy as np
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import hyperparameters
 
-from .optimizer import FlatOptimizer, host_float
+from .optimizer import FlatOptimizer
+from .validation import host_float
 
 
 class Adam(FlatOptimizer):
@@ -86,37 +86,37 @@ class Adam(FlatOptimizer):
         lr, betas, eps, weight_decay, *_ = settings
         hyperparameters.check_adam(lr, betas, eps, weight_decay)
 
-    def update(self, group, buffer, settings, sources, grad_scale):
+    def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings
-        steps = buffer.array("steps")
-        if sources is None:
-            steps += 1
-        else:
-            steps[np.array([source is not None for source in sources])] += 1
-        keys = steps.tolist()
-        first_step_count = keys[0]
-        if sources is None and keys.count(first_step_count) == len(keys):
-            keys = None  # one step count for all: one range, one kernel call
-        param = buffer.array("values")
-        if buffer.coefficients[0] != (settings, grad_scale):
-            constant = hyperparameters.adam_constant_coefficients(
-                param.dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
-            )
-            buffer.coefficients = ((settings, grad_scale), constant)
-        moments = [buffer.array("exp_avg"), buffer.array("exp_avg_sq")]
-        moments.append(buffer.array("max_exp_avg_sq") if amsgrad else moments[1][:0])
-        for start, end, step, grad in buffer.segments(sources, keys):
-            coefficients = buffer.coefficients[1] + hyperparameters.adam_step_coefficients(
-                param.dtype, first_step_count if step is None else step, lr, betas
-            )
-            exp_avg, exp_avg_sq, max_exp_avg_sq = (
-                moment[start:end] if moment.size else moment for moment in moments
-            )
-            buffer.kernels.adam(
-                param[start:end], grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad
-            )
-        if not buffer.all_initialized or buffer.exposed_names != self.state_names(group):
-            self.expose_new_state(group, buffer, sources)
+        dtype = bucket.dtype_numpy
+        steps = bucket.step_counts
+        coefficients = self.cached_coefficients(
+            bucket,
+            (settings, grad_scale),
+            lambda: hyperparameters.adam_constant_coefficients(
+                dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
+            ),
+        )
+        columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
+
+        def count_step(table):  # each parameter's step count, and its bias corrections
+            if len(table.rows) == len(steps):
+                steps[...] += 1
+            else:
+                steps[table.rows] += 1
+                bucket.uniform_steps = False
+            if not bucket.uniform_steps:
+                table.entry_values[:] = hyperparameters.adam_step_coefficients_per_entry(
+                    dtype, steps[table.rows], lr, betas
+                )
+                table.note = None
+            elif table.note != (steps[0], lr, betas):  # one row for all: steps[0]'s
+                table.note = (steps[0], lr, betas)
+                table.entry_values[:] = hyperparameters.adam_step_coefficients(
+                    dtype, float(steps[0]), lr, betas
+                )
+
+        plan.launch(columns, 2, count_step, bucket.kernels.adam, coefficients, amsgrad)
 
 
 class AdamW(Adam):

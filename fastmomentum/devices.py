@@ -1,4 +1,4 @@
-"""Which kernels a flat buffer launches: CPU loops, or CUDA kernels on torch's stream."""
+"""Which kernels a bucket launches: CPU loops, or CUDA kernels on torch's stream."""
 
 import torch
 
@@ -16,7 +16,7 @@ def cuda_unavailable_reason():
 
 
 def kernels_for(device):
-    """The kernels for a buffer on ``device`` (``config.FORCE_CUDA``: CUDA for CPU too)."""
+    """The kernels for a bucket on ``device`` (``config.FORCE_CUDA``: CUDA for CPU too)."""
     if device.type == "cpu" and not config.FORCE_CUDA:
         return cpu
     return TorchStreamKernels(device)
@@ -24,24 +24,31 @@ def kernels_for(device):
 
 class TorchStreamKernels:
     """The CUDA kernels with the CPU kernels' signatures, launched on torch's current
-    stream of the buffer's device, so they run in order with torch's own work and the
-    host never waits for them."""
+    stream of the bucket's device, so they run in order with torch's own work and the
+    host never waits for them. The launch table reaches the GPU as a torch tensor copied
+    on that stream, so torch's allocator keeps it until the launch has read it."""
 
     def __init__(self, device):
         self.device = device
         self._cuda = cuda_kernels()
 
-    def sgd_plain(self, *args):
-        self._cuda.sgd_plain(*args, **self._placement())
+    def sgd_plain(self, table, coefficients):
+        self._cuda.sgd_plain(table, coefficients, **self._placement())
 
-    def sgd_momentum(self, *args):
-        self._cuda.sgd_momentum(*args, **self._placement())
+    def sgd_momentum(self, table, coefficients, nesterov):
+        self._cuda.sgd_momentum(table, coefficients, nesterov, **self._placement())
 
-    def adam(self, *args):
-        self._cuda.adam(*args, **self._placement())
+    def adam(self, table, coefficients, amsgrad):
+        self._cuda.adam(table, coefficients, amsgrad, **self._placement())
 
     def _placement(self):
         if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)
             return {}
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        return {"stream": stream, "device": self.device.index}
+        return {"stream": stream, "device": self.device.index, "upload": self._upload}
+
+    def _upload(self, array):
+        from numba import cuda
+
+        tensor = torch.from_numpy(array).to(self.device, non_blocking=True)
+        return cuda.as_cuda_array(tensor, sync=False)

@@ -7,7 +7,8 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import hyperparameters
 
-from .optimizer import FlatOptimizer, host_float
+from .optimizer import FlatOptimizer
+from .validation import host_float
 
 
 class SGD(FlatOptimizer):
@@ -79,45 +80,43 @@ class SGD(FlatOptimizer):
             group["momentum_convention"],
         )
 
+    def creates_state(self, settings):
+        return settings[1] != 0  # momentum
+
     def check_settings(self, settings):
         lr, momentum, dampening, weight_decay, nesterov, _, convention = settings
         hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, convention)
 
-    def update(self, group, buffer, settings, sources, grad_scale):
+    def update(self, group, bucket, settings, plan, grad_scale):
         lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings
-        param = buffer.array("values")
+        dtype = bucket.dtype_numpy
         if momentum == 0:
-            coefficients = _cached(
-                buffer,
+            coefficients = self.cached_coefficients(
+                bucket,
                 (settings, grad_scale),
                 lambda: hyperparameters.sgd_plain_coefficients(
-                    param.dtype, lr, weight_decay, maximize, grad_scale
+                    dtype, lr, weight_decay, maximize, grad_scale
                 ),
             )
-            for start, end, _, grad in buffer.segments(sources):
-                buffer.kernels.sgd_plain(param[start:end], grad, coefficients)
+            plan.launch((), 0, None, bucket.kernels.sgd_plain, coefficients)
             return
-        velocity = buffer.array("momentum_buffer")
-        coefficients = _cached(
-            buffer,
+        coefficients = self.cached_coefficients(
+            bucket,
             (settings, grad_scale),
             lambda: hyperparameters.sgd_momentum_coefficients(
-                param.dtype, lr, momentum, dampening, weight_decay, maximize, convention, grad_scale
+                dtype, lr, momentum, dampening, weight_decay, maximize, convention, grad_scale
             ),
         )
-        first_steps = None if buffer.all_initialized else [not x for x in buffer.initialized]
-        for start, end, first, grad in buffer.segments(sources, first_steps):
-            part = slice(start, end)
-            buffer.kernels.sgd_momentum(
-                param[part], grad, velocity[part], coefficients, nesterov, bool(first)
-            )
-        if first_steps is not None:
-            self.expose_new_state(group, buffer, sources)
 
+        def mark_first_steps(table):  # entry value 1: the parameter's first step
+            if not bucket.all_initialized:
+                table.entry_values[:, 0] = ~bucket.initialized[table.rows]
+                table.note = None
+            elif table.note != "no first steps":
+                table.entry_values[:] = 0
+                table.note = "no first steps"
 
-def _cached(buffer, key, compute):
-    """The buffer's kernel coefficients for ``key`` (settings and loss scale), computed
-    when it changes."""
-    if buffer.coefficients[0] != key:
-        buffer.coefficients = (key, compute())
-    return buffer.coefficients[1]
+        columns = ("momentum_buffer",)
+        plan.launch(
+            columns, 1, mark_first_steps, bucket.kernels.sgd_momentum, coefficients, nesterov
+        )

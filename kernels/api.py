@@ -15,7 +15,8 @@ from typing import Literal
 import numpy as np
 
 from . import cpu, hyperparameters
-from .arrays import device_views, flat_views, locate, placement
+from .arrays import address_of, device_views, flat_views, locate, placement
+from .tables import TensorTable
 
 
 def sgd_step(
@@ -58,23 +59,22 @@ def sgd_step(
     """
     hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
     if momentum == 0:
-        kernels, (param, grad), launch = _dispatch({"param": param, "grad": grad}, stream)
+        kernels, arrays, launch = _dispatch({"param": param, "grad": grad}, stream)
         coefficients = hyperparameters.sgd_plain_coefficients(
-            param.dtype, lr, weight_decay, maximize
+            arrays[0].dtype, lr, weight_decay, maximize
         )
-        kernels.sgd_plain(param, grad, coefficients, **launch)
+        kernels.sgd_plain(_one_entry(arrays), coefficients, **launch)
         return
     if momentum_buffer is None:
         raise ValueError("momentum_buffer is required when momentum > 0")
-    kernels, (param, grad, momentum_buffer), launch = _dispatch(
+    kernels, arrays, launch = _dispatch(
         {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}, stream
     )
     coefficients = hyperparameters.sgd_momentum_coefficients(
-        param.dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
+        arrays[0].dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
-    kernels.sgd_momentum(
-        param, grad, momentum_buffer, coefficients, bool(nesterov), bool(first_step), **launch
-    )
+    table = _one_entry(arrays, [1.0 if first_step else 0.0])
+    kernels.sgd_momentum(table, coefficients, bool(nesterov), **launch)
 
 
 def adam_step(
@@ -112,7 +112,7 @@ def adam_step(
         raise ValueError(f"Invalid step: {step}; the first step is 1")
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
-    kernels, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq), launch = _dispatch(
+    kernels, arrays, launch = _dispatch(
         {
             "param": param,
             "grad": grad,
@@ -122,14 +122,12 @@ def adam_step(
         },
         stream,
     )
-    coefficients = hyperparameters.adam_coefficients(
-        param.dtype, float(step), lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
+    dtype = arrays[0].dtype
+    coefficients = hyperparameters.adam_constant_coefficients(
+        dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
-    if not amsgrad:
-        max_exp_avg_sq = exp_avg_sq[:0]
-    kernels.adam(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, bool(amsgrad), **launch
-    )
+    step_coefficients = hyperparameters.adam_step_coefficients(dtype, float(step), lr, betas)
+    kernels.adam(_one_entry(arrays, step_coefficients), coefficients, bool(amsgrad), **launch)
 
 
 def adamw_step(
@@ -155,6 +153,14 @@ def adamw_step(
         decoupled_weight_decay=True,
         **options,
     )
+
+
+def _one_entry(arrays, entry_values=()):
+    """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used)."""
+    table = TensorTable([arrays[0].size], len(arrays), arrays[0].dtype, len(entry_values))
+    table.addresses[0] = [0 if array is None else address_of(array) for array in arrays]
+    table.entry_values[0] = entry_values
+    return table
 
 
 def _dispatch(arrays, stream):

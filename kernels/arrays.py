@@ -147,6 +147,15 @@ def placement(arrays):
     return ordinal, next(iter(streams)) if len(streams) == 1 else None
 
 
+def address_of(array):
+    """Where a NumPy or Numba device array's first element lies (for launch tables)."""
+    if isinstance(array, np.ndarray):
+        return array.ctypes.data
+    if _is_simulated_device_array(array):
+        return array._ary.ctypes.data
+    return array.device_ctypes_pointer.value or 0
+
+
 def _is_simulated_device_array(array):
     return type(array).__name__ == "FakeCUDAArray"
 

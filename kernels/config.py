@@ -1,7 +1,8 @@
 """Tuning knobs of the kernels, in one place (tests patch them small).
 
-``THREADS_PER_BLOCK`` threads per block; at most ``BLOCKS_PER_SM`` blocks per
-multiprocessor, each thread striding over the rest of the array (grid-stride loop).
+CUDA: ``THREADS_PER_BLOCK`` threads per block, each block stepping segments of at most
+``ITEMS_PER_THREAD`` elements per thread; at most ``BLOCKS_PER_SM`` blocks per
+multiprocessor, each block striding over the remaining segments (grid-stride loop).
 ``FORCE_CUDA`` (environment ``FASTMOMENTUM_FORCE_CUDA=1``) makes the torch optimizers
 run the CUDA kernels on CPU tensors: with ``NUMBA_ENABLE_CUDASIM=1`` that is how the
 tests drive the CUDA path end to end on a machine without a GPU.
@@ -11,9 +12,12 @@ import os
 
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 32  # several waves at any occupancy (float32 Adam: 32 registers, float64 48)
+ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor kernels, a few
+# thousand per block keeps the per-segment bookkeeping negligible
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
 
-#: CPU kernels run single-threaded below this many elements (see `kernels.cpu._serial`).
+#: CPU kernels run single-threaded below this many elements in a launch (see
+#: `kernels.cpu._serial`).
 CPU_SERIAL_BELOW = 1 << 14  # 64 KiB per float32 array: a single core streams less from DRAM
 
 _multiprocessors = {}  # per device id
@@ -30,7 +34,11 @@ def multiprocessors():
     return _multiprocessors[key]
 
 
-def launch_shape(size):
-    """``(blocks, threads_per_block)`` for a grid-stride loop over ``size`` elements."""
-    needed = -(-size // THREADS_PER_BLOCK)
-    return max(1, min(needed, multiprocessors() * BLOCKS_PER_SM)), THREADS_PER_BLOCK
+def cuda_chunk():
+    """Elements of one CUDA segment (one block's share at a time)."""
+    return THREADS_PER_BLOCK * ITEMS_PER_THREAD
+
+
+def launch_shape(segments):
+    """``(blocks, threads_per_block)`` for a grid-stride loop over ``segments`` segments."""
+    return max(1, min(segments, multiprocessors() * BLOCKS_PER_SM)), THREADS_PER_BLOCK

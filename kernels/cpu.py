@@ -1,52 +1,91 @@
-"""CPU kernels: the rules of `kernels.rules` applied in place over flat arrays.
+"""CPU kernels: the rules of `kernels.rules` applied in place over a launch table.
 
-Each kernel takes 1-D C-contiguous arrays of one dtype (float32 or float64) and a tuple
-of coefficients in that same dtype (built by `kernels.hyperparameters`), and touches
-every element exactly once: one pass over memory, split across Numba's threads (arrays
-shorter than ``config.CPU_SERIAL_BELOW`` run on the calling thread).
+Each kernel steps every entry of a `kernels.tables.TensorTable` (tensors anywhere in
+memory, described by address) in one launch: the table's elements are split into one
+equal range per thread, each range walking the segments of the entries it covers, so
+one huge tensor and many small ones both use every thread. Tables shorter than
+``config.CPU_SERIAL_BELOW`` elements run on the calling thread. Coefficients come as a
+tuple in the arrays' dtype (built by `kernels.hyperparameters`).
 """
 
 import types
 
+import numba
 from numba import njit, prange
+from numba.np.ufunc import parallel
 
 from . import config, rules
+from .pointers import pointer_to
 
-# Numba invalidates a cached kernel only when this file changes, not when a rule it
-# calls does. This digest of rules.py makes every edit there change this file too;
-# tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "a29526485039e556"
-
-
-@njit(parallel=True, cache=True)
-def _sgd_plain(param, grad, coefficients):
-    """The threaded loop of `sgd_plain`."""
-    for i in prange(param.size):
-        param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
+# Numba invalidates a cached kernel only when this file changes, not when a rule or the
+# pointer intrinsic it inlines does. This digest of rules.py and pointers.py makes every
+# edit there change this file too; tests/test_kernels.py fails until it is updated.
+RULES_DIGEST = "24d50e141e7d8db3"
 
 
 @njit(parallel=True, cache=True)
-def _sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step):
-    """The threaded loop of `sgd_momentum`."""
-    for i in prange(param.size):
-        param[i], velocity[i] = rules.sgd_momentum(
-            param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
-        )
+def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients):
+    """`rules.sgd_plain` over arrays (param, grad)."""
+    like = coefficients[0]
+    for part in prange(part_starts.size - 1):
+        for segment in range(part_starts[part], part_starts[part + 1]):
+            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+            param = pointer_to(addresses[entry, 0], like)
+            grad = pointer_to(addresses[entry, 1], like)
+            for i in range(begin, end):
+                param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
+
+
+@njit(parallel=True, cache=True)
+def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, nesterov):
+    """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
+    is 1 on the entry's first step."""
+    like = coefficients[0]
+    for part in prange(part_starts.size - 1):
+        for segment in range(part_starts[part], part_starts[part + 1]):
+            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+            param = pointer_to(addresses[entry, 0], like)
+            grad = pointer_to(addresses[entry, 1], like)
+            velocity = pointer_to(addresses[entry, 2], like)
+            first_step = entry_values[entry, 0] != 0
+            for i in range(begin, end):
+                param[i], velocity[i] = rules.sgd_momentum(
+                    param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
+                )
 
 
 # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one reciprocal
 # and a multiply (≤1 ulp apart); Adam is compute-bound on division and square root while
 # the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k float32 params.
 @njit(parallel=True, cache=True, fastmath={"arcp"})
-def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad):
-    """The threaded loop of `adam`."""
-    for i in prange(param.size):
-        running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
-        param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
-            param[i], grad[i], exp_avg[i], exp_avg_sq[i], running_max, *coefficients, amsgrad
-        )
-        if amsgrad:
-            max_exp_avg_sq[i] = running_max
+def _adam(addresses, segments, part_starts, entry_values, coefficients, amsgrad):
+    """`rules.adam` over (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the entry's
+    values are its ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
+    like = coefficients[0]
+    for part in prange(part_starts.size - 1):
+        for segment in range(part_starts[part], part_starts[part + 1]):
+            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+            param = pointer_to(addresses[entry, 0], like)
+            grad = pointer_to(addresses[entry, 1], like)
+            exp_avg = pointer_to(addresses[entry, 2], like)
+            exp_avg_sq = pointer_to(addresses[entry, 3], like)
+            max_exp_avg_sq = pointer_to(addresses[entry, 4], like)  # 0 unless amsgrad
+            neg_step_size, bias_correction2_sqrt = entry_values[entry, 0], entry_values[entry, 1]
+            for i in range(begin, end):
+                running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
+                param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
+                    param[i],
+                    grad[i],
+                    exp_avg[i],
+                    exp_avg_sq[i],
+                    running_max,
+                    *coefficients,
+                    neg_step_size,
+                    bias_correction2_sqrt,
+                    amsgrad,
+                )
+                if amsgrad:
+                    max_exp_avg_sq[i] = running_max
 
 
 def _serial(kernel):
@@ -64,27 +103,40 @@ def _serial(kernel):
     return njit(cache=True, **options)(twin)
 
 
-_sgd_plain_serial = _serial(_sgd_plain)
-_sgd_momentum_serial = _serial(_sgd_momentum)
-_adam_serial = _serial(_adam)
+_LOOPS = {kernel: _serial(kernel) for kernel in (_sgd_plain, _sgd_momentum, _adam)}
 
 
-def _loop(threaded, serial, size):
-    return serial if size < config.CPU_SERIAL_BELOW else threaded
+def _threads():
+    """``numba.get_num_threads()`` without the process-wide lock it takes to start the
+    pool (≈3 µs a call, as much as a small kernel): once started, read the count."""
+    count = parallel._get_num_threads() if parallel._is_initialized else 0
+    return count if count > 0 else numba.get_num_threads()
 
 
-def sgd_plain(param, grad, coefficients):
-    """``p ← p − lr·(f·g + λ·p)``; coefficients ``(lr, grad_factor, weight_decay)``."""
-    _loop(_sgd_plain, _sgd_plain_serial, param.size)(param, grad, coefficients)
+def _launch(kernel, table, coefficients, *flags):
+    if table.size == 0:
+        return
+    if table.size < config.CPU_SERIAL_BELOW:
+        kernel, parts = _LOOPS[kernel], 1
+    else:
+        parts = _threads()
+    segments, part_starts = table.cpu_schedule(parts)
+    kernel(table.addresses, segments, part_starts, table.entry_values, coefficients, *flags)
 
 
-def sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step):
-    """SGD with momentum (`rules.sgd_momentum`); coefficients in that rule's order."""
-    kernel = _loop(_sgd_momentum, _sgd_momentum_serial, param.size)
-    kernel(param, grad, velocity, coefficients, nesterov, first_step)
+def sgd_plain(table, coefficients):
+    """``p ← p − lr·(f·g + λ·p)`` over a (param, grad) table; coefficients
+    ``(lr, grad_factor, weight_decay)``."""
+    _launch(_sgd_plain, table, coefficients)
 
 
-def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad):
-    """Adam/AdamW (`rules.adam`); ``max_exp_avg_sq`` is only touched when ``amsgrad``."""
-    kernel = _loop(_adam, _adam_serial, param.size)
-    kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad)
+def sgd_momentum(table, coefficients, nesterov):
+    """SGD with momentum (`rules.sgd_momentum`) over a (param, grad, momentum_buffer)
+    table; coefficients in that rule's order; entry value 1 marks a first step."""
+    _launch(_sgd_momentum, table, coefficients, nesterov)
+
+
+def adam(table, coefficients, amsgrad):
+    """Adam/AdamW (`rules.adam`) over a (param, grad, exp_avg, exp_avg_sq,
+    max_exp_avg_sq) table; the last address is only touched when ``amsgrad``."""
+    _launch(_adam, table, coefficients, amsgrad)

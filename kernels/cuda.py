@@ -1,111 +1,123 @@
-"""CUDA kernels: the rules of `kernels.rules` compiled as device functions.
+"""CUDA kernels: the rules of `kernels.rules` over a launch table, on the GPU.
 
-Each kernel is a grid-stride loop over 1-D C-contiguous device arrays of one dtype,
-with the same coefficient tuples as the CPU kernels (`kernels.hyperparameters`). The
-functions at the bottom have the CPU kernels' signatures plus ``stream`` and pick the
-launch shape from `kernels.config`. Importing this module needs numba-cuda.
+The same tables as the CPU kernels (`kernels.tables`): each block takes segments of at
+most ``config.cuda_chunk()`` elements (grid-stride over the segments) and its threads
+stride through the segment's elements. The functions at the bottom have the CPU
+kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the table's small
+host arrays reach the GPU; by default a Numba copy on ``stream``). Importing this module
+needs numba-cuda.
 """
 
 import contextlib
 import warnings
 
+from numba import config as numba_config
 from numba import cuda
 
 from . import config, rules
+from .pointers import pointer_to as _compiled_pointer_to
+from .pointers import simulated_pointer_to
 
-# A small parameter gets a small grid on purpose (one launch per parameter whose
-# gradient is read in place); numba-cuda would warn about each such launch.
+# A small table gets a small grid on purpose; numba-cuda would warn about each launch.
 warnings.filterwarnings(
     "ignore", message="Grid size .* will likely result in GPU under-utilization"
 )
 
-# Numba invalidates a cached kernel only when this file changes, not when a rule it
-# calls does. This digest of rules.py makes every edit there change this file too;
-# tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "a29526485039e556"
+# Numba invalidates a cached kernel only when this file changes, not when a rule or the
+# pointer intrinsic it inlines does. This digest of rules.py and pointers.py makes every
+# edit there change this file too; tests/test_kernels.py fails until it is updated.
+RULES_DIGEST = "24d50e141e7d8db3"
+
+# The simulator runs kernels as Python, where an intrinsic cannot run.
+pointer_to = simulated_pointer_to if numba_config.ENABLE_CUDASIM else _compiled_pointer_to
 
 
 @cuda.jit(cache=True)
-def _sgd_plain(param, grad, coefficients):
-    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
-        param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
+def _sgd_plain(addresses, segments, entry_values, coefficients):
+    like = coefficients[0]
+    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
+        entry = segments[segment, 0]
+        param = pointer_to(addresses[entry, 0], like)
+        grad = pointer_to(addresses[entry, 1], like)
+        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
+        for i in range(first, end, cuda.blockDim.x):
+            param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
 
 
 @cuda.jit(cache=True)
-def _sgd_momentum(param, grad, velocity, coefficients, nesterov, first_step):
-    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
-        param[i], velocity[i] = rules.sgd_momentum(
-            param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
-        )
+def _sgd_momentum(addresses, segments, entry_values, coefficients, nesterov):
+    like = coefficients[0]
+    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
+        entry = segments[segment, 0]
+        param = pointer_to(addresses[entry, 0], like)
+        grad = pointer_to(addresses[entry, 1], like)
+        velocity = pointer_to(addresses[entry, 2], like)
+        first_step = entry_values[entry, 0] != 0
+        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
+        for i in range(first, end, cuda.blockDim.x):
+            param[i], velocity[i] = rules.sgd_momentum(
+                param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
+            )
 
 
 @cuda.jit(cache=True)
-def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, amsgrad):
-    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
-        running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
-        param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
-            param[i], grad[i], exp_avg[i], exp_avg_sq[i], running_max, *coefficients, amsgrad
-        )
-        if amsgrad:
-            max_exp_avg_sq[i] = running_max
+def _adam(addresses, segments, entry_values, coefficients, amsgrad):
+    like = coefficients[0]
+    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
+        entry = segments[segment, 0]
+        param = pointer_to(addresses[entry, 0], like)
+        grad = pointer_to(addresses[entry, 1], like)
+        exp_avg = pointer_to(addresses[entry, 2], like)
+        exp_avg_sq = pointer_to(addresses[entry, 3], like)
+        max_exp_avg_sq = pointer_to(addresses[entry, 4], like)  # 0 unless amsgrad
+        neg_step_size, bias_correction2_sqrt = entry_values[entry, 0], entry_values[entry, 1]
+        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
+        for i in range(first, end, cuda.blockDim.x):
+            running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
+            param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
+                param[i],
+                grad[i],
+                exp_avg[i],
+                exp_avg_sq[i],
+                running_max,
+                *coefficients,
+                neg_step_size,
+                bias_correction2_sqrt,
+                amsgrad,
+            )
+            if amsgrad:
+                max_exp_avg_sq[i] = running_max
 
 
-def _launch(kernel, size, stream, device, *args):
-    if size == 0:
+def _launch(kernel, table, coefficients, flags, stream, device, upload):
+    if table.size == 0:
         return
     with cuda.gpus[device] if device is not None else contextlib.nullcontext():
         if isinstance(stream, int):  # a raw cudaStream_t, e.g. torch's current stream
             stream = cuda.external_stream(stream) if stream else 0
-        blocks, threads = config.launch_shape(size)
-        kernel[blocks, threads, stream or 0](*args)
+        stream = stream or 0
+        if upload is None:
+            upload = lambda array: cuda.to_device(array, stream=stream)  # noqa: E731
+        segments = table.cuda_segments(config.cuda_chunk())
+        blocks, threads = config.launch_shape(len(segments))
+        kernel[blocks, threads, stream](
+            upload(table.addresses), upload(segments), upload(table.entry_values),
+            coefficients, *flags,
+        )  # fmt: skip
 
 
-def sgd_plain(param, grad, coefficients, stream=None, device=None):
+def sgd_plain(table, coefficients, stream=None, device=None, upload=None):
     """`kernels.cpu.sgd_plain` on GPU ``device`` (default: the current one), queued on
-    ``stream``: a Numba stream, a raw stream handle, or None for the default stream."""
-    _launch(_sgd_plain, param.size, stream, device, param, grad, coefficients)
+    ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
+    ``upload(array)`` returns a device copy of a small host array, queued on ``stream``."""
+    _launch(_sgd_plain, table, coefficients, (), stream, device, upload)
 
 
-def sgd_momentum(
-    param, grad, velocity, coefficients, nesterov, first_step, stream=None, device=None
-):
-    """`kernels.cpu.sgd_momentum` on the GPU; ``stream`` and ``device`` as `sgd_plain`."""
-    _launch(
-        _sgd_momentum,
-        param.size,
-        stream,
-        device,
-        param,
-        grad,
-        velocity,
-        coefficients,
-        nesterov,
-        first_step,
-    )
+def sgd_momentum(table, coefficients, nesterov, stream=None, device=None, upload=None):
+    """`kernels.cpu.sgd_momentum` on the GPU; the other arguments as `sgd_plain`."""
+    _launch(_sgd_momentum, table, coefficients, (nesterov,), stream, device, upload)
 
 
-def adam(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    max_exp_avg_sq,
-    coefficients,
-    amsgrad,
-    stream=None,
-    device=None,
-):
-    """`kernels.cpu.adam` on the GPU; ``stream`` and ``device`` as `sgd_plain`."""
-    _launch(
-        _adam,
-        param.size,
-        stream,
-        device,
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        max_exp_avg_sq,
-        coefficients,
-        amsgrad,
-    )
+def adam(table, coefficients, amsgrad, stream=None, device=None, upload=None):
+    """`kernels.cpu.adam` on the GPU; the other arguments as `sgd_plain`."""
+    _launch(_adam, table, coefficients, (amsgrad,), stream, device, upload)

@@ -72,16 +72,6 @@ def sgd_momentum_coefficients(
     )
 
 
-def adam_coefficients(
-    dtype, step, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale=None
-):
-    """Coefficients of `rules.adam` for a parameter at step ``step`` (≥ 1, after increment)."""
-    constant = adam_constant_coefficients(
-        dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
-    )
-    return constant + adam_step_coefficients(dtype, step, lr, betas)
-
-
 def adam_constant_coefficients(
     dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale=None
 ):
@@ -102,10 +92,25 @@ def adam_constant_coefficients(
 
 def adam_step_coefficients(dtype, step, lr, betas):
     """The trailing coefficients of `rules.adam`: ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
+    return _in_dtype(dtype, *_adam_step_values(step, lr, betas))
+
+
+def adam_step_coefficients_per_entry(dtype, steps, lr, betas):
+    """`adam_step_coefficients` for an array of step counts, as rows of an array: each
+    distinct count computed once, in Python floats as ``torch.optim`` computes it."""
+    first = float(steps[0])
+    if (steps == first).all():  # the common case: every parameter at the same step
+        return np.array([_adam_step_values(first, lr, betas)], dtype)
+    counts, which = np.unique(steps, return_inverse=True)
+    rows = [_adam_step_values(count, lr, betas) for count in counts.tolist()]
+    return np.array(rows, dtype)[which]
+
+
+def _adam_step_values(step, lr, betas):
     beta1, beta2 = betas
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
-    return _in_dtype(dtype, -lr / bias_correction1, bias_correction2**0.5)  # torch's arithmetic
+    return -lr / bias_correction1, bias_correction2**0.5  # torch's arithmetic
 
 
 def _in_dtype(dtype, *values):

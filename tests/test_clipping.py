@@ -7,7 +7,7 @@ import torch
 
 import fastmomentum
 
-from .assertions import assert_relative_close
+from .assertions import RTOL, assert_relative_close
 from .models import make_model
 from .test_semantics import backward
 
@@ -26,13 +26,16 @@ def test_clip_grad_norm_matches_torch(max_norm, norm_type, set_to_none):
             backward(net, step, torch.float32)
         total = optimizer.clip_grad_norm_(max_norm, norm_type)
         ref_total = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm, norm_type)
-        assert_relative_close(total, ref_total, 1e-6, "total norm")
+        # Exact up to summation order on the first step; later the two models differ by
+        # float32 rounding of the steps (the parity tolerance), and so do their gradients.
+        tolerance = 1e-6 if step == 0 else RTOL["float32"]
+        assert_relative_close(total, ref_total, tolerance, "total norm")
         for p, q in zip(model.parameters(), ref_model.parameters()):
-            assert_relative_close(p.grad, q.grad, 1e-6, "clipped gradient")
+            assert_relative_close(p.grad, q.grad, tolerance, "clipped gradient")
         optimizer.step()
         ref_optimizer.step()
     if set_to_none is False:
-        assert all(buffer.bound() for buffers in optimizer._buffers for buffer in buffers)
+        assert all(bucket.own_grads() for buckets in optimizer.buckets for bucket in buckets)
 
 
 def test_non_finite_norm_raises_when_asked():

@@ -151,7 +151,7 @@ def test_optimizers_through_the_cuda_kernels_match_torch(name, options, dtype, m
     monkeypatch.setattr(config, "FORCE_CUDA", True)
     model, ref_model = make_model(dtype), make_model(dtype)
     ours = getattr(fastmomentum, name)(model.parameters(), **options)
-    assert all(type(b.kernels).__name__ == "TorchStreamKernels" for bs in ours._buffers for b in bs)
+    assert all(type(b.kernels).__name__ == "TorchStreamKernels" for bs in ours.buckets for b in bs)
     theirs = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **options)
     for set_to_none in (True, False):  # gradients read in place, then our flat views
         train(model, ours, 4, dtype, set_to_none=set_to_none)

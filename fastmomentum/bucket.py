@@ -1,0 +1,234 @@
+"""Param buckets: the parameters of one (param group, device, dtype) and our memory for them.
+
+A bucket owns its parameters' optimizer state (one `storage.Allocation` per state name,
+each parameter's state a piece of it with a storage of its own and the parameter's
+layout), their step counts and, with ``flat_gradients``, a gradient allocation. It owns
+a parameter's values only if nothing else could see them: `adopt` moves such parameters
+into one allocation (each piece a storage of its own, strides kept) and leaves every
+other parameter where it is. Steps never rely on either: `launches.StepPlanner` looks
+where every tensor is before each step.
+"""
+
+import numpy as np
+import torch
+
+from .devices import kernels_for
+from .launches import StepPlanner
+from .storage import Allocation, dense_strides, is_dtensor, local, owns_storage_alone
+
+
+def step_dtype():
+    """The dtype of ``state["step"]``, as ``torch.optim`` picks it (non-fused)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class ParamBucket:
+    """Layouts, state and step counts of some parameters of one device and dtype.
+
+    ``offsets[i]`` is where parameter ``i``'s elements start in every allocation of the
+    bucket, laid out with ``strides[i]`` (its strides when the bucket was made, made
+    dense). A DTensor parameter (FSDP2) is described, stepped and given state by its
+    local shard; its state is exposed as DTensors placed like the parameter.
+    """
+
+    def __init__(self, params, names, flat_gradients=False):
+        self.params = list(params)
+        self.names = list(names)  # "parameter 3 of param group 0", for error messages
+        self.distributed = is_dtensor(self.params[0])
+        tensors = self.local_params()
+        self.device, self.dtype = tensors[0].device, tensors[0].dtype
+        self.device_index = tensors[0].get_device()  # -1 on the CPU
+        self.dtype_numpy = np.dtype(str(self.dtype).removeprefix("torch."))
+        self.kernels = kernels_for(self.device)  # `kernels.cpu`, or CUDA on torch's stream
+        self.shapes = [t.shape for t in tensors]
+        self.numels = [t.numel() for t in tensors]
+        self.strides = [dense_strides(t) for t in tensors]
+        self.offsets = np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64).tolist()
+        self.size = self.offsets.pop()
+        self.flat_gradients = flat_gradients
+        self._state = {}  # state name -> Allocation
+        self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
+        self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
+        self.uniform_steps = True  # every parameter has the same step count
+        self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
+        self.all_initialized = False
+        self.exposed_names = ()  # the state names ``state[p]`` entries were made with
+        self.coefficients = (None, None)  # see `FlatOptimizer.cached_coefficients`
+        self._grads = None  # the flat gradient Allocation, made when first needed
+        self.planner = StepPlanner(self)
+
+    # --- where the parameters and gradients are ---------------------------------------
+
+    def local_params(self):
+        """The tensors whose memory a step updates: the parameters (DTensors: shards)."""
+        if self.distributed:
+            return [local(param) for param in self.params]
+        return self.params
+
+    def local_grads(self):
+        """Each parameter's gradient (DTensors: its local shard, checked to be placed
+        like the parameter), or ``None``."""
+        grads = [param.grad for param in self.params]
+        if self.distributed:
+            return [None if g is None else self._local_grad(i, g) for i, g in enumerate(grads)]
+        return grads
+
+    def _local_grad(self, index, grad):
+        param = self.params[index]
+        if not is_dtensor(grad) or grad.placements != param.placements:
+            placements = getattr(grad, "placements", "a plain tensor")
+            raise ValueError(
+                f"{self.names[index]} is a DTensor placed as {param.placements} but its "
+                f"gradient is {placements}; fastmomentum steps a shard with the same shard "
+                "of its gradient"
+            )
+        return local(grad)
+
+    def adopt(self):
+        """Move the parameters whose storage is theirs alone into one allocation of ours.
+
+        Each keeps a storage of its own (a piece of the allocation) and its strides;
+        ``param.data`` is re-pointed there. Parameters that share a storage, live in
+        shared memory, are pinned or are DTensors stay where they are.
+        """
+        movable = [i for i, param in enumerate(self.params) if owns_storage_alone(param)]
+        if not movable:
+            return
+        values = Allocation(self.size, self.dtype, self.device)
+        for index in movable:
+            param = self.params[index]
+            piece = values.piece(self.offsets[index], self.shapes[index], self.strides[index])
+            piece.copy_(param.data)
+            param.data = piece
+
+    # --- state ------------------------------------------------------------------------
+
+    def state(self, name):
+        """The allocation of state ``name`` (e.g. ``"exp_avg"``), zero-filled when made."""
+        if name not in self._state:
+            self._state[name] = Allocation(self.size, self.dtype, self.device)
+        return self._state[name]
+
+    def state_address(self, name, index):
+        return self.state(name).address_of(self.offsets[index])
+
+    def state_piece(self, name, index):
+        """Parameter ``index``'s state ``name`` as a tensor (a DTensor for a DTensor)."""
+        piece = self.state(name).piece(self.offsets[index], self.shapes[index], self.strides[index])
+        if not self.distributed:
+            return piece
+        param = self.params[index]
+        return type(param).from_local(
+            piece,
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
+
+    def step_piece(self, index):
+        """Parameter ``index``'s step count as torch keeps it: a 0-dim CPU tensor."""
+        return self._steps.piece(index, (), ())
+
+    def load_state_value(self, name, index, value):
+        """Copy a loaded state tensor (plain, or a DTensor placed like the parameter) in."""
+        if self.distributed:
+            param = self.params[index]
+            if is_dtensor(value):
+                value = local(value)
+            else:  # a full tensor: this rank's shard of it
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                shape, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements
+                )
+                value = value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        target = self.state(name).piece(
+            self.offsets[index], self.shapes[index], self.strides[index]
+        )
+        target.copy_(value)
+
+    # --- gradients --------------------------------------------------------------------
+
+    def grad_address(self, index):
+        """Where parameter ``index``'s flat gradient lies (0 while there is none)."""
+        return 0 if self._grads is None else self._grads.address_of(self.offsets[index])
+
+    def _grad_allocation(self):
+        if self._grads is None:
+            self._grads = Allocation(self.size, self.dtype, self.device)
+        return self._grads
+
+    def own_grads(self):
+        """Whether every gradient is its piece of our flat gradient allocation."""
+        if self._grads is None or self.distributed:
+            return False
+        for index, param in enumerate(self.params):
+            grad = param.grad
+            if grad is None or grad.layout != torch.strided:
+                return False
+            if grad.data_ptr() != self.grad_address(index):
+                return False
+            if grad.stride() != self.strides[index]:
+                return False
+        return True
+
+    def grads_to_touch(self):
+        """Every gradient once: the flat gradient tensor if all gradients are its pieces."""
+        if self.own_grads() and self.size:
+            return [self._grads.flat]
+        return [param.grad for param in self.params if param.grad is not None]
+
+    def adopt_grads(self):
+        """With ``flat_gradients``: make each gradient that exists and is laid out like
+        the parameter's state a piece of the flat gradient allocation (values copied)."""
+        for index, param in enumerate(self.params):
+            grad = param.grad
+            if grad is not None and self._can_replace(index, grad):
+                piece = self._grad_piece(index)
+                piece.copy_(grad)
+                param.grad = piece
+
+    def _can_replace(self, index, grad):
+        return (
+            not self.distributed
+            and grad.layout == torch.strided
+            and grad.stride() == self.strides[index]
+            and grad.data_ptr() != self.grad_address(index)
+        )
+
+    def _grad_piece(self, index):
+        return self._grad_allocation().piece(
+            self.offsets[index], self.shapes[index], self.strides[index]
+        )
+
+    def zero_grads(self, set_to_none):
+        """``zero_grad`` for these parameters, as ``torch.optim`` does it.
+
+        With ``set_to_none=False`` gradients are zeroed in place; with ``flat_gradients``
+        those laid out like the parameter's state are instead replaced by zeroed pieces
+        of the flat gradient allocation (one pass), so backward accumulates there.
+        """
+        if set_to_none:
+            for param in self.params:
+                param.grad = None
+            return
+        if all(param.grad is None for param in self.params):
+            return
+        if self.flat_gradients and not self.distributed:
+            self._grad_allocation().flat.zero_()
+            for index, param in enumerate(self.params):
+                if param.grad is not None and self._can_replace(index, param.grad):
+                    param.grad = self._grad_piece(index)
+        for index, param in enumerate(self.params):
+            grad = param.grad
+            if grad is None:
+                continue
+            if self._grads is not None and grad.data_ptr() == self.grad_address(index):
+                continue  # a piece of the flat allocation, zeroed with it above
+            if grad.grad_fn is not None:
+                grad.detach_()
+            else:
+                grad.requires_grad_(False)
+            grad.zero_()

@@ -1,0 +1,228 @@
+"""Before each step: where every tensor of a bucket lies now, as launch tables.
+
+Nothing is assumed from the last step. A `StepPlanner` reads each parameter's and
+gradient's address and strides every step (a few hundred nanoseconds a tensor, see
+bench/NOTES.md); when a parameter moved or changed layout since the last step
+(``share_memory()``, ``p.data = …``, ``p.set_``, ``Module._apply``, FSDP re-pointing a
+shard) it checks that parameter again and recomputes which parameters share memory.
+Then:
+
+- a tensor laid out like its state (dense, same strides) is stepped where it lies;
+- any other tensor (a strided view, a layout changed after construction, a gradient of
+  another layout) is staged: copied into a scratch tensor laid out like its state,
+  stepped there and, for a parameter, copied back;
+- parameters that share an element are stepped in successive waves, in the order of
+  the param group, which is what ``torch.optim``'s loop does to aliased parameters;
+- a parameter without a gradient is left out, as in ``torch.optim``.
+
+`StepPlanner.plan` raises before anything changes if a tensor cannot be stepped; a
+`StepPlan` is carried out only after every bucket of the optimizer has been planned.
+"""
+
+import numpy as np
+import torch
+
+from fastmomentum.kernels.tables import TensorTable
+
+from .storage import has_internal_overlap, is_dense, share_elements, span
+
+
+class StepPlanner:
+    """Plans the steps of one `bucket.ParamBucket`."""
+
+    def __init__(self, bucket):
+        self.bucket = bucket
+        self._seen = None  # (addresses, strides) of the parameters when last checked
+        self._layout = None  # `Layout` of the parameters as last checked
+        self._tables = {}  # launch tables by (rows, columns, entry width), for this layout
+
+    def plan(self):
+        """The step of every parameter that has a gradient, or ``None`` if none has."""
+        bucket = self.bucket
+        tensors = bucket.local_params()
+        seen = ([t.data_ptr() for t in tensors], [t.stride() for t in tensors])
+        layout = self._layout if seen == self._seen else self._survey(tensors)
+        rows, grads, staged_grads = self._read_grads(bucket.local_grads())
+        if not rows:
+            return None
+        params = [seen[0][row] for row in rows]
+        if not layout.simple:
+            for position, row in enumerate(rows):
+                if layout.staged[row]:
+                    params[position] = tensors[row]
+        staging = staged_grads or any(layout.staged)
+        return StepPlan(self, seen, layout, rows, params, grads, staging)
+
+    def _survey(self, tensors):
+        """Check every parameter's place and layout again (see the module doc)."""
+        bucket = self.bucket
+        for index, tensor in enumerate(tensors):
+            expected = (bucket.dtype, bucket.device, bucket.shapes[index])
+            if (tensor.dtype, tensor.device, tensor.shape) != expected:
+                raise RuntimeError(
+                    f"{bucket.names[index]} changed from {bucket.dtype} "
+                    f"{tuple(bucket.shapes[index])} on {bucket.device} to {tensor.dtype} "
+                    f"{tuple(tensor.shape)} on {tensor.device} after the optimizer was "
+                    "created; create the optimizer after moving or casting the model"
+                )
+            if has_internal_overlap(tensor):
+                raise RuntimeError(
+                    f"{bucket.names[index]} has elements that share memory (e.g. an expanded "
+                    "tensor); an in-place update of it is not defined"
+                )
+        staged = [not _laid_out_as(t, strides) for t, strides in zip(tensors, bucket.strides)]
+        return Layout(staged, waves(tensors))
+
+    def _read_grads(self, grads):
+        """The parameters that have a gradient, and where each gradient is read from: an
+        address, or a staged copy when it is not laid out like the parameter's state."""
+        bucket = self.bucket
+        strides, numels, dtype = bucket.strides, bucket.numels, bucket.dtype
+        device_index, strided = bucket.device_index, torch.strided
+        rows, sources, staged = [], [], False
+        for index, grad in enumerate(grads):
+            if grad is None:
+                continue
+            if grad.layout is not strided:
+                raise TypeError(
+                    f"{bucket.names[index]} has a sparse gradient; fastmomentum needs dense "
+                    "gradients"
+                )
+            if grad.dtype != dtype or grad.get_device() != device_index:
+                raise ValueError(
+                    f"{bucket.names[index]} has a gradient of {grad.dtype} on {grad.device}; "
+                    f"expected {dtype} on {bucket.device}"
+                )
+            rows.append(index)
+            if grad.stride() == strides[index] and grad.numel() == numels[index]:
+                sources.append(grad.data_ptr())  # the common case: read where it lies
+            elif grad.shape != bucket.shapes[index]:
+                raise ValueError(
+                    f"{bucket.names[index]} has a gradient of shape {tuple(grad.shape)}; "
+                    f"expected {tuple(bucket.shapes[index])}"
+                )
+            else:
+                sources.append(grad)  # e.g. a transposed or channels_last gradient
+                staged = True
+        return rows, sources, staged
+
+    def table(self, rows, columns, entry_width):
+        """The launch table of parameters ``rows`` (a tuple) with state ``columns``."""
+        key = (rows, columns, entry_width)
+        table = self._tables.get(key)
+        if table is None:
+            bucket = self.bucket
+            lengths = [bucket.numels[i] for i in rows]
+            table = TensorTable(lengths, 2 + len(columns), bucket.dtype_numpy, entry_width)
+            for column, name in enumerate(columns, start=2):
+                if name is not None:
+                    table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]
+            table.rows = np.array(rows, np.int64)
+            self._tables[key] = table
+        return table
+
+
+class Layout:
+    """Per parameter: whether it must be staged, and its wave."""
+
+    def __init__(self, staged, waves):
+        self.staged = staged
+        self.waves = waves
+        self.simple = not any(staged) and not any(waves)  # one launch, nothing staged
+
+
+class StepPlan:
+    """The launches of one step of one bucket (see `StepPlanner.plan`).
+
+    ``rows`` are the parameters that step; ``params`` and ``grads`` hold, per row, the
+    address to read or (``staging``) a tensor to stage first.
+    """
+
+    def __init__(self, planner, seen, layout, rows, params, grads, staging):
+        self._planner, self._seen, self._layout = planner, seen, layout
+        self.rows = rows
+        self._params, self._grads, self._staging = params, grads, staging
+
+    def commit(self):
+        """Take this plan's view of the parameters as the one later steps compare to."""
+        planner = self._planner
+        if planner._seen != self._seen:
+            planner._seen, planner._layout, planner._tables = self._seen, self._layout, {}
+
+    def launch(self, columns, entry_width, prepare, kernel, *args):
+        """Run ``kernel(table, *args)`` once per wave, in order.
+
+        ``columns`` names the state tensors the kernel reads after param and grad
+        (``None``: not read); ``prepare(table)``, if given, fills the table's entry
+        values first (``table.rows`` are the wave's parameters).
+        """
+        if self._layout.simple and not self._staging:
+            table = self._planner.table(tuple(self.rows), columns, entry_width)
+            table.addresses[:, 0] = self._params
+            table.addresses[:, 1] = self._grads
+            if prepare is not None:
+                prepare(table)
+            kernel(table, *args)
+            return
+        by_wave = {}
+        for position, row in enumerate(self.rows):
+            by_wave.setdefault(self._layout.waves[row], []).append(position)
+        for wave in sorted(by_wave):
+            self._launch_staged(by_wave[wave], columns, entry_width, prepare, kernel, args)
+
+    def _launch_staged(self, positions, columns, entry_width, prepare, kernel, args):
+        """One wave, copying staged parameters in before and out after the kernel."""
+        rows = tuple(self.rows[p] for p in positions)
+        table = self._planner.table(rows, columns, entry_width)
+        strides = self._planner.bucket.strides
+        with torch.no_grad():
+            params, grads, copies = [], [], []
+            for position, row in zip(positions, rows):
+                param, grad = self._params[position], self._grads[position]
+                if not isinstance(param, int):
+                    copy = _staged(param, strides[row])
+                    copies.append((param, copy))
+                    param = copy.data_ptr()
+                if not isinstance(grad, int):
+                    grad = _staged(grad, strides[row])
+                    copies.append((None, grad))  # kept alive until the launch is done
+                    grad = grad.data_ptr()
+                params.append(param)
+                grads.append(grad)
+            table.addresses[:, 0] = params
+            table.addresses[:, 1] = grads
+            if prepare is not None:
+                prepare(table)
+            kernel(table, *args)
+            for param, copy in copies:
+                if param is not None:
+                    param.copy_(copy)
+
+
+def _laid_out_as(tensor, strides):
+    return tensor.numel() <= 1 or (tensor.stride() == strides and is_dense(tensor))
+
+
+def _staged(tensor, strides):
+    """A copy of ``tensor`` laid out with ``strides`` (those of the parameter's state)."""
+    copy = torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device)
+    return copy.copy_(tensor)
+
+
+def waves(tensors):
+    """The wave of each tensor: one after the latest wave of the earlier tensors it
+    shares an element with (0 for all when none share memory, the common case)."""
+    spans = sorted((*span(t), index) for index, t in enumerate(tensors) if t.numel())
+    earlier = {}  # index -> earlier indices it shares an element with
+    active = []  # (end, index) of the spans that may still reach later ones
+    for start, end, index in spans:
+        active = [(other_end, other) for other_end, other in active if other_end > start]
+        for _, other in active:
+            if share_elements(tensors[index], tensors[other]):
+                first, second = sorted((index, other))
+                earlier.setdefault(second, []).append(first)
+        active.append((end, index))
+    wave = [0] * len(tensors)
+    for second in sorted(earlier):
+        wave[second] = 1 + max(wave[first] for first in earlier[second])
+    return wave

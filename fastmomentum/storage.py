@@ -1,0 +1,156 @@
+"""Memory: the allocations fastmomentum owns, and questions about memory it does not.
+
+An `Allocation` is one contiguous block carved into tensors that each have a storage of
+their own, so that code which groups tensors by storage (safetensors, accelerate,
+``torch.save`` of one submodule) sees every piece and only its bytes, while one kernel
+pass still covers them all. Everything else here looks at tensors someone else owns:
+whether a parameter's storage is its alone (`owns_storage_alone`), where a tensor's
+elements are (`span`, `share_elements`), and a DTensor's local shard (`local`).
+"""
+
+import sys
+
+import numpy as np
+import torch
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+class Allocation:
+    """``size`` elements of ``dtype`` on ``device`` in one block, zero-filled.
+
+    `piece` makes a tensor over a sub-range with a storage object of its own (on the
+    CPU ``torch.from_numpy`` of a slice, on a GPU a tensor made through the CUDA array
+    interface); each piece keeps the block alive, and the block is freed when the last
+    piece and `flat` are gone.
+    """
+
+    def __init__(self, size, dtype, device):
+        if device.type == "cpu":
+            self._array = np.zeros(size, _NUMPY_DTYPES[dtype])
+            self.flat = torch.from_numpy(self._array)
+        else:
+            self._array = None
+            self.flat = torch.zeros(size, dtype=dtype, device=device)
+        self.address = self.flat.data_ptr()
+        self.element_size = self.flat.element_size()
+
+    def address_of(self, offset):
+        """The address of element ``offset``."""
+        return self.address + offset * self.element_size
+
+    def piece(self, offset, shape, strides):
+        """A tensor of ``shape`` and ``strides`` over the elements from ``offset`` on."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        if self._array is not None:
+            base = torch.from_numpy(self._array[offset : offset + numel])
+        else:
+            interface = _DeviceRange(self.flat, self.address_of(offset), numel)
+            base = torch.as_tensor(interface, device=self.flat.device)
+        return base.as_strided(shape, strides)
+
+
+class _DeviceRange:
+    """A range of a CUDA tensor's memory behind ``__cuda_array_interface__``; torch makes
+    a tensor with a storage of its own from it, which holds this object (and so the
+    tensor) alive."""
+
+    def __init__(self, owner, address, numel):
+        self.owner = owner
+        typestr = np.dtype(_NUMPY_DTYPES[owner.dtype]).str
+        self.__cuda_array_interface__ = {
+            "shape": (numel,),
+            "typestr": typestr,
+            "data": (address, False),
+            "version": 2,  # no stream: the range is ready whenever the owner is
+        }
+
+
+def dense_strides(tensor):
+    """Strides of a dense tensor laid out like ``tensor`` (``preserve_format``)."""
+    return torch.empty_like(tensor, device="meta", memory_format=torch.preserve_format).stride()
+
+
+def is_dense(tensor):
+    """Whether ``tensor``'s elements fill a block of memory with no gaps and no repeats."""
+    return torch.ops.aten.is_non_overlapping_and_dense(tensor)
+
+
+def has_internal_overlap(tensor):
+    """Whether two of ``tensor``'s elements are the same memory (e.g. a stride of 0)."""
+    return torch._debug_has_internal_overlap(tensor) == 1  # 1: yes; 0: no; 2: too hard
+
+
+def _use_count(tensor):
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+#: What `_use_count` reads for a tensor alone on its storage (the tensor and the
+#: storage object `untyped_storage` returns).
+_ALONE = _use_count(torch.empty(1))
+
+
+def owns_storage_alone(tensor):
+    """Whether nothing but ``tensor`` can see its memory: it covers its whole storage,
+    no other tensor holds that storage, and it is not shared with other processes or
+    pinned. Moving such a tensor's values elsewhere is invisible to everyone else."""
+    if is_dtensor(tensor) or not is_dense(tensor) or tensor.storage_offset() != 0:
+        return False
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return False
+    if tensor.is_shared() or (tensor.device.type == "cpu" and tensor.is_pinned()):
+        return False
+    return _use_count(tensor) <= _ALONE
+
+
+def span(tensor):
+    """``(first byte, end byte)`` of the memory ``tensor``'s elements lie in."""
+    start = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + (last + 1) * tensor.element_size()  # torch has no negative strides
+
+
+def share_elements(first, second):
+    """Whether two tensors on one device have an element in common (exactly: two
+    interleaved views, such as the even and odd columns of one matrix, do not)."""
+    (start, end), (other_start, other_end) = span(first), span(second)
+    if end <= other_start or other_end <= start:
+        return False
+    if is_dense(first) and is_dense(second):
+        return True
+    return bool(np.shares_memory(_address_layout(first), _address_layout(second)))
+
+
+def _address_layout(tensor):
+    """A NumPy array with ``tensor``'s addresses and strides, for arithmetic on where its
+    elements lie; its memory is never read (it may be a GPU's)."""
+    size = tensor.element_size()
+
+    class Layout:
+        __array_interface__ = {
+            "shape": tuple(tensor.shape),
+            "typestr": f"|V{size}",
+            "data": (tensor.data_ptr(), True),
+            "strides": tuple(stride * size for stride in tensor.stride()),
+            "version": 3,
+        }
+
+    return np.asarray(Layout())
+
+
+def is_dtensor(tensor):
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's parameters)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local(tensor):
+    """The tensor whose memory a step writes: a DTensor's local shard, else itself."""
+    if not is_dtensor(tensor):
+        return tensor
+    with torch.no_grad():  # the shard itself, not an autograd view of it
+        return tensor.to_local()

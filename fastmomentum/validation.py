@@ -1,0 +1,83 @@
+"""Checks on what users hand an optimizer: parameters, options, hyperparameter values."""
+
+import torch
+
+from .devices import cuda_unavailable_reason
+from .storage import has_internal_overlap, is_dtensor, local
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def host_float(value, name):
+    """A hyperparameter as a Python float; a GPU tensor is refused, since reading it every
+    step would make the host wait for the GPU."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.device.type != "cpu":
+            raise ValueError(
+                f"{name} is a tensor on {value.device}; pass a float or a CPU tensor (reading "
+                "a GPU value would synchronise every step)"
+            )
+    return float(value)
+
+
+def check_implementation_options(options):
+    """Accept torch's implementation switches only with values we honour."""
+    if options.get("differentiable"):
+        raise ValueError("fastmomentum does not support differentiable=True")
+    if options.get("capturable"):
+        raise ValueError("fastmomentum does not support capturable=True (CUDA graph capture)")
+    if options.get("foreach") and options.get("fused"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_params(params):
+    """Raise for parameters the kernels cannot step, before any of them is touched.
+
+    Parameters may share memory (tied through ``.data``, views of one tensor, in
+    different groups): they are stepped in turn, as ``torch.optim`` steps them.
+    """
+    seen = set()
+    for position, param in enumerate(params):
+        name = f"parameter {position}"
+        if id(param) in seen:
+            raise ValueError(f"{name} appears twice in the param group")
+        seen.add(id(param))
+        if param.is_complex():
+            raise TypeError(f"{name} is complex ({param.dtype}); fastmomentum supports real params")
+        if param.layout != torch.strided:
+            raise TypeError(f"{name} has layout {param.layout}; fastmomentum needs dense params")
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {param.dtype}; fastmomentum supports float32 and float64"
+            )
+        if is_dtensor(param):
+            _check_placements(name, param)
+        device = local(param).device
+        if device.type == "cuda":
+            reason = cuda_unavailable_reason()
+            if reason:
+                raise ValueError(f"{name} is on {device}: {reason}")
+        elif device.type != "cpu":
+            raise ValueError(f"{name} is on {device}; fastmomentum runs on CPU and CUDA")
+        if param.grad is not None and param.grad.is_sparse:
+            raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
+        if has_internal_overlap(local(param)):
+            raise RuntimeError(
+                f"{name} has elements that share memory (e.g. an expanded tensor); an in-place "
+                "update of it is not defined"
+            )
+
+
+def _check_placements(name, param):
+    """A DTensor steps shard by shard: every shard must hold whole values of the
+    parameter (``Shard``, ``Replicate``), not partial sums (``Partial``)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    for placement in param.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise ValueError(
+                f"{name} is a DTensor placed as {placement}; fastmomentum steps DTensors "
+                "that are sharded or replicated, not partial"
+            )

@@ -1,0 +1,81 @@
+"""Launch tables: the memory one multi-tensor kernel launch steps, wherever it lies.
+
+Entry ``e`` of a `TensorTable` is one tensor of ``lengths[e]`` elements; for every array
+its rule reads or writes (param, grad, then the rule's state arrays, in the rule's
+order) ``addresses[e, j]`` is where that tensor's elements start. The arrays of an entry
+are laid out alike: element ``k`` of each belongs to the same parameter element.
+``entry_values[e]`` holds coefficients of that entry alone (e.g. its bias corrections
+at its own step count); the coefficients all entries share are passed to the launch.
+
+Work is split by elements, not by tensor, into segments ``(entry, begin, end)``:
+
+- CPU (`cpu_schedule`): the table's elements are cut into one equal range per thread,
+  and each range lists the segments of the entries it covers;
+- CUDA (`cuda_segments`): segments of at most ``chunk`` elements, one block each.
+
+So one huge tensor and many tiny ones both keep every thread busy. Schedules depend on
+the lengths only and are kept; addresses and entry values may change before each launch.
+"""
+
+import numpy as np
+
+
+class TensorTable:
+    """The entries of one launch: ``width`` addresses each, ``entry_width`` own values."""
+
+    def __init__(self, lengths, width, dtype, entry_width=0):
+        self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if (self.lengths < 0).any():
+            raise ValueError("table lengths must be non-negative")
+        self.starts = np.zeros(self.lengths.size + 1, np.int64)
+        np.cumsum(self.lengths, out=self.starts[1:])
+        self.size = int(self.starts[-1])  # elements in all
+        self.dtype = np.dtype(dtype)
+        self.addresses = np.zeros((self.lengths.size, width), np.int64)
+        self.entry_values = np.zeros((self.lengths.size, entry_width), self.dtype)
+        self._schedules = {}
+        self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
+        self.note = None  # the caller's record of what entry_values hold
+
+    def __len__(self):
+        return self.lengths.size
+
+    def cpu_schedule(self, parts):
+        """``(segments, part_starts)``: ``parts`` equal element ranges, part ``p`` being
+        ``segments[part_starts[p]:part_starts[p + 1]]``."""
+        key = ("cpu", parts)
+        if key not in self._schedules:
+            self._schedules[key] = _equal_parts(self.starts, parts)
+        return self._schedules[key]
+
+    def cuda_segments(self, chunk):
+        """Segments of at most ``chunk`` elements, in entry order."""
+        key = ("cuda", chunk)
+        if key not in self._schedules:
+            self._schedules[key] = _chunks(self.lengths, chunk)
+        return self._schedules[key]
+
+
+def _equal_parts(starts, parts):
+    size = int(starts[-1])
+    bounds = np.arange(parts + 1, dtype=np.int64) * size // parts
+    pieces, part_starts = [], [0]
+    for low, high in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        first = int(np.searchsorted(starts, low, "right")) - 1
+        stop = int(np.searchsorted(starts, high, "left"))
+        entries = np.arange(max(first, 0), stop if high > low else max(first, 0), dtype=np.int64)
+        begin = np.maximum(low, starts[entries]) - starts[entries]
+        end = np.minimum(high, starts[entries + 1]) - starts[entries]
+        keep = end > begin
+        pieces.append(np.stack([entries[keep], begin[keep], end[keep]], axis=1))
+        part_starts.append(part_starts[-1] + int(keep.sum()))
+    return np.concatenate(pieces).reshape(-1, 3), np.array(part_starts, np.int64)
+
+
+def _chunks(lengths, chunk):
+    counts = -(-lengths // chunk)
+    entries = np.repeat(np.arange(lengths.size, dtype=np.int64), counts)
+    first_of_entry = np.repeat(np.cumsum(counts) - counts, counts)
+    begin = (np.arange(entries.size, dtype=np.int64) - first_of_entry) * chunk
+    end = np.minimum(begin + chunk, lengths[entries])
+    return np.stack([entries, begin, end], axis=1).reshape(-1, 3)
