@@ -78,6 +78,6 @@ def _check_placements(name, param):
     for placement in param.placements:
         if not isinstance(placement, (Shard, Replicate)):
             raise ValueError(
-                f"{name} is a DTensor placed as {placement}; fastmomentum steps DTensors "
+                f"{name} is a DTensor placed as {placement!r}; fastmomentum steps DTensors "
                 "that are sharded or replicated, not partial"
             )

@@ -3,7 +3,9 @@
 Each rank trains on its half of every batch, in every case: DDP with our optimizers
 (with and without ``gradient_as_bucket_view``, both ``zero_grad`` modes), and
 ``ZeroRedundancyOptimizer`` with our classes and with torch.optim's as
-``optimizer_class``. Rank 0 saves the final parameters of each case.
+``optimizer_class``, with and without ``parameters_as_bucket_view``. Rank 0 saves the
+final parameters of each case, and then every rank leaves without tearing gloo down
+(torch 2.13's gloo teardown aborts now and then, even with torch.optim alone).
 """
 
 import os
@@ -60,16 +62,24 @@ def worker(rank, world, folder, port):
         train(model, optimizer, rank, world, set_to_none)
         results[case] = [p.detach().clone() for p in model.parameters()]
     for name in OPTIONS:
-        for library in (fastmomentum, torch.optim):
-            model = make_model()
-            optimizer = ZeroRedundancyOptimizer(
-                model.parameters(), optimizer_class=getattr(library, name), **OPTIONS[name]
-            )
-            train(model, optimizer, 0, 1)  # every rank the full batch: ZeRO shards the state
-            results[f"zero-{name}-{library.__name__}"] = [
-                p.detach().clone() for p in model.parameters()
-            ]
+        for bucket_view in (False, True):
+            for library in (fastmomentum, torch.optim):
+                model = make_model()
+                optimizer = ZeroRedundancyOptimizer(
+                    model.parameters(),
+                    optimizer_class=getattr(library, name),
+                    parameters_as_bucket_view=bucket_view,
+                    **OPTIONS[name],
+                )
+                train(model, optimizer, 0, 1)  # every rank the full batch: ZeRO shards state
+                case = f"zero-{name}-{library.__name__}" + ("-bucket-view" if bucket_view else "")
+                results[case] = [p.detach().clone() for p in model.parameters()]
+                if bucket_view:  # the parameters still live in ZeRO's buckets
+                    buckets = {b.data_ptr() for device in optimizer._buckets for b in device}
+                    results[case + "-in-buckets"] = all(
+                        p.untyped_storage().data_ptr() in buckets for p in model.parameters()
+                    )
     if rank == 0:
         torch.save(results, os.path.join(folder, "distributed.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)

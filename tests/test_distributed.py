@@ -36,8 +36,13 @@ def test_ddp_matches_one_process_on_the_whole_batch(results, case, name, bucket_
         assert_relative_close(ddp_param, param.detach(), RTOL["float64"], case)
 
 
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["", "bucket-view"])
 @pytest.mark.parametrize("name", list(distributed_run.OPTIONS))
-def test_zero_redundancy_optimizer_accepts_our_classes(results, name):
-    ours, theirs = results[f"zero-{name}-fastmomentum"], results[f"zero-{name}-torch.optim"]
+def test_zero_redundancy_optimizer_accepts_our_classes(results, name, bucket_view):
+    suffix = "-bucket-view" if bucket_view else ""
+    ours = results[f"zero-{name}-fastmomentum{suffix}"]
+    theirs = results[f"zero-{name}-torch.optim{suffix}"]
     for p, q in zip(ours, theirs):
         assert_relative_close(p, q, RTOL["float64"], f"ZeRO {name}")
+    if bucket_view:  # stepped in ZeRO's buckets, where ZeRO broadcasts from
+        assert results[f"zero-{name}-fastmomentum{suffix}-in-buckets"]

@@ -1,0 +1,129 @@
+"""Two-process FSDP2 runs for test_fsdp (gloo on loopback, CPU).
+
+``train`` phase: every case shards the model with ``fully_shard`` and trains it with our
+optimizer, each rank on its half of every batch; halfway it saves model and optimizer
+with ``torch.distributed.checkpoint``. ``resume`` phase, in a fresh process group:
+each case loads that checkpoint into a new model and optimizer and trains the second
+half. Rank 0 saves what the test compares, then every rank leaves without tearing gloo
+down (torch 2.13's gloo teardown aborts now and then, even with torch.optim alone).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import fastmomentum
+
+STEPS, RESUME_AT, BATCH = 8, 4, 16
+OPTIONS = {
+    "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    "Adam": {"lr": 1e-2, "amsgrad": True},
+    "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
+}
+CASES = [  # (name, optimizer, reshard_after_forward)
+    ("sgd-reshard", "SGD", True),
+    ("sgd-keep", "SGD", False),
+    ("adam-reshard", "Adam", True),
+    ("adamw-keep", "AdamW", False),
+]
+
+
+def make_model():
+    """Uneven shards on purpose: the last weight has 5 rows for 2 ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
+    ).double()
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        yield (
+            torch.randn(BATCH, 8, generator=generator, dtype=torch.float64),
+            torch.randn(BATCH, 5, generator=generator, dtype=torch.float64),
+        )
+
+
+def train(model, optimizer, rank, world, first, last):
+    share = BATCH // world
+    for step, (inputs, targets) in enumerate(batches()):
+        if first <= step < last:
+            part = slice(rank * share, (rank + 1) * share)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(inputs[part]), targets[part]).backward()
+            optimizer.step()
+
+
+def sharded(reshard):
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, reshard_after_forward=reshard)
+    return fully_shard(model, reshard_after_forward=reshard)
+
+
+def worker(rank, world, folder, port, phase):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for case, name, reshard in CASES:
+        model = sharded(reshard)
+        local_memory = [p.to_local().data_ptr() for p in model.parameters()]
+        optimizer = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+        checkpoint = os.path.join(folder, case)
+        if phase == "train":
+            train(model, optimizer, rank, world, 0, RESUME_AT)
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+        else:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.load({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+            set_state_dict(
+                model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
+            )
+        train(model, optimizer, rank, world, RESUME_AT, STEPS)
+        results[case] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        # FSDP's own shard storage was stepped in place, never re-pointed
+        results[case + "-in-place"] = local_memory == [
+            p.to_local().data_ptr() for p in model.parameters()
+        ]
+        state = optimizer.state[next(model.parameters())]
+        results[case + "-state-kinds"] = sorted(
+            type(value).__name__ for key, value in state.items() if key != "step"
+        )
+    if phase == "train":
+        results["errors"] = bad_placements()
+    if rank == 0:
+        torch.save(results, os.path.join(folder, f"{phase}.pt"))
+    dist.barrier()
+    os._exit(0)
+
+
+def bad_placements():
+    """The errors for a ``Partial`` parameter and a gradient placed unlike its parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    errors = {}
+    partial = nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Partial()]))
+    try:
+        fastmomentum.SGD([partial], lr=0.1)
+    except ValueError as error:
+        errors["partial"] = str(error)
+    param = nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Shard(0)]))
+    optimizer = fastmomentum.Adam([param])
+    param.grad = DTensor.from_local(torch.randn(8), mesh, [Replicate()])
+    before = param.to_local().clone()
+    try:
+        optimizer.step()
+    except ValueError as error:
+        errors["grad"] = str(error)
+    errors["unchanged"] = torch.equal(before, param.to_local()) and len(optimizer.state) == 0
+    return errors
