@@ -53,8 +53,8 @@ def parity(device, flat_gradients):
     """Worst relative differences to torch fused after 30 steps, per optimizer.
 
     ``flat_gradients``: ``zero_grad(set_to_none=False)`` and gradients copied into the
-    existing ``.grad`` (our flat views: one launch per buffer); otherwise a fresh gradient
-    tensor per parameter each step (read in place: one launch per parameter).
+    existing ``.grad`` (pieces of our gradient allocation); otherwise a fresh gradient
+    tensor per parameter each step (read where it lies). One launch per step either way.
     """
     rows = []
     for label, (name, options) in OPTIMIZERS.items():

@@ -20,14 +20,16 @@ OPTIMIZERS = {
 ARRAYS_MOVED = {"SGD": 5, "Adam": 7, "AdamW": 7}
 
 
-def ours(name, params, options):
-    """Gradients kept in the flat buffer (``flat_gradients=True``): one kernel per step."""
-    return getattr(fastmomentum, name)(params, flat_gradients=True, **options)
-
-
 def ours_default(name, params, options):
-    """Default mode: each gradient read where it is, one kernel call per parameter."""
+    """Default mode: each gradient read where autograd (here: the case) put it; one
+    multi-tensor launch per step."""
     return getattr(fastmomentum, name)(params, **options)
+
+
+def ours_flat(name, params, options):
+    """``flat_gradients=True``: gradients are pieces of our flat gradient allocation
+    (what ``zero_grad(set_to_none=False)`` makes them); one launch per step."""
+    return getattr(fastmomentum, name)(params, flat_gradients=True, **options)
 
 
 def torch_for_loop(name, params, options):
@@ -60,7 +62,8 @@ def deepspeed_available():
 
 
 PROVIDERS = {
-    "fastmomentum": ours,
+    "fastmomentum": ours_default,
+    "fastmomentum flat": ours_flat,
     "torch for-loop": torch_for_loop,
     "torch foreach": torch_foreach,
     "torch fused": torch_fused,

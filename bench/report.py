@@ -135,7 +135,7 @@ def machine_facts(threads):
 def format_table(rows):
     """A plain-text table: one block per (optimizer, layout), providers beside the twin."""
     lines = [
-        f"{'optimizer':13} {'layout':16} {'dtype':7} {'provider':16} {'median ms':>10} "
+        f"{'optimizer':13} {'layout':16} {'dtype':7} {'provider':18} {'median ms':>10} "
         f"{'GB/s':>6} {'x fused':>8} {'x twin':>7}"
     ]
     previous = None
@@ -146,7 +146,7 @@ def format_table(rows):
         previous = group
         fused = f"{row['vs_torch_fused']:.2f}" if row["vs_torch_fused"] else "-"
         lines.append(
-            f"{row['optimizer']:13} {row['layout']:16} {row['dtype']:7} {row['provider']:16} "
+            f"{row['optimizer']:13} {row['layout']:16} {row['dtype']:7} {row['provider']:18} "
             f"{row['median_s'] * 1e3:10.3f} {row['gb_per_s']:6.1f} {fused:>8} "
             f"{row['vs_twin']:7.2f}"
         )
@@ -154,28 +154,33 @@ def format_table(rows):
 
 
 def markdown_summary(rows):
-    """One line per (optimizer, layout, dtype): ours beside torch fused, DeepSpeed, the twin."""
+    """One line per (optimizer, layout, dtype): ours (default mode and flat gradients)
+    beside torch fused, DeepSpeed and the twin."""
     groups = {}
     for row in rows:
         key = (row["optimizer"], row["layout"], row["dtype"])
         groups.setdefault(key, {})[row["provider"]] = row
     lines = [
-        "| optimizer | layout | dtype | fastmomentum ms | torch fused ms | DeepSpeedCPUAdam ms "
-        "| twin ms | ours / fused | ours / twin | ours GB/s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| optimizer | layout | dtype | ours ms | ours flat ms | torch fused ms "
+        "| DeepSpeedCPUAdam ms | twin ms | ours / fused | flat / fused | ours / twin |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (optimizer, layout, dtype), by_provider in groups.items():
-        ours = by_provider["fastmomentum"]
 
         def ms(provider, by_provider=by_provider):
             row = by_provider.get(provider)
             return f"{row['median_s'] * 1e3:.3f}" if row else "-"
 
-        fused = f"{ours['vs_torch_fused']:.2f}" if ours["vs_torch_fused"] else "-"
+        def ratio(provider, key, by_provider=by_provider):
+            row = by_provider.get(provider)
+            return f"{row[key]:.2f}" if row and row[key] else "-"
+
         lines.append(
-            f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} | {ms('torch fused')} "
-            f"| {ms('DeepSpeedCPUAdam')} | {ms(TWIN)} | {fused} | {ours['vs_twin']:.2f} "
-            f"| {ours['gb_per_s']:.1f} |"
+            f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} "
+            f"| {ms('fastmomentum flat')} | {ms('torch fused')} | {ms('DeepSpeedCPUAdam')} "
+            f"| {ms(TWIN)} | {ratio('fastmomentum', 'vs_torch_fused')} "
+            f"| {ratio('fastmomentum flat', 'vs_torch_fused')} "
+            f"| {ratio('fastmomentum', 'vs_twin')} |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""fastmomentum: fused, in-place momentum-family optimizer steps over flat buffers.
+"""fastmomentum: fused, in-place momentum-family optimizer steps, one launch per bucket.
 
 ``fastmomentum.SGD``, ``Adam`` and ``AdamW`` are drop-in replacements for their
 ``torch.optim`` namesakes; ``fastmomentum.kernels`` is the torch-free kernel library.

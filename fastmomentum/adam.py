@@ -1,4 +1,5 @@
-"""``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements on flat buffers."""
+"""``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements, one fused
+launch per bucket."""
 
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
@@ -13,7 +14,7 @@ class Adam(FlatOptimizer):
     r"""Adam (Kingma & Ba, 2015), optionally AMSGrad, with L2 or decoupled weight decay.
 
     Same arguments, defaults, state and numbers as ``torch.optim.Adam``; one fused kernel
-    call per flat buffer per step. For a parameter at its step ``t`` (counted per
+    launch per (param group, device, dtype) per step. For a parameter at its step ``t`` (counted per
     parameter), with ``g = ±∇f(p)``::
 
         p ← p·(1 − lr·λ)                       if decoupled_weight_decay (AdamW)
@@ -24,7 +25,7 @@ class Adam(FlatOptimizer):
         p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + ε)
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
-    fused kernel per buffer); ``capturable=True`` and ``differentiable=True`` are rejected.
+    fused launch); ``capturable=True`` and ``differentiable=True`` are rejected.
     ``flat_gradients``: as in `fastmomentum.SGD`.
     """
 

@@ -15,7 +15,7 @@ def expose_new_state(optimizer, group, bucket, rows):
     switched on). Marks ``rows`` as having state."""
     names = optimizer.state_names(group)
     renamed = bucket.exposed_names != names
-    if bucket.all_initialized and not renamed:
+    if not renamed and bucket.all_initialized:
         return
     if renamed:
         bucket.initialized[rows] = True

@@ -2,7 +2,7 @@
 
 A bucket owns its parameters' optimizer state (one `storage.Allocation` per state name,
 each parameter's state a piece of it with a storage of its own and the parameter's
-layout), their step counts and, with ``flat_gradients``, a gradient allocation. It owns
+layout), their step counts and (`gradients.Gradients`) their ``zero_grad``. It owns
 a parameter's values only if nothing else could see them: `adopt` moves such parameters
 into one allocation (each piece a storage of its own, strides kept) and leaves every
 other parameter where it is. Steps never rely on either: `launches.StepPlanner` looks
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .devices import kernels_for
+from .gradients import Gradients
 from .launches import StepPlanner
 from .storage import Allocation, dense_strides, is_dtensor, local, owns_storage_alone
 
@@ -45,7 +46,6 @@ class ParamBucket:
         self.strides = [dense_strides(t) for t in tensors]
         self.offsets = np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64).tolist()
         self.size = self.offsets.pop()
-        self.flat_gradients = flat_gradients
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
         self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
@@ -54,7 +54,7 @@ class ParamBucket:
         self.all_initialized = False
         self.exposed_names = ()  # the state names ``state[p]`` entries were made with
         self.coefficients = (None, None)  # see `FlatOptimizer.cached_coefficients`
-        self._grads = None  # the flat gradient Allocation, made when first needed
+        self.gradients = Gradients(self, flat_gradients)
         self.planner = StepPlanner(self)
 
     # --- where the parameters and gradients are ---------------------------------------
@@ -148,87 +148,3 @@ class ParamBucket:
             self.offsets[index], self.shapes[index], self.strides[index]
         )
         target.copy_(value)
-
-    # --- gradients --------------------------------------------------------------------
-
-    def grad_address(self, index):
-        """Where parameter ``index``'s flat gradient lies (0 while there is none)."""
-        return 0 if self._grads is None else self._grads.address_of(self.offsets[index])
-
-    def _grad_allocation(self):
-        if self._grads is None:
-            self._grads = Allocation(self.size, self.dtype, self.device)
-        return self._grads
-
-    def own_grads(self):
-        """Whether every gradient is its piece of our flat gradient allocation."""
-        if self._grads is None or self.distributed:
-            return False
-        for index, param in enumerate(self.params):
-            grad = param.grad
-            if grad is None or grad.layout != torch.strided:
-                return False
-            if grad.data_ptr() != self.grad_address(index):
-                return False
-            if grad.stride() != self.strides[index]:
-                return False
-        return True
-
-    def grads_to_touch(self):
-        """Every gradient once: the flat gradient tensor if all gradients are its pieces."""
-        if self.own_grads() and self.size:
-            return [self._grads.flat]
-        return [param.grad for param in self.params if param.grad is not None]
-
-    def adopt_grads(self):
-        """With ``flat_gradients``: make each gradient that exists and is laid out like
-        the parameter's state a piece of the flat gradient allocation (values copied)."""
-        for index, param in enumerate(self.params):
-            grad = param.grad
-            if grad is not None and self._can_replace(index, grad):
-                piece = self._grad_piece(index)
-                piece.copy_(grad)
-                param.grad = piece
-
-    def _can_replace(self, index, grad):
-        return (
-            not self.distributed
-            and grad.layout == torch.strided
-            and grad.stride() == self.strides[index]
-            and grad.data_ptr() != self.grad_address(index)
-        )
-
-    def _grad_piece(self, index):
-        return self._grad_allocation().piece(
-            self.offsets[index], self.shapes[index], self.strides[index]
-        )
-
-    def zero_grads(self, set_to_none):
-        """``zero_grad`` for these parameters, as ``torch.optim`` does it.
-
-        With ``set_to_none=False`` gradients are zeroed in place; with ``flat_gradients``
-        those laid out like the parameter's state are instead replaced by zeroed pieces
-        of the flat gradient allocation (one pass), so backward accumulates there.
-        """
-        if set_to_none:
-            for param in self.params:
-                param.grad = None
-            return
-        if all(param.grad is None for param in self.params):
-            return
-        if self.flat_gradients and not self.distributed:
-            self._grad_allocation().flat.zero_()
-            for index, param in enumerate(self.params):
-                if param.grad is not None and self._can_replace(index, param.grad):
-                    param.grad = self._grad_piece(index)
-        for index, param in enumerate(self.params):
-            grad = param.grad
-            if grad is None:
-                continue
-            if self._grads is not None and grad.data_ptr() == self.grad_address(index):
-                continue  # a piece of the flat allocation, zeroed with it above
-            if grad.grad_fn is not None:
-                grad.detach_()
-            else:
-                grad.requires_grad_(False)
-            grad.zero_()

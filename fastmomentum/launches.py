@@ -45,8 +45,9 @@ class StepPlanner:
         rows, grads, staged_grads = self._read_grads(bucket.local_grads())
         if not rows:
             return None
-        params = [seen[0][row] for row in rows]
+        params = seen[0] if len(rows) == len(tensors) else [seen[0][row] for row in rows]
         if not layout.simple:
+            params = list(params)
             for position, row in enumerate(rows):
                 if layout.staged[row]:
                     params[position] = tensors[row]
@@ -118,6 +119,7 @@ class StepPlanner:
                 if name is not None:
                     table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]
             table.rows = np.array(rows, np.int64)
+            table.sources = None  # the (param, grad) addresses the table holds
             self._tables[key] = table
         return table
 
@@ -158,8 +160,10 @@ class StepPlan:
         """
         if self._layout.simple and not self._staging:
             table = self._planner.table(tuple(self.rows), columns, entry_width)
-            table.addresses[:, 0] = self._params
-            table.addresses[:, 1] = self._grads
+            if table.sources != (self._params, self._grads):  # often the same as last step
+                table.addresses[:, 0] = self._params
+                table.addresses[:, 1] = self._grads
+                table.sources = (self._params, self._grads)
             if prepare is not None:
                 prepare(table)
             kernel(table, *args)
@@ -191,6 +195,7 @@ class StepPlan:
                 grads.append(grad)
             table.addresses[:, 0] = params
             table.addresses[:, 1] = grads
+            table.sources = None
             if prepare is not None:
                 prepare(table)
             kernel(table, *args)

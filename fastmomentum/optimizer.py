@@ -112,7 +112,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             for bucket in buckets:
                 bucket.adopt()
                 if flat:
-                    bucket.adopt_grads()
+                    bucket.gradients.adopt()
         return buckets
 
     # --- the step ---------------------------------------------------------------------
@@ -192,7 +192,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             torch._foreach_mul_(grads, 1.0 / grad_scale)
 
     def _grads_to_touch(self):
-        return [grad for buckets in self.buckets for b in buckets for grad in b.grads_to_touch()]
+        return [g for buckets in self.buckets for b in buckets for g in b.gradients.to_touch()]
 
     def cached_coefficients(self, bucket, key, compute):
         """``compute()``, the kernel coefficients for ``key`` (settings and loss scale),
@@ -217,7 +217,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for buckets in self.buckets:
                 for bucket in buckets:
-                    bucket.zero_grads(set_to_none)
+                    bucket.gradients.zero(set_to_none)
 
     # --- checkpoints ------------------------------------------------------------------
 

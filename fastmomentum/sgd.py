@@ -1,4 +1,4 @@
-"""``fastmomentum.SGD``: drop-in ``torch.optim.SGD`` on flat buffers."""
+"""``fastmomentum.SGD``: drop-in ``torch.optim.SGD``, one fused launch per bucket."""
 
 from typing import Literal
 
@@ -15,7 +15,8 @@ class SGD(FlatOptimizer):
     r"""Stochastic gradient descent with optional heavy-ball or Nesterov momentum.
 
     Same arguments, defaults, state and numbers as ``torch.optim.SGD``; one fused kernel
-    call per flat buffer per step. With ``d = ±∇f(p) + λ·p`` (minus when ``maximize``),
+    launch per (param group, device, dtype) per step, over every parameter and gradient
+    where it lies. With ``d = ±∇f(p) + λ·p`` (minus when ``maximize``),
     momentum ``μ``, dampening ``τ``::
 
         v ← d                     on a parameter's first step
@@ -28,11 +29,11 @@ class SGD(FlatOptimizer):
     and differ when it changes. ``state[p]["momentum_buffer"]`` then holds ``lr·v``.
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
-    fused kernel per buffer); ``differentiable=True`` is rejected. ``flat_gradients=True``
-    lets ``zero_grad(set_to_none=False)`` (and construction) replace each ``.grad`` by a
-    view into the flat gradient buffer instead of zeroing it in place: backward then
-    accumulates there and the step is one kernel call (a different tensor object than
-    torch leaves in ``.grad``; references to the old one see no more updates).
+    fused launch); ``differentiable=True`` is rejected. ``flat_gradients=True`` lets
+    ``zero_grad(set_to_none=False)`` (and construction) replace each ``.grad`` by a piece
+    of one gradient allocation of ours instead of zeroing it in place: backward then
+    accumulates there, and zeroing and clipping take one pass (a different tensor object
+    than torch leaves in ``.grad``; references to the old one see no more updates).
     """
 
     def __init__(

@@ -84,12 +84,16 @@ def has_internal_overlap(tensor):
 
 
 def _use_count(tensor):
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+    """How many references the storage has (torch's own count; without that private
+    function, a count no parameter passes: nothing is adopted, everything is stepped
+    where it lies)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(tensor.untyped_storage()._cdata) if count else 1 << 30
 
 
 #: What `_use_count` reads for a tensor alone on its storage (the tensor and the
 #: storage object `untyped_storage` returns).
-_ALONE = _use_count(torch.empty(1))
+_ALONE = _use_count(torch.empty(1)) if hasattr(torch._C, "_storage_Use_Count") else 0
 
 
 def owns_storage_alone(tensor):

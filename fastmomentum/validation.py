@@ -11,6 +11,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 def host_float(value, name):
     """A hyperparameter as a Python float; a GPU tensor is refused, since reading it every
     step would make the host wait for the GPU."""
+    if type(value) is float:  # the common case, read every step
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")

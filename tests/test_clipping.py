@@ -35,7 +35,9 @@ def test_clip_grad_norm_matches_torch(max_norm, norm_type, set_to_none):
         optimizer.step()
         ref_optimizer.step()
     if set_to_none is False:
-        assert all(bucket.own_grads() for buckets in optimizer.buckets for bucket in buckets)
+        assert all(
+            bucket.gradients.all_ours() for buckets in optimizer.buckets for bucket in buckets
+        )
 
 
 def test_non_finite_norm_raises_when_asked():

@@ -184,7 +184,9 @@ def test_a_step_is_one_launch_per_bucket(name, flat_gradients, monkeypatch):
     assert len(launches) == 3
     assert len(launches[-1]) == len(list(model.parameters()))
     if flat_gradients:
-        assert all(bucket.own_grads() for buckets in optimizer.buckets for bucket in buckets)
+        assert all(
+            bucket.gradients.all_ours() for buckets in optimizer.buckets for bucket in buckets
+        )
 
 
 def test_parameters_of_two_dtypes_are_two_launches(monkeypatch):

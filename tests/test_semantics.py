@@ -359,9 +359,15 @@ def test_flat_gradient_buffer_is_allocated_only_when_used():
     model = make_model()
     optimizer = fastmomentum.SGD(model.parameters(), lr=0.05, momentum=0.9, flat_gradients=True)
     train(model, optimizer, 3)  # zero_grad(set_to_none=True): gradients read in place
-    assert all(bucket._grads is None for buckets in optimizer.buckets for bucket in buckets)
+    assert all(
+        bucket.gradients.allocation is None for buckets in optimizer.buckets for bucket in buckets
+    )
     train(model, optimizer, 2, set_to_none=False)
-    assert all(bucket._grads is not None for buckets in optimizer.buckets for bucket in buckets)
+    assert all(
+        bucket.gradients.allocation is not None
+        for buckets in optimizer.buckets
+        for bucket in buckets
+    )
     for param in model.parameters():
         assert param.grad.data_ptr() != 0
 
