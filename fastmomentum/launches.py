@@ -41,18 +41,19 @@ class StepPlanner:
         bucket = self.bucket
         tensors = bucket.local_params()
         seen = ([t.data_ptr() for t in tensors], [t.stride() for t in tensors])
-        layout = self._layout if seen == self._seen else self._survey(tensors)
+        changed = seen != self._seen
+        layout = self._survey(tensors) if changed else self._layout
         rows, grads, staged_grads = self._read_grads(bucket.local_grads())
         if not rows:
             return None
         params = seen[0] if len(rows) == len(tensors) else [seen[0][row] for row in rows]
-        if not layout.simple:
+        if layout.any_staged:
             params = list(params)
             for position, row in enumerate(rows):
                 if layout.staged[row]:
                     params[position] = tensors[row]
-        staging = staged_grads or any(layout.staged)
-        return StepPlan(self, seen, layout, rows, params, grads, staging)
+        staging = staged_grads or layout.any_staged
+        return StepPlan(self, seen if changed else None, layout, rows, params, grads, staging)
 
     def _survey(self, tensors):
         """Check every parameter's place and layout again (see the module doc)."""
@@ -108,8 +109,9 @@ class StepPlanner:
         return rows, sources, staged
 
     def table(self, rows, columns, entry_width):
-        """The launch table of parameters ``rows`` (a tuple) with state ``columns``."""
-        key = (rows, columns, entry_width)
+        """The launch table of parameters ``rows`` with state ``columns``."""
+        every = len(rows) == len(self.bucket.params)  # the common case, keyed without rows
+        key = (None if every else tuple(rows), columns, entry_width)
         table = self._tables.get(key)
         if table is None:
             bucket = self.bucket
@@ -130,7 +132,8 @@ class Layout:
     def __init__(self, staged, waves):
         self.staged = staged
         self.waves = waves
-        self.simple = not any(staged) and not any(waves)  # one launch, nothing staged
+        self.any_staged = any(staged)
+        self.simple = not self.any_staged and not any(waves)  # one launch, nothing staged
 
 
 class StepPlan:
@@ -141,14 +144,15 @@ class StepPlan:
     """
 
     def __init__(self, planner, seen, layout, rows, params, grads, staging):
-        self._planner, self._seen, self._layout = planner, seen, layout
+        self._planner, self._layout = planner, layout
+        self._seen = seen  # the parameters' new (addresses, strides), or None: unchanged
         self.rows = rows
         self._params, self._grads, self._staging = params, grads, staging
 
     def commit(self):
         """Take this plan's view of the parameters as the one later steps compare to."""
-        planner = self._planner
-        if planner._seen != self._seen:
+        if self._seen is not None:
+            planner = self._planner
             planner._seen, planner._layout, planner._tables = self._seen, self._layout, {}
 
     def launch(self, columns, entry_width, prepare, kernel, *args):
@@ -159,7 +163,7 @@ class StepPlan:
         values first (``table.rows`` are the wave's parameters).
         """
         if self._layout.simple and not self._staging:
-            table = self._planner.table(tuple(self.rows), columns, entry_width)
+            table = self._planner.table(self.rows, columns, entry_width)
             if table.sources != (self._params, self._grads):  # often the same as last step
                 table.addresses[:, 0] = self._params
                 table.addresses[:, 1] = self._grads
