@@ -157,10 +157,8 @@ def adamw_step(
 
 def _one_entry(arrays, entry_values=()):
     """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used)."""
-    table = TensorTable([arrays[0].size], len(arrays), arrays[0].dtype, len(entry_values))
-    table.addresses[0] = [0 if array is None else address_of(array) for array in arrays]
-    table.entry_values[0] = entry_values
-    return table
+    addresses = [0 if array is None else address_of(array) for array in arrays]
+    return TensorTable.single(arrays[0].size, addresses, arrays[0].dtype, entry_values)
 
 
 def _dispatch(arrays, stream):

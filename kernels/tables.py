@@ -17,6 +17,8 @@ So one huge tensor and many tiny ones both keep every thread busy. Schedules dep
 the lengths only and are kept; addresses and entry values may change before each launch.
 """
 
+import functools
+
 import numpy as np
 
 
@@ -37,6 +39,21 @@ class TensorTable:
         self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
         self.note = None  # the caller's record of what entry_values hold
 
+    @classmethod
+    def single(cls, size, addresses, dtype, entry_values=()):
+        """A table of one entry: ``size`` elements at ``addresses`` (the low-level API's
+        flat arrays; built with as little work as a call on a small array allows)."""
+        table = cls.__new__(cls)
+        table.lengths = np.array([size], np.int64)
+        table.starts = np.array([0, size], np.int64)
+        table.size = size
+        table.dtype = np.dtype(dtype)
+        table.addresses = np.array([addresses], np.int64)
+        table.entry_values = np.array([entry_values], table.dtype).reshape(1, len(entry_values))
+        table._schedules = {}
+        table.rows = table.note = None
+        return table
+
     def __len__(self):
         return self.lengths.size
 
@@ -44,9 +61,14 @@ class TensorTable:
         """``(segments, part_starts)``: ``parts`` equal element ranges, part ``p`` being
         ``segments[part_starts[p]:part_starts[p + 1]]``."""
         key = ("cpu", parts)
-        if key not in self._schedules:
-            self._schedules[key] = _equal_parts(self.starts, parts)
-        return self._schedules[key]
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            if len(self.lengths) == 1:  # the low-level API's tables, made anew each call
+                schedule = _one_entry_parts(self.size, parts)
+            else:
+                schedule = _equal_parts(self.starts, parts)
+            self._schedules[key] = schedule
+        return schedule
 
     def cuda_segments(self, chunk):
         """Segments of at most ``chunk`` elements, in entry order."""
@@ -70,6 +92,16 @@ def _equal_parts(starts, parts):
         pieces.append(np.stack([entries[keep], begin[keep], end[keep]], axis=1))
         part_starts.append(part_starts[-1] + int(keep.sum()))
     return np.concatenate(pieces).reshape(-1, 3), np.array(part_starts, np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_entry_parts(size, parts):
+    bounds = [part * size // parts for part in range(parts + 1)]
+    segments = [(0, low, high) for low, high in zip(bounds, bounds[1:]) if high > low]
+    part_starts = [0]
+    for low, high in zip(bounds, bounds[1:]):
+        part_starts.append(part_starts[-1] + (high > low))
+    return np.array(segments, np.int64).reshape(-1, 3), np.array(part_starts, np.int64)
 
 
 def _chunks(lengths, chunk):
