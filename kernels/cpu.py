@@ -8,6 +8,7 @@ one huge tensor and many small ones both use every thread. Tables shorter than
 tuple in the arrays' dtype (built by `kernels.hyperparameters`).
 """
 
+import os
 import types
 
 import numba
@@ -106,6 +107,21 @@ def _serial(kernel):
 _LOOPS = {kernel: _serial(kernel) for kernel in (_sgd_plain, _sgd_momentum, _adam)}
 
 
+#: Set in a fork()ed child: its OpenMP runtime is the parent's, which is not fork-safe
+#: (measured: Numba's parallel loop in such a child hangs when the parent ran torch ops
+#: on threads, and Numba raises SIGTERM when the parent ran Numba's). A forked child
+#: (a Hogwild worker) therefore runs the single-threaded loops.
+_forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _threads():
     """``numba.get_num_threads()`` without the process-wide lock it takes to start the
     pool (≈3 µs a call, as much as a small kernel): once started, read the count."""
@@ -116,7 +132,7 @@ def _threads():
 def _launch(kernel, table, coefficients, *flags):
     if table.size == 0:
         return
-    if table.size < config.CPU_SERIAL_BELOW:
+    if table.size < config.CPU_SERIAL_BELOW or _forked:
         kernel, parts = _LOOPS[kernel], 1
     else:
         parts = _threads()

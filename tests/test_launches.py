@@ -200,3 +200,31 @@ def test_parameters_of_two_dtypes_are_two_launches(monkeypatch):
     model[1](model[0](torch.randn(5, 3)).double()).sum().backward()
     optimizer.step()
     assert sorted(t.dtype.name for t in launches) == ["float32", "float64"]
+
+
+def _step_in_a_forked_child(result):
+    param, grad = np.ones(1 << 16, np.float32), np.full(1 << 16, 0.5, np.float32)
+    from fastmomentum.kernels import sgd_step
+
+    sgd_step(param, grad, lr=0.1)
+    result.value = float(param.sum())
+
+
+def test_a_forked_child_steps_on_one_thread_instead_of_hanging():
+    """GNU OpenMP is not fork-safe: a child of a process that ran threaded loops (ours
+    or torch's) would hang or be killed in a threaded loop of its own."""
+    import multiprocessing
+
+    from fastmomentum.kernels import sgd_step
+
+    torch.ones(1 << 20).add_(1)  # torch's thread pool, as in any training process
+    sgd_step(np.ones(1 << 16, np.float32), np.ones(1 << 16, np.float32), lr=0.1)  # ours
+    context = multiprocessing.get_context("fork")
+    result = context.Value("d", 0.0)
+    child = context.Process(target=_step_in_a_forked_child, args=(result,))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+    assert result.value == pytest.approx(0.95 * (1 << 16))
