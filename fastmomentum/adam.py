@@ -101,20 +101,16 @@ class Adam(FlatOptimizer):
         columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
 
         def count_step(table):  # each parameter's step count, and its bias corrections
-            if len(table.rows) == len(steps):
-                steps[...] += 1
-            else:
-                steps[table.rows] += 1
-                bucket.uniform_steps = False
-            if not bucket.uniform_steps:
+            step = bucket.count_steps(table.rows)
+            if step is None:  # parameters at different steps: a row each
                 table.entry_values[:] = hyperparameters.adam_step_coefficients_per_entry(
                     dtype, steps[table.rows], lr, betas
                 )
                 table.note = None
-            elif table.note != (steps[0], lr, betas):  # one row for all: steps[0]'s
-                table.note = (steps[0], lr, betas)
+            elif table.note != (step, lr, betas):  # one row for all
+                table.note = (step, lr, betas)
                 table.entry_values[:] = hyperparameters.adam_step_coefficients(
-                    dtype, float(steps[0]), lr, betas
+                    dtype, step, lr, betas
                 )
 
         plan.launch(columns, 2, count_step, bucket.kernels.adam, coefficients, amsgrad)

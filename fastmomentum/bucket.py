@@ -15,7 +15,15 @@ import torch
 from .devices import kernels_for
 from .gradients import Gradients
 from .launches import StepPlanner
-from .storage import Allocation, dense_strides, is_dtensor, local, owns_storage_alone
+from .storage import (
+    Allocation,
+    dense_strides,
+    is_dtensor,
+    local,
+    owns_storage_alone,
+    placed_like,
+    shard_like,
+)
 
 
 def step_dtype():
@@ -115,35 +123,27 @@ class ParamBucket:
     def state_piece(self, name, index):
         """Parameter ``index``'s state ``name`` as a tensor (a DTensor for a DTensor)."""
         piece = self.state(name).piece(self.offsets[index], self.shapes[index], self.strides[index])
-        if not self.distributed:
-            return piece
-        param = self.params[index]
-        return type(param).from_local(
-            piece,
-            param.device_mesh,
-            param.placements,
-            run_check=False,
-            shape=param.shape,
-            stride=param.stride(),
-        )
+        return placed_like(piece, self.params[index]) if self.distributed else piece
+
+    def count_steps(self, rows):
+        """Advance the step counts of parameters ``rows``; return the common count if
+        every parameter is at the same step (the common case), else ``None``."""
+        if len(rows) == len(self.params):
+            self.step_counts[...] += 1
+        else:
+            self.step_counts[rows] += 1
+            self.uniform_steps = False
+        return float(self.step_counts[0]) if self.uniform_steps else None
 
     def step_piece(self, index):
         """Parameter ``index``'s step count as torch keeps it: a 0-dim CPU tensor."""
         return self._steps.piece(index, (), ())
 
     def load_state_value(self, name, index, value):
-        """Copy a loaded state tensor (plain, or a DTensor placed like the parameter) in."""
+        """Copy a loaded state tensor in (for a DTensor parameter: a DTensor placed like
+        it, or a full tensor, of which this rank takes its shard)."""
         if self.distributed:
-            param = self.params[index]
-            if is_dtensor(value):
-                value = local(value)
-            else:  # a full tensor: this rank's shard of it
-                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-                shape, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements
-                )
-                value = value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            value = shard_like(value, self.params[index])
         target = self.state(name).piece(
             self.offsets[index], self.shapes[index], self.strides[index]
         )

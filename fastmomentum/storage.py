@@ -116,9 +116,15 @@ def owns_storage_alone(tensor):
         return False
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         return False
-    if tensor.is_shared() or (tensor.device.type == "cpu" and tensor.is_pinned()):
+    if tensor.is_shared() or _pinned(tensor):
         return False
     return _use_count(tensor) <= _ALONE
+
+
+def _pinned(tensor):
+    """Whether a CPU tensor is in page-locked memory (asked only once CUDA is up: only
+    CUDA can pin, and asking would otherwise start a CUDA context)."""
+    return tensor.device.type == "cpu" and torch.cuda.is_initialized() and tensor.is_pinned()
 
 
 def span(tensor):
@@ -170,3 +176,30 @@ def local(tensor):
         return tensor
     with torch.no_grad():  # the shard itself, not an autograd view of it
         return tensor.to_local()
+
+
+def placed_like(shard, param):
+    """``shard`` (this rank's part of something shaped like the DTensor ``param``) as a
+    DTensor placed like ``param``; no communication."""
+    return type(param).from_local(
+        shard,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def shard_like(value, param):
+    """This rank's shard of ``value``, shaped like the DTensor ``param``: a DTensor's
+    local shard, or the slice of a full tensor that ``param``'s placements give this
+    rank (no communication)."""
+    if is_dtensor(value):
+        return local(value)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    return value[tuple(slice(start, start + size) for start, size in zip(offset, shape))]

@@ -97,12 +97,32 @@ def worker(rank, world, folder, port, phase):
         results[case + "-state-kinds"] = sorted(
             type(value).__name__ for key, value in state.items() if key != "step"
         )
+        if phase == "train":
+            results[case + "-full-load"] = load_full_state(model, optimizer, name)
     if phase == "train":
         results["errors"] = bad_placements()
     if rank == 0:
         torch.save(results, os.path.join(folder, f"{phase}.pt"))
     dist.barrier()
     os._exit(0)
+
+
+def load_full_state(model, optimizer, name):
+    """A state dict of full tensors (``full_tensor()`` of every DTensor) loaded into a new
+    optimizer: each rank takes its shard, so the state equals the original's."""
+    saved = optimizer.state_dict()
+    for entry in saved["state"].values():
+        for key, value in entry.items():
+            if key != "step":
+                entry[key] = value.full_tensor()
+    fresh = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+    fresh.load_state_dict(saved)
+    return all(
+        torch.equal(fresh.state[p][key].to_local(), value.to_local())
+        for p in model.parameters()
+        for key, value in optimizer.state[p].items()
+        if key != "step"
+    )
 
 
 def bad_placements():

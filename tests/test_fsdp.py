@@ -36,6 +36,7 @@ def test_fully_sharded_training_matches_one_process(runs, case, name, reshard):
         assert_relative_close(sharded, whole.detach(), RTOL["float64"], case)
     assert trained[case + "-in-place"], "FSDP's shard storage was re-pointed"
     assert set(trained[case + "-state-kinds"]) == {"DTensor"}
+    assert trained[case + "-full-load"], "a state dict of full tensors loaded other shards"
 
 
 @pytest.mark.parametrize(("case", "name", "reshard"), fsdp_run.CASES)

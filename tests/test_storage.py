@@ -269,3 +269,13 @@ def test_a_gradient_re_pointed_to_another_dtype_is_refused_before_any_update():
         optimizer.step()
     assert all(torch.equal(p, was) for p, was in zip((first, second), before))
     assert len(optimizer.state) == 0
+
+
+def test_a_parameter_whose_own_elements_overlap_is_refused():
+    """An expanded tensor: torch's in-place ops refuse it at the step; we at once."""
+    expanded = nn.Parameter(torch.randn(1).expand(4))
+    with pytest.raises(RuntimeError, match="parameter 0 has elements that share memory"):
+        fastmomentum.SGD([expanded], lr=0.1)
+    expanded.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="more than one element"):
+        torch.optim.SGD([expanded], lr=0.1, foreach=False).step()
