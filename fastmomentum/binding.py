@@ -2,8 +2,8 @@
 
 After a parameter's first step its ``optimizer.state[p]`` entry holds pieces of the
 bucket's allocations under torch's keys (`expose_new_state`); after a load, an
-unpickling, or user code replacing, clearing or deleting entries, the buckets are made
-to hold what ``optimizer.state`` says (`bind_state`).
+unpickling, or user code replacing ``optimizer.state``, clearing it or deleting entries,
+the buckets are made to hold what ``optimizer.state`` says (`bind_state`).
 """
 
 import torch
@@ -43,23 +43,47 @@ def expose_state(optimizer, bucket, index, names):
 def bind_state(optimizer):
     """Copy what ``optimizer.state`` holds into the buckets and expose it again.
 
-    A parameter without (complete) state in ``optimizer.state`` starts afresh.
+    A parameter without (complete) state in ``optimizer.state`` starts afresh. Every
+    entry is read and checked first: if one cannot be used, this raises and nothing
+    has changed.
     """
-    for group, buckets in zip(optimizer.param_groups, optimizer.buckets):
-        for bucket in buckets:
-            _bind_bucket(optimizer, group, bucket)
+    pairs = [
+        (group, bucket)
+        for group, buckets in zip(optimizer.param_groups, optimizer.buckets)
+        for bucket in buckets
+    ]
+    saved = [_read_bucket(optimizer, group, bucket) for group, bucket in pairs]
+    for (group, bucket), entries in zip(pairs, saved):
+        _write_bucket(optimizer, group, bucket, entries)
 
 
-def _bind_bucket(optimizer, group, bucket):
+def _read_bucket(optimizer, group, bucket):
+    """Per parameter ``(step, {name: copy})`` of its complete state, or ``None`` (copies:
+    the entries may be pieces of the bucket itself)."""
     names = optimizer.state_names(group)
     saved = []
-    for param in bucket.params:  # copies first: the entries may be pieces of the bucket
-        entry = optimizer.state.pop(param, {})
+    for index, param in enumerate(bucket.params):
+        entry = optimizer.state.get(param, {})
         if not entry or any(entry.get(name) is None for name in names):
             saved.append(None)
             continue
+        for name in names:
+            value = entry[name]
+            if not torch.is_tensor(value) or value.shape != param.shape:
+                shape = tuple(value.shape) if torch.is_tensor(value) else repr(value)
+                raise RuntimeError(
+                    f"state {name!r} of {bucket.names[index]} is {shape}; the parameter "
+                    f"has shape {tuple(param.shape)}"
+                )
         step = float(entry["step"]) if optimizer.counts_steps else None
         saved.append((step, {name: entry[name].detach().clone() for name in names}))
+    return saved
+
+
+def _write_bucket(optimizer, group, bucket, saved):
+    names = optimizer.state_names(group)
+    for param in bucket.params:
+        optimizer.state.pop(param, None)
     bucket.step_counts[:] = 0
     for name in names:
         bucket.state(name).flat.zero_()
@@ -76,5 +100,4 @@ def _bind_bucket(optimizer, group, bucket):
         expose_state(optimizer, bucket, index, names)
     bucket.exposed_names = names
     bucket.all_initialized = bool(bucket.initialized.all())
-    bucket.uniform_steps = bool((bucket.step_counts == bucket.step_counts[:1]).all())
     bucket.coefficients = (None, None)

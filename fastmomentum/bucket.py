@@ -57,7 +57,6 @@ class ParamBucket:
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
         self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
-        self.uniform_steps = True  # every parameter has the same step count
         self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
         self.all_initialized = False
         self.exposed_names = ()  # the state names ``state[p]`` entries were made with
@@ -127,13 +126,17 @@ class ParamBucket:
 
     def count_steps(self, rows):
         """Advance the step counts of parameters ``rows``; return the common count if
-        every parameter is at the same step (the common case), else ``None``."""
-        if len(rows) == len(self.params):
-            self.step_counts[...] += 1
-        else:
-            self.step_counts[rows] += 1
-            self.uniform_steps = False
-        return float(self.step_counts[0]) if self.uniform_steps else None
+        they all step and all are at the same step (the common case), else ``None``.
+
+        Read anew each time: user code may set ``state[p]["step"]`` in place.
+        """
+        counts = self.step_counts
+        if len(rows) != len(self.params):
+            counts[rows] += 1
+            return None
+        counts += 1
+        first = counts[0]
+        return float(first) if (counts == first).all() else None
 
     def step_piece(self, index):
         """Parameter ``index``'s step count as torch keeps it: a 0-dim CPU tensor."""

@@ -32,7 +32,7 @@ class StepPlanner:
 
     def __init__(self, bucket):
         self.bucket = bucket
-        self._seen = None  # (addresses, strides) of the parameters when last checked
+        self._seen = None  # (addresses, strides, shapes) of the parameters when last checked
         self._layout = None  # `Layout` of the parameters as last checked
         self._tables = {}  # launch tables by (rows, columns, entry width), for this layout
 
@@ -40,7 +40,13 @@ class StepPlanner:
         """The step of every parameter that has a gradient, or ``None`` if none has."""
         bucket = self.bucket
         tensors = bucket.local_params()
-        seen = ([t.data_ptr() for t in tensors], [t.stride() for t in tensors])
+        # Address, strides and shape: a tensor re-pointed (``p.data = …``) to another of
+        # another size may well land at the same address.
+        seen = (
+            [t.data_ptr() for t in tensors],
+            [t.stride() for t in tensors],
+            [t.shape for t in tensors],
+        )
         changed = seen != self._seen
         layout = self._survey(tensors) if changed else self._layout
         rows, grads, staged_grads = self._read_grads(bucket.local_grads())
@@ -122,8 +128,15 @@ class StepPlanner:
                     table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]
             table.rows = np.array(rows, np.int64)
             table.sources = None  # the (param, grad) addresses the table holds
+            if len(self._tables) >= _TABLES_KEPT:  # e.g. a different set of gradients
+                del self._tables[next(iter(self._tables))]  # every step (MoE): the oldest
             self._tables[key] = table
         return table
+
+
+#: Launch tables a planner keeps (one per set of parameters with gradients, and per
+#: state columns); beyond that the oldest is dropped and rebuilt when needed again.
+_TABLES_KEPT = 8
 
 
 class Layout:
@@ -145,7 +158,7 @@ class StepPlan:
 
     def __init__(self, planner, seen, layout, rows, params, grads, staging):
         self._planner, self._layout = planner, layout
-        self._seen = seen  # the parameters' new (addresses, strides), or None: unchanged
+        self._seen = seen  # the parameters' new (addresses, strides, shapes), or None
         self.rows = rows
         self._params, self._grads, self._staging = params, grads, staging
 

@@ -157,7 +157,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         grad_scale = None if grad_scale is None else float(grad_scale)
         seen_state, seen_size = self._state_seen
         if self.state is not seen_state or len(self.state) != seen_size:
-            binding.bind_state(self)  # user code replaced, cleared or deleted state entries
+            binding.bind_state(self)  # user code replaced the dict, cleared it or deleted
+            # entries (an entry replaced in place, `state[p] = {}`, is not seen yet)
         all_settings = []
         for index, group in enumerate(self.param_groups):
             settings = self.settings(group)
@@ -233,6 +234,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._checked = [None] * len(self.param_groups)
         binding.bind_state(self)
         self._state_seen = (self.state, len(self.state))
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_flat_gradients": self._flat_gradients}
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -110,11 +110,16 @@ _ALONE = _use_count(torch.empty(1)) if hasattr(torch._C, "_storage_Use_Count") e
 
 def owns_storage_alone(tensor):
     """Whether nothing but ``tensor`` can see its memory: it covers its whole storage,
-    no other tensor holds that storage, and it is not shared with other processes or
-    pinned. Moving such a tensor's values elsewhere is invisible to everyone else."""
+    torch allocated that storage (not NumPy, DLPack or a ``multiprocessing`` array: their
+    owners see the memory too), no other tensor holds it, and it is not shared with other
+    processes or pinned. Moving such a tensor's values elsewhere is invisible to
+    everyone else."""
     if is_dtensor(tensor) or not is_dense(tensor) or tensor.storage_offset() != 0:
         return False
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+    storage = tensor.untyped_storage()
+    if not storage.resizable():  # memory torch did not allocate (or our own pieces)
+        return False
+    if storage.nbytes() != tensor.numel() * tensor.element_size():
         return False
     if tensor.is_shared() or _pinned(tensor):
         return False

@@ -8,7 +8,9 @@ the ecosystem do to storage (``share_memory``, ``.data`` and ``.grad.data`` assi
 import copy
 import io
 import multiprocessing
+from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -279,3 +281,65 @@ def test_a_parameter_whose_own_elements_overlap_is_refused():
     expanded.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="more than one element"):
         torch.optim.SGD([expanded], lr=0.1, foreach=False).step()
+
+
+def test_a_parameter_re_pointed_to_a_smaller_tensor_at_the_same_address_is_refused():
+    """``p.data = p.data[:2]`` keeps the address: the step must not write 4 elements."""
+    base = torch.zeros(4)
+    param = nn.Parameter(torch.ones(4))
+    optimizer = fastmomentum.SGD([param], lr=1.0)
+    param.grad = torch.ones(4)
+    optimizer.step()
+    param.data = param.data[:2]
+    with pytest.raises(RuntimeError, match=r"changed from torch.float32 \(4,\)"):
+        optimizer.step()
+    assert torch.equal(param.detach(), torch.zeros(2)) and not base.any()
+
+
+def test_a_parameter_over_memory_torch_did_not_allocate_is_stepped_there():
+    """NumPy (or a multiprocessing array) owns the memory: its owner must see the step."""
+    array = np.ones(4, np.float32)
+    param = nn.Parameter(torch.from_numpy(array))
+    optimizer = fastmomentum.SGD([param], lr=0.5)
+    param.grad = torch.ones(4)
+    optimizer.step()
+    assert param.data_ptr() == array.ctypes.data
+    np.testing.assert_array_equal(array, np.full(4, 0.5, np.float32))
+
+
+def test_state_that_cannot_be_bound_raises_and_keeps_the_rest():
+    """A user entry of the wrong shape: torch raises at the step; nothing else is lost."""
+    first, second = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    optimizer = fastmomentum.SGD([first, second], lr=0.1, momentum=0.9)
+    first.grad, second.grad = torch.ones(4), torch.ones(4)
+    optimizer.step()
+    kept = optimizer.state[second]["momentum_buffer"].clone()
+    optimizer.state = defaultdict(
+        dict, {first: {"momentum_buffer": torch.zeros(3)}, second: {"momentum_buffer": kept}}
+    )
+    before = [first.detach().clone(), second.detach().clone()]
+    with pytest.raises(RuntimeError, match="state 'momentum_buffer' of parameter 0"):
+        optimizer.step()
+    assert torch.equal(optimizer.state[second]["momentum_buffer"], kept)
+    assert all(torch.equal(p, was) for p, was in zip((first, second), before))
+
+
+def test_a_step_count_set_in_place_is_used():
+    """``state[p]["step"].zero_()`` (with its moments): that parameter's bias correction
+    restarts while the others' continue, as in torch."""
+    model = make_model()
+    ours, theirs, ref_model = twins("Adam", {"lr": 1e-2}, model)
+    train(model, ours, 3)
+    train(ref_model, theirs, 3)
+    for optimizer, net in ((ours, model), (theirs, ref_model)):
+        for value in optimizer.state[net.head.weight].values():
+            value.zero_()
+    train(model, ours, 3)
+    train(ref_model, theirs, 3)
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
+
+
+def test_flat_gradients_survive_a_deep_copy():
+    param = nn.Parameter(torch.randn(3))
+    optimizer = fastmomentum.SGD([param], lr=0.1, flat_gradients=True)
+    assert copy.deepcopy(optimizer).buckets[0][0].gradients.flat
