@@ -49,7 +49,8 @@ class StepPlanner:
         )
         changed = seen != self._seen
         layout = self._survey(tensors) if changed else self._layout
-        rows, grads, staged_grads = self._read_grads(bucket.local_grads())
+        problems = layout.problems if layout.any_problem else None
+        rows, grads, staged_grads = self._read_grads(bucket.local_grads(), problems)
         if not rows:
             return None
         params = seen[0] if len(rows) == len(tensors) else [seen[0][row] for row in rows]
@@ -62,28 +63,36 @@ class StepPlanner:
         return StepPlan(self, seen if changed else None, layout, rows, params, grads, staging)
 
     def _survey(self, tensors):
-        """Check every parameter's place and layout again (see the module doc)."""
+        """Check every parameter's place and layout again (see the module doc).
+
+        A parameter that cannot be stepped (cast, moved to another device or reshaped
+        after construction; elements that share memory) is an error only at a step where
+        it has a gradient, as in ``torch.optim``, which only touches those.
+        """
         bucket = self.bucket
+        problems = [None] * len(tensors)
         for index, tensor in enumerate(tensors):
             expected = (bucket.dtype, bucket.device, bucket.shapes[index])
             if (tensor.dtype, tensor.device, tensor.shape) != expected:
-                raise RuntimeError(
+                problems[index] = (
                     f"{bucket.names[index]} changed from {bucket.dtype} "
                     f"{tuple(bucket.shapes[index])} on {bucket.device} to {tensor.dtype} "
                     f"{tuple(tensor.shape)} on {tensor.device} after the optimizer was "
                     "created; create the optimizer after moving or casting the model"
                 )
-            if has_internal_overlap(tensor):
-                raise RuntimeError(
+            elif has_internal_overlap(tensor):
+                problems[index] = (
                     f"{bucket.names[index]} has elements that share memory (e.g. an expanded "
-                    "tensor); an in-place update of it is not defined"
+                    "tensor); more than one element of it refers to a single memory location"
                 )
-        staged = [not _laid_out_as(t, strides) for t, strides in zip(tensors, bucket.strides)]
-        return Layout(staged, waves(tensors))
+        sound = [t if problem is None else t[:0] for t, problem in zip(tensors, problems)]
+        staged = [not _laid_out_as(t, strides) for t, strides in zip(sound, bucket.strides)]
+        return Layout(staged, waves(sound), problems)
 
-    def _read_grads(self, grads):
+    def _read_grads(self, grads, problems=None):
         """The parameters that have a gradient, and where each gradient is read from: an
-        address, or a staged copy when it is not laid out like the parameter's state."""
+        address, or a staged copy when it is not laid out like the parameter's state.
+        Raises for a gradient of a parameter with a problem (see `_survey`)."""
         bucket = self.bucket
         strides, numels, dtype = bucket.strides, bucket.numels, bucket.dtype
         device_index, strided = bucket.device_index, torch.strided
@@ -91,6 +100,8 @@ class StepPlanner:
         for index, grad in enumerate(grads):
             if grad is None:
                 continue
+            if problems is not None and problems[index] is not None:
+                raise RuntimeError(problems[index])
             if grad.layout is not strided:
                 raise TypeError(
                     f"{bucket.names[index]} has a sparse gradient; fastmomentum needs dense "
@@ -140,11 +151,14 @@ _TABLES_KEPT = 8
 
 
 class Layout:
-    """Per parameter: whether it must be staged, and its wave."""
+    """Per parameter: whether it must be staged, its wave, and why it cannot be stepped
+    (``None``: it can)."""
 
-    def __init__(self, staged, waves):
+    def __init__(self, staged, waves, problems):
         self.staged = staged
         self.waves = waves
+        self.problems = problems
+        self.any_problem = any(problem is not None for problem in problems)
         self.any_staged = any(staged)
         self.simple = not self.any_staged and not any(waves)  # one launch, nothing staged
 

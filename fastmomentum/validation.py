@@ -3,7 +3,7 @@
 import torch
 
 from .devices import cuda_unavailable_reason
-from .storage import has_internal_overlap, is_dtensor, local
+from .storage import is_dtensor, local
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -38,7 +38,8 @@ def check_params(params):
     """Raise for parameters the kernels cannot step, before any of them is touched.
 
     Parameters may share memory (tied through ``.data``, views of one tensor, in
-    different groups): they are stepped in turn, as ``torch.optim`` steps them.
+    different groups): they are stepped in turn, as ``torch.optim`` steps them. One whose
+    own elements overlap (an expanded tensor) is refused at a step that would write it.
     """
     seen = set()
     for position, param in enumerate(params):
@@ -65,11 +66,6 @@ def check_params(params):
             raise ValueError(f"{name} is on {device}; fastmomentum runs on CPU and CUDA")
         if param.grad is not None and param.grad.is_sparse:
             raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
-        if has_internal_overlap(local(param)):
-            raise RuntimeError(
-                f"{name} has elements that share memory (e.g. an expanded tensor); an in-place "
-                "update of it is not defined"
-            )
 
 
 def _check_placements(name, param):

@@ -273,27 +273,39 @@ def test_a_gradient_re_pointed_to_another_dtype_is_refused_before_any_update():
     assert len(optimizer.state) == 0
 
 
-def test_a_parameter_whose_own_elements_overlap_is_refused():
-    """An expanded tensor: torch's in-place ops refuse it at the step; we at once."""
-    expanded = nn.Parameter(torch.randn(1).expand(4))
-    with pytest.raises(RuntimeError, match="parameter 0 has elements that share memory"):
-        fastmomentum.SGD([expanded], lr=0.1)
+@pytest.mark.parametrize("library", [fastmomentum, torch.optim])
+def test_a_parameter_whose_own_elements_overlap_is_refused_when_it_would_be_written(library):
+    """An expanded tensor: stepped only without a gradient; with one, the step raises
+    (torch's before or after stepping the others, ours before anything changes)."""
+    expanded, other = nn.Parameter(torch.randn(1).expand(4)), nn.Parameter(torch.ones(3))
+    extra = {"foreach": False} if library is torch.optim else {}
+    optimizer = library.SGD([other, expanded], lr=0.5, **extra)
+    other.grad = torch.ones(3)
+    optimizer.step()  # the expanded parameter has no gradient: nothing to write
+    assert torch.equal(other.detach(), torch.full((3,), 0.5))
     expanded.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="more than one element"):
-        torch.optim.SGD([expanded], lr=0.1, foreach=False).step()
+        optimizer.step()
+    if library is fastmomentum:
+        assert torch.equal(other.detach(), torch.full((3,), 0.5))
 
 
 def test_a_parameter_re_pointed_to_a_smaller_tensor_at_the_same_address_is_refused():
-    """``p.data = p.data[:2]`` keeps the address: the step must not write 4 elements."""
-    base = torch.zeros(4)
-    param = nn.Parameter(torch.ones(4))
-    optimizer = fastmomentum.SGD([param], lr=1.0)
+    """``p.data = p.data[:2]`` keeps the address: the step must not write 4 elements.
+    Without a gradient it is not written at all, and the others step (as in torch)."""
+    param, other = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(3))
+    optimizer = fastmomentum.SGD([param, other], lr=1.0)
     param.grad = torch.ones(4)
     optimizer.step()
+    memory = param.data
     param.data = param.data[:2]
+    param.grad, other.grad = None, torch.ones(3)
+    optimizer.step()
+    assert torch.equal(other.detach(), torch.zeros(3)) and not memory.any()
+    param.grad = torch.ones(2)
     with pytest.raises(RuntimeError, match=r"changed from torch.float32 \(4,\)"):
         optimizer.step()
-    assert torch.equal(param.detach(), torch.zeros(2)) and not base.any()
+    assert not memory.any() and torch.equal(other.detach(), torch.zeros(3))
 
 
 def test_a_parameter_over_memory_torch_did_not_allocate_is_stepped_there():
