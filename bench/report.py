@@ -128,8 +128,18 @@ def machine_facts(threads):
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         },
         "numba_threading_layer": numba.threading_layer(),
+        # Huge pages decide memory-bound steps (bench/NOTES.md, entry 11).
+        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _read(path):
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
 
 def format_table(rows):
