@@ -15,18 +15,20 @@ import numba
 from numba import njit, prange
 from numba.np.ufunc import parallel
 
-from . import config, rules
+from . import config
+from .elements import adam_at, sgd_momentum_at, sgd_plain_at
 from .pointers import pointer_to
 
-# Numba invalidates a cached kernel only when this file changes, not when a rule or the
-# pointer intrinsic it inlines does. This digest of rules.py and pointers.py makes every
-# edit there change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "24d50e141e7d8db3"
+# Numba invalidates a cached kernel only when this file changes, not when a rule, an
+# element step or the pointer intrinsic it inlines does. This digest of rules.py,
+# elements.py and pointers.py makes every edit there change this file too;
+# tests/test_kernels.py fails until it is updated.
+RULES_DIGEST = "3f11679c8b97ee1f"
 
 
 @njit(parallel=True, cache=True)
 def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients):
-    """`rules.sgd_plain` over arrays (param, grad)."""
+    """`rules.sgd_plain` over (param, grad)."""
     like = coefficients[0]
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
@@ -34,7 +36,7 @@ def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients):
             param = pointer_to(addresses[entry, 0], like)
             grad = pointer_to(addresses[entry, 1], like)
             for i in range(begin, end):
-                param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
+                sgd_plain_at(i, param, grad, coefficients)
 
 
 @njit(parallel=True, cache=True)
@@ -50,9 +52,7 @@ def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, 
             velocity = pointer_to(addresses[entry, 2], like)
             first_step = entry_values[entry, 0] != 0
             for i in range(begin, end):
-                param[i], velocity[i] = rules.sgd_momentum(
-                    param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
-                )
+                sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step)
 
 
 # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one reciprocal
@@ -71,22 +71,11 @@ def _adam(addresses, segments, part_starts, entry_values, coefficients, amsgrad)
             exp_avg = pointer_to(addresses[entry, 2], like)
             exp_avg_sq = pointer_to(addresses[entry, 3], like)
             max_exp_avg_sq = pointer_to(addresses[entry, 4], like)  # 0 unless amsgrad
-            neg_step_size, bias_correction2_sqrt = entry_values[entry, 0], entry_values[entry, 1]
+            step = (entry_values[entry, 0], entry_values[entry, 1])
             for i in range(begin, end):
-                running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
-                param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
-                    param[i],
-                    grad[i],
-                    exp_avg[i],
-                    exp_avg_sq[i],
-                    running_max,
-                    *coefficients,
-                    neg_step_size,
-                    bias_correction2_sqrt,
-                    amsgrad,
+                adam_at(
+                    i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step, amsgrad
                 )
-                if amsgrad:
-                    max_exp_avg_sq[i] = running_max
 
 
 def _serial(kernel):

@@ -14,7 +14,8 @@ import warnings
 from numba import config as numba_config
 from numba import cuda
 
-from . import config, rules
+from . import config
+from .elements import adam_at, sgd_momentum_at, sgd_plain_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
 
@@ -23,10 +24,11 @@ warnings.filterwarnings(
     "ignore", message="Grid size .* will likely result in GPU under-utilization"
 )
 
-# Numba invalidates a cached kernel only when this file changes, not when a rule or the
-# pointer intrinsic it inlines does. This digest of rules.py and pointers.py makes every
-# edit there change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "24d50e141e7d8db3"
+# Numba invalidates a cached kernel only when this file changes, not when a rule, an
+# element step or the pointer intrinsic it inlines does. This digest of rules.py,
+# elements.py and pointers.py makes every edit there change this file too;
+# tests/test_kernels.py fails until it is updated.
+RULES_DIGEST = "3f11679c8b97ee1f"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run.
 pointer_to = simulated_pointer_to if numba_config.ENABLE_CUDASIM else _compiled_pointer_to
@@ -41,7 +43,7 @@ def _sgd_plain(addresses, segments, entry_values, coefficients):
         grad = pointer_to(addresses[entry, 1], like)
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            param[i] = rules.sgd_plain(param[i], grad[i], *coefficients)
+            sgd_plain_at(i, param, grad, coefficients)
 
 
 @cuda.jit(cache=True)
@@ -55,9 +57,7 @@ def _sgd_momentum(addresses, segments, entry_values, coefficients, nesterov):
         first_step = entry_values[entry, 0] != 0
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            param[i], velocity[i] = rules.sgd_momentum(
-                param[i], grad[i], velocity[i], *coefficients, nesterov, first_step
-            )
+            sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step)
 
 
 @cuda.jit(cache=True)
@@ -70,23 +70,12 @@ def _adam(addresses, segments, entry_values, coefficients, amsgrad):
         exp_avg = pointer_to(addresses[entry, 2], like)
         exp_avg_sq = pointer_to(addresses[entry, 3], like)
         max_exp_avg_sq = pointer_to(addresses[entry, 4], like)  # 0 unless amsgrad
-        neg_step_size, bias_correction2_sqrt = entry_values[entry, 0], entry_values[entry, 1]
+        step = (entry_values[entry, 0], entry_values[entry, 1])
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            running_max = max_exp_avg_sq[i] if amsgrad else exp_avg_sq[i]
-            param[i], exp_avg[i], exp_avg_sq[i], running_max = rules.adam(
-                param[i],
-                grad[i],
-                exp_avg[i],
-                exp_avg_sq[i],
-                running_max,
-                *coefficients,
-                neg_step_size,
-                bias_correction2_sqrt,
-                amsgrad,
+            adam_at(
+                i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step, amsgrad
             )
-            if amsgrad:
-                max_exp_avg_sq[i] = running_max
 
 
 def _launch(kernel, table, coefficients, flags, stream, device, upload):

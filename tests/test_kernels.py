@@ -275,12 +275,14 @@ def test_kernel_modules_carry_the_current_rules_digest():
     import hashlib
     from pathlib import Path
 
-    from fastmomentum.kernels import cpu, pointers, rules
+    from fastmomentum.kernels import cpu, elements, pointers, rules
 
     digest = hashlib.sha256()
-    for module in (rules, pointers):
+    for module in (rules, elements, pointers):
         digest.update(Path(module.__file__).read_bytes())
     digest = digest.hexdigest()[:16]
-    assert cpu.RULES_DIGEST == digest, f"rules or pointers changed: set RULES_DIGEST = {digest!r}"
+    assert cpu.RULES_DIGEST == digest, (
+        f"rules, elements or pointers changed: set RULES_DIGEST = {digest!r}"
+    )
     source = Path(cpu.__file__).with_name("cuda.py").read_text()
     assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"
