@@ -34,22 +34,24 @@ def make_model():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 4)).double()
 
 
-def batches():
+def batches(steps=STEPS, outputs=4):
     generator = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
+    for _ in range(steps):
         yield (
             torch.randn(BATCH, 8, generator=generator, dtype=torch.float64),
-            torch.randn(BATCH, 4, generator=generator, dtype=torch.float64),
+            torch.randn(BATCH, outputs, generator=generator, dtype=torch.float64),
         )
 
 
-def train(model, optimizer, rank, world, set_to_none=True):
+def train(model, optimizer, rank, world, set_to_none=True, steps=range(STEPS), outputs=4):
+    """Steps ``steps`` of MSE regression, each rank on its share of every batch."""
     share = BATCH // world
-    for inputs, targets in batches():
-        part = slice(rank * share, (rank + 1) * share)
-        optimizer.zero_grad(set_to_none=set_to_none)
-        nn.functional.mse_loss(model(inputs[part]), targets[part]).backward()
-        optimizer.step()
+    for step, (inputs, targets) in enumerate(batches(steps.stop, outputs)):
+        if step in steps:
+            part = slice(rank * share, (rank + 1) * share)
+            optimizer.zero_grad(set_to_none=set_to_none)
+            nn.functional.mse_loss(model(inputs[part]), targets[part]).backward()
+            optimizer.step()
 
 
 def worker(rank, world, folder, port):

@@ -19,7 +19,9 @@ from torch.distributed.fsdp import fully_shard
 
 import fastmomentum
 
-STEPS, RESUME_AT, BATCH = 8, 4, 16
+from . import distributed_run
+
+STEPS, RESUME_AT = 8, 4
 OPTIONS = {
     "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
     "Adam": {"lr": 1e-2, "amsgrad": True},
@@ -41,23 +43,9 @@ def make_model():
     ).double()
 
 
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        yield (
-            torch.randn(BATCH, 8, generator=generator, dtype=torch.float64),
-            torch.randn(BATCH, 5, generator=generator, dtype=torch.float64),
-        )
-
-
-def train(model, optimizer, rank, world, first, last):
-    share = BATCH // world
-    for step, (inputs, targets) in enumerate(batches()):
-        if first <= step < last:
-            part = slice(rank * share, (rank + 1) * share)
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(inputs[part]), targets[part]).backward()
-            optimizer.step()
+def train(model, optimizer, rank, world, steps):
+    """Steps ``steps`` of the DDP tests' regression (5 outputs), each rank on its share."""
+    distributed_run.train(model, optimizer, rank, world, steps=steps, outputs=5)
 
 
 def sharded(reshard):
@@ -78,7 +66,7 @@ def worker(rank, world, folder, port, phase):
         optimizer = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
         checkpoint = os.path.join(folder, case)
         if phase == "train":
-            train(model, optimizer, rank, world, 0, RESUME_AT)
+            train(model, optimizer, rank, world, range(RESUME_AT))
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
         else:
@@ -87,7 +75,7 @@ def worker(rank, world, folder, port, phase):
             set_state_dict(
                 model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
             )
-        train(model, optimizer, rank, world, RESUME_AT, STEPS)
+        train(model, optimizer, rank, world, range(RESUME_AT, STEPS))
         results[case] = [p.full_tensor().detach().clone() for p in model.parameters()]
         # FSDP's own shard storage was stepped in place, never re-pointed
         results[case + "-in-place"] = local_memory == [

@@ -31,7 +31,7 @@ def test_fully_sharded_training_matches_one_process(runs, case, name, reshard):
     model = fsdp_run.make_model()
     options = fsdp_run.OPTIONS[name]
     reference = getattr(torch.optim, name)(model.parameters(), foreach=False, **options)
-    fsdp_run.train(model, reference, 0, 1, 0, fsdp_run.STEPS)
+    fsdp_run.train(model, reference, 0, 1, range(fsdp_run.STEPS))
     for sharded, whole in zip(trained[case], model.parameters()):
         assert_relative_close(sharded, whole.detach(), RTOL["float64"], case)
     assert trained[case + "-in-place"], "FSDP's shard storage was re-pointed"
