@@ -8,6 +8,8 @@ the buckets are made to hold what ``optimizer.state`` says (`bind_state`).
 
 import torch
 
+from .checkpoint import mismatch
+
 
 def expose_new_state(optimizer, group, bucket, rows):
     """`expose_state` for the parameters ``rows`` just stepped that had no state, and
@@ -68,11 +70,10 @@ def _read_bucket(optimizer, group, bucket):
             saved.append(None)
             continue
         for name in names:
-            value = entry[name]
-            if not torch.is_tensor(value) or value.shape != param.shape:
-                shape = tuple(value.shape) if torch.is_tensor(value) else repr(value)
+            wrong = mismatch(entry[name], param)
+            if wrong is not None:
                 raise RuntimeError(
-                    f"state {name!r} of {bucket.names[index]} is {shape}; the parameter "
+                    f"state {name!r} of {bucket.names[index]} is {wrong}; the parameter "
                     f"has shape {tuple(param.shape)}"
                 )
         step = float(entry["step"]) if optimizer.counts_steps else None

@@ -48,15 +48,22 @@ def _check_entry(optimizer, param_id, param, group, entry):
     if all(entry.get(name) is None for name in names):
         return  # {} or {"momentum_buffer": None}: no state yet
     for name in names:
-        value = entry.get(name)
-        if not torch.is_tensor(value) or value.shape != param.shape:
-            shape = tuple(value.shape) if torch.is_tensor(value) else repr(value)
+        wrong = mismatch(entry.get(name), param)
+        if wrong is not None:
             raise ValueError(
-                f"loaded state {name!r} of parameter id {param_id} has shape {shape}; "
+                f"loaded state {name!r} of parameter id {param_id} has shape {wrong}; "
                 f"the parameter has shape {tuple(param.shape)}"
             )
     if optimizer.counts_steps and "step" not in entry:
         raise ValueError(f"loaded state of parameter id {param_id} has no 'step'")
+
+
+def mismatch(value, param):
+    """What is wrong with a state value for ``param``: the shape (or the value itself,
+    if it is no tensor) when it is not a tensor of the parameter's shape; else ``None``."""
+    if not torch.is_tensor(value):
+        return repr(value)
+    return None if value.shape == param.shape else tuple(value.shape)
 
 
 def _copy(value):
