@@ -7,9 +7,12 @@ CUDA kernels on the arrays' GPU, queued on ``stream`` (a Numba stream, a raw
 ``torch.cuda.Stream``; by default the stream the arrays' producer names: torch's current
 stream for torch tensors, the array interface's ``stream`` otherwise, else the default
 stream). Nothing is written unless every array and hyperparameter passes its
-check, so a rejected call leaves all arrays as they were.
+check, so a rejected call leaves all arrays as they were: ``TypeError`` names an
+argument of the wrong type (hyperparameters are real numbers, flags are bools),
+``ValueError`` one with an invalid value, with ``torch.optim``'s messages.
 """
 
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -48,7 +51,9 @@ def sgd_step(
 
     ``first_step=True`` initialises the buffer from ``d`` (torch's first step); with
     ``False`` the buffer's current contents are used. ``momentum_buffer`` is required when
-    ``momentum > 0`` and ignored otherwise.
+    ``momentum > 0`` and ignored otherwise. The arrays are NumPy arrays (plain
+    ``np.ndarray`` or ``np.memmap``) or GPU arrays, C-contiguous, of one shape and one
+    float dtype, not overlapping; those updated in place must be writeable.
 
     Example::
 
@@ -57,6 +62,12 @@ def sgd_step(
         >>> p
         array([0.95, 0.95, 0.95], dtype=float32)
     """
+    lr, momentum, dampening, weight_decay = _real_numbers(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
+    )
+    nesterov, maximize, first_step = _flags(
+        nesterov=nesterov, maximize=maximize, first_step=first_step
+    )
     hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
     if momentum == 0:
         kernels, arrays, launch = _dispatch({"param": param, "grad": grad}, stream)
@@ -74,7 +85,7 @@ def sgd_step(
         arrays[0].dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
     table = _one_entry(arrays, [1.0 if first_step else 0.0])
-    kernels.sgd_momentum(table, coefficients, bool(nesterov), **launch)
+    kernels.sgd_momentum(table, coefficients, nesterov, **launch)
 
 
 def adam_step(
@@ -107,9 +118,13 @@ def adam_step(
 
     ``max_exp_avg_sq`` is required with ``amsgrad`` and ignored otherwise.
     """
+    lr, eps, weight_decay = _real_numbers(lr=lr, eps=eps, weight_decay=weight_decay)
+    betas = hyperparameters.as_betas(betas)
+    amsgrad, maximize, decoupled_weight_decay = _flags(
+        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay
+    )
+    step = hyperparameters.as_step(step)
     hyperparameters.check_adam(lr, betas, eps, weight_decay)
-    if not (isinstance(step, (int, np.integer)) or float(step).is_integer()) or step < 1:
-        raise ValueError(f"Invalid step: {step}; the first step is 1")
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
     kernels, arrays, launch = _dispatch(
@@ -126,8 +141,8 @@ def adam_step(
     coefficients = hyperparameters.adam_constant_coefficients(
         dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
-    step_coefficients = hyperparameters.adam_step_coefficients(dtype, float(step), lr, betas)
-    kernels.adam(_one_entry(arrays, step_coefficients), coefficients, bool(amsgrad), **launch)
+    step_coefficients = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
+    kernels.adam(_one_entry(arrays, step_coefficients), coefficients, amsgrad, **launch)
 
 
 def adamw_step(
@@ -138,10 +153,26 @@ def adamw_step(
     max_exp_avg_sq: np.ndarray | None = None,
     *,
     step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
     weight_decay: float = 1e-2,
-    **options,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: Literal[True] = True,
+    stream=None,
 ) -> None:
-    """One AdamW step (Loshchilov & Hutter): `adam_step` with decoupled weight decay."""
+    """One AdamW step (Loshchilov & Hutter): `adam_step` with decoupled weight decay,
+    ``p ← p·(1 − lr·λ)`` before the moment update, and ``weight_decay=1e-2`` by default.
+
+    ``decoupled_weight_decay`` may only be True; Adam's L2 weight decay is
+    ``adam_step(..., decoupled_weight_decay=False)``.
+    """
+    if not hyperparameters.as_flag("decoupled_weight_decay", decoupled_weight_decay):
+        raise TypeError(
+            "adamw_step always decouples weight decay; for Adam's L2 weight decay call "
+            "adam_step(..., decoupled_weight_decay=False)"
+        )
     adam_step(
         param,
         grad,
@@ -149,10 +180,25 @@ def adamw_step(
         exp_avg_sq,
         max_exp_avg_sq,
         step=step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
         weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
         decoupled_weight_decay=True,
-        **options,
+        stream=stream,
     )
+
+
+def _real_numbers(**values):
+    """The named hyperparameters as floats, in order (`hyperparameters.as_real`)."""
+    return [hyperparameters.as_real(name, value) for name, value in values.items()]
+
+
+def _flags(**values):
+    """The named flags as bools, in order (`hyperparameters.as_flag`)."""
+    return [hyperparameters.as_flag(name, value) for name, value in values.items()]
 
 
 def _one_entry(arrays, entry_values=()):
@@ -197,4 +243,11 @@ def as_stream(stream):
     """A raw stream handle (int) or Numba stream from what the caller passed as ``stream``."""
     if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream and alike
         return stream.cuda_stream
-    return stream
+    if isinstance(stream, numbers.Integral) and not isinstance(stream, bool):
+        return int(stream)
+    if hasattr(stream, "synchronize"):  # a Numba stream (or the simulator's)
+        return stream
+    raise TypeError(
+        "stream must be a Numba stream, a raw cudaStream_t (int) or an object with a "
+        f"cuda_stream attribute such as torch.cuda.Stream, got {type(stream).__name__}"
+    )

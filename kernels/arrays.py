@@ -9,28 +9,82 @@ def flat_views(arrays, read_only=("grad",)):
     """Check the arrays of one step and return 1-D views of them, in the order given.
 
     ``arrays`` maps argument names to arrays; ``None`` entries are passed through as
-    ``None``. Arrays not named in ``read_only`` are updated in place and must be
-    writeable. All must be NumPy arrays of one float dtype and one shape, C-contiguous,
-    and no two may overlap in memory. Raises ``TypeError`` for the wrong kind of array
-    or dtype and ``ValueError`` for the rest.
+    ``None``. Each view is a plain ``np.ndarray`` of exactly its array's elements, since
+    the kernels see only its first element's address and its length. So the arrays
+    must be NumPy arrays whose elements are their memory (`_check_plain`) of one float
+    dtype and one shape, C-contiguous and aligned, and no two may overlap in memory.
+    Arrays not named in ``read_only`` are updated in place and must be writeable.
+    Raises ``TypeError`` for the wrong kind of array or dtype and ``ValueError`` for
+    the rest.
     """
     present = {name: array for name, array in arrays.items() if array is not None}
     for name, array in present.items():
-        if not isinstance(array, np.ndarray):
-            kind = f"{type(array).__module__}.{type(array).__qualname__}"
-            raise TypeError(f"{name} must be a NumPy array, got {kind}")
+        _check_plain(name, array)
     _check_dtypes_and_shapes(present)
     for name, array in present.items():
-        if not array.flags.c_contiguous:
-            raise ValueError(f"{name} is not C-contiguous; pass np.ascontiguousarray({name})")
-        if name not in read_only and not array.flags.writeable:
-            raise ValueError(f"{name} is read-only but is updated in place")
+        _check_layout(name, array, updated=name not in read_only)
+    _check_disjoint(present)
+    return [None if array is None else array.reshape(array.size) for array in arrays.values()]
+
+
+def _check_plain(name, array):
+    """Accept ``np.ndarray`` and ``np.memmap``, whose elements are just their memory.
+
+    Other subclasses are refused: a masked array's mask cannot be honoured by a kernel
+    that steps every element, ``np.matrix`` stays 2-D when reshaped, and what another
+    subclass adds to its memory is unknown here. ``np.asarray`` gives a plain view.
+    """
+    if type(array) is np.ndarray or isinstance(array, np.memmap):
+        return
+    kind = _kind(array)
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array ({kind}); a step cannot skip masked elements: "
+            f"pass np.asarray({name}) to step every element, masked ones included"
+        )
+    if isinstance(array, np.ndarray):
+        raise TypeError(
+            f"{name} is a {kind}, a subclass of np.ndarray; pass np.asarray({name}), a plain "
+            "view of the same memory"
+        )
+    raise TypeError(f"{name} must be a NumPy array, got {kind}")
+
+
+def _check_layout(name, array, updated):
+    """Contiguous in C order, aligned to its dtype, and writeable if ``updated``."""
+    flags = array.flags
+    if not flags.c_contiguous:
+        if flags.f_contiguous:
+            raise ValueError(
+                f"{name} is not C-contiguous but Fortran-ordered; if every array is, pass their "
+                f"transposes ({name}.T is a C-contiguous view of the same memory)"
+            )
+        remedy = (
+            "step a contiguous copy and copy it back"
+            if updated
+            else f"pass np.ascontiguousarray({name})"
+        )
+        raise ValueError(
+            f"{name} is not C-contiguous (strides {array.strides}); the kernels step "
+            f"contiguous memory: {remedy}"
+        )
+    if not flags.aligned:
+        raise ValueError(f"{name} is not aligned to its {array.dtype} elements")
+    if updated and not flags.writeable:
+        raise ValueError(f"{name} is read-only but is updated in place")
+
+
+def _check_disjoint(present):
+    """No two of the (named, contiguous) arrays share a byte of memory."""
     names = list(present)
     for i, name in enumerate(names):
         for other in names[i + 1 :]:
             if np.may_share_memory(present[name], present[other]):
                 raise ValueError(f"{name} and {other} overlap in memory")
-    return [None if array is None else array.reshape(-1) for array in arrays.values()]
+
+
+def _kind(value):
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def locate(arrays):
@@ -53,8 +107,7 @@ def locate(arrays):
             hint = f"np.from_dlpack({name})" if in_host_memory else "a Numba device array"
             raise TypeError(f"{name} is a DLPack array that is not a NumPy array; pass {hint}")
         else:
-            kind = f"{type(array).__module__}.{type(array).__qualname__}"
-            raise TypeError(f"{name} must be a NumPy array or a CUDA array, got {kind}")
+            raise TypeError(f"{name} must be a NumPy array or a CUDA array, got {_kind(array)}")
     if len(set(places.values())) > 1:
         on_gpu = [name for name, place in places.items() if place == "cuda"]
         on_cpu = [name for name, place in places.items() if place == "cpu"]

@@ -6,6 +6,12 @@ equal range per thread, each range walking the segments of the entries it covers
 one huge tensor and many small ones both use every thread. Tables shorter than
 ``config.CPU_SERIAL_BELOW`` elements run on the calling thread. Coefficients come as a
 tuple in the arrays' dtype (built by `kernels.hyperparameters`).
+
+Every loop compiles with Numba's NumPy error model: a division by zero gives IEEE's
+±inf or NaN, as torch does, where the default (Python's) model would raise
+``ZeroDivisionError`` half-way through the arrays (Adam with ``eps = 0`` and a zero
+gradient). The threaded loops use that model whatever they are given; the serial twins
+get it from their parallel originals (`_serial`).
 """
 
 import os
@@ -26,7 +32,7 @@ from .pointers import pointer_to
 RULES_DIGEST = "3f11679c8b97ee1f"
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients):
     """`rules.sgd_plain` over (param, grad)."""
     like = coefficients[0]
@@ -39,7 +45,7 @@ def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients):
                 sgd_plain_at(i, param, grad, coefficients)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, nesterov):
     """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
     is 1 on the entry's first step."""
@@ -58,7 +64,7 @@ def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, 
 # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one reciprocal
 # and a multiply (≤1 ulp apart); Adam is compute-bound on division and square root while
 # the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k float32 params.
-@njit(parallel=True, cache=True, fastmath={"arcp"})
+@njit(parallel=True, cache=True, error_model="numpy", fastmath={"arcp"})
 def _adam(addresses, segments, part_starts, entry_values, coefficients, amsgrad):
     """`rules.adam` over (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the entry's
     values are its ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""

@@ -1,17 +1,62 @@
 """Hyperparameter checks and their conversion into kernel coefficients.
 
 The checks raise ``ValueError`` with the messages ``torch.optim`` uses, so the torch
-optimizers and the low-level API reject the same inputs the same way. The coefficient
-tuples are what the kernels take: every scalar already in the arrays' dtype (a float64
-scalar would silently turn float32 arithmetic into float64), derived quantities such as
+optimizers and the low-level API reject the same inputs the same way. The low-level API
+first takes its arguments through ``as_real``, ``as_flag``, ``as_betas`` and ``as_step``,
+which raise ``TypeError`` naming an argument of the wrong type. The coefficient tuples
+are what the kernels take: every scalar already in the arrays' dtype (a float64 scalar
+would silently turn float32 arithmetic into float64), derived quantities such as
 ``1 − τ`` or ``−lr/(1 − β1ᵗ)`` computed once here in double precision, as torch does.
 """
 
 import math
+import numbers
 
 import numpy as np
 
 MOMENTUM_CONVENTIONS = ("pytorch", "lr_folded")
+
+
+def as_real(name, value):
+    """``value`` as a Python float; ``TypeError`` unless it is a real number.
+
+    Python and NumPy ints and floats are real numbers; ``bool`` is not (a flag passed
+    where a number belongs), nor are strings or arrays.
+    """
+    if type(value) is float:  # the common case
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def as_flag(name, value):
+    """``value`` as a Python bool; ``TypeError`` unless it is a ``bool`` or ``np.bool_``
+    (a string such as ``"False"`` would otherwise count as true)."""
+    if value is True or value is False:  # the common case
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def as_betas(betas):
+    """``(β1, β2)`` as Python floats: ``TypeError`` unless a tuple or list of real
+    numbers, ``ValueError`` unless it has two."""
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair of real numbers, got {type(betas).__name__}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return tuple(as_real(f"betas[{index}]", beta) for index, beta in enumerate(betas))
+
+
+def as_step(step):
+    """A step count t as a float: ``TypeError`` unless a real number, ``ValueError``
+    unless a whole number ≥ 1."""
+    count = as_real("step", step)
+    if not (count.is_integer() and count >= 1):
+        raise ValueError(f"Invalid step: {step}; the first step is 1")
+    return count
 
 
 def check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention):
