@@ -50,6 +50,8 @@ class Adam(FlatOptimizer):
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -66,10 +68,13 @@ class Adam(FlatOptimizer):
         self.check_group(defaults)
         super().__init__(params, defaults, flat_gradients)
 
+    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    #: Kept, as torch keeps it, when AMSGrad is switched off; starts at zero for a
+    #: parameter with state when it is switched on (where torch raises KeyError).
+    optional_state_keys = ("max_exp_avg_sq",)
+
     def state_names(self, group):
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
+        return self.state_keys if group["amsgrad"] else self.state_keys[:2]
 
     def settings(self, group):
         beta1, beta2 = group["betas"]

@@ -1,21 +1,37 @@
 """``optimizer.state`` as torch shows it, bound to the buckets' memory both ways.
 
 After a parameter's first step its ``optimizer.state[p]`` entry holds pieces of the
-bucket's allocations under torch's keys (`expose_new_state`); after a load, an
-unpickling, or user code replacing ``optimizer.state``, clearing it or deleting entries,
-the buckets are made to hold what ``optimizer.state`` says (`bind_state`).
+bucket's allocations under torch's keys (`expose_new_state`). After a load, an
+unpickling, or any edit of ``optimizer.state`` by user code (a `tracked.StateMap`
+notes each one), the buckets are made to hold what ``optimizer.state`` says
+(`bind_state`): a parameter whose entry was cleared, replaced or emptied starts afresh,
+as in torch.
+
+A state key is *required* (without it a parameter has no state: Adam's ``exp_avg``) or
+*optional* (Adam's ``max_exp_avg_sq``, which torch keeps when AMSGrad is switched off
+and which starts at zero when it is switched on).
 """
+
+from collections.abc import Mapping
 
 import torch
 
 from .checkpoint import mismatch
+from .tracked import StateEntry, StateMap
+
+
+def exposed_names(optimizer, group, bucket):
+    """The state keys ``state[p]`` shows for ``bucket``'s parameters: those the group's
+    step uses and those the bucket keeps anyway (``max_exp_avg_sq`` after AMSGrad)."""
+    used = optimizer.state_names(group)
+    return tuple(n for n in optimizer.state_keys if n in used or bucket.has_state(n))
 
 
 def expose_new_state(optimizer, group, bucket, rows):
     """`expose_state` for the parameters ``rows`` just stepped that had no state, and
-    again for every parameter with state if the group's state names changed (amsgrad
-    switched on). Marks ``rows`` as having state."""
-    names = optimizer.state_names(group)
+    again for every parameter with state if the exposed keys changed (AMSGrad switched
+    on). Marks ``rows`` as having state."""
+    names = exposed_names(optimizer, group, bucket)
     renamed = bucket.exposed_names != names
     if not renamed and bucket.all_initialized:
         return
@@ -32,44 +48,84 @@ def expose_new_state(optimizer, group, bucket, rows):
 
 
 def expose_state(optimizer, bucket, index, names):
-    """Make ``optimizer.state[p]`` of ``bucket``'s parameter ``index`` pieces of its state."""
-    entry = {}
+    """Make ``optimizer.state[p]`` of ``bucket``'s parameter ``index`` pieces of its state.
+
+    An empty entry of ours that user code already holds (read before the first step)
+    is filled in place, as torch fills it."""
+    values = {}
     if optimizer.counts_steps:
-        entry["step"] = bucket.step_piece(index)
+        values["step"] = bucket.step_piece(index)
     for name in names:
-        entry[name] = bucket.state_piece(name, index)
-    optimizer.state[bucket.params[index]] = entry
+        values[name] = bucket.state_piece(name, index)
+    state, param = optimizer.state, bucket.params[index]
+    entry = dict.get(state, param)
+    if type(entry) is StateEntry and entry._owner is state and not entry:
+        dict.update(entry, values)
+    elif type(state) is StateMap:
+        state.put(param, StateEntry(state, values))
+    else:
+        state[param] = values
+
+
+def state_changed(optimizer):
+    """Whether ``optimizer.state`` was replaced or edited since the buckets last matched it."""
+    state = optimizer.state
+    return type(state) is not StateMap or state.changed
+
+
+def track(optimizer):
+    """From now on, note edits of ``optimizer.state`` (a `StateMap` holding its items)."""
+    state = optimizer.state
+    if type(state) is not StateMap:
+        state = StateMap(state)
+        for key, entry in state.items():
+            if type(entry) is dict:
+                dict.__setitem__(state, key, StateEntry(state, entry))
+        optimizer.state = state
+    else:
+        for key, entry in state.items():
+            if type(entry) is dict or (type(entry) is StateEntry and entry._owner is not state):
+                dict.__setitem__(state, key, StateEntry(state, entry))
+    state.changed = False
 
 
 @torch.no_grad()
-def bind_state(optimizer):
+def bind_state(optimizer, pairs=None):
     """Copy what ``optimizer.state`` holds into the buckets and expose it again.
 
-    A parameter without (complete) state in ``optimizer.state`` starts afresh. Every
-    entry is read and checked first: if one cannot be used, this raises and nothing
-    has changed.
+    ``pairs``: the (param group, bucket) pairs to bind; every bucket by default. A
+    parameter without complete state in ``optimizer.state`` starts afresh. Every entry
+    is read and checked first: if one cannot be used, this raises and nothing has
+    changed.
     """
-    pairs = [
-        (group, bucket)
-        for group, buckets in zip(optimizer.param_groups, optimizer.buckets)
-        for bucket in buckets
-    ]
-    saved = [_read_bucket(optimizer, group, bucket) for group, bucket in pairs]
+    if pairs is None:
+        pairs = [
+            (group, bucket)
+            for group, buckets in zip(optimizer.param_groups, optimizer.buckets)
+            for bucket in buckets or ()
+        ]
+    saved = [_read_bucket(optimizer, bucket) for _, bucket in pairs]
     for (group, bucket), entries in zip(pairs, saved):
         _write_bucket(optimizer, group, bucket, entries)
+    track(optimizer)
 
 
-def _read_bucket(optimizer, group, bucket):
+def _read_bucket(optimizer, bucket):
     """Per parameter ``(step, {name: copy})`` of its complete state, or ``None`` (copies:
     the entries may be pieces of the bucket itself)."""
-    names = optimizer.state_names(group)
+    required = optimizer.required_state_keys
     saved = []
     for index, param in enumerate(bucket.params):
         entry = optimizer.state.get(param, {})
-        if not entry or any(entry.get(name) is None for name in names):
+        if not isinstance(entry, Mapping):
+            raise TypeError(
+                f"optimizer.state of {bucket.names[index]} is {entry!r}; expected a dict"
+            )
+        if any(entry.get(name) is None for name in required):
             saved.append(None)
             continue
-        for name in names:
+        present = [n for n in optimizer.state_keys if entry.get(n) is not None]
+        for name in present:
             wrong = mismatch(entry[name], param)
             if wrong is not None:
                 raise RuntimeError(
@@ -77,16 +133,15 @@ def _read_bucket(optimizer, group, bucket):
                     f"has shape {tuple(param.shape)}"
                 )
         step = float(entry["step"]) if optimizer.counts_steps else None
-        saved.append((step, {name: entry[name].detach().clone() for name in names}))
+        saved.append((step, {name: entry[name].detach().clone() for name in present}))
     return saved
 
 
 def _write_bucket(optimizer, group, bucket, saved):
-    names = optimizer.state_names(group)
-    for param in bucket.params:
-        optimizer.state.pop(param, None)
+    # Entries of parameters without (complete) state stay as they are ({} after
+    # ``state[p].clear()``), as torch keeps them; the others are exposed anew.
     bucket.step_counts[:] = 0
-    for name in names:
+    for name in bucket.state_kept():
         bucket.state(name).flat.zero_()
     bucket.initialized[:] = False
     for index, entry in enumerate(saved):
@@ -98,6 +153,8 @@ def _write_bucket(optimizer, group, bucket, saved):
         if optimizer.counts_steps:
             bucket.step_counts[index] = step
         bucket.initialized[index] = True
+    names = exposed_names(optimizer, group, bucket)
+    for index in bucket.initialized.nonzero()[0].tolist():
         expose_state(optimizer, bucket, index, names)
     bucket.exposed_names = names
     bucket.all_initialized = bool(bucket.initialized.all())

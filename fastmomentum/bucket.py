@@ -61,6 +61,7 @@ class ParamBucket:
         self.all_initialized = False
         self.exposed_names = ()  # the state names ``state[p]`` entries were made with
         self.coefficients = (None, None)  # see `FlatOptimizer.cached_coefficients`
+        self.repeats = []  # per extra listing of parameters in their group, their rows
         self.gradients = Gradients(self, flat_gradients)
         self.planner = StepPlanner(self)
 
@@ -115,6 +116,14 @@ class ParamBucket:
         if name not in self._state:
             self._state[name] = Allocation(self.size, self.dtype, self.device)
         return self._state[name]
+
+    def has_state(self, name):
+        """Whether the bucket keeps state ``name`` (made at a step that used it or a load)."""
+        return name in self._state
+
+    def state_kept(self):
+        """The names of the state the bucket keeps."""
+        return tuple(self._state)
 
     def state_address(self, name, index):
         return self.state(name).address_of(self.offsets[index])

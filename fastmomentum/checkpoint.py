@@ -1,5 +1,7 @@
 """Checkpoints: a state dict is checked against the optimizer before anything is loaded."""
 
+from collections.abc import Mapping
+
 import torch
 
 from .validation import check_implementation_options
@@ -7,17 +9,24 @@ from .validation import check_implementation_options
 
 def copy_state(state_dict):
     """``state_dict`` with copies of the state tensors: the live ones are pieces of the
-    buckets' allocations, which a checkpoint must not alias."""
+    buckets' allocations, which a checkpoint must not alias. Values that are not dicts
+    (put there by user code or a hook) are kept as they are, as torch keeps them."""
     state_dict["state"] = {
-        index: {key: _copy(value) for key, value in entry.items()}
-        for index, entry in state_dict["state"].items()
+        key: {name: _copy(value) for name, value in entry.items()}
+        if isinstance(entry, Mapping)
+        else entry
+        for key, entry in state_dict["state"].items()
     }
     return state_dict
 
 
 def check_loadable(optimizer, state_dict):
     """Raise ``ValueError`` unless ``state_dict`` fits ``optimizer``: as many groups and
-    parameters, valid hyperparameters, and state of the parameters' shapes."""
+    parameters, options we honour, and state of the parameters' shapes.
+
+    Hyperparameter values are not checked, as torch does not check them here. State
+    under keys that are no parameter id is kept, as torch keeps it.
+    """
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(
@@ -31,24 +40,24 @@ def check_loadable(optimizer, state_dict):
                 f"param group {index} of the loaded state dict has {len(saved['params'])} "
                 f"parameters; this optimizer's has {len(group['params'])}"
             )
-        merged = {**optimizer.defaults, **saved, "params": group["params"]}
-        optimizer.check_group(merged)
-        check_implementation_options(merged)
+        check_implementation_options({**optimizer.defaults, **saved})
         for param_id, param in zip(saved["params"], group["params"]):
-            params_by_id[param_id] = (param, merged)
+            params_by_id[param_id] = param
     for param_id, entry in state_dict["state"].items():
-        if param_id not in params_by_id:
-            raise ValueError(f"loaded state dict has state for unknown parameter id {param_id}")
-        param, group = params_by_id[param_id]
-        _check_entry(optimizer, param_id, param, group, entry)
+        if param_id in params_by_id:
+            _check_entry(optimizer, param_id, params_by_id[param_id], entry)
 
 
-def _check_entry(optimizer, param_id, param, group, entry):
-    names = optimizer.state_names(group)
-    if all(entry.get(name) is None for name in names):
+def _check_entry(optimizer, param_id, param, entry):
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"loaded state of parameter id {param_id} is {entry!r}, not a dict")
+    if all(entry.get(name) is None for name in optimizer.required_state_keys):
         return  # {} or {"momentum_buffer": None}: no state yet
-    for name in names:
-        wrong = mismatch(entry.get(name), param)
+    for name in optimizer.state_keys:
+        value = entry.get(name)
+        if value is None and name in optimizer.optional_state_keys:
+            continue
+        wrong = mismatch(value, param)
         if wrong is not None:
             raise ValueError(
                 f"loaded state {name!r} of parameter id {param_id} has shape {wrong}; "

@@ -35,13 +35,16 @@ class Gradients:
             grad = param.grad
             if grad is None or grad.layout != torch.strided:
                 return False
+            if grad.numel() == 0 and bucket.numels[index] == 0:
+                continue  # torch gives an empty tensor the address 0, not its piece's
             if grad.data_ptr() != self.address(index) or grad.stride() != bucket.strides[index]:
                 return False
         return True
 
-    def to_touch(self):
-        """Every gradient once: the whole allocation if all gradients are its pieces."""
-        if self.all_ours() and self.bucket.size:
+    def to_touch(self, whole=True):
+        """Every gradient once: the whole allocation if all gradients are its pieces (and
+        ``whole``), else the gradients themselves."""
+        if whole and self.all_ours() and self.bucket.size:
             return [self.allocation.flat]
         return [param.grad for param in self.bucket.params if param.grad is not None]
 

@@ -36,8 +36,9 @@ class StepPlanner:
         self._layout = None  # `Layout` of the parameters as last checked
         self._tables = {}  # launch tables by (rows, columns, entry width), for this layout
 
-    def plan(self):
-        """The step of every parameter that has a gradient, or ``None`` if none has."""
+    def plan(self, only=None):
+        """The step of every parameter that has a gradient (of those in the rows
+        ``only``, if given), or ``None`` if none has."""
         bucket = self.bucket
         tensors = bucket.local_params()
         # Address, strides and shape: a tensor re-pointed (``p.data = …``) to another of
@@ -50,7 +51,10 @@ class StepPlanner:
         changed = seen != self._seen
         layout = self._survey(tensors) if changed else self._layout
         problems = layout.problems if layout.any_problem else None
-        rows, grads, staged_grads = self._read_grads(bucket.local_grads(), problems)
+        grads = bucket.local_grads()
+        if only is not None:
+            grads = [grads[row] if row in only else None for row in range(len(grads))]
+        rows, grads, staged_grads = self._read_grads(grads, problems)
         if not rows:
             return None
         params = seen[0] if len(rows) == len(tensors) else [seen[0][row] for row in rows]

@@ -8,7 +8,9 @@ does the rest as ``torch.optim.Optimizer`` does it: param groups, ``add_param_gr
 ``optimizer.state`` to our memory in `binding`).
 """
 
+import math
 import sys
+from collections import OrderedDict
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -41,16 +43,26 @@ class FlatOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, flat_gradients=False):
         check_implementation_options(defaults)
         self._flat_gradients = flat_gradients
-        self.buckets = None  # per param group, its buckets: made once every group is valid
-        self._checked = []  # per param group, the settings last found valid
+        self.buckets = None  # per param group, its buckets (None: not made yet, see below)
         super().__init__(params, defaults)
         self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
-        self._state_seen = (self.state, len(self.state))
+        binding.track(self)
 
     # --- what a subclass says ---------------------------------------------------------
 
+    #: Every per-parameter state tensor's key, in torch's order.
+    state_keys = ()
+
+    #: Keys of ``state_keys`` a parameter's state may lack (``max_exp_avg_sq``).
+    optional_state_keys = ()
+
+    @property
+    def required_state_keys(self):
+        """The state keys without which a parameter has no state."""
+        return tuple(k for k in self.state_keys if k not in self.optional_state_keys)
+
     def state_names(self, group):
-        """Names of the per-parameter state tensors ``group`` keeps, in torch's order."""
+        """Keys of the state tensors a step of ``group`` uses, in torch's order."""
         raise NotImplementedError
 
     def settings(self, group):
@@ -58,7 +70,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def check_settings(self, settings):
-        """Raise ``ValueError`` for invalid hyperparameters (torch's messages)."""
+        """Raise ``ValueError`` for invalid hyperparameters (torch's messages). Called
+        for the constructor's arguments only: torch.optim steps whatever values a
+        scheduler or user later puts in a param group, and so do we."""
         raise NotImplementedError
 
     def update(self, group, bucket, settings, plan, grad_scale):
@@ -79,8 +93,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     # --- param groups -----------------------------------------------------------------
 
     def add_param_group(self, param_group):
-        """Add a param group (as ``torch.optim``); its parameters are checked first and
-        nothing changes if one is rejected."""
+        """Add a param group (as ``torch.optim``, which checks its parameters but not its
+        hyperparameter values); nothing changes if a parameter is rejected."""
         add = torch.optim.Optimizer.add_param_group
         if "torch._dynamo" not in sys.modules:
             # torch's version imports torch._dynamo on first use (≈1 s here) only to keep
@@ -89,31 +103,62 @@ class FlatOptimizer(torch.optim.Optimizer):
         add(self, param_group)
         group = self.param_groups[-1]
         try:
-            self.check_group(group)
             check_implementation_options(group)
             check_params(group["params"])
         except Exception:
             self.param_groups.pop()
             raise
-        self._checked.append(None)
         if self.buckets is not None:  # after construction; the constructor adds them all
             self.buckets.append(self._make_buckets(len(self.param_groups) - 1))
 
     def _make_buckets(self, group_index):
-        """The group's buckets, their parameters adopted where nothing else sees them."""
-        members = {}
-        for position, param in enumerate(self.param_groups[group_index]["params"]):
+        """The group's buckets, their parameters adopted where nothing else sees them;
+        ``None`` while a parameter is on the ``meta`` device (made at the first step
+        after ``to_empty``, see `_buckets_now`)."""
+        params = self.param_groups[group_index]["params"]
+        if any(local(param).is_meta for param in params):
+            return None
+        members, listed = {}, {}
+        for position, param in enumerate(params):
+            listed[id(param)] = listed.get(id(param), 0) + 1
+            if listed[id(param)] > 1:
+                continue  # listed twice (torch warns): a step steps it twice, see `repeats`
             name = f"parameter {position} of param group {group_index}"
             kind = (local(param).device, param.dtype, is_dtensor(param))
             members.setdefault(kind, []).append((param, name))
         flat = self.__dict__.get("_flat_gradients", False)
-        buckets = [ParamBucket(*zip(*pairs), flat) for pairs in members.values()]
+        buckets = _GroupBuckets(ParamBucket(*zip(*pairs), flat) for pairs in members.values())
         with torch.no_grad():
             for bucket in buckets:
                 bucket.adopt()
                 if flat:
                     bucket.gradients.adopt()
+                times = [listed[id(param)] for param in bucket.params]
+                bucket.repeats = [
+                    [row for row, n in enumerate(times) if n >= k] for k in range(2, max(times) + 1)
+                ]
+        buckets.made_from(params)
         return buckets
+
+    def _buckets_now(self, stepping=False):
+        """Every group's buckets, made anew for a group whose parameter list changed
+        (a parameter appended, as torch.optim allows) or whose parameters left the meta
+        device, with the state ``optimizer.state`` holds for them bound in. While a
+        parameter is still on meta, its group has none (stepping: an error if one of
+        them has a gradient)."""
+        for index, group in enumerate(self.param_groups):
+            buckets, params = self.buckets[index], group["params"]
+            if buckets is not None and buckets.still_match(params):
+                continue
+            check_params(params)
+            made = self._make_buckets(index)
+            if made is None:
+                if stepping:
+                    _refuse_meta_gradients(index, params)
+                continue
+            self.buckets[index] = made
+            binding.bind_state(self, [(group, bucket) for bucket in made])
+        return self.buckets
 
     # --- the step ---------------------------------------------------------------------
 
@@ -155,32 +200,26 @@ class FlatOptimizer(torch.optim.Optimizer):
             return loss  # GradScaler found inf/NaN gradients: nothing moves, as in torch
         grad_scale = getattr(self, "grad_scale", None)
         grad_scale = None if grad_scale is None else float(grad_scale)
-        seen_state, seen_size = self._state_seen
-        if self.state is not seen_state or len(self.state) != seen_size:
-            binding.bind_state(self)  # user code replaced the dict, cleared it or deleted
-            # entries (an entry replaced in place, `state[p] = {}`, is not seen yet)
-        all_settings = []
-        for index, group in enumerate(self.param_groups):
-            settings = self.settings(group)
-            if settings != self._checked[index]:  # checked once, not every step
-                self.check_settings(settings)
-                self._checked[index] = settings
-            all_settings.append(settings)
+        all_buckets = self._buckets_now(stepping=True)
+        if binding.state_changed(self):
+            binding.bind_state(self)  # user code replaced, edited or cleared entries
+        all_settings = [self.settings(group) for group in self.param_groups]
         # Every tensor of every bucket is looked at and checked before any update. (No
         # torch op runs here that autograd could record: no_grad only where one does.)
-        plans = [[bucket.planner.plan() for bucket in buckets] for buckets in self.buckets]
+        plans = [[_plan(bucket) for bucket in buckets or ()] for buckets in all_buckets]
         for group, settings, buckets, group_plans in zip(
-            self.param_groups, all_settings, self.buckets, plans
+            self.param_groups, all_settings, all_buckets, plans
         ):
-            for bucket, plan in zip(buckets, group_plans):
-                if plan is not None:
-                    plan.commit()
-                    self.update(group, bucket, settings, plan, grad_scale)
-                    if self.creates_state(settings):
-                        binding.expose_new_state(self, group, bucket, plan.rows)
+            for bucket, bucket_plans in zip(buckets or (), group_plans):
+                for plan in bucket_plans:
+                    if plan is not None:
+                        plan.commit()
+                        self.update(group, bucket, settings, plan, grad_scale)
+                first = bucket_plans[0]
+                if first is not None and self.creates_state(settings):
+                    binding.expose_new_state(self, group, bucket, first.rows)
         if grad_scale is not None:
             self._unscale_grads(grad_scale)
-        self._state_seen = (self.state, len(self.state))
         return loss
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
@@ -192,8 +231,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         if grads:
             torch._foreach_mul_(grads, 1.0 / grad_scale)
 
-    def _grads_to_touch(self):
-        return [g for buckets in self.buckets for b in buckets for g in b.gradients.to_touch()]
+    def _grads_to_touch(self, whole=True):
+        return [
+            grad
+            for buckets in self._buckets_now()
+            for bucket in buckets or ()
+            for grad in bucket.gradients.to_touch(whole)
+        ]
 
     def cached_coefficients(self, bucket, key, compute):
         """``compute()``, the kernel coefficients for ``key`` (settings and loss scale),
@@ -211,29 +255,59 @@ class FlatOptimizer(torch.optim.Optimizer):
         returns the total norm. Where a bucket's gradients are all pieces of its flat
         gradient allocation, the norm and the scaling each take one pass over it.
         """
-        return clip_grad_norm(self._grads_to_touch(), max_norm, norm_type, error_if_nonfinite)
+        # The infinity norm of an empty gradient is an error in torch, which a flat
+        # allocation would hide: that norm goes gradient by gradient.
+        whole = not math.isinf(float(norm_type))
+        grads = self._grads_to_touch(whole)
+        return clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)
 
     def zero_grad(self, set_to_none=True):
         """Reset the gradients: to ``None`` (default) or to zero in place, as ``torch.optim``."""
         with torch.no_grad():
-            for buckets in self.buckets:
-                for bucket in buckets:
+            for buckets in self._buckets_now():
+                for bucket in buckets or ():
                     bucket.gradients.zero(set_to_none)
 
     # --- checkpoints ------------------------------------------------------------------
 
     def state_dict(self):
         """``torch.optim``'s state dict, with copies of the state tensors."""
+        self._buckets_now()
+        if binding.state_changed(self):
+            binding.bind_state(self)  # e.g. an entry cleared since the last step: as in
+            # torch, the checkpoint shows what the next step would start from
         return checkpoint.copy_state(super().state_dict())
 
     def load_state_dict(self, state_dict):
         """Load a ``torch.optim`` or fastmomentum state dict; values are copied into the
-        buckets. Everything is checked first: on a mismatch nothing changes."""
+        buckets. As in torch, the load pre-hooks run first; then everything is checked,
+        and on a mismatch nothing changes; the post-hooks run last."""
+        self._buckets_now()
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         checkpoint.check_loadable(self, state_dict)
-        super().load_state_dict(state_dict)
-        self._checked = [None] * len(self.param_groups)
-        binding.bind_state(self)
-        self._state_seen = (self.state, len(self.state))
+        before = (self.state, self.param_groups)
+        hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # run above, and
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # below, once bound
+        try:
+            super().load_state_dict(state_dict)
+            binding.bind_state(self)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+        finally:
+            pre, post = hooks
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for hook in post.values():
+            hook(self)
 
     def __getstate__(self):
         return {**super().__getstate__(), "_flat_gradients": self._flat_gradients}
@@ -245,6 +319,33 @@ class FlatOptimizer(torch.optim.Optimizer):
                 group.setdefault(name, default)
         if "buckets" not in self.__dict__:  # unpickled or deep-copied: rebuild the buckets
             self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
-            self._checked = [None] * len(self.param_groups)
             binding.bind_state(self)
-            self._state_seen = (self.state, len(self.state))
+
+
+def _plan(bucket):
+    """The plans of a step of ``bucket``: one for every parameter with a gradient, then
+    one per extra time parameters are listed in their group (torch's loop steps a
+    parameter listed twice twice, the second time from the first's result)."""
+    return [bucket.planner.plan()] + [bucket.planner.plan(rows) for rows in bucket.repeats]
+
+
+class _GroupBuckets(list):
+    """A param group's buckets, and the parameter list they were made from."""
+
+    def made_from(self, params):
+        self._params, self._count = params, len(params)
+
+    def still_match(self, params):
+        """Whether ``params`` is still that list, of that length (an appended parameter
+        or a replaced list remakes the buckets)."""
+        return params is self._params and len(params) == self._count
+
+
+def _refuse_meta_gradients(group_index, params):
+    for position, param in enumerate(params):
+        if local(param).is_meta and param.grad is not None:
+            raise RuntimeError(
+                f"parameter {position} of param group {group_index} is on the meta device; "
+                "materialize the model (e.g. model.to_empty(device=...)) and load its "
+                "weights before the first step"
+            )

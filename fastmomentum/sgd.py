@@ -67,10 +67,15 @@ class SGD(FlatOptimizer):
         self.check_group(defaults)
         super().__init__(params, defaults, flat_gradients)
 
+    state_keys = ("momentum_buffer",)
+
     def state_names(self, group):
-        return ("momentum_buffer",)
+        return self.state_keys
 
     def settings(self, group):
+        convention = group["momentum_convention"]
+        if convention not in hyperparameters.MOMENTUM_CONVENTIONS:
+            hyperparameters.check_momentum_convention(convention)
         return (
             host_float(group["lr"], "lr"),
             host_float(group["momentum"], "momentum"),
@@ -78,8 +83,17 @@ class SGD(FlatOptimizer):
             host_float(group["weight_decay"], "weight_decay"),
             bool(group["nesterov"]),
             bool(group["maximize"]),
-            group["momentum_convention"],
+            convention,
         )
+
+    def state_dict(self):
+        """torch's state dict; ``momentum_convention`` is in a group only when it is not
+        torch's (a checkpoint without it loads with the default)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            if group.get("momentum_convention") == "pytorch":
+                del group["momentum_convention"]
+        return state_dict
 
     def creates_state(self, settings):
         return settings[1] != 0  # momentum

@@ -40,13 +40,11 @@ def check_params(params):
     Parameters may share memory (tied through ``.data``, views of one tensor, in
     different groups): they are stepped in turn, as ``torch.optim`` steps them. One whose
     own elements overlap (an expanded tensor) is refused at a step that would write it.
+    Parameters on the ``meta`` device are accepted: their group is bound at the first
+    step after they are materialized.
     """
-    seen = set()
     for position, param in enumerate(params):
         name = f"parameter {position}"
-        if id(param) in seen:
-            raise ValueError(f"{name} appears twice in the param group")
-        seen.add(id(param))
         if param.is_complex():
             raise TypeError(f"{name} is complex ({param.dtype}); fastmomentum supports real params")
         if param.layout != torch.strided:
@@ -62,7 +60,7 @@ def check_params(params):
             reason = cuda_unavailable_reason()
             if reason:
                 raise ValueError(f"{name} is on {device}: {reason}")
-        elif device.type != "cpu":
+        elif device.type not in ("cpu", "meta"):
             raise ValueError(f"{name} is on {device}; fastmomentum runs on CPU and CUDA")
         if param.grad is not None and param.grad.is_sparse:
             raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")

@@ -67,6 +67,11 @@ def check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_conventi
     _check_finite("dampening value", dampening)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    check_momentum_convention(momentum_convention)
+
+
+def check_momentum_convention(momentum_convention):
+    """Raise ``ValueError`` unless ``momentum_convention`` is one we implement."""
     if momentum_convention not in MOMENTUM_CONVENTIONS:
         raise ValueError(
             f"Invalid momentum_convention: {momentum_convention!r}; "

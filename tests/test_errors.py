@@ -8,8 +8,7 @@ from torch import nn
 
 import fastmomentum
 
-from .models import make_model, train
-from .test_state_dict import assert_unchanged, snapshot
+from .models import make_model
 
 
 @pytest.mark.parametrize(
@@ -80,13 +79,6 @@ def test_unsupported_params_are_rejected_at_construction(make, error, message):
         fastmomentum.SGD(make(), lr=0.1)
 
 
-@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
-def test_duplicate_param_in_a_group_is_rejected():
-    param = nn.Parameter(torch.randn(3))
-    with pytest.raises(ValueError, match="appears twice"):
-        fastmomentum.SGD([param, param], lr=0.1)
-
-
 def test_sparse_gradient_fails_the_step_before_any_update():
     torch.manual_seed(0)
     dense, sparse = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
@@ -101,30 +93,11 @@ def test_sparse_gradient_fails_the_step_before_any_update():
     assert len(optimizer.state) == 0
 
 
-def test_invalid_lr_set_mid_training_fails_before_any_group_steps():
-    model = make_model()
-    optimizer = fastmomentum.SGD(
-        [{"params": list(model.head.parameters())}, {"params": list(model.embedding.parameters())}],
-        lr=0.1,
-        momentum=0.9,
-    )
-    train(model, optimizer, 2)
-    before = snapshot(model, optimizer)
-    optimizer.param_groups[1]["lr"] = -0.5
-    for param in model.parameters():
-        param.grad = torch.ones_like(param)
-    with pytest.raises(ValueError, match="Invalid learning rate"):
-        optimizer.step()
-    optimizer.param_groups[1]["lr"] = 0.1
-    assert_unchanged(model, optimizer, before)
-
-
-def test_add_param_group_with_bad_values_leaves_groups_as_they_were():
+def test_add_param_group_with_bad_params_leaves_groups_as_they_were():
+    """(Hyperparameter values are not checked there, as in torch: test_fidelity.py.)"""
     optimizer = fastmomentum.Adam([nn.Parameter(torch.randn(3))])
     groups = copy.deepcopy(optimizer.param_groups)
     extra = nn.Parameter(torch.randn(4))
-    with pytest.raises(ValueError, match="Invalid beta parameter"):
-        optimizer.add_param_group({"params": [extra], "betas": (0.9, 2.0)})
     with pytest.raises(TypeError, match="float16"):
         optimizer.add_param_group({"params": [extra.detach().half().requires_grad_()]})
     assert len(optimizer.param_groups) == len(groups) == 1

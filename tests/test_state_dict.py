@@ -129,10 +129,6 @@ def _wrong_param_count(state_dict):
     state_dict["param_groups"][0]["params"].pop()
 
 
-def _invalid_hyperparameter(state_dict):
-    state_dict["param_groups"][0]["lr"] = -1.0
-
-
 def _missing_step(state_dict):
     del state_dict["state"][2]["step"]
 
@@ -143,7 +139,6 @@ def _missing_step(state_dict):
         (_wrong_shape, "has shape \\(3,\\)"),
         (_wrong_group_count, "parameter groups"),
         (_wrong_param_count, "parameters"),
-        (_invalid_hyperparameter, "Invalid learning rate"),
         (_missing_step, "no 'step'"),
     ],
 )

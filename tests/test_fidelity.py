@@ -1,0 +1,386 @@
+"""What user code does to an optimizer between steps, done to ours and to torch.optim alike.
+
+Each test edits both optimizers the same way (state entries reset, AMSGrad toggled,
+hyperparameters scheduled past the constructor's checks, parameters listed twice or
+appended, load hooks, a model built on ``meta``) and compares the parameters after
+more steps, in float64, at `RTOL` (1e-12 relative; observed ≈1e-16).
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastmomentum
+
+from .assertions import RTOL, assert_relative_close
+
+TOLERANCE = RTOL["float64"]
+
+SGD = ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01})
+ADAM = ("Adam", {"lr": 0.05, "weight_decay": 0.01})
+AMSGRAD = ("Adam", {"lr": 0.05, "amsgrad": True})
+ADAMW = ("AdamW", {"lr": 0.05})
+
+
+class Twins:
+    """The same parameters under torch.optim's optimizer and ours."""
+
+    def __init__(self, name, options, shapes=((5, 3), (4,)), seed=0, arrange=None):
+        generator = torch.Generator().manual_seed(seed)
+        values = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+        self.theirs = [v.clone().requires_grad_() for v in values]
+        self.ours = [v.clone().requires_grad_() for v in values]
+        arrange = arrange or (lambda params: params)
+        self.torch = getattr(torch.optim, name)(arrange(self.theirs), **options)
+        self.fast = getattr(fastmomentum, name)(arrange(self.ours), **options)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    @property
+    def optimizers(self):
+        return (self.torch, self.fast)
+
+    def pairs(self):
+        """(torch's optimizer, its parameters), then ours."""
+        return ((self.torch, self.theirs), (self.fast, self.ours))
+
+    def step(self, times=3):
+        for _ in range(times):
+            for theirs, ours in zip(self.theirs, self.ours):
+                grad = torch.randn(theirs.shape, generator=self.generator, dtype=torch.float64)
+                theirs.grad, ours.grad = grad.clone(), grad.clone()
+            self.torch.step()
+            self.fast.step()
+
+    def assert_same(self):
+        for index, (theirs, ours) in enumerate(zip(self.theirs, self.ours)):
+            assert_relative_close(ours.detach(), theirs.detach(), TOLERANCE, f"parameter {index}")
+
+
+# --- item 3: per-entry state resets -----------------------------------------------------
+
+
+def _clear(optimizer, param):
+    optimizer.state[param].clear()
+
+
+def _assign_empty(optimizer, param):
+    optimizer.state[param] = {}
+
+
+def _momentum_none(optimizer, param):
+    optimizer.state[param]["momentum_buffer"] = None
+
+
+def _delete_then_read_another(optimizer, param):
+    del optimizer.state[param]
+    other = optimizer.param_groups[0]["params"][1]
+    optimizer.state[other]  # the dict's length is what it was
+    optimizer.state[param]
+
+
+def _clear_all_then_read(optimizer, param):
+    optimizer.state.clear()
+    for other in optimizer.param_groups[0]["params"]:
+        optimizer.state[other]
+
+
+def _replace_value(optimizer, param):
+    key = "momentum_buffer" if "momentum_buffer" in optimizer.state[param] else "exp_avg"
+    optimizer.state[param][key] = torch.ones_like(param)
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [
+        _clear,
+        _assign_empty,
+        _momentum_none,
+        _delete_then_read_another,
+        _clear_all_then_read,
+        _replace_value,
+    ],
+)
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_state_entry_reset_by_user_code_restarts_as_in_torch(name, options, reset):
+    if reset is _momentum_none and name != "SGD":
+        pytest.skip("momentum_buffer is SGD's")
+    twins = Twins(name, options)
+    twins.step()
+    for optimizer, params in twins.pairs():
+        reset(optimizer, params[0])
+    # the checkpoint shows what the next step starts from, as torch's does
+    ours, theirs = twins.fast.state_dict()["state"], twins.torch.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for index in theirs:
+        assert ours[index].keys() == theirs[index].keys()
+    twins.step()
+    twins.assert_same()
+    assert twins.fast.state_dict()["state"].keys() == twins.torch.state_dict()["state"].keys()
+
+
+def test_an_entry_read_before_the_first_step_is_the_one_filled():
+    """torch fills the very dict ``state[p]`` returned before the first step."""
+    twins = Twins(*ADAM)
+    entry = twins.fast.state[twins.ours[0]]
+    twins.step(1)
+    assert entry is twins.fast.state[twins.ours[0]]
+    assert set(entry) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+# --- item 4: AMSGrad toggled -----------------------------------------------------------
+
+
+def _set_amsgrad(twins, on):
+    for optimizer in twins.optimizers:
+        optimizer.param_groups[0]["amsgrad"] = on
+
+
+def test_amsgrad_switched_off_keeps_max_exp_avg_sq_and_resumes_like_torch():
+    twins = Twins(*AMSGRAD)
+    twins.step()
+    _set_amsgrad(twins, False)
+    twins.step()
+    saved = twins.fast.state_dict()
+    assert "max_exp_avg_sq" in saved["state"][0]
+    theirs = twins.torch.state_dict()["state"][0]["max_exp_avg_sq"]
+    assert_relative_close(saved["state"][0]["max_exp_avg_sq"], theirs, TOLERANCE)
+    _set_amsgrad(twins, True)
+    twins.fast.load_state_dict(copy.deepcopy(twins.torch.state_dict()))
+    twins.step()
+    twins.assert_same()
+
+
+@pytest.mark.parametrize("between", ["deepcopy", "read another entry", "state_dict round trip"])
+def test_amsgrad_switched_on_keeps_the_adam_state(between):
+    """Switched on mid-run, ``max_exp_avg_sq`` starts at zero (torch.optim raises
+    KeyError instead); nothing done before the next step resets the step counts."""
+    twins = Twins(*ADAM)
+    twins.step()
+    twins.fast.param_groups[0]["amsgrad"] = True
+    optimizer = twins.fast
+    if between == "deepcopy":
+        optimizer = copy.deepcopy(optimizer)
+    elif between == "read another entry":
+        optimizer.state[twins.ours[1]]
+    else:
+        optimizer.load_state_dict(optimizer.state_dict())
+    param = optimizer.param_groups[0]["params"][0]
+    assert float(optimizer.state[param]["step"]) == 3.0
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    assert float(optimizer.state[param]["step"]) == 4.0
+    entry = optimizer.state[param]
+    assert torch.equal(entry["max_exp_avg_sq"], entry["exp_avg_sq"])
+
+
+# --- item 5: load_state_dict hooks -------------------------------------------------------
+
+
+def test_load_pre_hooks_run_before_the_checks_and_post_hooks_after_the_load():
+    twins = Twins(*ADAM)
+    twins.step()
+    saved = twins.fast.state_dict()
+    broken = copy.deepcopy(saved)
+    broken["param_groups"][0]["params"] = broken["param_groups"][0]["params"][:1]
+
+    def repair(optimizer, state_dict):
+        calls.append("pre")
+        return copy.deepcopy(saved)
+
+    fresh = Twins(*ADAM)
+    calls = []
+    for optimizer, params in fresh.pairs():
+        optimizer.register_load_state_dict_pre_hook(repair)
+        optimizer.register_load_state_dict_post_hook(
+            lambda opt, first=params[0]: calls.append(("post", float(opt.state[first]["step"])))
+        )
+        optimizer.load_state_dict(broken)  # the hook repairs what the check would refuse
+        assert calls == ["pre", ("post", 3.0)]
+        calls.clear()
+    fresh.step()
+    fresh.assert_same()
+
+
+def test_a_dict_a_pre_hook_breaks_is_refused_and_nothing_changes():
+    twins = Twins(*ADAM)
+    twins.step()
+    saved = twins.fast.state_dict()
+    before = copy.deepcopy(twins.fast.state_dict())
+
+    def break_shape(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"] = torch.zeros(7, dtype=torch.float64)
+        return state_dict
+
+    twins.fast.register_load_state_dict_pre_hook(break_shape)
+    with pytest.raises(ValueError, match="has shape"):
+        twins.fast.load_state_dict(saved)
+    after = twins.fast.state_dict()
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value)
+    twins.step()  # and it still trains like torch
+    twins.assert_same()
+
+
+def test_state_dict_hooks_run_as_in_torch():
+    twins = Twins(*SGD)
+    twins.step()
+    for optimizer in twins.optimizers:
+        optimizer.register_state_dict_pre_hook(lambda opt: opt.state.__setitem__("note", 5))
+        optimizer.register_state_dict_post_hook(
+            lambda opt, state_dict: {**state_dict, "extra": "kept"}
+        )
+    ours, theirs = twins.fast.state_dict(), twins.torch.state_dict()
+    assert ours["extra"] == theirs["extra"] == "kept"
+    # item 7: a non-dict value in optimizer.state is returned, as torch returns it
+    assert ours["state"]["note"] == theirs["state"]["note"] == 5
+    twins.fast.load_state_dict(ours)
+    twins.torch.load_state_dict(theirs)
+    twins.step()
+    twins.assert_same()
+
+
+# --- item 6: hyperparameters are checked in the constructor only --------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "change"),
+    [
+        (*SGD, {"lr": -0.05}),  # a LambdaLR gone negative
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, {"momentum": 0.0}),
+        (*SGD, {"momentum": -0.5, "dampening": 2.0}),
+        (*ADAM, {"lr": -0.01, "eps": -1e-3}),
+        (*ADAMW, {"weight_decay": -0.5}),
+    ],
+)
+def test_hyperparameters_changed_after_construction_step_like_torch(name, options, change):
+    twins = Twins(name, options)
+    twins.step()
+    for optimizer in twins.optimizers:
+        optimizer.param_groups[0].update(change)
+    twins.step()
+    twins.assert_same()
+
+
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_add_param_group_takes_values_the_constructor_would_refuse(name, options):
+    twins = Twins(name, options, shapes=((5, 3), (4,), (6,)), arrange=lambda p: p[:2])
+    twins.torch.add_param_group({"params": [twins.theirs[2]], "lr": -0.1})
+    twins.fast.add_param_group({"params": [twins.ours[2]], "lr": -0.1})
+    twins.step()
+    twins.assert_same()
+
+
+def test_constructor_arguments_are_still_checked():
+    param = nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        fastmomentum.SGD([param], lr=-0.1)
+    with pytest.raises(ValueError, match="Nesterov momentum requires"):
+        fastmomentum.SGD([param], lr=0.1, nesterov=True)
+
+
+# --- items 8 and 9: duplicates, mixed betas ----------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM, AMSGRAD])
+def test_a_parameter_listed_twice_warns_and_steps_as_in_torch(name, options):
+    """torch's loop steps it twice a step; so do we, the second time from the first."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twins = Twins(name, options, arrange=lambda p: [p[0], p[1], p[0]])
+    messages = [str(w.message) for w in caught]
+    assert sum("duplicate parameters" in m for m in messages) == 2  # torch's and ours
+    twins.step(4)
+    twins.assert_same()
+    steps = {k: v.get("step") for k, v in twins.torch.state_dict()["state"].items()}
+    ours = {k: v.get("step") for k, v in twins.fast.state_dict()["state"].items()}
+    assert steps.keys() == ours.keys() and all(
+        (s is None and ours[k] is None) or float(s) == float(ours[k]) for k, s in steps.items()
+    )
+
+
+def test_betas_of_mixed_types_are_refused_as_in_torch():
+    param = nn.Parameter(torch.randn(3))
+    for optimizer in (torch.optim.Adam, fastmomentum.Adam):
+        with pytest.raises(ValueError, match="betas must be either both floats or both Tensors"):
+            optimizer([param], betas=(0.9, torch.tensor(0.99)))
+
+
+# --- item 10: SGD's state dict has torch's keys -------------------------------------------
+
+
+def test_sgd_state_dict_groups_have_torchs_keys():
+    twins = Twins(*SGD)
+    twins.step()
+    ours, theirs = twins.fast.state_dict(), twins.torch.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    folded = fastmomentum.SGD(twins.ours, lr=0.1, momentum=0.9, momentum_convention="lr_folded")
+    assert folded.state_dict()["param_groups"][0]["momentum_convention"] == "lr_folded"
+    twins.fast.load_state_dict(theirs)  # a checkpoint without the key: the default
+    assert twins.fast.param_groups[0]["momentum_convention"] == "pytorch"
+
+
+# --- parameters appended to a group, and the meta-device workflow (item 11) -------------
+
+
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_parameter_appended_to_a_group_is_stepped_as_in_torch(name, options):
+    twins = Twins(name, options, shapes=((5, 3), (4,), (6,)), arrange=lambda p: p[:2])
+    twins.step()
+    twins.torch.param_groups[0]["params"].append(twins.theirs[2])
+    twins.fast.param_groups[0]["params"].append(twins.ours[2])
+    twins.step()
+    twins.assert_same()
+
+
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_model_built_on_meta_trains_after_to_empty(name, options):
+    torch.manual_seed(0)
+    weights = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().state_dict()
+    models, optimizers = [], []
+    for library in (torch.optim, fastmomentum):
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        optimizers.append(getattr(library, name)(model.parameters(), **options))
+        model.to_empty(device="cpu")
+        model.load_state_dict(weights)
+        models.append(model)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        inputs = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(inputs).square().sum().backward()
+            optimizer.step()
+    for theirs, ours in zip(*(m.parameters() for m in models)):
+        assert_relative_close(ours.detach(), theirs.detach(), TOLERANCE)
+    resumed = getattr(fastmomentum, name)(models[1].parameters(), **options)
+    resumed.load_state_dict(optimizers[0].state_dict())
+
+
+def test_stepping_a_model_still_on_meta_names_the_parameter():
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    optimizer = fastmomentum.SGD(model.parameters(), lr=0.1)
+    model.weight.grad = torch.zeros_like(model.weight)
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 is on the meta device"):
+        optimizer.step()
+
+
+# --- item 12: clipping ----------------------------------------------------------------
+
+
+def test_infinity_norm_clipping_of_an_empty_gradient_raises_as_in_torch():
+    params = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(0))]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer = fastmomentum.SGD(params, lr=0.1, flat_gradients=True)
+    assert optimizer.buckets[0][0].gradients.all_ours()
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type=float("inf"))
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        optimizer.clip_grad_norm_(1.0, norm_type=float("inf"))
