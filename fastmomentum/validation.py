@@ -13,6 +13,8 @@ def host_float(value, name):
     step would make the host wait for the GPU."""
     if type(value) is float:  # the common case, read every step
         return value
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")

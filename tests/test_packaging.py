@@ -73,3 +73,48 @@ def test_cuda_arrays_without_numba_cuda_get_an_error_naming_it():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_without_torch_the_optimizers_name_what_to_install():
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        import fastmomentum
+        try:
+            fastmomentum.SGD
+        except ModuleNotFoundError as error:
+            assert "needs PyTorch" in str(error) and "fastmomentum[torch]" in str(error), error
+            assert error.name == "torch"
+        else:
+            raise AssertionError("fastmomentum.SGD without torch")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_public_names_are_visible_to_dir_and_type_checkers():
+    import ast
+    import importlib.metadata
+    import pathlib
+
+    import fastmomentum
+
+    assert {"SGD", "Adam", "AdamW", "kernels"} <= set(dir(fastmomentum))
+    # type checkers read the TYPE_CHECKING imports, not the lazy __getattr__
+    tree = ast.parse(pathlib.Path(fastmomentum.__file__).read_text())
+    checked = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+    ]
+    imported = {alias.name for node in checked for i in node.body for alias in i.names}
+    assert imported == set(fastmomentum.__all__)
+    # and they find the package: an editable install is a plain path, not an import hook
+    files = importlib.metadata.distribution("fastmomentum").files or []
+    for pth in [f for f in files if f.name.endswith(".pth")]:
+        lines = pth.read_text().split()
+        assert lines and not lines[0].startswith("import"), lines

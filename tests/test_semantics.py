@@ -332,7 +332,7 @@ def test_gradients_in_any_layout_step_like_torch(name, options):
         theirs.step()
         for user_grad, before, p in zip(user_grads, kept, params):
             assert torch.equal(user_grad, before), "a step must not change a gradient"
-            assert torch.equal(p.grad, before)
+            assert p.grad is user_grad and torch.equal(p.grad, before)
     assert weight.is_contiguous(memory_format=torch.channels_last)
     for p, q in zip(params, ref_params):
         assert_relative_close(p.detach(), q.detach(), RTOL["float32"], "param")
