@@ -160,6 +160,13 @@ def _adam_step_values(step, lr, betas):
     beta1, beta2 = betas
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
+    if bias_correction1 == 0.0 or bias_correction2 < 0.0:
+        # betas set outside [0, 1) after construction (torch checks them only there):
+        # IEEE results, as torch's fused step gives, not an exception after some
+        # buckets have stepped.
+        with np.errstate(all="ignore"):
+            step_size = np.float64(-lr) / np.float64(bias_correction1)
+            return float(step_size), float(np.sqrt(np.float64(bias_correction2)))
     return -lr / bias_correction1, bias_correction2**0.5  # torch's arithmetic
 
 

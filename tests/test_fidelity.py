@@ -384,3 +384,16 @@ def test_infinity_norm_clipping_of_an_empty_gradient_raises_as_in_torch():
         torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type=float("inf"))
     with pytest.raises(RuntimeError, match="empty tensor"):
         optimizer.clip_grad_norm_(1.0, norm_type=float("inf"))
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.5)])
+def test_betas_scheduled_out_of_range_give_torch_fuseds_nan_not_an_exception(betas):
+    """torch's loop raises (ZeroDivisionError, complex numbers) after updating some
+    state; its fused step, like ours, carries on with inf/NaN."""
+    twins = Twins("Adam", {"lr": 0.05})
+    twins.torch = torch.optim.Adam(twins.theirs, lr=0.05, fused=True)
+    twins.step()
+    for optimizer in twins.optimizers:
+        optimizer.param_groups[0]["betas"] = betas
+    twins.step(1)
+    twins.assert_same()
