@@ -92,21 +92,23 @@ def _replace_value(optimizer, param):
     optimizer.state[param][key] = torch.ones_like(param)
 
 
+RESETS = [
+    _clear,
+    _assign_empty,
+    _momentum_none,
+    _delete_then_read_another,
+    _clear_all_then_read,
+    _replace_value,
+]
+
+
 @pytest.mark.parametrize(
-    "reset",
-    [
-        _clear,
-        _assign_empty,
-        _momentum_none,
-        _delete_then_read_another,
-        _clear_all_then_read,
-        _replace_value,
-    ],
+    ("name", "options", "reset"),
+    [(*SGD, reset) for reset in RESETS]
+    + [(*ADAM, reset) for reset in RESETS if reset is not _momentum_none],
+    ids=lambda value: getattr(value, "__name__", None),
 )
-@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
 def test_a_state_entry_reset_by_user_code_restarts_as_in_torch(name, options, reset):
-    if reset is _momentum_none and name != "SGD":
-        pytest.skip("momentum_buffer is SGD's")
     twins = Twins(name, options)
     twins.step()
     for optimizer, params in twins.pairs():
