@@ -12,6 +12,8 @@ where every tensor is before each step.
 import numpy as np
 import torch
 
+from fastmomentum.kernels import precision
+
 from .devices import kernels_for
 from .gradients import Gradients
 from .launches import StepPlanner
@@ -24,6 +26,22 @@ from .storage import (
     placed_like,
     shard_like,
 )
+
+
+def compute_dtype_and_formats(dtype):
+    """The NumPy dtype a bucket of ``dtype`` computes (and takes coefficients) in, and
+    its arrays' element formats for `kernels.tables.TensorTable` (``None``: that dtype).
+
+    bfloat16 and float16 compute in float32 with one rounding per stored value, as
+    torch's fused optimizers do (`kernels.precision`).
+    """
+    carrier = _CARRIERS.get(dtype)
+    if carrier is None:
+        return np.dtype(str(dtype).removeprefix("torch.")), None
+    return np.dtype(np.float32), (carrier,) * 3
+
+
+_CARRIERS = {torch.bfloat16: precision.BFLOAT16_BITS, torch.float16: precision.FLOAT16_BITS}
 
 
 def step_dtype():
@@ -47,7 +65,7 @@ class ParamBucket:
         tensors = self.local_params()
         self.device, self.dtype = tensors[0].device, tensors[0].dtype
         self.device_index = tensors[0].get_device()  # -1 on the CPU
-        self.dtype_numpy = np.dtype(str(self.dtype).removeprefix("torch."))
+        self.dtype_numpy, self.formats = compute_dtype_and_formats(self.dtype)
         self.kernels = kernels_for(self.device)  # `kernels.cpu`, or CUDA on torch's stream
         self.shapes = [t.shape for t in tensors]
         self.numels = [t.numel() for t in tensors]

@@ -137,7 +137,9 @@ class StepPlanner:
         if table is None:
             bucket = self.bucket
             lengths = [bucket.numels[i] for i in rows]
-            table = TensorTable(lengths, 2 + len(columns), bucket.dtype_numpy, entry_width)
+            table = TensorTable(
+                lengths, 2 + len(columns), bucket.dtype_numpy, entry_width, bucket.formats
+            )
             for column, name in enumerate(columns, start=2):
                 if name is not None:
                     table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]

@@ -13,7 +13,13 @@ import sys
 import numpy as np
 import torch
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: The NumPy type whose elements hold each torch dtype's (bfloat16: its bits, as uint16).
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.bfloat16: np.uint16,
+}
 
 
 class Allocation:
@@ -28,7 +34,7 @@ class Allocation:
     def __init__(self, size, dtype, device):
         if device.type == "cpu":
             self._array = _aligned_zeros(size, np.dtype(_NUMPY_DTYPES[dtype]))
-            self.flat = torch.from_numpy(self._array)
+            self.flat = torch.from_numpy(self._array).view(dtype)
         else:
             self._array = None
             self.flat = torch.zeros(size, dtype=dtype, device=device)
@@ -49,7 +55,7 @@ class Allocation:
         else:
             interface = _DeviceRange(self.flat, self.address_of(offset), numel)
             base = torch.as_tensor(interface, device=self.flat.device)
-        return base.as_strided(shape, strides)
+        return base.view(self.flat.dtype).as_strided(shape, strides)
 
 
 #: Where CPU allocations start: a cache line, as torch's own CPU allocator aligns.

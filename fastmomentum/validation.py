@@ -5,7 +5,7 @@ import torch
 from .devices import cuda_unavailable_reason
 from .storage import is_dtensor, local
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def host_float(value, name):
@@ -53,7 +53,8 @@ def check_params(params):
             raise TypeError(f"{name} has layout {param.layout}; fastmomentum needs dense params")
         if param.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
-                f"{name} has dtype {param.dtype}; fastmomentum supports float32 and float64"
+                f"{name} has dtype {param.dtype}; fastmomentum supports float32, float64, "
+                "bfloat16 and float16"
             )
         if is_dtensor(param):
             _check_placements(name, param)

@@ -26,36 +26,38 @@ from .elements import adam_at, sgd_momentum_at, sgd_plain_at
 from .pointers import pointer_to
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
-# element step or the pointer intrinsic it inlines does. This digest of rules.py,
-# elements.py and pointers.py makes every edit there change this file too;
-# tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "3f11679c8b97ee1f"
+# element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
+# digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
+# change this file too; tests/test_kernels.py fails until it is updated.
+RULES_DIGEST = "4b5c8a881165d8af"
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients):
+def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, formats):
     """`rules.sgd_plain` over (param, grad)."""
-    like = coefficients[0]
+    stored_param, stored_grad, stored_state = formats
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], like)
-            grad = pointer_to(addresses[entry, 1], like)
+            param = pointer_to(addresses[entry, 0], stored_param)
+            grad = pointer_to(addresses[entry, 1], stored_grad)
             for i in range(begin, end):
                 sgd_plain_at(i, param, grad, coefficients)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, nesterov):
+def _sgd_momentum(
+    addresses, segments, part_starts, entry_values, coefficients, formats, nesterov
+):
     """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
     is 1 on the entry's first step."""
-    like = coefficients[0]
+    stored_param, stored_grad, stored_state = formats
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], like)
-            grad = pointer_to(addresses[entry, 1], like)
-            velocity = pointer_to(addresses[entry, 2], like)
+            param = pointer_to(addresses[entry, 0], stored_param)
+            grad = pointer_to(addresses[entry, 1], stored_grad)
+            velocity = pointer_to(addresses[entry, 2], stored_state)
             first_step = entry_values[entry, 0] != 0
             for i in range(begin, end):
                 sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step)
@@ -65,18 +67,18 @@ def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, 
 # and a multiply (≤1 ulp apart); Adam is compute-bound on division and square root while
 # the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k float32 params.
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"arcp"})
-def _adam(addresses, segments, part_starts, entry_values, coefficients, amsgrad):
+def _adam(addresses, segments, part_starts, entry_values, coefficients, formats, amsgrad):
     """`rules.adam` over (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the entry's
     values are its ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
-    like = coefficients[0]
+    stored_param, stored_grad, stored_state = formats
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], like)
-            grad = pointer_to(addresses[entry, 1], like)
-            exp_avg = pointer_to(addresses[entry, 2], like)
-            exp_avg_sq = pointer_to(addresses[entry, 3], like)
-            max_exp_avg_sq = pointer_to(addresses[entry, 4], like)  # 0 unless amsgrad
+            param = pointer_to(addresses[entry, 0], stored_param)
+            grad = pointer_to(addresses[entry, 1], stored_grad)
+            exp_avg = pointer_to(addresses[entry, 2], stored_state)
+            exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
+            max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
             step = (entry_values[entry, 0], entry_values[entry, 1])
             for i in range(begin, end):
                 adam_at(
@@ -132,7 +134,10 @@ def _launch(kernel, table, coefficients, *flags):
     else:
         parts = _threads()
     segments, part_starts = table.cpu_schedule(parts)
-    kernel(table.addresses, segments, part_starts, table.entry_values, coefficients, *flags)
+    kernel(
+        table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats,
+        *flags,
+    )  # fmt: skip
 
 
 def sgd_plain(table, coefficients):

@@ -14,7 +14,7 @@ import warnings
 from numba import config as numba_config
 from numba import cuda
 
-from . import config
+from . import config, precision
 from .elements import adam_at, sgd_momentum_at, sgd_plain_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
@@ -25,35 +25,40 @@ warnings.filterwarnings(
 )
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
-# element step or the pointer intrinsic it inlines does. This digest of rules.py,
-# elements.py and pointers.py makes every edit there change this file too;
-# tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "3f11679c8b97ee1f"
+# element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
+# digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
+# change this file too; tests/test_kernels.py fails until it is updated.
+RULES_DIGEST = "4b5c8a881165d8af"
 
-# The simulator runs kernels as Python, where an intrinsic cannot run.
-pointer_to = simulated_pointer_to if numba_config.ENABLE_CUDASIM else _compiled_pointer_to
+# The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
+# `store` run as the Python functions they are).
+if numba_config.ENABLE_CUDASIM:
+    pointer_to = simulated_pointer_to
+else:
+    pointer_to = _compiled_pointer_to
+    precision.register_cuda()
 
 
 @cuda.jit(cache=True)
-def _sgd_plain(addresses, segments, entry_values, coefficients):
-    like = coefficients[0]
+def _sgd_plain(addresses, segments, entry_values, coefficients, formats):
+    stored_param, stored_grad, stored_state = formats
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], like)
-        grad = pointer_to(addresses[entry, 1], like)
+        param = pointer_to(addresses[entry, 0], stored_param)
+        grad = pointer_to(addresses[entry, 1], stored_grad)
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
             sgd_plain_at(i, param, grad, coefficients)
 
 
 @cuda.jit(cache=True)
-def _sgd_momentum(addresses, segments, entry_values, coefficients, nesterov):
-    like = coefficients[0]
+def _sgd_momentum(addresses, segments, entry_values, coefficients, formats, nesterov):
+    stored_param, stored_grad, stored_state = formats
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], like)
-        grad = pointer_to(addresses[entry, 1], like)
-        velocity = pointer_to(addresses[entry, 2], like)
+        param = pointer_to(addresses[entry, 0], stored_param)
+        grad = pointer_to(addresses[entry, 1], stored_grad)
+        velocity = pointer_to(addresses[entry, 2], stored_state)
         first_step = entry_values[entry, 0] != 0
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
@@ -61,15 +66,15 @@ def _sgd_momentum(addresses, segments, entry_values, coefficients, nesterov):
 
 
 @cuda.jit(cache=True)
-def _adam(addresses, segments, entry_values, coefficients, amsgrad):
-    like = coefficients[0]
+def _adam(addresses, segments, entry_values, coefficients, formats, amsgrad):
+    stored_param, stored_grad, stored_state = formats
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], like)
-        grad = pointer_to(addresses[entry, 1], like)
-        exp_avg = pointer_to(addresses[entry, 2], like)
-        exp_avg_sq = pointer_to(addresses[entry, 3], like)
-        max_exp_avg_sq = pointer_to(addresses[entry, 4], like)  # 0 unless amsgrad
+        param = pointer_to(addresses[entry, 0], stored_param)
+        grad = pointer_to(addresses[entry, 1], stored_grad)
+        exp_avg = pointer_to(addresses[entry, 2], stored_state)
+        exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
+        max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
         step = (entry_values[entry, 0], entry_values[entry, 1])
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
@@ -91,7 +96,7 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload):
         blocks, threads = config.launch_shape(len(segments))
         kernel[blocks, threads, stream](
             upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, *flags,
+            coefficients, table.formats, *flags,
         )  # fmt: skip
 
 

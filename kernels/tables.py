@@ -6,6 +6,9 @@ order) ``addresses[e, j]`` is where that tensor's elements start. The arrays of 
 are laid out alike: element ``k`` of each belongs to the same parameter element.
 ``entry_values[e]`` holds coefficients of that entry alone (e.g. its bias corrections
 at its own step count); the coefficients all entries share are passed to the launch.
+``formats`` gives the element type of the params, the grads and the state arrays (one
+zero scalar each): the compute ``dtype`` by default, or the 16-bit carriers of
+`kernels.precision` for bfloat16 and float16 arrays.
 
 Work is split by elements, not by tensor, into segments ``(entry, begin, end)``:
 
@@ -25,7 +28,7 @@ import numpy as np
 class TensorTable:
     """The entries of one launch: ``width`` addresses each, ``entry_width`` own values."""
 
-    def __init__(self, lengths, width, dtype, entry_width=0):
+    def __init__(self, lengths, width, dtype, entry_width=0, formats=None):
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if (self.lengths < 0).any():
             raise ValueError("table lengths must be non-negative")
@@ -35,12 +38,13 @@ class TensorTable:
         self.dtype = np.dtype(dtype)
         self.addresses = np.zeros((self.lengths.size, width), np.int64)
         self.entry_values = np.zeros((self.lengths.size, entry_width), self.dtype)
+        self.formats = _formats(formats, self.dtype)
         self._schedules = {}
         self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
         self.note = None  # the caller's record of what entry_values hold
 
     @classmethod
-    def single(cls, size, addresses, dtype, entry_values=()):
+    def single(cls, size, addresses, dtype, entry_values=(), formats=None):
         """A table of one entry: ``size`` elements at ``addresses`` (the low-level API's
         flat arrays; built with as little work as a call on a small array allows)."""
         table = cls.__new__(cls)
@@ -50,6 +54,7 @@ class TensorTable:
         table.dtype = np.dtype(dtype)
         table.addresses = np.array([addresses], np.int64)
         table.entry_values = np.array([entry_values], table.dtype).reshape(1, len(entry_values))
+        table.formats = _formats(formats, table.dtype)
         table._schedules = {}
         table.rows = table.note = None
         return table
@@ -76,6 +81,13 @@ class TensorTable:
         if key not in self._schedules:
             self._schedules[key] = _chunks(self.lengths, chunk)
         return self._schedules[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _formats(formats, dtype):
+    """(param, grad, state) element types as zero scalars, which kernels type on."""
+    formats = (dtype,) * 3 if formats is None else formats
+    return tuple(np.dtype(kind).type(0) for kind in formats)
 
 
 def _equal_parts(starts, parts):

@@ -69,8 +69,7 @@ def test_implementation_hints_are_accepted(options):
     ("make", "error", "message"),
     [
         (lambda: [nn.Parameter(torch.randn(3, dtype=torch.complex64))], TypeError, "complex"),
-        (lambda: [nn.Parameter(torch.randn(3, dtype=torch.float16))], TypeError, "float16"),
-        (lambda: [nn.Parameter(torch.randn(3, dtype=torch.bfloat16))], TypeError, "bfloat16"),
+        (lambda: [nn.Parameter(torch.randn(3).to(torch.float8_e4m3fn))], TypeError, "float8"),
         (lambda: [nn.Parameter(torch.randn(3).to_sparse())], TypeError, "layout"),
     ],
 )
@@ -98,8 +97,9 @@ def test_add_param_group_with_bad_params_leaves_groups_as_they_were():
     optimizer = fastmomentum.Adam([nn.Parameter(torch.randn(3))])
     groups = copy.deepcopy(optimizer.param_groups)
     extra = nn.Parameter(torch.randn(4))
-    with pytest.raises(TypeError, match="float16"):
-        optimizer.add_param_group({"params": [extra.detach().half().requires_grad_()]})
+    with pytest.raises(TypeError, match="float8"):
+        eight_bit = extra.detach().to(torch.float8_e4m3fn).requires_grad_()
+        optimizer.add_param_group({"params": [eight_bit]})
     assert len(optimizer.param_groups) == len(groups) == 1
     assert len(optimizer.buckets) == 1
 

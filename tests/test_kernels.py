@@ -275,14 +275,14 @@ def test_kernel_modules_carry_the_current_rules_digest():
     import hashlib
     from pathlib import Path
 
-    from fastmomentum.kernels import cpu, elements, pointers, rules
+    from fastmomentum.kernels import cpu, elements, pointers, precision, rules
 
     digest = hashlib.sha256()
-    for module in (rules, elements, pointers):
+    for module in (rules, elements, pointers, precision):
         digest.update(Path(module.__file__).read_bytes())
     digest = digest.hexdigest()[:16]
     assert cpu.RULES_DIGEST == digest, (
-        f"rules, elements or pointers changed: set RULES_DIGEST = {digest!r}"
+        f"rules, elements, pointers or precision changed: set RULES_DIGEST = {digest!r}"
     )
     source = Path(cpu.__file__).with_name("cuda.py").read_text()
     assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"

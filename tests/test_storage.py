@@ -171,9 +171,9 @@ def test_a_failed_constructor_changes_nothing():
     view = nn.Parameter(base[2:6])
     alone = nn.Parameter(torch.randn(3))
     before = [(p.data_ptr(), p.untyped_storage().data_ptr()) for p in (view, alone)]
-    half = nn.Parameter(torch.randn(3).half())
-    with pytest.raises(TypeError, match="float16"):
-        fastmomentum.SGD([{"params": [view, alone]}, {"params": [half]}], lr=0.1)
+    eight_bit = nn.Parameter(torch.randn(3).to(torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="float8"):
+        fastmomentum.SGD([{"params": [view, alone]}, {"params": [eight_bit]}], lr=0.1)
     assert [(p.data_ptr(), p.untyped_storage().data_ptr()) for p in (view, alone)] == before
     view.data.fill_(7.0)
     assert (base[2:6] == 7.0).all()  # still a view of base
