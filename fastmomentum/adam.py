@@ -1,6 +1,7 @@
 """``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements, one fused
 launch per bucket."""
 
+import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -26,7 +27,8 @@ class Adam(FlatOptimizer):
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
     fused launch); ``capturable=True`` and ``differentiable=True`` are rejected.
-    ``flat_gradients``: as in `fastmomentum.SGD`.
+    ``flat_gradients`` and ``state_dtype``: as in `fastmomentum.SGD` (bfloat16
+    ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
     """
 
     counts_steps = True
@@ -47,6 +49,7 @@ class Adam(FlatOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         flat_gradients: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -66,7 +69,7 @@ class Adam(FlatOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients)
+        super().__init__(params, defaults, flat_gradients, state_dtype)
 
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     #: Kept, as torch keeps it, when AMSGrad is switched off; starts at zero for a
@@ -144,6 +147,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         flat_gradients: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -159,6 +163,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             flat_gradients=flat_gradients,
+            state_dtype=state_dtype,
         )
 
     def __setstate__(self, state):

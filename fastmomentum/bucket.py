@@ -28,20 +28,22 @@ from .storage import (
 )
 
 
-def compute_dtype_and_formats(dtype):
-    """The NumPy dtype a bucket of ``dtype`` computes (and takes coefficients) in, and
-    its arrays' element formats for `kernels.tables.TensorTable` (``None``: that dtype).
+def compute_dtype_and_formats(dtype, state_dtype):
+    """The NumPy dtype a bucket of ``dtype`` parameters and ``state_dtype`` state
+    computes (and takes coefficients) in, and the element formats of its params, grads
+    and state for `kernels.tables.TensorTable` (``None``: all in that dtype).
 
     bfloat16 and float16 compute in float32 with one rounding per stored value, as
     torch's fused optimizers do (`kernels.precision`).
     """
-    carrier = _CARRIERS.get(dtype)
-    if carrier is None:
+    if dtype not in _CARRIERS and state_dtype == dtype:
         return np.dtype(str(dtype).removeprefix("torch.")), None
-    return np.dtype(np.float32), (carrier,) * 3
+    param, state = (_CARRIERS.get(d, _NUMPY.get(d)) for d in (dtype, state_dtype))
+    return np.dtype(np.float32), (param, param, state)
 
 
 _CARRIERS = {torch.bfloat16: precision.BFLOAT16_BITS, torch.float16: precision.FLOAT16_BITS}
+_NUMPY = {torch.float32: np.float32}
 
 
 def step_dtype():
@@ -58,14 +60,15 @@ class ParamBucket:
     local shard; its state is exposed as DTensors placed like the parameter.
     """
 
-    def __init__(self, params, names, flat_gradients=False):
+    def __init__(self, params, names, flat_gradients=False, state_dtype=None):
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
         self.distributed = is_dtensor(self.params[0])
         tensors = self.local_params()
         self.device, self.dtype = tensors[0].device, tensors[0].dtype
         self.device_index = tensors[0].get_device()  # -1 on the CPU
-        self.dtype_numpy, self.formats = compute_dtype_and_formats(self.dtype)
+        self.state_dtype = state_dtype or self.dtype
+        self.dtype_numpy, self.formats = compute_dtype_and_formats(self.dtype, self.state_dtype)
         self.kernels = kernels_for(self.device)  # `kernels.cpu`, or CUDA on torch's stream
         self.shapes = [t.shape for t in tensors]
         self.numels = [t.numel() for t in tensors]
@@ -132,7 +135,7 @@ class ParamBucket:
     def state(self, name):
         """The allocation of state ``name`` (e.g. ``"exp_avg"``), zero-filled when made."""
         if name not in self._state:
-            self._state[name] = Allocation(self.size, self.dtype, self.device)
+            self._state[name] = Allocation(self.size, self.state_dtype, self.device)
         return self._state[name]
 
     def has_state(self, name):

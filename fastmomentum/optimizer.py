@@ -19,7 +19,7 @@ from . import binding, checkpoint
 from .bucket import ParamBucket
 from .clipping import clip_grad_norm
 from .storage import is_dtensor, local
-from .validation import check_implementation_options, check_params
+from .validation import check_implementation_options, check_params, check_state_dtype
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -40,9 +40,11 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: optimizer; the step skips itself on inf/NaN and unscales inside the kernel.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, flat_gradients=False):
+    def __init__(self, params, defaults, flat_gradients=False, state_dtype=None):
         check_implementation_options(defaults)
+        check_state_dtype(state_dtype)
         self._flat_gradients = flat_gradients
+        self._state_dtype = state_dtype
         self.buckets = None  # per param group, its buckets (None: not made yet, see below)
         super().__init__(params, defaults)
         self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
@@ -105,6 +107,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         try:
             check_implementation_options(group)
             check_params(group["params"])
+            check_state_dtype(self.__dict__.get("_state_dtype"), group["params"])
         except Exception:
             self.param_groups.pop()
             raise
@@ -127,7 +130,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             kind = (local(param).device, param.dtype, is_dtensor(param))
             members.setdefault(kind, []).append((param, name))
         flat = self.__dict__.get("_flat_gradients", False)
-        buckets = _GroupBuckets(ParamBucket(*zip(*pairs), flat) for pairs in members.values())
+        state_dtype = self.__dict__.get("_state_dtype")
+        buckets = _GroupBuckets(
+            ParamBucket(*zip(*pairs), flat, state_dtype) for pairs in members.values()
+        )
         with torch.no_grad():
             for bucket in buckets:
                 bucket.adopt()
@@ -310,7 +316,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             hook(self)
 
     def __getstate__(self):
-        return {**super().__getstate__(), "_flat_gradients": self._flat_gradients}
+        return {
+            **super().__getstate__(),
+            "_flat_gradients": self._flat_gradients,
+            "_state_dtype": self._state_dtype,
+        }
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -2,6 +2,7 @@
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -34,6 +35,9 @@ class SGD(FlatOptimizer):
     of one gradient allocation of ours instead of zeroing it in place: backward then
     accumulates there, and zeroing and clipping take one pass (a different tensor object
     than torch leaves in ``.grad``; references to the old one see no more updates).
+
+    ``state_dtype=torch.bfloat16`` (float32 parameters only) keeps the momentum buffer in
+    bfloat16, computed in float32 and rounded once per step: half the state's bytes.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class SGD(FlatOptimizer):
         fused: bool | None = None,
         momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
         flat_gradients: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -65,7 +70,7 @@ class SGD(FlatOptimizer):
             "momentum_convention": momentum_convention,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients)
+        super().__init__(params, defaults, flat_gradients, state_dtype)
 
     state_keys = ("momentum_buffer",)
 

@@ -69,6 +69,29 @@ def check_params(params):
             raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
 
 
+#: What ``state_dtype`` may be: the parameters' own dtype (``None``), or bfloat16 state
+#: for float32 parameters (half the state's bytes, computed in float32).
+STATE_DTYPES = (None, torch.bfloat16)
+
+
+def check_state_dtype(state_dtype, params=()):
+    """Raise ``ValueError`` for a ``state_dtype`` we do not implement, or for parameters
+    it cannot go with (bfloat16 state is for float32 parameters)."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be None (the parameters' dtype) or torch.bfloat16, "
+            f"got {state_dtype!r}"
+        )
+    if state_dtype is None:
+        return
+    for position, param in enumerate(params):
+        if param.dtype != torch.float32:
+            raise ValueError(
+                f"parameter {position} is {param.dtype}; state_dtype={state_dtype} is for "
+                "float32 parameters"
+            )
+
+
 def _check_placements(name, param):
     """A DTensor steps shard by shard: every shard must hold whole values of the
     parameter (``Shard``, ``Replicate``), not partial sums (``Partial``)."""
