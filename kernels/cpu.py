@@ -29,7 +29,7 @@ from .pointers import pointer_to
 # element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
 # digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
 # change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "25cc7321d4ea0f70"
+RULES_DIGEST = "f646314e90a5686d"
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -168,13 +168,48 @@ def _float32_to_float16_by_llvm(typingctx, value):
     return signature, codegen
 
 
-def _implementations(float16_to_float32, float32_to_float16):
+@intrinsic
+def _bfloat16_to_float32_by_llvm(typingctx, bits):
+    """`_bfloat16_to_float32` in 32-bit integer lanes (Numba widens integer arithmetic to
+    64 bits, which halves the vector width of a loop)."""
+    signature = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        word = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(word, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return signature, codegen
+
+
+@intrinsic
+def _float32_to_bfloat16_by_llvm(typingctx, value):
+    """`_float32_to_bfloat16` in 32-bit integer lanes, the NaN test a select."""
+    signature = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        word, half = ir.IntType(32), ir.IntType(16)
+        bits = builder.bitcast(args[0], word)
+        lowest_kept = builder.and_(builder.lshr(bits, ir.Constant(word, 16)), ir.Constant(word, 1))
+        rounded = builder.add(bits, builder.add(lowest_kept, ir.Constant(word, 0x7FFF)))
+        high = builder.trunc(builder.lshr(rounded, ir.Constant(word, 16)), half)
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, ir.Constant(half, 0x7FC0), high)
+
+    return signature, codegen
+
+
+def _implementations(
+    float16_to_float32,
+    float32_to_float16,
+    bfloat16_to_float32=_bfloat16_to_float32,
+    float32_to_bfloat16=_float32_to_bfloat16,
+):
     """`load` and `store` overloads, with the given float16 conversions."""
 
     def load_implementation(pointer, i, like):
         element = pointer.dtype
         if element == types.uint16:
-            return lambda pointer, i, like: _bfloat16_to_float32(pointer[i])
+            return lambda pointer, i, like: bfloat16_to_float32(pointer[i])
         if element == types.int16:
             return lambda pointer, i, like: float16_to_float32(pointer[i])
         return lambda pointer, i, like: pointer[i]
@@ -184,7 +219,7 @@ def _implementations(float16_to_float32, float32_to_float16):
         if element == types.uint16:
 
             def store_bfloat16(pointer, i, value):
-                pointer[i] = _float32_to_bfloat16(value)
+                pointer[i] = float32_to_bfloat16(value)
 
             return store_bfloat16
         if element == types.int16:
@@ -202,7 +237,12 @@ def _implementations(float16_to_float32, float32_to_float16):
     return load_implementation, store_implementation
 
 
-_cpu_load, _cpu_store = _implementations(_float16_to_float32_by_llvm, _float32_to_float16_by_llvm)
+_cpu_load, _cpu_store = _implementations(
+    _float16_to_float32_by_llvm,
+    _float32_to_float16_by_llvm,
+    _bfloat16_to_float32_by_llvm,
+    _float32_to_bfloat16_by_llvm,
+)
 overload(load)(_cpu_load)
 overload(store)(_cpu_store)
 
