@@ -19,6 +19,7 @@ import numpy as np
 
 from . import cpu, hyperparameters
 from .arrays import address_of, device_views, flat_views, locate, placement
+from .precision import FLOAT16_BITS
 from .tables import TensorTable
 
 
@@ -72,7 +73,7 @@ def sgd_step(
     if momentum == 0:
         kernels, arrays, launch = _dispatch({"param": param, "grad": grad}, stream)
         coefficients = hyperparameters.sgd_plain_coefficients(
-            arrays[0].dtype, lr, weight_decay, maximize
+            _compute_dtype(arrays), lr, weight_decay, maximize
         )
         kernels.sgd_plain(_one_entry(arrays), coefficients, **launch)
         return
@@ -82,7 +83,7 @@ def sgd_step(
         {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}, stream
     )
     coefficients = hyperparameters.sgd_momentum_coefficients(
-        arrays[0].dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention
+        _compute_dtype(arrays), lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
     table = _one_entry(arrays, [1.0 if first_step else 0.0])
     kernels.sgd_momentum(table, coefficients, nesterov, **launch)
@@ -137,7 +138,7 @@ def adam_step(
         },
         stream,
     )
-    dtype = arrays[0].dtype
+    dtype = _compute_dtype(arrays)
     coefficients = hyperparameters.adam_constant_coefficients(
         dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
@@ -204,7 +205,17 @@ def _flags(**values):
 def _one_entry(arrays, entry_values=()):
     """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used)."""
     addresses = [0 if array is None else address_of(array) for array in arrays]
-    return TensorTable.single(arrays[0].size, addresses, arrays[0].dtype, entry_values)
+    formats = (FLOAT16_BITS,) * 3 if arrays[0].dtype == np.float16 else None
+    return TensorTable.single(
+        arrays[0].size, addresses, _compute_dtype(arrays), entry_values, formats
+    )
+
+
+def _compute_dtype(arrays):
+    """The dtype a step computes in: float16 arrays in float32, each stored value
+    rounded once (`kernels.precision`), as torch's fused optimizers do."""
+    dtype = np.dtype(arrays[0].dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 def _dispatch(arrays, stream):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def flat_views(arrays, read_only=("grad",)):
@@ -152,7 +152,9 @@ def _check_dtypes_and_shapes(present):
     """One supported float dtype and one shape for all the (named) arrays."""
     (first_name, first), *others = present.items()
     if np.dtype(first.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"{first_name} has dtype {first.dtype}; expected float32 or float64")
+        raise TypeError(
+            f"{first_name} has dtype {first.dtype}; expected float16, float32 or float64"
+        )
     for name, array in others:
         if array.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}")

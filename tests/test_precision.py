@@ -352,3 +352,32 @@ def test_a_state_dtype_we_cannot_use_is_refused_before_anything_moves(
     with pytest.raises(ValueError, match=message):
         fastmomentum.Adam([param], state_dtype=state_dtype)
     assert param.data_ptr() == before[0] and torch.equal(param.detach(), before[1])
+
+
+# --- the low-level API on float16 arrays ------------------------------------------------
+
+
+def test_low_level_steps_on_float16_arrays_match_the_torch_optimizers():
+    """``adam_step``/``sgd_step`` on float16 NumPy arrays: float32 arithmetic, one
+    rounding per stored value; bit-identical to our torch optimizers (and so, for Adam,
+    to torch's fused one)."""
+    from fastmomentum.kernels import adam_step, sgd_step
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, generator=generator).half()
+    grads = [torch.randn(1000, generator=generator).half() for _ in range(5)]
+    for name in ("Adam", "SGD"):
+        options = {"lr": 1e-2} if name == "Adam" else {"lr": 0.1, "momentum": 0.9}
+        fused = {"fused": True} if name == "Adam" else {}
+        param = start.clone().requires_grad_()
+        library = torch.optim if name == "Adam" else fastmomentum
+        optimizer = getattr(library, name)([param], **options, **fused)
+        arrays = [start.numpy().copy()] + [np.zeros(1000, np.float16) for _ in range(2)]
+        for step, grad in enumerate(grads, start=1):
+            param.grad = grad.clone()
+            optimizer.step()
+            if name == "Adam":
+                adam_step(arrays[0], grad.numpy(), arrays[1], arrays[2], step=step, **options)
+            else:
+                sgd_step(arrays[0], grad.numpy(), arrays[1], first_step=step == 1, **options)
+        assert np.array_equal(arrays[0], param.detach().numpy()), name
