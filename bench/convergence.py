@@ -1,6 +1,7 @@
 """The momentum theory, reproduced on fastmomentum's own kernels.
 
-    python -m bench.convergence        # about half a minute
+    python -m bench.convergence                           # about half a minute
+    python -m bench.convergence --output bench/results    # replace the committed results
 
 Every iterate comes from `fastmomentum.kernels.sgd_step` (float64) on a diagonal
 quadratic ``f(x) = ½ Σ λᵢ xᵢ²`` (gradient ``λ ⊙ x``, minimum 0 at 0), so the numbers
@@ -17,18 +18,19 @@ measure the library's update rules, not a separate model of them:
    lr/(1−β), measured from the kernel's response to an impulse and a constant gradient;
 4. the two momentum conventions under constant lr, linear warmup and step decay.
 
-Results go to ``bench/results/convergence.{json,png,md}``.
+Results go to ``convergence.{json,png,md}`` in ``bench/out/`` (untracked), or in the
+folder ``--output`` names; the committed run is in ``bench/results/``.
 """
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
 from fastmomentum.kernels import sgd_step
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import cli
+
 KAPPAS = [10, 100, 1000, 10000]
 BETAS = [0.0, 0.5, 0.9, 0.95, 0.99]
 
@@ -349,7 +351,10 @@ def plot(report, path):
     plt.close(figure)
 
 
-def main():
+def main(argv=None):
+    parser = cli.parser("bench.convergence", __doc__)
+    cli.add_output(parser, "JSON, markdown and PNG")
+    args = parser.parse_args(argv)
     strongly_convex = strongly_convex_study()
     report = {
         "strongly_convex": strongly_convex,
@@ -358,12 +363,13 @@ def main():
         "beta_table": beta_table(),
         "conventions": conventions_study(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "convergence.json").write_text(json.dumps(report, indent=1))
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "convergence.json").write_text(json.dumps(report, indent=1))
     summary = markdown(report)
-    (RESULTS / "convergence.md").write_text(summary + "\n")
-    plot(report, RESULTS / "convergence.png")
+    (args.output / "convergence.md").write_text(summary + "\n")
+    plot(report, args.output / "convergence.png")
     print(summary)
+    print(f"\nresults in {args.output}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 3. Times the first step of a fresh process with an empty and with a warm Numba cache.
 """
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import torch
 from torch import nn
 
 import fastmomentum
+
+from . import cli
 
 
 def mlp(seed=0):
@@ -107,10 +108,16 @@ def first_step_times():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
-    parser.add_argument("--numel", type=int, default=16 * 2**20, help="size of the big tensor")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps on the big tensor")
+    parser = cli.parser("bench.demo", __doc__)
+    parser.add_argument(
+        "--steps", type=cli.positive_int, default=200, help="training steps per run"
+    )
+    parser.add_argument(
+        "--numel", type=cli.positive_int, default=16 * 2**20, help="size of the big tensor"
+    )
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=15, help="timed steps on the big tensor"
+    )
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 

@@ -13,12 +13,13 @@ Needs a CUDA GPU, a CUDA build of torch and numba-cuda with the CUDA toolkit's N
    the ceiling: a device-to-device copy's bandwidth applied to the step's bytes.
 """
 
-import argparse
 import statistics
 
 import torch
 
 import fastmomentum
+
+from . import cli
 
 OPTIMIZERS = {
     "SGD momentum": ("SGD", {"lr": 1e-2, "momentum": 0.9}),
@@ -137,9 +138,13 @@ def timings(device, numel, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="fastmomentum on a CUDA GPU")
-    parser.add_argument("--numel", type=int, default=256 * 2**20)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = cli.parser("bench.gpu_check", __doc__)
+    parser.add_argument(
+        "--numel", type=cli.positive_int, default=256 * 2**20, help="parameters in the buffer"
+    )
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=20, help="timed steps per optimizer"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible to torch: nothing to check")

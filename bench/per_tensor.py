@@ -14,8 +14,9 @@ Prints medians and, per provider, the cost per tensor: (time at k tensors − ti
 tensor) / (k − 1).
 """
 
-import argparse
 import os
+
+from . import cli
 
 SPLITS = [1, 16, 256, 4096]
 TOTAL = 2**20
@@ -48,9 +49,9 @@ def kernel_case(tensors):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=41, help="timed steps per case")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for all")
+    parser = cli.parser("bench.per_tensor", __doc__)
+    parser.add_argument("--repeats", type=cli.positive_int, default=41, help="timed steps per case")
+    cli.add_threads(parser, os.cpu_count())
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numba

@@ -1,6 +1,6 @@
 """Whole training iterations: zero_grad + forward + backward + step, ours against torch fused.
 
-    python -m bench.training [--repeats 41] [--threads N]
+    python -m bench.training [--repeats 41] [--threads N] [--output bench/results]
 
 A microbenchmark times the step alone on warm data; in a training loop backward leaves
 the step's data out of cache and the step's gradients are fresh autograd tensors, so
@@ -9,16 +9,16 @@ images), SGD with momentum and Adam, three providers each with its own copy of t
 model: torch fused, fastmomentum in its default mode (torch's ``zero_grad()``), and
 fastmomentum with ``flat_gradients=True`` and ``zero_grad(set_to_none=False)``. The
 providers take turns (`bench.measure.time_cases`); medians of whole iterations and of
-the ``step()`` inside them. Writes ``bench/results/training.{json,md}``.
+the ``step()`` inside them. Writes ``training.{json,md}`` to ``bench/out/`` (untracked)
+or to the ``--output`` folder; the committed run is in ``bench/results/``.
 """
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import cli
+
 OPTIMIZERS = {
     "SGD momentum": ("SGD", {"lr": 1e-2, "momentum": 0.9}),
     "Adam": ("Adam", {"lr": 1e-3}),
@@ -85,10 +85,12 @@ def iteration_case(model_name, optimizer_name, provider):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=41, help="timed iterations per case")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for all")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="folder for JSON and MD")
+    parser = cli.parser("bench.training", __doc__)
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=41, help="timed iterations per case"
+    )
+    cli.add_threads(parser, os.cpu_count())
+    cli.add_output(parser, "JSON and markdown")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numba
@@ -144,6 +146,7 @@ def main(argv=None):
             f"| {row['step_median_s'] * 1e3:.3f} | {row['step_vs_torch_fused']:.2f} |"
         )
     (args.output / "training.md").write_text("\n".join(lines) + "\n")
+    print(f"\nresults in {args.output}")
 
 
 if __name__ == "__main__":
