@@ -1,14 +1,19 @@
 """The report command: a sweep over optimizers, layouts and providers, as a table, JSON and PNG.
 
-    python -m bench              # full sweep, a few minutes on 2 cores
-    python -m bench --quick      # about a minute
+    python -m bench                            # full sweep, a few minutes on 2 cores
+    python -m bench --quick                    # about a minute
+    python -m bench --output bench/results     # replace the committed results
 
 Every group (optimizer × layout) times all providers and the traffic twin in one
 interleaved run; the table shows the median step time, the bandwidth it implies, and
-the ratios to torch's fused step and to the twin (the memory limit).
+the ratios to torch's fused step and to the twin (the memory limit). Every row gets a
+health check (bench/health.py): a group whose twin is far slower than the same twin on
+one thread, whose threads waited long for a CPU, or whose repeats spread widely, is
+measured again with fewer threads; what stays unhealthy is marked "!" in the table and
+``"ok": false`` in the JSON. Output goes to bench/out/ unless ``--output`` says
+otherwise.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -16,8 +21,9 @@ import platform
 import sys
 from pathlib import Path
 
+from . import cli, health
+
 TWIN = "traffic twin"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sweep_plan(quick):
@@ -86,6 +92,149 @@ def run_group(optimizer, layout, shapes, dtype, providers, repeats):
     return rows
 
 
+def set_threads(threads):
+    import numba
+    import torch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+
+
+def calibrate_twin(optimizer, shapes, dtype, repeats=5):
+    """Seconds of the group's traffic twin on one thread, best of ``repeats`` steps: what
+    its bytes cost with no worker thread to wait for (see bench/health.py)."""
+    from .layouts import numel
+    from .measure import time_cases, twin_case
+
+    set_threads(1)
+    case = twin_case(optimizer, numel(shapes), dtype)
+    return min(time_cases({TWIN: case}, repeats)[TWIN])
+
+
+def run_group_watched(group, providers, repeats, threads, calibration_s):
+    """`run_group` on ``threads`` threads; returns its rows and `health.GroupConditions`."""
+    set_threads(threads)
+    before = health.thread_cpu_times()
+    rows = run_group(*group, providers, repeats)
+    cpu_wait = health.cpu_wait_share(before, health.thread_cpu_times())
+    twin = next(row for row in rows if row["provider"] == TWIN)
+    return rows, health.GroupConditions(twin["median_s"], calibration_s, cpu_wait)
+
+
+def measure_group(group, providers, repeats, threads, announce):
+    """`run_group` after the twin's calibration, measured again with fewer threads while
+    a row looks unhealthy (`health.thread_counts_to_try`).
+
+    Returns the rows of the attempt `health.pick_attempt` keeps, each with its
+    ``threads`` and ``health``, and a record of each attempt: threads, unhealthy rows,
+    problems. ``announce(threads)`` is called before each attempt after the first.
+    """
+    calibration_s = calibrate_twin(group[0], group[2], group[3])
+    thread_counts = health.thread_counts_to_try(threads)
+    attempts, verdicts = [], []
+    for attempt_threads in thread_counts:
+        if attempts:
+            announce(attempt_threads)
+        rows, conditions = run_group_watched(
+            group, providers, repeats, attempt_threads, calibration_s
+        )
+        attempts.append(rows)
+        verdicts.append([health.assess(row, conditions) for row in rows])
+        if all(verdict.ok for verdict in verdicts[-1]):
+            break
+    set_threads(threads)
+    kept = health.pick_attempt(verdicts)
+    for row, verdict in zip(attempts[kept], verdicts[kept]):
+        row["threads"] = thread_counts[kept]
+        row["health"] = {**verdict.to_json(), "twin_calibration_s": calibration_s}
+    records = [
+        {
+            "threads": thread_counts[index],
+            "unhealthy_rows": sum(not verdict.ok for verdict in group_verdicts),
+            "problems": health.group_problems(rows, group_verdicts),
+            "kept": index == kept,
+        }
+        for index, (rows, group_verdicts) in enumerate(zip(attempts, verdicts))
+    ]
+    return attempts[kept], records
+
+
+def group_name(row):
+    return f"{row['optimizer']} · {row['layout']} · {row['dtype']}"
+
+
+def health_summary(rows, retries, load_before):
+    """The report's top-level ``health``: the limits, the groups measured more than once
+    (``retries``: group name -> attempt records), the groups still unhealthy, and the
+    machine's load average before the run (``load_before``) and now."""
+    unhealthy = [row for row in rows if not row["health"]["ok"]]
+    busy = load_before > os.cpu_count()
+    return {
+        "ok": not unhealthy and not busy,
+        "load_average_1min": {"before": load_before, "after": _load_average()},
+        "busy_before": busy,
+        "calibration": "each group's traffic twin on 1 thread, best of 5 steps",
+        "limits": health.limits(),
+        "groups": len({group_name(row) for row in rows}),
+        "unreliable_rows": len(unhealthy),
+        "unreliable_groups": list(dict.fromkeys(group_name(row) for row in unhealthy)),
+        "retried": [{"group": name, "attempts": records} for name, records in retries.items()],
+    }
+
+
+def health_notes(summary):
+    """Footnote lines for the table: the rule, each retry, each group still unreliable."""
+    limits = summary["limits"]
+    lines = [
+        f"Health: a row is unreliable (!) when its group's traffic twin runs over "
+        f"{limits['twin_vs_calibration']:g}x slower than on one thread, or our threads "
+        f"waited for a CPU over {limits['cpu_wait']:.0%} of the time, or its repeats' "
+        f"interquartile range exceeds {limits['spread']:g}x their median, or their median "
+        f"{limits['median_vs_best']:g}x their best. Such groups are measured again with "
+        f"fewer threads; thr (or a count after the layout) is the thread count kept."
+    ]
+    if summary["busy_before"]:
+        lines.append(
+            f"! The machine was busy before the run (load average "
+            f"{summary['load_average_1min']['before']:.1f} on {os.cpu_count()} cores): "
+            "expect every timing to be inflated, flagged or not."
+        )
+    unreliable = set(summary["unreliable_groups"])
+    for retry in summary["retried"]:
+        attempts = "; ".join(_attempt_text(attempt) for attempt in retry["attempts"])
+        mark = "! " if retry["group"] in unreliable else ""
+        lines.append(f"{mark}{retry['group']}: {attempts}.")
+    if unreliable:
+        lines.append(
+            f"! {summary['unreliable_rows']} rows unreliable: the machine looks loaded; "
+            "rerun on a quiet machine (or with --threads 1) before quoting them."
+        )
+    return lines
+
+
+def _warning(summary):
+    reasons = []
+    if summary["unreliable_rows"]:
+        reasons.append(f"{summary['unreliable_rows']} measurements unreliable (marked !)")
+    if summary["busy_before"]:
+        reasons.append("the machine was busy before the run")
+    return "; ".join(reasons)
+
+
+def _load_average():
+    return round(os.getloadavg()[0], 2)
+
+
+def _attempt_text(attempt):
+    verdict = "; ".join(attempt["problems"]) or "healthy"
+    kept = " (kept)" if attempt["kept"] else ""
+    return f"{_threads_text(attempt['threads'])}: {verdict}{kept}"
+
+
+def _threads_text(threads):
+    return f"{threads} thread" + ("s" if threads > 1 else "")
+
+
 def machine_facts(threads):
     import numba
     import numpy
@@ -146,7 +295,7 @@ def format_table(rows):
     """A plain-text table: one block per (optimizer, layout), providers beside the twin."""
     lines = [
         f"{'optimizer':13} {'layout':16} {'dtype':7} {'provider':18} {'median ms':>10} "
-        f"{'GB/s':>6} {'x fused':>8} {'x twin':>7}"
+        f"{'GB/s':>6} {'x fused':>8} {'x twin':>7} {'thr':>3} !"
     ]
     previous = None
     for row in rows:
@@ -158,14 +307,19 @@ def format_table(rows):
         lines.append(
             f"{row['optimizer']:13} {row['layout']:16} {row['dtype']:7} {row['provider']:18} "
             f"{row['median_s'] * 1e3:10.3f} {row['gb_per_s']:6.1f} {fused:>8} "
-            f"{row['vs_twin']:7.2f}"
+            f"{row['vs_twin']:7.2f} {row['threads']:3} {_mark(row)}"
         )
     return "\n".join(lines)
 
 
-def markdown_summary(rows):
+def _mark(row):
+    return "" if row["health"]["ok"] else "!"
+
+
+def markdown_summary(rows, threads):
     """One line per (optimizer, layout, dtype): ours (default mode and flat gradients)
-    beside torch fused, DeepSpeed and the twin."""
+    beside torch fused, DeepSpeed and the twin; "!" after an unreliable group's layout,
+    and its thread count when it is not ``threads``."""
     groups = {}
     for row in rows:
         key = (row["optimizer"], row["layout"], row["dtype"])
@@ -185,6 +339,11 @@ def markdown_summary(rows):
             row = by_provider.get(provider)
             return f"{row[key]:.2f}" if row and row[key] else "-"
 
+        any_row = next(iter(by_provider.values()))
+        if any_row["threads"] != threads:
+            layout += f" ({_threads_text(any_row['threads'])})"
+        if not all(row["health"]["ok"] for row in by_provider.values()):
+            layout += " !"
         lines.append(
             f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} "
             f"| {ms('fastmomentum flat')} | {ms('torch fused')} | {ms('DeepSpeedCPUAdam')} "
@@ -232,30 +391,31 @@ def plot(rows, path):
 def progress(done, total, label):
     width = 30
     filled = width * done // total
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:48}")
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:60.60}")
     sys.stderr.flush()
     if done == total:
         sys.stderr.write("\n")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="fastmomentum vs torch.optim: step benchmark")
+def parse_arguments(argv):
+    parser = cli.parser("bench", __doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for all")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="folder for JSON and PNG")
+    cli.add_threads(parser, os.cpu_count())
+    parser.add_argument(
+        "--repeats", type=cli.positive_int, default=None, help="timed steps per case"
+    )
+    cli.add_output(parser, "JSON, markdown and PNG")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_arguments(argv)
     # Before torch, numba or deepspeed start their thread pools.
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import numba
-    import torch
-
     from .providers import PROVIDERS, deepspeed_available
 
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
+    set_threads(args.threads)
     providers = [p for p in PROVIDERS if p != "DeepSpeedCPUAdam"]
     if not args.no_deepspeed and deepspeed_available():
         providers.append("DeepSpeedCPUAdam")
@@ -263,25 +423,46 @@ def main(argv=None):
         providers = [p for p in providers if p != "torch for-loop"]
     repeats = args.repeats or (11 if args.quick else 21)
 
+    load_before = _load_average()  # before this process adds its own threads
     plan = sweep_plan(args.quick)
-    rows = []
-    for index, (optimizer, layout, shapes, dtype) in enumerate(plan):
-        progress(index, len(plan), f"{optimizer} · {layout} · {str(dtype)[6:]}")
-        rows += run_group(optimizer, layout, shapes, dtype, providers, repeats)
+    rows, retries = [], {}
+    for index, group in enumerate(plan):
+        label = f"{group[0]} · {group[1]} · {str(group[3])[6:]}"
+        progress(index, len(plan), label)
+
+        def announce(threads, index=index, label=label):
+            progress(index, len(plan), f"{label} (again on {threads} thr)")
+
+        group_rows, attempts = measure_group(group, providers, repeats, args.threads, announce)
+        rows += group_rows
+        if len(attempts) > 1:
+            retries[group_name(group_rows[0])] = attempts
     progress(len(plan), len(plan), "done")
 
     mode = "quick" if args.quick else "full"
-    report = {**machine_facts(args.threads), "mode": mode, "repeats": repeats, "results": rows}
+    summary = health_summary(rows, retries, load_before)
+    report = {
+        **machine_facts(args.threads),
+        "mode": mode,
+        "repeats": repeats,
+        "health": summary,
+        "results": rows,
+    }
+    notes = health_notes(summary)
     args.output.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.output / f"{mode}.json", args.output / f"{mode}.png"
     json_path.write_text(json.dumps(report, indent=1))
-    (args.output / f"{mode}.md").write_text(markdown_summary(rows) + "\n")
+    markdown = [markdown_summary(rows, args.threads), "", *notes]
+    (args.output / f"{mode}.md").write_text("\n".join(markdown) + "\n")
     plot(rows, png_path)
     print(format_table(rows))
+    print("\n" + "\n".join(notes))
     print(
         f"\n{report['machine']['cpu']}, {args.threads} threads; results in {json_path}, "
         f"{png_path} and {mode}.md beside them"
     )
+    if not summary["ok"]:
+        print(f"warning: {_warning(summary)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
