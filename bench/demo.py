@@ -47,7 +47,7 @@ def train(make_optimizer, steps, batch=64):
         optimizer.step()
         step_times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return losses, statistics.median(step_times[5:])
+    return losses, statistics.median(step_times[5:] or step_times)  # warm-up left out
 
 
 def median_step_time(optimizer, param, repeats):
@@ -59,7 +59,7 @@ def median_step_time(optimizer, param, repeats):
         start = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    return statistics.median(times[2:] or times)  # warm-up left out
 
 
 def big_tensor_times(numel, repeats):

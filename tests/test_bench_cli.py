@@ -1,0 +1,170 @@
+"""The benchmark commands: a health check that flags loaded-machine timings, and argument
+parsers that never start a run (or overwrite the committed results) by mistake."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+from bench import health, report
+
+ROOT = Path(bench.__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ENTRY_POINTS = [
+    "bench",
+    "bench.convergence",
+    "bench.training",
+    "bench.per_tensor",
+    "bench.demo",
+    "bench.gpu_check",
+]
+
+
+def row(times_s, provider="fastmomentum"):
+    """A result row as the report makes them, reduced to what the health check reads."""
+    return {"provider": provider, "times_s": times_s}
+
+
+def quiet(twin_s=5e-6, calibration_s=3e-6):
+    """A 2^14-element group on an idle 2-core machine: the 2-thread twin beats one thread."""
+    return health.GroupConditions(twin_s=twin_s, calibration_s=calibration_s, cpu_wait=0.01)
+
+
+def test_a_sane_measurement_is_healthy():
+    times = [4.8e-6, 4.9e-6, 5e-6, 5e-6, 5.1e-6, 5.3e-6, 6e-6]
+    verdict = health.assess(row(times), quiet())
+    assert verdict.ok, verdict.problems
+    assert verdict.twin_vs_calibration < 1
+    assert health.assess(row(times), health.GroupConditions(5e-6, 3e-6, None)).ok
+
+
+def test_a_twin_40_times_slower_than_its_calibration_is_flagged():
+    slow = 40 * (3e-6 + health.LAUNCH_ALLOWANCE_S)  # ≈1 ms for 2^14 elements
+    for times in ([slow] * 11, [1e-5] * 11):  # the twin's verdict covers its whole group
+        verdict = health.assess(row(times), quiet(twin_s=slow))
+        assert not verdict.ok
+        assert verdict.twin_vs_calibration == pytest.approx(40)
+        assert verdict.problems[0] == "twin 40x slower than on one thread"
+
+
+def test_threads_waiting_for_a_cpu_are_flagged_when_the_twin_hides_them():
+    # ResNet-50 beside other work: the twin looks fine, torch fused read 220 ms, not 30
+    loaded = health.GroupConditions(twin_s=30e-3, calibration_s=25e-3, cpu_wait=0.45)
+    verdict = health.assess(row([220e-3] * 11, "torch fused"), loaded)
+    assert not verdict.twin_too_slow
+    assert verdict.problems == ["threads waited for a CPU 45% of the time"]
+
+
+def test_cpu_wait_share_counts_every_thread_that_wanted_a_cpu():
+    before = {"1": (100, 0), "2": (50, 10)}
+    after = {"1": (400, 100), "2": (50, 10), "3": (100, 200)}  # thread 3 started meanwhile
+    assert health.cpu_wait_share(before, after) == pytest.approx(300 / 700)
+    assert health.cpu_wait_share({}, {}) is None
+
+
+def test_a_huge_spread_between_repeats_is_flagged():
+    times = [1e-3] * 7 + [12e-3] * 4  # a third of the steps stalled for a scheduler slice
+    verdict = health.assess(row(times), quiet(twin_s=1e-3, calibration_s=1e-3))
+    assert not verdict.ok
+    assert verdict.too_spread
+    assert any("spread" in problem for problem in verdict.problems)
+
+
+def test_mostly_slow_repeats_are_flagged_even_with_an_ordinary_spread():
+    times = [121e-3] + [300e-3 + i * 5e-3 for i in range(10)]  # torch fused, loaded machine
+    verdict = health.assess(row(times), quiet(twin_s=20e-3, calibration_s=20e-3))
+    assert not verdict.too_spread
+    assert verdict.mostly_slow and not verdict.ok
+
+
+def test_retries_fall_back_to_one_thread_and_keep_the_first_healthy_attempt():
+    assert health.thread_counts_to_try(2) == [2, 1]
+    assert health.thread_counts_to_try(16) == [16, 8, 1]
+    assert health.thread_counts_to_try(1) == [1, 1]
+    sick, well = health.Health(40.0, 0.0, 0.1, 1.0), health.Health(0.5, 0.0, 0.1, 1.0)
+    assert health.pick_attempt([[sick, sick], [well, well]]) == 1
+    assert health.pick_attempt([[sick, well], [sick, sick]]) == 0
+
+
+def test_the_table_and_the_json_mark_an_unreliable_group():
+    verdict = health.Health(40.0, 0.0, 0.1, 1.0)
+    rows = [
+        {
+            "optimizer": "SGD momentum",
+            "layout": "2^14 tensor",
+            "dtype": "float32",
+            "provider": provider,
+            "median_s": 12e-3,
+            "gb_per_s": 0.0,
+            "vs_torch_fused": 1.0,
+            "vs_twin": 1.0,
+            "threads": 1,
+            "health": verdict.to_json(),
+        }
+        for provider in ("torch fused", report.TWIN)
+    ]
+    name = report.group_name(rows[0])
+    retries = {
+        name: [
+            {"threads": 2, "unhealthy_rows": 2, "problems": verdict.problems, "kept": False},
+            {"threads": 1, "unhealthy_rows": 2, "problems": verdict.problems, "kept": True},
+        ]
+    }
+    summary = report.health_summary(rows, retries, load_before=0.0)
+    assert summary["ok"] is False
+    assert summary["unreliable_groups"] == [name]
+    assert rows[0]["health"]["ok"] is False
+    assert all(line.endswith("!") for line in report.format_table(rows).splitlines()[1:])
+    notes = "\n".join(report.health_notes(summary))
+    assert "2 threads: twin 40x slower than on one thread" in notes
+    assert "1 thread: twin 40x slower than on one thread (kept)" in notes
+
+
+def results_state():
+    return {path.name: path.stat().st_mtime_ns for path in RESULTS.iterdir()}
+
+
+def test_help_prints_help_and_runs_nothing():
+    before = results_state()
+    runs = {
+        module: subprocess.Popen(
+            [sys.executable, "-m", module, "--help"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in ENTRY_POINTS
+    }
+    for module, run in runs.items():
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, f"{module}: {err}"
+        assert out.startswith(f"usage: python -m {module}"), f"{module}: {out[:200]}"
+    assert results_state() == before
+
+
+@pytest.mark.parametrize("module", ["bench.convergence", "bench.training"])
+def test_an_unknown_flag_is_an_error(module):
+    before = results_state()
+    run = subprocess.run(
+        [sys.executable, "-m", module, "--no-such-flag"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stdout[-500:]
+    assert "unrecognized arguments: --no-such-flag" in run.stderr
+    assert results_state() == before
+
+
+def test_runs_write_to_an_untracked_folder_by_default():
+    from bench import cli
+
+    assert cli.OUT != cli.RESULTS
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(cli.OUT / "quick.json")], cwd=ROOT, check=False
+    )
+    assert ignored.returncode == 0, "bench/out/ is not ignored by git"
