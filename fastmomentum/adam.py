@@ -27,8 +27,8 @@ class Adam(FlatOptimizer):
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
     fused launch); ``capturable=True`` and ``differentiable=True`` are rejected.
-    ``flat_gradients`` and ``state_dtype``: as in `fastmomentum.SGD` (bfloat16
-    ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
+    ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
+    (bfloat16 ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
     """
 
     counts_steps = True
@@ -50,6 +50,7 @@ class Adam(FlatOptimizer):
         decoupled_weight_decay: bool = False,
         flat_gradients: bool = False,
         state_dtype: torch.dtype | None = None,
+        fused_zero_grad: bool = False,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -69,7 +70,7 @@ class Adam(FlatOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients, state_dtype)
+        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
 
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     #: Kept, as torch keeps it, when AMSGrad is switched off; starts at zero for a
@@ -148,6 +149,7 @@ class AdamW(Adam):
         fused: bool | None = None,
         flat_gradients: bool = False,
         state_dtype: torch.dtype | None = None,
+        fused_zero_grad: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -164,6 +166,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             flat_gradients=flat_gradients,
             state_dtype=state_dtype,
+            fused_zero_grad=fused_zero_grad,
         )
 
     def __setstate__(self, state):

@@ -60,7 +60,7 @@ class ParamBucket:
     local shard; its state is exposed as DTensors placed like the parameter.
     """
 
-    def __init__(self, params, names, flat_gradients=False, state_dtype=None):
+    def __init__(self, params, names, flat_gradients=False, state_dtype=None, clear_grads=False):
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
         self.distributed = is_dtensor(self.params[0])
@@ -82,6 +82,7 @@ class ParamBucket:
         self.all_initialized = False
         self.exposed_names = ()  # the state names ``state[p]`` entries were made with
         self.coefficients = (None, None)  # see `FlatOptimizer.cached_coefficients`
+        self.clear_grads = clear_grads  # a step zeroes the gradients it reads
         self.repeats = []  # per extra listing of parameters in their group, their rows
         self.gradients = Gradients(self, flat_gradients)
         self.planner = StepPlanner(self)

@@ -144,6 +144,7 @@ class StepPlanner:
                 if name is not None:
                     table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]
             table.rows = np.array(rows, np.int64)
+            table.clear_grads = bucket.clear_grads
             table.sources = None  # the (param, grad) addresses the table holds
             if len(self._tables) >= _TABLES_KEPT:  # e.g. a different set of gradients
                 del self._tables[next(iter(self._tables))]  # every step (MoE): the oldest
@@ -217,7 +218,7 @@ class StepPlan:
         table = self._planner.table(rows, columns, entry_width)
         strides = self._planner.bucket.strides
         with torch.no_grad():
-            params, grads, copies = [], [], []
+            params, grads, copies, cleared = [], [], [], []
             for position, row in zip(positions, rows):
                 param, grad = self._params[position], self._grads[position]
                 if not isinstance(param, int):
@@ -225,6 +226,8 @@ class StepPlan:
                     copies.append((param, copy))
                     param = copy.data_ptr()
                 if not isinstance(grad, int):
+                    if table.clear_grads:  # the kernel zeroes the copy; this, the gradient
+                        cleared.append(grad)
                     grad = _staged(grad, strides[row])
                     copies.append((None, grad))  # kept alive until the launch is done
                     grad = grad.data_ptr()
@@ -239,6 +242,8 @@ class StepPlan:
             for param, copy in copies:
                 if param is not None:
                     param.copy_(copy)
+            for grad in cleared:
+                grad.zero_()
 
 
 def _laid_out_as(tensor, strides):

@@ -40,11 +40,14 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: optimizer; the step skips itself on inf/NaN and unscales inside the kernel.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, flat_gradients=False, state_dtype=None):
+    def __init__(
+        self, params, defaults, flat_gradients=False, state_dtype=None, fused_zero_grad=False
+    ):
         check_implementation_options(defaults)
         check_state_dtype(state_dtype)
         self._flat_gradients = flat_gradients
         self._state_dtype = state_dtype
+        self._fused_zero_grad = bool(fused_zero_grad)
         self.buckets = None  # per param group, its buckets (None: not made yet, see below)
         super().__init__(params, defaults)
         self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
@@ -131,8 +134,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             members.setdefault(kind, []).append((param, name))
         flat = self.__dict__.get("_flat_gradients", False)
         state_dtype = self.__dict__.get("_state_dtype")
+        clear_grads = self.__dict__.get("_fused_zero_grad", False)
         buckets = _GroupBuckets(
-            ParamBucket(*zip(*pairs), flat, state_dtype) for pairs in members.values()
+            ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads) for pairs in members.values()
         )
         with torch.no_grad():
             for bucket in buckets:
@@ -203,6 +207,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.item():
+            if self._fused_zero_grad:  # the step zeroes the gradients even when skipped:
+                self._zero_grads_in_place()  # inf would stay in what backward adds to
             return loss  # GradScaler found inf/NaN gradients: nothing moves, as in torch
         grad_scale = getattr(self, "grad_scale", None)
         grad_scale = None if grad_scale is None else float(grad_scale)
@@ -224,9 +230,21 @@ class FlatOptimizer(torch.optim.Optimizer):
                 first = bucket_plans[0]
                 if first is not None and self.creates_state(settings):
                     binding.expose_new_state(self, group, bucket, first.rows)
-        if grad_scale is not None:
+        if grad_scale is not None and not self._fused_zero_grad:
             self._unscale_grads(grad_scale)
+        if self._fused_zero_grad and self._flat_gradients:
+            self._adopt_zeroed_grads(all_buckets)
         return loss
+
+    @torch.no_grad()
+    def _adopt_zeroed_grads(self, all_buckets):
+        """With ``flat_gradients``, gradients that are not yet pieces of our allocation
+        (autograd's first ones) become zeroed pieces, as ``zero_grad(set_to_none=False)``
+        makes them; once they are, this is one check a step."""
+        for buckets in all_buckets:
+            for bucket in buckets or ():
+                if not bucket.gradients.all_ours():
+                    bucket.gradients.zero(set_to_none=False)
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
 
@@ -236,6 +254,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         grads = self._grads_to_touch()
         if grads:
             torch._foreach_mul_(grads, 1.0 / grad_scale)
+
+    @torch.no_grad()
+    def _zero_grads_in_place(self):
+        for grad in self._grads_to_touch():
+            grad.zero_()
 
     def _grads_to_touch(self, whole=True):
         return [
@@ -320,6 +343,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             **super().__getstate__(),
             "_flat_gradients": self._flat_gradients,
             "_state_dtype": self._state_dtype,
+            "_fused_zero_grad": self._fused_zero_grad,
         }
 
     def __setstate__(self, state):
@@ -327,6 +351,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
+        self.__dict__.setdefault("_fused_zero_grad", False)
         if "buckets" not in self.__dict__:  # unpickled or deep-copied: rebuild the buckets
             self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
             binding.bind_state(self)

@@ -38,6 +38,11 @@ class SGD(FlatOptimizer):
 
     ``state_dtype=torch.bfloat16`` (float32 parameters only) keeps the momentum buffer in
     bfloat16, computed in float32 and rounded once per step: half the state's bytes.
+
+    ``fused_zero_grad=True``: each step zeroes the gradients it reads, in the same pass
+    (what ``zero_grad(set_to_none=False)`` right after the step does, without its pass);
+    with ``flat_gradients=True`` backward then accumulates into the zeroed allocation.
+    A step GradScaler skips zeroes them too. Then the step does write gradients.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class SGD(FlatOptimizer):
         momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
         flat_gradients: bool = False,
         state_dtype: torch.dtype | None = None,
+        fused_zero_grad: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -70,7 +76,7 @@ class SGD(FlatOptimizer):
             "momentum_convention": momentum_convention,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients, state_dtype)
+        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
 
     state_keys = ("momentum_buffer",)
 

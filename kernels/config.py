@@ -17,7 +17,7 @@ ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor ker
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
 
 #: CPU kernels run single-threaded below this many elements in a launch (see
-#: `kernels.cpu._serial`).
+#: `kernels.cpu._compiled`).
 CPU_SERIAL_BELOW = 1 << 14  # 64 KiB per float32 array: a single core streams less from DRAM
 
 _multiprocessors = {}  # per device id

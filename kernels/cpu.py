@@ -7,13 +7,20 @@ one huge tensor and many small ones both use every thread. Tables shorter than
 ``config.CPU_SERIAL_BELOW`` elements run on the calling thread. Coefficients come as a
 tuple in the arrays' dtype (built by `kernels.hyperparameters`).
 
+Each loop is compiled in variants (`_compiled`): threaded or serial, and with the flags
+that decide whether it stores to an array (``AMSGRAD``; ``CLEAR_GRADS``, the table's
+``clear_grads``) as compile-time constants, so that LLVM vectorises every variant.
+Given as runtime values, the flags stay inside the loop once 16-bit conversions make it
+too big to split on them (bfloat16 Adam, 4M elements, one thread: 21 ms against 2.5
+ms); ``numba.literally`` would fix them too, but its re-dispatched loops ran 15× slower.
+
 Every loop compiles with Numba's NumPy error model: a division by zero gives IEEE's
 ±inf or NaN, as torch does, where the default (Python's) model would raise
 ``ZeroDivisionError`` half-way through the arrays (Adam with ``eps = 0`` and a zero
-gradient). The threaded loops use that model whatever they are given; the serial twins
-get it from their parallel originals (`_serial`).
+gradient).
 """
 
+import functools
 import os
 import types
 
@@ -29,26 +36,26 @@ from .pointers import pointer_to
 # element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
 # digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
 # change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "f646314e90a5686d"
+RULES_DIGEST = "b2430e8bc1a19311"
+
+#: Compile-time constants of each compiled variant of the loops below (`_compiled`).
+CLEAR_GRADS = False
+AMSGRAD = False
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
 def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, formats):
     """`rules.sgd_plain` over (param, grad)."""
-    stored_param, stored_grad, stored_state = formats
+    stored_param, stored_grad, _ = formats
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
             param = pointer_to(addresses[entry, 0], stored_param)
             grad = pointer_to(addresses[entry, 1], stored_grad)
             for i in range(begin, end):
-                sgd_plain_at(i, param, grad, coefficients)
+                sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _sgd_momentum(
-    addresses, segments, part_starts, entry_values, coefficients, formats, nesterov
-):
+def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, formats, nesterov):
     """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
     is 1 on the entry's first step."""
     stored_param, stored_grad, stored_state = formats
@@ -60,14 +67,12 @@ def _sgd_momentum(
             velocity = pointer_to(addresses[entry, 2], stored_state)
             first_step = entry_values[entry, 0] != 0
             for i in range(begin, end):
-                sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step)
+                sgd_momentum_at(
+                    i, param, grad, velocity, coefficients, nesterov, first_step, CLEAR_GRADS
+                )
 
 
-# arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one reciprocal
-# and a multiply (≤1 ulp apart); Adam is compute-bound on division and square root while
-# the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k float32 params.
-@njit(parallel=True, cache=True, error_model="numpy", fastmath={"arcp"})
-def _adam(addresses, segments, part_starts, entry_values, coefficients, formats, amsgrad):
+def _adam(addresses, segments, part_starts, entry_values, coefficients, formats):
     """`rules.adam` over (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the entry's
     values are its ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
     stored_param, stored_grad, stored_state = formats
@@ -80,39 +85,39 @@ def _adam(addresses, segments, part_starts, entry_values, coefficients, formats,
             exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
             max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
             step = (entry_values[entry, 0], entry_values[entry, 1])
-            # One loop per value of amsgrad, each with a constant: LLVM then vectorises
-            # the loop, which it does not when 16-bit conversions make the loop too big
-            # to split on the flag itself (bfloat16, 4M elements, one thread: 21 → 2.5 ms).
-            if amsgrad:
-                for i in range(begin, end):
-                    adam_at(
-                        i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
-                        True,
-                    )  # fmt: skip
-            else:
-                for i in range(begin, end):
-                    adam_at(
-                        i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
-                        False,
-                    )  # fmt: skip
+            for i in range(begin, end):
+                adam_at(
+                    i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
+                    AMSGRAD, CLEAR_GRADS,
+                )  # fmt: skip
 
 
-def _serial(kernel):
-    """The same loop compiled without threads (and under its own cache name).
+_OPTIONS = {
+    # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one
+    # reciprocal and a multiply (≤1 ulp apart); Adam is compute-bound on division and
+    # square root while the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k
+    # float32 params.
+    _adam: {"fastmath": {"arcp"}},
+}
 
-    Waking the thread pool costs more than short arrays take: 64 elements 0.8 µs serial
-    against 4.1 µs parallel, 32k elements 4.4 against 7.0 µs, 256k 45 against 35 µs.
+
+@functools.cache
+def _compiled(loop, threaded, clear_grads, amsgrad=False):
+    """``loop`` compiled threaded or not, with its flags as constants, under a cache name
+    of its own (`CLEAR_GRADS`, `AMSGRAD`).
+
+    Serial variants exist because waking the thread pool costs more than short arrays
+    take: 64 elements 0.8 µs serial against 4.1 µs parallel, 32k elements 4.4 against
+    7.0 µs, 256k 45 against 35 µs.
     """
-    loop = kernel.py_func
-    twin = types.FunctionType(
-        loop.__code__, loop.__globals__, loop.__name__ + "_serial", loop.__defaults__
-    )
-    twin.__qualname__ = loop.__qualname__ + "_serial"
-    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
-    return njit(cache=True, **options)(twin)
-
-
-_LOOPS = {kernel: _serial(kernel) for kernel in (_sgd_plain, _sgd_momentum, _adam)}
+    name = f"{loop.__name__}_clear{int(clear_grads)}"
+    name += f"_amsgrad{int(amsgrad)}" if loop is _adam else ""
+    name += "" if threaded else "_serial"
+    constants = {"CLEAR_GRADS": clear_grads, "AMSGRAD": amsgrad}
+    variant = types.FunctionType(loop.__code__, {**loop.__globals__, **constants}, name)
+    variant.__qualname__ = name
+    options = {"cache": True, "error_model": "numpy", **_OPTIONS.get(loop, {})}
+    return njit(parallel=threaded, **options)(variant)
 
 
 #: Set in a fork()ed child: its OpenMP runtime is the parent's, which is not fork-safe
@@ -137,14 +142,12 @@ def _threads():
     return count if count > 0 else numba.get_num_threads()
 
 
-def _launch(kernel, table, coefficients, *flags):
+def _launch(loop, table, coefficients, *flags, amsgrad=False):
     if table.size == 0:
         return
-    if table.size < config.CPU_SERIAL_BELOW or _forked:
-        kernel, parts = _LOOPS[kernel], 1
-    else:
-        parts = _threads()
-    segments, part_starts = table.cpu_schedule(parts)
+    threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
+    kernel = _compiled(loop, threaded, table.clear_grads, amsgrad)
+    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1)
     kernel(
         table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats,
         *flags,
@@ -166,4 +169,4 @@ def sgd_momentum(table, coefficients, nesterov):
 def adam(table, coefficients, amsgrad):
     """Adam/AdamW (`rules.adam`) over a (param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq) table; the last address is only touched when ``amsgrad``."""
-    _launch(_adam, table, coefficients, amsgrad)
+    _launch(_adam, table, coefficients, amsgrad=bool(amsgrad))

@@ -28,7 +28,7 @@ warnings.filterwarnings(
 # element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
 # digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
 # change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "f646314e90a5686d"
+RULES_DIGEST = "b2430e8bc1a19311"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -40,7 +40,7 @@ else:
 
 
 @cuda.jit(cache=True)
-def _sgd_plain(addresses, segments, entry_values, coefficients, formats):
+def _sgd_plain(addresses, segments, entry_values, coefficients, formats, clear):
     stored_param, stored_grad, stored_state = formats
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
@@ -48,11 +48,11 @@ def _sgd_plain(addresses, segments, entry_values, coefficients, formats):
         grad = pointer_to(addresses[entry, 1], stored_grad)
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            sgd_plain_at(i, param, grad, coefficients)
+            sgd_plain_at(i, param, grad, coefficients, clear)
 
 
 @cuda.jit(cache=True)
-def _sgd_momentum(addresses, segments, entry_values, coefficients, formats, nesterov):
+def _sgd_momentum(addresses, segments, entry_values, coefficients, formats, clear, nesterov):
     stored_param, stored_grad, stored_state = formats
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
@@ -62,11 +62,11 @@ def _sgd_momentum(addresses, segments, entry_values, coefficients, formats, nest
         first_step = entry_values[entry, 0] != 0
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step)
+            sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step, clear)
 
 
 @cuda.jit(cache=True)
-def _adam(addresses, segments, entry_values, coefficients, formats, amsgrad):
+def _adam(addresses, segments, entry_values, coefficients, formats, clear, amsgrad):
     stored_param, stored_grad, stored_state = formats
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
@@ -79,8 +79,9 @@ def _adam(addresses, segments, entry_values, coefficients, formats, amsgrad):
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
             adam_at(
-                i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step, amsgrad
-            )
+                i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
+                amsgrad, clear,
+            )  # fmt: skip
 
 
 def _launch(kernel, table, coefficients, flags, stream, device, upload):
@@ -96,7 +97,7 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload):
         blocks, threads = config.launch_shape(len(segments))
         kernel[blocks, threads, stream](
             upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, table.formats, *flags,
+            coefficients, table.formats, table.clear_grads, *flags,
         )  # fmt: skip
 
 

@@ -6,7 +6,8 @@ calls these for every index it takes. The arrays are whatever indexes elements: 
 pointers (`kernels.pointers`) in compiled code, NumPy views in the CUDA simulator.
 Elements are read as the coefficients' type and written back in their own format
 (`kernels.precision`: bfloat16 and float16 arrays compute in float32, one rounding per
-stored value).
+stored value). With ``clear_grad`` the gradient element is zeroed once read (zero is
+all-zero bits in every format), in the same pass as the update.
 """
 
 from numba.extending import register_jitable
@@ -16,13 +17,15 @@ from .precision import load, store
 
 
 @register_jitable
-def sgd_plain_at(i, param, grad, coefficients):
+def sgd_plain_at(i, param, grad, coefficients, clear_grad):
     like = coefficients[0]
     store(param, i, rules.sgd_plain(load(param, i, like), load(grad, i, like), *coefficients))
+    if clear_grad:
+        grad[i] = 0
 
 
 @register_jitable
-def sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step):
+def sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step, clear_grad):
     like = coefficients[0]
     new_param, new_velocity = rules.sgd_momentum(
         load(param, i, like),
@@ -34,10 +37,14 @@ def sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step
     )
     store(param, i, new_param)
     store(velocity, i, new_velocity)
+    if clear_grad:
+        grad[i] = 0
 
 
 @register_jitable
-def adam_at(i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, entry, amsgrad):
+def adam_at(
+    i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, entry, amsgrad, clear_grad
+):
     """``entry``: the entry's ``(−lr/(1 − β1ᵗ), √(1 − β2ᵗ))``; ``max_exp_avg_sq`` is
     read and written only with ``amsgrad``."""
     like = coefficients[0]
@@ -58,3 +65,5 @@ def adam_at(i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, e
     store(exp_avg_sq, i, new_exp_avg_sq)
     if amsgrad:
         store(max_exp_avg_sq, i, running_max)
+    if clear_grad:
+        grad[i] = 0

@@ -39,6 +39,7 @@ class TensorTable:
         self.addresses = np.zeros((self.lengths.size, width), np.int64)
         self.entry_values = np.zeros((self.lengths.size, entry_width), self.dtype)
         self.formats = _formats(formats, self.dtype)
+        self.clear_grads = False  # zero each gradient element once read (fused zero_grad)
         self._schedules = {}
         self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
         self.note = None  # the caller's record of what entry_values hold
@@ -55,6 +56,7 @@ class TensorTable:
         table.addresses = np.array([addresses], np.int64)
         table.entry_values = np.array([entry_values], table.dtype).reshape(1, len(entry_values))
         table.formats = _formats(formats, table.dtype)
+        table.clear_grads = False
         table._schedules = {}
         table.rows = table.note = None
         return table
