@@ -29,6 +29,13 @@ class Adam(FlatOptimizer):
     fused launch); ``capturable=True`` and ``differentiable=True`` are rejected.
     ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
     (bfloat16 ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
+
+    ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
+    float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
+    from the 16-bit gradient, and writes the parameter as that copy rounded, in one
+    pass. The copy is taken from the parameter at its first step, and again whenever
+    something else wrote the parameter (``load_state_dict`` of the model, an in-place
+    edit: torch's version counter tells).
     """
 
     counts_steps = True
@@ -51,6 +58,7 @@ class Adam(FlatOptimizer):
         flat_gradients: bool = False,
         state_dtype: torch.dtype | None = None,
         fused_zero_grad: bool = False,
+        master_weights: bool = False,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -70,15 +78,20 @@ class Adam(FlatOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+        super().__init__(
+            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+        )
 
-    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    #: Kept, as torch keeps it, when AMSGrad is switched off; starts at zero for a
-    #: parameter with state when it is switched on (where torch raises KeyError).
-    optional_state_keys = ("max_exp_avg_sq",)
+    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+    #: ``max_exp_avg_sq`` is kept, as torch keeps it, when AMSGrad is switched off, and
+    #: starts at zero for a parameter with state when it is switched on (where torch
+    #: raises KeyError). ``master_param`` (``master_weights=True``) starts as the
+    #: parameter when a checkpoint has none.
+    optional_state_keys = ("max_exp_avg_sq", "master_param")
+    supports_master_weights = True
 
     def state_names(self, group):
-        return self.state_keys if group["amsgrad"] else self.state_keys[:2]
+        return self.state_keys[:3] if group["amsgrad"] else self.state_keys[:2]
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
@@ -150,6 +163,7 @@ class AdamW(Adam):
         flat_gradients: bool = False,
         state_dtype: torch.dtype | None = None,
         fused_zero_grad: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -167,6 +181,7 @@ class AdamW(Adam):
             flat_gradients=flat_gradients,
             state_dtype=state_dtype,
             fused_zero_grad=fused_zero_grad,
+            master_weights=master_weights,
         )
 
     def __setstate__(self, state):

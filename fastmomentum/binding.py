@@ -144,6 +144,7 @@ def _write_bucket(optimizer, group, bucket, saved):
     for name in bucket.state_kept():
         bucket.state(name).flat.zero_()
     bucket.initialized[:] = False
+    bucket.master_ready[:] = False  # a master copy not in the state is taken from p
     for index, entry in enumerate(saved):
         if entry is None:
             continue

@@ -16,7 +16,7 @@ from fastmomentum.kernels import precision
 
 from .devices import kernels_for
 from .gradients import Gradients
-from .launches import StepPlanner
+from .launches import MASTER, StepPlanner
 from .storage import (
     Allocation,
     dense_strides,
@@ -26,6 +26,11 @@ from .storage import (
     placed_like,
     shard_like,
 )
+
+
+def _signature(tensor):
+    """What tells that someone else wrote a tensor: its address and torch's version."""
+    return tensor.data_ptr(), tensor._version
 
 
 def compute_dtype_and_formats(dtype, state_dtype):
@@ -39,7 +44,7 @@ def compute_dtype_and_formats(dtype, state_dtype):
     if dtype not in _CARRIERS and state_dtype == dtype:
         return np.dtype(str(dtype).removeprefix("torch.")), None
     param, state = (_CARRIERS.get(d, _NUMPY.get(d)) for d in (dtype, state_dtype))
-    return np.dtype(np.float32), (param, param, state)
+    return np.dtype(np.float32), (param, param, state, param)
 
 
 _CARRIERS = {torch.bfloat16: precision.BFLOAT16_BITS, torch.float16: precision.FLOAT16_BITS}
@@ -60,15 +65,28 @@ class ParamBucket:
     local shard; its state is exposed as DTensors placed like the parameter.
     """
 
-    def __init__(self, params, names, flat_gradients=False, state_dtype=None, clear_grads=False):
+    def __init__(
+        self,
+        params,
+        names,
+        flat_gradients=False,
+        state_dtype=None,
+        clear_grads=False,
+        master_weights=False,
+    ):
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
         self.distributed = is_dtensor(self.params[0])
         tensors = self.local_params()
         self.device, self.dtype = tensors[0].device, tensors[0].dtype
         self.device_index = tensors[0].get_device()  # -1 on the CPU
-        self.state_dtype = state_dtype or self.dtype
+        self.master = master_weights  # a float32 master copy of 16-bit params (MASTER)
+        self.state_dtype = torch.float32 if self.master else state_dtype or self.dtype
         self.dtype_numpy, self.formats = compute_dtype_and_formats(self.dtype, self.state_dtype)
+        if self.master:
+            self.formats = (np.float32, *self.formats[1:])
+        self.master_ready = np.zeros(len(self.params), bool)  # the master copy holds p
+        self._written = [None] * len(self.params)  # (address, version) our step left
         self.kernels = kernels_for(self.device)  # `kernels.cpu`, or CUDA on torch's stream
         self.shapes = [t.shape for t in tensors]
         self.numels = [t.numel() for t in tensors]
@@ -173,12 +191,36 @@ class ParamBucket:
         """Parameter ``index``'s step count as torch keeps it: a 0-dim CPU tensor."""
         return self._steps.piece(index, (), ())
 
+    def sync_masters(self, rows):
+        """Copy into the master copy the parameters of ``rows`` that have none yet, or
+        that someone else wrote since our last step (``model.load_state_dict``, an
+        in-place edit, a new ``.data``: torch's version counter or the address moved);
+        our own kernel writes bump no version."""
+        tensors = self.local_params()
+        for row in rows:
+            tensor = tensors[row]
+            if self.master_ready[row] and self._written[row] == _signature(tensor):
+                continue
+            with torch.no_grad():
+                self.state_piece_local(MASTER, row).copy_(tensor)
+            self.master_ready[row] = True
+
+    def note_written(self, rows):
+        """Remember what the parameters of ``rows`` look like after our step."""
+        tensors = self.local_params()
+        for row in rows:
+            self._written[row] = _signature(tensors[row])
+
+    def state_piece_local(self, name, index):
+        """Parameter ``index``'s state ``name`` as a plain tensor (a DTensor's: its shard)."""
+        return self.state(name).piece(self.offsets[index], self.shapes[index], self.strides[index])
+
     def load_state_value(self, name, index, value):
         """Copy a loaded state tensor in (for a DTensor parameter: a DTensor placed like
         it, or a full tensor, of which this rank takes its shard)."""
         if self.distributed:
             value = shard_like(value, self.params[index])
-        target = self.state(name).piece(
-            self.offsets[index], self.shapes[index], self.strides[index]
-        )
-        target.copy_(value)
+        self.state_piece_local(name, index).copy_(value)
+        if name == MASTER:
+            self.master_ready[index] = True
+            self._written[index] = _signature(self.local_params()[index])

@@ -26,6 +26,9 @@ from fastmomentum.kernels.tables import TensorTable
 
 from .storage import has_internal_overlap, is_dense, share_elements, span
 
+#: The state key of a 16-bit parameter's float32 master copy (``master_weights=True``).
+MASTER = "master_param"
+
 
 class StepPlanner:
     """Plans the steps of one `bucket.ParamBucket`."""
@@ -137,12 +140,14 @@ class StepPlanner:
         if table is None:
             bucket = self.bucket
             lengths = [bucket.numels[i] for i in rows]
-            table = TensorTable(
-                lengths, 2 + len(columns), bucket.dtype_numpy, entry_width, bucket.formats
-            )
+            width = 2 + len(columns) + bucket.master
+            table = TensorTable(lengths, width, bucket.dtype_numpy, entry_width, bucket.formats)
             for column, name in enumerate(columns, start=2):
                 if name is not None:
                     table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]
+            if bucket.master:  # the kernel steps the master copy and rounds into the param
+                table.addresses[:, 0] = [bucket.state_address(MASTER, i) for i in rows]
+                table.mirrored = True
             table.rows = np.array(rows, np.int64)
             table.clear_grads = bucket.clear_grads
             table.sources = None  # the (param, grad) addresses the table holds
@@ -199,7 +204,7 @@ class StepPlan:
         if self._layout.simple and not self._staging:
             table = self._planner.table(self.rows, columns, entry_width)
             if table.sources != (self._params, self._grads):  # often the same as last step
-                table.addresses[:, 0] = self._params
+                table.addresses[:, _param_column(table)] = self._params
                 table.addresses[:, 1] = self._grads
                 table.sources = (self._params, self._grads)
             if prepare is not None:
@@ -233,7 +238,7 @@ class StepPlan:
                     grad = grad.data_ptr()
                 params.append(param)
                 grads.append(grad)
-            table.addresses[:, 0] = params
+            table.addresses[:, _param_column(table)] = params
             table.addresses[:, 1] = grads
             table.sources = None
             if prepare is not None:
@@ -244,6 +249,12 @@ class StepPlan:
                     param.copy_(copy)
             for grad in cleared:
                 grad.zero_()
+
+
+def _param_column(table):
+    """Where a table holds the parameters' addresses: first, or last when the first
+    column is their master copy (`kernels.tables`)."""
+    return -1 if table.mirrored else 0
 
 
 def _laid_out_as(tensor, strides):

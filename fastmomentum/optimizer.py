@@ -11,6 +11,7 @@ does the rest as ``torch.optim.Optimizer`` does it: param groups, ``add_param_gr
 import math
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -19,7 +20,12 @@ from . import binding, checkpoint
 from .bucket import ParamBucket
 from .clipping import clip_grad_norm
 from .storage import is_dtensor, local
-from .validation import check_implementation_options, check_params, check_state_dtype
+from .validation import (
+    check_implementation_options,
+    check_master_weights,
+    check_params,
+    check_state_dtype,
+)
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -41,19 +47,35 @@ class FlatOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(
-        self, params, defaults, flat_gradients=False, state_dtype=None, fused_zero_grad=False
+        self,
+        params,
+        defaults,
+        flat_gradients=False,
+        state_dtype=None,
+        fused_zero_grad=False,
+        master_weights=False,
     ):
         check_implementation_options(defaults)
         check_state_dtype(state_dtype)
+        if master_weights and not self.supports_master_weights:
+            raise ValueError(
+                f"master_weights=True is implemented for Adam and AdamW, not {type(self).__name__}"
+            )
+        if master_weights and state_dtype is not None:
+            raise ValueError("master_weights=True keeps float32 state; leave state_dtype None")
         self._flat_gradients = flat_gradients
         self._state_dtype = state_dtype
         self._fused_zero_grad = bool(fused_zero_grad)
+        self._master_weights = bool(master_weights)
         self.buckets = None  # per param group, its buckets (None: not made yet, see below)
         super().__init__(params, defaults)
         self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
         binding.track(self)
 
     # --- what a subclass says ---------------------------------------------------------
+
+    #: Whether ``master_weights=True`` is implemented (the subclass exposes MASTER).
+    supports_master_weights = False
 
     #: Every per-parameter state tensor's key, in torch's order.
     state_keys = ()
@@ -111,6 +133,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             check_implementation_options(group)
             check_params(group["params"])
             check_state_dtype(self.__dict__.get("_state_dtype"), group["params"])
+            if self.__dict__.get("_master_weights"):
+                check_master_weights(group["params"])
         except Exception:
             self.param_groups.pop()
             raise
@@ -135,8 +159,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         flat = self.__dict__.get("_flat_gradients", False)
         state_dtype = self.__dict__.get("_state_dtype")
         clear_grads = self.__dict__.get("_fused_zero_grad", False)
+        master = self.__dict__.get("_master_weights", False)
         buckets = _GroupBuckets(
-            ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads) for pairs in members.values()
+            ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master)
+            for pairs in members.values()
         )
         with torch.no_grad():
             for bucket in buckets:
@@ -226,7 +252,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                 for plan in bucket_plans:
                     if plan is not None:
                         plan.commit()
+                        if bucket.master:
+                            bucket.sync_masters(plan.rows)
                         self.update(group, bucket, settings, plan, grad_scale)
+                        if bucket.master:
+                            bucket.note_written(plan.rows)
                 first = bucket_plans[0]
                 if first is not None and self.creates_state(settings):
                     binding.expose_new_state(self, group, bucket, first.rows)
@@ -327,6 +357,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()  # below, once bound
         try:
             super().load_state_dict(state_dict)
+            if self._master_weights:
+                self._restore_float32_state(state_dict)
             binding.bind_state(self)
         except BaseException:
             self.state, self.param_groups = before
@@ -338,12 +370,28 @@ class FlatOptimizer(torch.optim.Optimizer):
         for hook in post.values():
             hook(self)
 
+    def _restore_float32_state(self, state_dict):
+        """Put back the state values torch's load cast to the parameters' dtype: with
+        master weights the state (and the master copy) of a 16-bit parameter is float32,
+        and rounding it to 16 bits would lose what the master copy is for."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for param_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(param_id)
+            entry = self.state.get(param)
+            if not isinstance(saved, Mapping) or not isinstance(entry, Mapping):
+                continue
+            for key in self.state_keys:
+                if torch.is_tensor(saved.get(key)):
+                    entry[key] = saved[key]
+
     def __getstate__(self):
         return {
             **super().__getstate__(),
             "_flat_gradients": self._flat_gradients,
             "_state_dtype": self._state_dtype,
             "_fused_zero_grad": self._fused_zero_grad,
+            "_master_weights": self._master_weights,
         }
 
     def __setstate__(self, state):
@@ -352,6 +400,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
         self.__dict__.setdefault("_fused_zero_grad", False)
+        self.__dict__.setdefault("_master_weights", False)
         if "buckets" not in self.__dict__:  # unpickled or deep-copied: rebuild the buckets
             self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
             binding.bind_state(self)

@@ -92,6 +92,17 @@ def check_state_dtype(state_dtype, params=()):
             )
 
 
+def check_master_weights(params):
+    """Raise ``ValueError`` unless every parameter is 16-bit (``master_weights=True``
+    keeps a float32 copy of bfloat16 and float16 parameters)."""
+    for position, param in enumerate(params):
+        if param.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"parameter {position} is {param.dtype}; master_weights=True is for "
+                "bfloat16 and float16 parameters"
+            )
+
+
 def _check_placements(name, param):
     """A DTensor steps shard by shard: every shard must hold whole values of the
     parameter (``Shard``, ``Replicate``), not partial sums (``Partial``)."""

@@ -205,7 +205,7 @@ def _flags(**values):
 def _one_entry(arrays, entry_values=()):
     """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used)."""
     addresses = [0 if array is None else address_of(array) for array in arrays]
-    formats = (FLOAT16_BITS,) * 3 if arrays[0].dtype == np.float16 else None
+    formats = (FLOAT16_BITS,) * 4 if arrays[0].dtype == np.float16 else None
     return TensorTable.single(
         arrays[0].size, addresses, _compute_dtype(arrays), entry_values, formats
     )

@@ -8,11 +8,12 @@ one huge tensor and many small ones both use every thread. Tables shorter than
 tuple in the arrays' dtype (built by `kernels.hyperparameters`).
 
 Each loop is compiled in variants (`_compiled`): threaded or serial, and with the flags
-that decide whether it stores to an array (``AMSGRAD``; ``CLEAR_GRADS``, the table's
-``clear_grads``) as compile-time constants, so that LLVM vectorises every variant.
-Given as runtime values, the flags stay inside the loop once 16-bit conversions make it
-too big to split on them (bfloat16 Adam, 4M elements, one thread: 21 ms against 2.5
-ms); ``numba.literally`` would fix them too, but its re-dispatched loops ran 15× slower.
+that decide whether it stores to an array (``AMSGRAD``; ``CLEAR_GRADS`` and
+``MIRRORED``, the table's ``clear_grads`` and ``mirrored``) as compile-time constants,
+so that LLVM vectorises every variant. Given as runtime values, the flags stay inside
+the loop once 16-bit conversions make it too big to split on them (bfloat16 Adam, 4M
+elements, one thread: 21 ms against 2.5 ms); ``numba.literally`` would fix them too,
+but its re-dispatched loops ran 15× slower.
 
 Every loop compiles with Numba's NumPy error model: a division by zero gives IEEE's
 ±inf or NaN, as torch does, where the default (Python's) model would raise
@@ -36,46 +37,53 @@ from .pointers import pointer_to
 # element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
 # digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
 # change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "b2430e8bc1a19311"
+RULES_DIGEST = "7fa3a770cb023826"
 
 #: Compile-time constants of each compiled variant of the loops below (`_compiled`).
 CLEAR_GRADS = False
+MIRRORED = False
 AMSGRAD = False
 
 
 def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, formats):
     """`rules.sgd_plain` over (param, grad)."""
-    stored_param, stored_grad, _ = formats
+    stored_param, stored_grad, _, stored_mirror = formats
+    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
             param = pointer_to(addresses[entry, 0], stored_param)
             grad = pointer_to(addresses[entry, 1], stored_grad)
+            mirror = pointer_to(addresses[entry, last], stored_mirror)
             for i in range(begin, end):
-                sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS)
+                sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS, mirror, MIRRORED)
 
 
 def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, formats, nesterov):
     """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
     is 1 on the entry's first step."""
-    stored_param, stored_grad, stored_state = formats
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
             param = pointer_to(addresses[entry, 0], stored_param)
             grad = pointer_to(addresses[entry, 1], stored_grad)
             velocity = pointer_to(addresses[entry, 2], stored_state)
+            mirror = pointer_to(addresses[entry, last], stored_mirror)
             first_step = entry_values[entry, 0] != 0
             for i in range(begin, end):
                 sgd_momentum_at(
-                    i, param, grad, velocity, coefficients, nesterov, first_step, CLEAR_GRADS
-                )
+                    i, param, grad, velocity, coefficients, nesterov, first_step, CLEAR_GRADS,
+                    mirror, MIRRORED,
+                )  # fmt: skip
 
 
 def _adam(addresses, segments, part_starts, entry_values, coefficients, formats):
     """`rules.adam` over (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the entry's
     values are its ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
-    stored_param, stored_grad, stored_state = formats
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED
     for part in prange(part_starts.size - 1):
         for segment in range(part_starts[part], part_starts[part + 1]):
             entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
@@ -84,11 +92,12 @@ def _adam(addresses, segments, part_starts, entry_values, coefficients, formats)
             exp_avg = pointer_to(addresses[entry, 2], stored_state)
             exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
             max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
+            mirror = pointer_to(addresses[entry, last], stored_mirror)
             step = (entry_values[entry, 0], entry_values[entry, 1])
             for i in range(begin, end):
                 adam_at(
                     i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
-                    AMSGRAD, CLEAR_GRADS,
+                    AMSGRAD, CLEAR_GRADS, mirror, MIRRORED,
                 )  # fmt: skip
 
 
@@ -102,18 +111,18 @@ _OPTIONS = {
 
 
 @functools.cache
-def _compiled(loop, threaded, clear_grads, amsgrad=False):
+def _compiled(loop, threaded, clear_grads, mirrored, amsgrad=False):
     """``loop`` compiled threaded or not, with its flags as constants, under a cache name
-    of its own (`CLEAR_GRADS`, `AMSGRAD`).
+    of its own (`CLEAR_GRADS`, `MIRRORED`, `AMSGRAD`).
 
     Serial variants exist because waking the thread pool costs more than short arrays
     take: 64 elements 0.8 µs serial against 4.1 µs parallel, 32k elements 4.4 against
     7.0 µs, 256k 45 against 35 µs.
     """
-    name = f"{loop.__name__}_clear{int(clear_grads)}"
+    name = f"{loop.__name__}_clear{int(clear_grads)}_mirrored{int(mirrored)}"
     name += f"_amsgrad{int(amsgrad)}" if loop is _adam else ""
     name += "" if threaded else "_serial"
-    constants = {"CLEAR_GRADS": clear_grads, "AMSGRAD": amsgrad}
+    constants = {"CLEAR_GRADS": clear_grads, "MIRRORED": mirrored, "AMSGRAD": amsgrad}
     variant = types.FunctionType(loop.__code__, {**loop.__globals__, **constants}, name)
     variant.__qualname__ = name
     options = {"cache": True, "error_model": "numpy", **_OPTIONS.get(loop, {})}
@@ -146,7 +155,7 @@ def _launch(loop, table, coefficients, *flags, amsgrad=False):
     if table.size == 0:
         return
     threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
-    kernel = _compiled(loop, threaded, table.clear_grads, amsgrad)
+    kernel = _compiled(loop, threaded, table.clear_grads, table.mirrored, amsgrad)
     segments, part_starts = table.cpu_schedule(_threads() if threaded else 1)
     kernel(
         table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats,

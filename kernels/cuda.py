@@ -28,7 +28,7 @@ warnings.filterwarnings(
 # element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
 # digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
 # change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "b2430e8bc1a19311"
+RULES_DIGEST = "7fa3a770cb023826"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -40,34 +40,44 @@ else:
 
 
 @cuda.jit(cache=True)
-def _sgd_plain(addresses, segments, entry_values, coefficients, formats, clear):
-    stored_param, stored_grad, stored_state = formats
+def _sgd_plain(addresses, segments, entry_values, coefficients, formats, clear, mirrored):
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    last = addresses.shape[1] - 1  # the mirror column, when mirrored
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
         param = pointer_to(addresses[entry, 0], stored_param)
         grad = pointer_to(addresses[entry, 1], stored_grad)
+        mirror = pointer_to(addresses[entry, last], stored_mirror)
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            sgd_plain_at(i, param, grad, coefficients, clear)
+            sgd_plain_at(i, param, grad, coefficients, clear, mirror, mirrored)
 
 
 @cuda.jit(cache=True)
-def _sgd_momentum(addresses, segments, entry_values, coefficients, formats, clear, nesterov):
-    stored_param, stored_grad, stored_state = formats
+def _sgd_momentum(
+    addresses, segments, entry_values, coefficients, formats, clear, mirrored, nesterov
+):
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    last = addresses.shape[1] - 1
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
         param = pointer_to(addresses[entry, 0], stored_param)
         grad = pointer_to(addresses[entry, 1], stored_grad)
         velocity = pointer_to(addresses[entry, 2], stored_state)
+        mirror = pointer_to(addresses[entry, last], stored_mirror)
         first_step = entry_values[entry, 0] != 0
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
-            sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step, clear)
+            sgd_momentum_at(
+                i, param, grad, velocity, coefficients, nesterov, first_step, clear, mirror,
+                mirrored,
+            )  # fmt: skip
 
 
 @cuda.jit(cache=True)
-def _adam(addresses, segments, entry_values, coefficients, formats, clear, amsgrad):
-    stored_param, stored_grad, stored_state = formats
+def _adam(addresses, segments, entry_values, coefficients, formats, clear, mirrored, amsgrad):
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    last = addresses.shape[1] - 1
     for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
         entry = segments[segment, 0]
         param = pointer_to(addresses[entry, 0], stored_param)
@@ -75,12 +85,13 @@ def _adam(addresses, segments, entry_values, coefficients, formats, clear, amsgr
         exp_avg = pointer_to(addresses[entry, 2], stored_state)
         exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
         max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
+        mirror = pointer_to(addresses[entry, last], stored_mirror)
         step = (entry_values[entry, 0], entry_values[entry, 1])
         first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
         for i in range(first, end, cuda.blockDim.x):
             adam_at(
                 i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
-                amsgrad, clear,
+                amsgrad, clear, mirror, mirrored,
             )  # fmt: skip
 
 
@@ -97,7 +108,7 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload):
         blocks, threads = config.launch_shape(len(segments))
         kernel[blocks, threads, stream](
             upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, table.formats, table.clear_grads, *flags,
+            coefficients, table.formats, table.clear_grads, table.mirrored, *flags,
         )  # fmt: skip
 
 

@@ -7,7 +7,9 @@ pointers (`kernels.pointers`) in compiled code, NumPy views in the CUDA simulato
 Elements are read as the coefficients' type and written back in their own format
 (`kernels.precision`: bfloat16 and float16 arrays compute in float32, one rounding per
 stored value). With ``clear_grad`` the gradient element is zeroed once read (zero is
-all-zero bits in every format), in the same pass as the update.
+all-zero bits in every format), in the same pass as the update. With ``mirrored`` the
+param array is a float32 master copy and each new value is also stored, rounded, into
+``mirror`` (the 16-bit parameter itself: master weights).
 """
 
 from numba.extending import register_jitable
@@ -17,15 +19,25 @@ from .precision import load, store
 
 
 @register_jitable
-def sgd_plain_at(i, param, grad, coefficients, clear_grad):
+def _store_param(param, mirror, i, value, mirrored):
+    store(param, i, value)
+    if mirrored:
+        store(mirror, i, value)
+
+
+@register_jitable
+def sgd_plain_at(i, param, grad, coefficients, clear_grad, mirror, mirrored):
     like = coefficients[0]
-    store(param, i, rules.sgd_plain(load(param, i, like), load(grad, i, like), *coefficients))
+    new_param = rules.sgd_plain(load(param, i, like), load(grad, i, like), *coefficients)
+    _store_param(param, mirror, i, new_param, mirrored)
     if clear_grad:
         grad[i] = 0
 
 
 @register_jitable
-def sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step, clear_grad):
+def sgd_momentum_at(
+    i, param, grad, velocity, coefficients, nesterov, first_step, clear_grad, mirror, mirrored
+):
     like = coefficients[0]
     new_param, new_velocity = rules.sgd_momentum(
         load(param, i, like),
@@ -35,7 +47,7 @@ def sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step
         nesterov,
         first_step,
     )
-    store(param, i, new_param)
+    _store_param(param, mirror, i, new_param, mirrored)
     store(velocity, i, new_velocity)
     if clear_grad:
         grad[i] = 0
@@ -43,7 +55,18 @@ def sgd_momentum_at(i, param, grad, velocity, coefficients, nesterov, first_step
 
 @register_jitable
 def adam_at(
-    i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, entry, amsgrad, clear_grad
+    i,
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    coefficients,
+    entry,
+    amsgrad,
+    clear_grad,
+    mirror,
+    mirrored,
 ):
     """``entry``: the entry's ``(−lr/(1 − β1ᵗ), √(1 − β2ᵗ))``; ``max_exp_avg_sq`` is
     read and written only with ``amsgrad``."""
@@ -60,7 +83,7 @@ def adam_at(
         entry[1],
         amsgrad,
     )
-    store(param, i, new_param)
+    _store_param(param, mirror, i, new_param, mirrored)
     store(exp_avg, i, new_exp_avg)
     store(exp_avg_sq, i, new_exp_avg_sq)
     if amsgrad:

@@ -6,9 +6,11 @@ order) ``addresses[e, j]`` is where that tensor's elements start. The arrays of 
 are laid out alike: element ``k`` of each belongs to the same parameter element.
 ``entry_values[e]`` holds coefficients of that entry alone (e.g. its bias corrections
 at its own step count); the coefficients all entries share are passed to the launch.
-``formats`` gives the element type of the params, the grads and the state arrays (one
-zero scalar each): the compute ``dtype`` by default, or the 16-bit carriers of
-`kernels.precision` for bfloat16 and float16 arrays.
+``formats`` gives the element type of the params, the grads, the state arrays and the
+mirror (one zero scalar each): the compute ``dtype`` by default, or the 16-bit carriers
+of `kernels.precision` for bfloat16 and float16 arrays. A ``mirrored`` table has one
+more column, last: where each new param value is also stored, rounded to the mirror's
+format (16-bit parameters whose float32 master copy is the param column).
 
 Work is split by elements, not by tensor, into segments ``(entry, begin, end)``:
 
@@ -40,6 +42,7 @@ class TensorTable:
         self.entry_values = np.zeros((self.lengths.size, entry_width), self.dtype)
         self.formats = _formats(formats, self.dtype)
         self.clear_grads = False  # zero each gradient element once read (fused zero_grad)
+        self.mirrored = False  # the last column is the param the master column rounds to
         self._schedules = {}
         self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
         self.note = None  # the caller's record of what entry_values hold
@@ -56,7 +59,7 @@ class TensorTable:
         table.addresses = np.array([addresses], np.int64)
         table.entry_values = np.array([entry_values], table.dtype).reshape(1, len(entry_values))
         table.formats = _formats(formats, table.dtype)
-        table.clear_grads = False
+        table.clear_grads = table.mirrored = False
         table._schedules = {}
         table.rows = table.note = None
         return table
@@ -87,8 +90,8 @@ class TensorTable:
 
 @functools.lru_cache(maxsize=64)
 def _formats(formats, dtype):
-    """(param, grad, state) element types as zero scalars, which kernels type on."""
-    formats = (dtype,) * 3 if formats is None else formats
+    """(param, grad, state, mirror) element types as zero scalars, which kernels type on."""
+    formats = (dtype,) * 4 if formats is None else formats
     return tuple(np.dtype(kind).type(0) for kind in formats)
 
 
