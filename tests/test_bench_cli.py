@@ -19,6 +19,7 @@ ENTRY_POINTS = [
     "bench.per_tensor",
     "bench.demo",
     "bench.gpu_check",
+    "bench.precision",
 ]
 
 

@@ -281,31 +281,21 @@ def test_bfloat16_state_follows_float32_arithmetic_rounded_once_per_step():
         _assert_close(state["exp_avg_sq"], v, False, "exp_avg_sq")
 
 
-def _teacher_student_loss(state_dtype, steps=300):
-    """Final loss of a small MLP fitted to a random teacher MLP with Adam."""
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    student = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    optimizer = fastmomentum.Adam(student.parameters(), lr=3e-3, state_dtype=state_dtype)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        inputs = torch.randn(64, 8, generator=generator)
-        with torch.no_grad():
-            targets = teacher(inputs)
-        loss = torch.nn.functional.mse_loss(student(inputs), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    inputs = torch.randn(4096, 8, generator=generator)
-    with torch.no_grad():
-        return torch.nn.functional.mse_loss(student(inputs), teacher(inputs)).item()
+def test_the_precision_study_keeps_its_stated_tolerances():
+    """bench/precision.py, 300 Adam steps (seen: bf16 state +0.1% and +0.7% over
+    float32's held-out loss, bf16 params with a float32 master -0.2% and 0.0%, bf16
+    params alone +12% and +21%). Asserted: bf16 state and master weights within 2% of
+    float32, bf16 params alone within 30%; every classifier above 95% accuracy."""
+    from bench import precision
 
-
-def test_bfloat16_state_trains_a_teacher_student_regression_as_well():
-    """Final held-out losses within 2% of each other (seen: 9.55e-4 and 9.67e-4, 1.2%)."""
-    full, low = _teacher_student_loss(None), _teacher_student_loss(torch.bfloat16)
-    assert full < 0.002  # it did learn
-    assert abs(low - full) <= 0.02 * full, (low, full)
+    results = precision.study(steps=300)
+    for task, rows in results.items():
+        assert rows["fp32 params, fp32 state"]["loss"] < (0.002 if task == "regression" else 0.1)
+        assert abs(rows["fp32 params, bf16 state"]["loss_vs_fp32"] - 1) <= 0.02, task
+        assert abs(rows["bf16 params, fp32 master"]["loss_vs_fp32"] - 1) <= 0.02, task
+        assert abs(rows["bf16 params"]["loss_vs_fp32"] - 1) <= 0.30, task
+        for row in rows.values():
+            assert row.get("accuracy", 1.0) > 0.95
 
 
 def test_bfloat16_state_checkpoints_convert_both_ways():
