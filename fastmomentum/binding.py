@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from .checkpoint import mismatch
+from .launches import MASTER
 from .tracked import StateEntry, StateMap
 
 
@@ -124,7 +125,11 @@ def _read_bucket(optimizer, bucket):
         if any(entry.get(name) is None for name in required):
             saved.append(None)
             continue
-        present = [n for n in optimizer.state_keys if entry.get(n) is not None]
+        present = [
+            name
+            for name in optimizer.state_keys
+            if entry.get(name) is not None and (name != MASTER or bucket.master)
+        ]  # a master copy is kept only with master weights (else: dropped)
         for name in present:
             wrong = mismatch(entry[name], param)
             if wrong is not None:

@@ -493,3 +493,17 @@ def test_the_cuda_kernels_step_master_weights_as_the_cpu_kernels(monkeypatch):
         # the CPU loop divides by a reciprocal (arcp, ≤1 ulp in float32)
         assert torch.allclose(m_cuda, m_cpu, rtol=1e-6, atol=0)
         _assert_close(p_cuda, p_cpu, False, "param")
+
+
+def test_a_master_weights_checkpoint_loads_without_master_weights():
+    """The master copies are dropped (the parameters hold them rounded); the moments load."""
+    dtype = torch.bfloat16
+    low, full = _master_twins("Adam", dtype)
+    _step_master_twins(low, full, 3, dtype)
+    saved = low[1].state_dict()
+    params = [p.detach().clone().requires_grad_() for p in low[0]]
+    plain = fastmomentum.Adam(params, lr=1e-2)
+    plain.load_state_dict(saved)
+    state = plain.state_dict()["state"][0]
+    assert "master_param" not in state
+    assert torch.equal(state["exp_avg"], saved["state"][0]["exp_avg"].to(dtype))
