@@ -25,3 +25,16 @@ def adam_twin(param, grad, exp_avg, exp_avg_sq):
         param[i] = g - param[i]
         exp_avg[i] = g - exp_avg[i]
         exp_avg_sq[i] = g - exp_avg_sq[i]
+
+
+@njit(parallel=True, cache=True)
+def adam_master_twin(master, grad, exp_avg, exp_avg_sq, param):
+    """Adam with master weights: read the master copy, the gradient and both moments,
+    write them back and the parameter (16-bit arrays as their int16 bits)."""
+    for i in prange(master.size):
+        g = grad[i]
+        value = g - master[i]
+        master[i] = value
+        exp_avg[i] = g - exp_avg[i]
+        exp_avg_sq[i] = g - exp_avg_sq[i]
+        param[i] = value

@@ -20,6 +20,7 @@ ENTRY_POINTS = [
     "bench.demo",
     "bench.gpu_check",
     "bench.precision",
+    "bench.precision_speed",
 ]
 
 

@@ -1,0 +1,166 @@
+"""What each precision mode's step costs: Adam and SGD momentum timed against torch's
+fused step on float32 and on bfloat16 parameters, and against a traffic twin that moves
+the mode's own bytes.
+
+Rows: per layout and mode, the bytes a step moves per parameter, the median step time,
+and the ratios to torch fused on float32 parameters, to torch fused on bfloat16
+parameters, and to the matching twin (`bench/twin.py` kernels over arrays of the mode's
+widths; 16-bit arrays as their int16 bits). All cases of a layout take turns in one
+run (`measure.time_cases`).
+
+    python -m bench.precision_speed [--quick] [--repeats N] [--threads N] [--output DIR]
+
+Writes ``precision_speed.{json,md}`` to ``bench/out/`` (``--output bench/results`` for
+the committed run).
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+import fastmomentum
+
+from . import cli, twin
+from .layouts import LAYOUTS, numel
+from .measure import Case, make_params, median, time_cases
+
+#: mode -> (param dtype, options, bytes per parameter of an Adam step, of an SGD step)
+MODES = {
+    "torch fused fp32": (torch.float32, {"fused": True}, 28, 20),
+    "torch fused bf16": (torch.bfloat16, {"fused": True}, 14, 10),
+    "ours fp32": (torch.float32, {}, 28, 20),
+    "ours fp32, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}, 20, 16),
+    "ours bf16": (torch.bfloat16, {}, 14, 10),
+    "ours bf16, fp32 master": (torch.bfloat16, {"master_weights": True}, 28, None),
+}
+OPTIMIZERS = {"Adam": {"lr": 1e-3}, "SGD": {"lr": 1e-3, "momentum": 0.9}}
+
+
+def optimizer_case(name, mode, shapes):
+    dtype, options, adam_bytes, sgd_bytes = MODES[mode]
+    moved = adam_bytes if name == "Adam" else sgd_bytes
+    if moved is None:
+        return None
+    library = torch.optim if mode.startswith("torch") else fastmomentum
+    params = make_params(shapes, dtype)
+    optimizer = getattr(library, name)(params, **OPTIMIZERS[name], **options)
+    start = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def reset():
+        for param, value in zip(params, start):
+            param.copy_(value)
+
+    if options.get("master_weights"):
+        # A reset writes the params, which (rightly) makes the next step take the master
+        # copy from them again: a pass more than training does. These steps run from
+        # where the last one left off instead (lr 1e-3: nothing drifts far in a run).
+        def reset():
+            pass
+
+    count = numel(shapes)
+    return Case(optimizer.step, reset, count, len(params), moved * count)
+
+
+def twin_case(name, mode, count):
+    """The traffic twin of ``mode``: its arrays in the widths the mode stores."""
+    dtype, options, adam_bytes, sgd_bytes = MODES[mode]
+    wide, narrow = np.float32, np.int16  # a 16-bit array is moved as int16
+    param = narrow if dtype == torch.bfloat16 else wide
+    state = narrow if dtype == torch.bfloat16 or options.get("state_dtype") else wide
+    generator = np.random.default_rng(0)
+
+    def array(kind):
+        return (generator.standard_normal(count) * 100).astype(kind)
+
+    if options.get("master_weights"):
+        arrays = [array(wide), array(narrow), array(wide), array(wide), array(narrow)]
+        kernel = twin.adam_master_twin
+    elif name == "Adam":
+        arrays = [array(param), array(param), array(state), array(state)]
+        kernel = twin.adam_twin
+    else:
+        arrays = [array(param), array(param), array(state)]
+        kernel = twin.sgd_momentum_twin
+    start = arrays[0].copy()
+    moved = (adam_bytes if name == "Adam" else sgd_bytes) * count
+    return Case(lambda: kernel(*arrays), lambda: np.copyto(arrays[0], start), count, 1, moved)
+
+
+def measure(name, layout, repeats):
+    shapes = LAYOUTS[layout]()
+    cases, twins = {}, {}
+    for mode in MODES:
+        case = optimizer_case(name, mode, shapes)
+        if case is not None:
+            cases[mode] = case
+            if mode.startswith("ours"):
+                twins[mode] = twin_case(name, mode, case.numel)
+    times = time_cases({**cases, **{f"twin: {m}": c for m, c in twins.items()}}, repeats)
+    fused32, fused16 = median(times["torch fused fp32"]), median(times["torch fused bf16"])
+    rows = []
+    for mode, case in cases.items():
+        seconds = median(times[mode])
+        twin_seconds = median(times[f"twin: {mode}"]) if mode in twins else None
+        rows.append(
+            {
+                "optimizer": name,
+                "layout": layout,
+                "mode": mode,
+                "bytes_per_param": case.bytes_per_step // case.numel,
+                "median_s": seconds,
+                "vs_fused_fp32": seconds / fused32,
+                "vs_fused_bf16": seconds / fused16,
+                "vs_twin": seconds / twin_seconds if twin_seconds else None,
+                "twin_s": twin_seconds,
+            }
+        )
+    return rows
+
+
+def markdown(rows, threads):
+    lines = [
+        f"Median step times, {threads} threads; each layout's cases interleaved in one run.",
+        "",
+        "| optimizer | layout | mode | bytes/param | ms "
+        "| × fused fp32 | × fused bf16 | × its twin |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        twin_ratio = f"{row['vs_twin']:.2f}" if row["vs_twin"] else "-"
+        lines.append(
+            f"| {row['optimizer']} | {row['layout']} | {row['mode']} | {row['bytes_per_param']} "
+            f"| {row['median_s'] * 1e3:.2f} | {row['vs_fused_fp32']:.2f} "
+            f"| {row['vs_fused_bf16']:.2f} | {twin_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = cli.parser("bench.precision_speed", __doc__)
+    parser.add_argument("--quick", action="store_true", help="the 16M tensor only")
+    parser.add_argument("--repeats", type=cli.positive_int, default=11, help="timed steps")
+    cli.add_threads(parser, torch.get_num_threads())
+    cli.add_output(parser, "precision_speed.{json,md}")
+    args = parser.parse_args(argv)
+    import numba
+
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    layouts = ["16M tensor"] if args.quick else ["16M tensor", "ResNet-50", "GPT-2 x4 blocks"]
+    rows = []
+    for name in OPTIMIZERS:
+        for layout in layouts:
+            print(f"{name} · {layout} …", file=sys.stderr)
+            rows += measure(name, layout, args.repeats)
+    table = markdown(rows, args.threads)
+    print(table)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "precision_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.output / "precision_speed.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
