@@ -68,6 +68,23 @@ def expose_state(optimizer, bucket, index, names):
         state[param] = values
 
 
+def expose_masters(optimizer, bucket, rows):
+    """``state[p]`` of the parameters of ``rows`` that have no other state: their master
+    copy alone (SGD without momentum, master weights). Marks nothing as having state."""
+    state = optimizer.state
+    for row in rows:
+        if bucket.initialized[row]:
+            continue
+        param, master = bucket.params[row], bucket.state_piece(MASTER, row)
+        entry = dict.get(state, param)
+        if type(entry) is StateEntry and entry._owner is state:
+            dict.__setitem__(entry, MASTER, master)
+        elif type(state) is StateMap:
+            state.put(param, StateEntry(state, {MASTER: master}))
+        else:
+            state[param] = {MASTER: master}
+
+
 def state_changed(optimizer):
     """Whether ``optimizer.state`` was replaced or edited since the buckets last matched it."""
     state = optimizer.state
@@ -112,8 +129,9 @@ def bind_state(optimizer, pairs=None):
 
 
 def _read_bucket(optimizer, bucket):
-    """Per parameter ``(step, {name: copy})`` of its complete state, or ``None`` (copies:
-    the entries may be pieces of the bucket itself)."""
+    """Per parameter ``(step, {name: copy}, complete)``, or ``None`` when it has no state
+    (copies: the entries may be pieces of the bucket itself). An incomplete entry keeps
+    only a master copy (SGD without momentum keeps no other state)."""
     required = optimizer.required_state_keys
     saved = []
     for index, param in enumerate(bucket.params):
@@ -122,14 +140,15 @@ def _read_bucket(optimizer, bucket):
             raise TypeError(
                 f"optimizer.state of {bucket.names[index]} is {entry!r}; expected a dict"
             )
-        if any(entry.get(name) is None for name in required):
-            saved.append(None)
-            continue
+        complete = all(entry.get(name) is not None for name in required)
         present = [
             name
-            for name in optimizer.state_keys
+            for name in (optimizer.state_keys if complete else (MASTER,))
             if entry.get(name) is not None and (name != MASTER or bucket.master)
         ]  # a master copy is kept only with master weights (else: dropped)
+        if not present and not complete:
+            saved.append(None)
+            continue
         for name in present:
             wrong = mismatch(entry[name], param)
             if wrong is not None:
@@ -137,8 +156,9 @@ def _read_bucket(optimizer, bucket):
                     f"state {name!r} of {bucket.names[index]} is {wrong}; the parameter "
                     f"has shape {tuple(param.shape)}"
                 )
-        step = float(entry["step"]) if optimizer.counts_steps else None
-        saved.append((step, {name: entry[name].detach().clone() for name in present}))
+        step = float(entry["step"]) if optimizer.counts_steps and complete else None
+        copies = {name: entry[name].detach().clone() for name in present}
+        saved.append((step, copies, complete))
     return saved
 
 
@@ -153,15 +173,18 @@ def _write_bucket(optimizer, group, bucket, saved):
     for index, entry in enumerate(saved):
         if entry is None:
             continue
-        step, values = entry
+        step, values, complete = entry
         for name, value in values.items():
             bucket.load_state_value(name, index, value)
-        if optimizer.counts_steps:
-            bucket.step_counts[index] = step
-        bucket.initialized[index] = True
+        if complete:
+            if optimizer.counts_steps:
+                bucket.step_counts[index] = step
+            bucket.initialized[index] = True
     names = exposed_names(optimizer, group, bucket)
     for index in bucket.initialized.nonzero()[0].tolist():
         expose_state(optimizer, bucket, index, names)
+    if bucket.master:
+        expose_masters(optimizer, bucket, bucket.master_ready.nonzero()[0].tolist())
     bucket.exposed_names = names
     bucket.all_initialized = bool(bucket.initialized.all())
     bucket.coefficients = (None, None)

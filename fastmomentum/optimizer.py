@@ -58,9 +58,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         check_implementation_options(defaults)
         check_state_dtype(state_dtype)
         if master_weights and not self.supports_master_weights:
-            raise ValueError(
-                f"master_weights=True is implemented for Adam and AdamW, not {type(self).__name__}"
-            )
+            raise ValueError(f"master_weights=True is not implemented for {type(self).__name__}")
         if master_weights and state_dtype is not None:
             raise ValueError("master_weights=True keeps float32 state; leave state_dtype None")
         self._flat_gradients = flat_gradients
@@ -260,6 +258,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 first = bucket_plans[0]
                 if first is not None and self.creates_state(settings):
                     binding.expose_new_state(self, group, bucket, first.rows)
+                elif first is not None and bucket.master:
+                    binding.expose_masters(self, bucket, first.rows)
         if grad_scale is not None and not self._fused_zero_grad:
             self._unscale_grads(grad_scale)
         if self._fused_zero_grad and self._flat_gradients:

@@ -43,6 +43,11 @@ class SGD(FlatOptimizer):
     (what ``zero_grad(set_to_none=False)`` right after the step does, without its pass);
     with ``flat_gradients=True`` backward then accumulates into the zeroed allocation.
     A step GradScaler skips zeroes them too. Then the step does write gradients.
+
+    ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a float32
+    copy of each parameter, ``state[p]["master_param"]`` (with a float32 momentum buffer),
+    from the 16-bit gradient and writes the parameter as that copy rounded, in one pass;
+    see `fastmomentum.Adam` for when the copy is taken.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class SGD(FlatOptimizer):
         flat_gradients: bool = False,
         state_dtype: torch.dtype | None = None,
         fused_zero_grad: bool = False,
+        master_weights: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -76,12 +82,17 @@ class SGD(FlatOptimizer):
             "momentum_convention": momentum_convention,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+        super().__init__(
+            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+        )
 
-    state_keys = ("momentum_buffer",)
+    state_keys = ("momentum_buffer", "master_param")
+    #: ``master_param``: the float32 copy of a 16-bit parameter (``master_weights``).
+    optional_state_keys = ("master_param",)
+    supports_master_weights = True
 
     def state_names(self, group):
-        return self.state_keys
+        return self.state_keys[:1]
 
     def settings(self, group):
         convention = group["momentum_convention"]

@@ -402,7 +402,15 @@ def _step_master_twins(low, full, steps, dtype, seed=1):
 
 @pytest.mark.parametrize(("dtype", "carrier"), FORMATS, ids=IDS)
 @pytest.mark.parametrize(
-    ("name", "options"), [("Adam", {"weight_decay": 0.1}), ("AdamW", {"amsgrad": True})]
+    ("name", "options"),
+    [
+        ("Adam", {"weight_decay": 0.1}),
+        ("AdamW", {"amsgrad": True}),
+        ("SGD", {"momentum": 0.9, "weight_decay": 0.01}),
+        ("SGD", {"momentum": 0.9, "nesterov": True}),
+        ("SGD", {}),
+    ],
+    ids=["adam", "adamw-amsgrad", "sgd-momentum", "sgd-nesterov", "sgd-plain"],
 )
 def test_master_weights_step_a_float32_copy_and_round_it_into_the_param(
     name, options, dtype, carrier
@@ -411,10 +419,11 @@ def test_master_weights_step_a_float32_copy_and_round_it_into_the_param(
     _step_master_twins(low, full, 10, dtype)
     for p, q in zip(low[0], full[0]):
         state = low[1].state[p]
-        assert state["master_param"].dtype == state["exp_avg"].dtype == torch.float32
+        assert state["master_param"].dtype == torch.float32
         assert torch.equal(state["master_param"], q.detach())  # our float32 step, bit for bit
         assert torch.equal(p.detach(), q.detach().to(dtype))  # the param is the copy rounded
-        assert torch.equal(state["exp_avg"], full[1].state[q]["exp_avg"])
+        for key, value in full[1].state[q].items():  # float32 state, equal to float32's
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
 
 
 def test_master_weights_resume_bit_identically_and_torch_can_load_them():
@@ -461,6 +470,23 @@ def test_a_parameter_written_by_someone_else_is_copied_into_the_master_again():
     master = optimizer.state[model.weight]["master_param"]
     assert (master - fresh["weight"].float()).abs().max() < 0.05
     assert torch.equal(model.weight.detach(), master.to(dtype))
+
+
+def test_sgd_without_momentum_keeps_its_master_copies_across_a_checkpoint():
+    """Its state is the master copy alone; momentum switched on later starts the buffer
+    as torch does (from the first gradient), as the float32 twin's does."""
+    dtype = torch.bfloat16
+    low, full = _master_twins("SGD", dtype, {"lr": 0.1})
+    _step_master_twins(low, full, 2, dtype)
+    assert list(low[1].state_dict()["state"][0]) == ["master_param"]
+    low[1].load_state_dict(low[1].state_dict())
+    _step_master_twins(low, full, 2, dtype, seed=3)
+    for optimizer in (low[1], full[1]):
+        optimizer.param_groups[0]["momentum"] = 0.9
+    _step_master_twins(low, full, 3, dtype, seed=4)
+    for p, q in zip(low[0], full[0]):
+        assert torch.equal(low[1].state[p]["master_param"], q.detach())
+        assert torch.equal(low[1].state[p]["momentum_buffer"], full[1].state[q]["momentum_buffer"])
 
 
 @pytest.mark.parametrize(
