@@ -50,7 +50,8 @@ def train(model, optimizer, rank, world, set_to_none=True, steps=range(STEPS), o
         if step in steps:
             part = slice(rank * share, (rank + 1) * share)
             optimizer.zero_grad(set_to_none=set_to_none)
-            nn.functional.mse_loss(model(inputs[part]), targets[part]).backward()
+            outputs = model(inputs[part].to(next(model.parameters()).dtype))
+            nn.functional.mse_loss(outputs.double(), targets[part]).backward()
             optimizer.step()
 
 

@@ -32,15 +32,26 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("sgd-keep", "SGD", False),
     ("adam-reshard", "Adam", True),
     ("adamw-keep", "AdamW", False),
+    ("adamw-bf16-master", "AdamW", True),
 ]
+#: Cases on bfloat16 parameters, with these options on top of ``OPTIONS``.
+BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
 
 
-def make_model():
+def case_options(case, name):
+    return {**OPTIONS[name], **BFLOAT16_CASES.get(case, {})}
+
+
+def case_dtype(case):
+    return torch.bfloat16 if case in BFLOAT16_CASES else torch.float64
+
+
+def make_model(dtype=torch.float64):
     """Uneven shards on purpose: the last weight has 5 rows for 2 ranks."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
-    ).double()
+    ).to(dtype)
 
 
 def train(model, optimizer, rank, world, steps):
@@ -48,8 +59,8 @@ def train(model, optimizer, rank, world, steps):
     distributed_run.train(model, optimizer, rank, world, steps=steps, outputs=5)
 
 
-def sharded(reshard):
-    model = make_model()
+def sharded(reshard, dtype=torch.float64):
+    model = make_model(dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, reshard_after_forward=reshard)
@@ -61,9 +72,10 @@ def worker(rank, world, folder, port, phase):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for case, name, reshard in CASES:
-        model = sharded(reshard)
+        model = sharded(reshard, case_dtype(case))
         local_memory = [p.to_local().data_ptr() for p in model.parameters()]
-        optimizer = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+        options = case_options(case, name)
+        optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
         checkpoint = os.path.join(folder, case)
         if phase == "train":
             train(model, optimizer, rank, world, range(RESUME_AT))
@@ -86,7 +98,7 @@ def worker(rank, world, folder, port, phase):
             type(value).__name__ for key, value in state.items() if key != "step"
         )
         if phase == "train":
-            results[case + "-full-load"] = load_full_state(model, optimizer, name)
+            results[case + "-full-load"] = load_full_state(model, optimizer, name, options)
     if phase == "train":
         results["errors"] = bad_placements()
     if rank == 0:
@@ -95,7 +107,7 @@ def worker(rank, world, folder, port, phase):
     os._exit(0)
 
 
-def load_full_state(model, optimizer, name):
+def load_full_state(model, optimizer, name, options):
     """A state dict of full tensors (``full_tensor()`` of every DTensor) loaded into a new
     optimizer: each rank takes its shard, so the state equals the original's."""
     saved = optimizer.state_dict()
@@ -103,7 +115,7 @@ def load_full_state(model, optimizer, name):
         for key, value in entry.items():
             if key != "step":
                 entry[key] = value.full_tensor()
-    fresh = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+    fresh = getattr(fastmomentum, name)(model.parameters(), **options)
     fresh.load_state_dict(saved)
     return all(
         torch.equal(fresh.state[p][key].to_local(), value.to_local())
