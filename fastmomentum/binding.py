@@ -52,7 +52,8 @@ def expose_state(optimizer, bucket, index, names):
     """Make ``optimizer.state[p]`` of ``bucket``'s parameter ``index`` pieces of its state.
 
     An empty entry of ours that user code already holds (read before the first step)
-    is filled in place, as torch fills it."""
+    is filled in place, as torch fills it; keys that are not state of ours (user
+    bookkeeping, a checkpoint's extras) stay in the entry."""
     values = {}
     if optimizer.counts_steps:
         values["step"] = bucket.step_piece(index)
@@ -60,6 +61,9 @@ def expose_state(optimizer, bucket, index, names):
         values[name] = bucket.state_piece(name, index)
     state, param = optimizer.state, bucket.params[index]
     entry = dict.get(state, param)
+    if isinstance(entry, Mapping):  # keys of the user's own are kept, as torch keeps them
+        ours = ("step", *optimizer.state_keys)
+        values.update((key, value) for key, value in entry.items() if key not in ours)
     if type(entry) is StateEntry and entry._owner is state and not entry:
         dict.update(entry, values)
     elif type(state) is StateMap:

@@ -340,7 +340,32 @@ def test_a_parameter_appended_to_a_group_is_stepped_as_in_torch(name, options):
 
 
 @pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
-def test_a_model_built_on_meta_trains_after_to_empty(name, options):
+def test_extra_keys_in_a_state_entry_are_kept_as_in_torch(name, options):
+    """User bookkeeping in ``state[p]``, and a checkpoint's extra keys, survive steps,
+    rebinding and loading, and appear in ``state_dict()``."""
+    twins = Twins(name, options)
+    twins.step()
+    for optimizer, params in twins.pairs():
+        optimizer.state[params[0]]["seen"] = 7
+    twins.step()
+    saved = {}
+    for optimizer, params in twins.pairs():
+        saved[optimizer] = optimizer.state_dict()
+        assert saved[optimizer]["state"][0]["seen"] == 7
+        saved[optimizer]["state"][1]["note"] = 5  # (torch mangles a str: it is iterable)
+        optimizer.load_state_dict(saved[optimizer])
+        assert optimizer.state[params[1]]["note"] == 5
+        assert optimizer.state[params[0]]["seen"] == 7
+    twins.step()
+    twins.assert_same()
+
+
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_model_built_on_meta_trains_after_to_empty(name, options, monkeypatch):
+    """torch 2.13's ``to_empty`` keeps the Parameter objects (which the optimizer holds)
+    only with ``swap_module_params_on_conversion``; without it both optimizers keep
+    stepping the old meta tensors and nothing trains."""
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
     torch.manual_seed(0)
     weights = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().state_dict()
     models, optimizers = [], []
@@ -358,8 +383,10 @@ def test_a_model_built_on_meta_trains_after_to_empty(name, options):
             optimizer.zero_grad()
             model(inputs).square().sum().backward()
             optimizer.step()
-    for theirs, ours in zip(*(m.parameters() for m in models)):
+    for theirs, ours, loaded in zip(*(m.parameters() for m in models), weights.values()):
+        assert not torch.equal(ours.detach(), loaded)  # it did train
         assert_relative_close(ours.detach(), theirs.detach(), TOLERANCE)
+    assert optimizers[1].param_groups[0]["params"][0] is models[1][0].weight
     resumed = getattr(fastmomentum, name)(models[1].parameters(), **options)
     resumed.load_state_dict(optimizers[0].state_dict())
 
