@@ -397,6 +397,21 @@ def progress(done, total, label):
         sys.stderr.write("\n")
 
 
+def precision_modes(quick, repeats):
+    """Rows of `precision_speed` (16-bit parameters, bfloat16 state, master weights:
+    bytes per parameter, step time, ratios to torch fused fp32 and bf16 and to the
+    mode's own twin) for the 16M tensor, and in a full run ResNet-50 and GPT-2 too."""
+    from . import precision_speed
+
+    layouts = ["16M tensor"] if quick else ["16M tensor", "ResNet-50", "GPT-2 x4 blocks"]
+    rows = []
+    for name in precision_speed.OPTIMIZERS:
+        for layout in layouts:
+            progress(0, 1, f"precision modes · {name} · {layout}")
+            rows += precision_speed.measure(name, layout, repeats)
+    return rows
+
+
 def parse_arguments(argv):
     parser = cli.parser("bench", __doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute)")
@@ -438,6 +453,7 @@ def main(argv=None):
         if len(attempts) > 1:
             retries[group_name(group_rows[0])] = attempts
     progress(len(plan), len(plan), "done")
+    precision_rows = precision_modes(args.quick, repeats)
 
     mode = "quick" if args.quick else "full"
     summary = health_summary(rows, retries, load_before)
@@ -447,16 +463,21 @@ def main(argv=None):
         "repeats": repeats,
         "health": summary,
         "results": rows,
+        "precision_modes": precision_rows,
     }
     notes = health_notes(summary)
     args.output.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.output / f"{mode}.json", args.output / f"{mode}.png"
     json_path.write_text(json.dumps(report, indent=1))
-    markdown = [markdown_summary(rows, args.threads), "", *notes]
+    from .precision_speed import markdown as precision_markdown
+
+    precision_table = precision_markdown(precision_rows, args.threads)
+    markdown = [markdown_summary(rows, args.threads), "", *notes, "", precision_table]
     (args.output / f"{mode}.md").write_text("\n".join(markdown) + "\n")
     plot(rows, png_path)
     print(format_table(rows))
     print("\n" + "\n".join(notes))
+    print("\nPrecision modes (no health check on these rows):\n" + precision_table)
     print(
         f"\n{report['machine']['cpu']}, {args.threads} threads; results in {json_path}, "
         f"{png_path} and {mode}.md beside them"
