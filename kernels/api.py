@@ -18,8 +18,8 @@ from typing import Literal
 import numpy as np
 
 from . import cpu, hyperparameters
-from .arrays import address_of, device_views, flat_views, locate, placement
-from .precision import FLOAT16_BITS
+from .arrays import address_of, device_views, flat_views, is_bfloat16, locate, placement
+from .precision import BFLOAT16_BITS, FLOAT16_BITS
 from .tables import TensorTable
 
 
@@ -205,17 +205,31 @@ def _flags(**values):
 def _one_entry(arrays, entry_values=()):
     """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used)."""
     addresses = [0 if array is None else address_of(array) for array in arrays]
-    formats = (FLOAT16_BITS,) * 4 if arrays[0].dtype == np.float16 else None
+    param = np.dtype(arrays[0].dtype)
+    states = [np.dtype(array.dtype) for array in arrays[2:] if array is not None]
+    state = states[0] if states else param
+    formats = None
+    if _carrier(param) != param or state != param:
+        formats = (_carrier(param), _carrier(param), _carrier(state), _carrier(param))
     return TensorTable.single(
         arrays[0].size, addresses, _compute_dtype(arrays), entry_values, formats
     )
 
 
+def _carrier(dtype):
+    """The type whose elements carry ``dtype``'s in the kernels (`kernels.precision`)."""
+    if dtype == np.float16:
+        return np.dtype(FLOAT16_BITS)
+    if is_bfloat16(dtype):
+        return np.dtype(BFLOAT16_BITS)
+    return dtype
+
+
 def _compute_dtype(arrays):
-    """The dtype a step computes in: float16 arrays in float32, each stored value
-    rounded once (`kernels.precision`), as torch's fused optimizers do."""
+    """The dtype a step computes in: 16-bit arrays in float32, each stored value rounded
+    once (`kernels.precision`), as torch's fused optimizers do."""
     dtype = np.dtype(arrays[0].dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
 def _dispatch(arrays, stream):

@@ -4,6 +4,20 @@ import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
+#: The arrays of a step that are its parameters and gradients; the others are state.
+NOT_STATE = ("param", "grad")
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is bfloat16 (NumPy has none; ml_dtypes adds one, recognised here
+    by name and size, so that this module never imports it)."""
+    dtype = np.dtype(dtype)
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def _supported(dtype):
+    return np.dtype(dtype) in SUPPORTED_DTYPES or is_bfloat16(dtype)
+
 
 def flat_views(arrays, read_only=("grad",)):
     """Check the arrays of one step and return 1-D views of them, in the order given.
@@ -149,17 +163,35 @@ def device_views(arrays, read_only=("grad",)):
 
 
 def _check_dtypes_and_shapes(present):
-    """One supported float dtype and one shape for all the (named) arrays."""
+    """One shape for all the (named) arrays, and one supported float dtype (float16,
+    bfloat16, float32, float64), except that the state arrays may all be bfloat16 when
+    the parameters are float32 (low-precision state)."""
     (first_name, first), *others = present.items()
-    if np.dtype(first.dtype) not in SUPPORTED_DTYPES:
+    if not _supported(first.dtype):
         raise TypeError(
-            f"{first_name} has dtype {first.dtype}; expected float16, float32 or float64"
+            f"{first_name} has dtype {first.dtype}; expected float16, bfloat16 (ml_dtypes), "
+            "float32 or float64"
         )
+    state_dtype = None
     for name, array in others:
-        if array.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}")
         if array.shape != first.shape:
             raise ValueError(f"{name} has shape {array.shape} but {first_name} has {first.shape}")
+        if name in NOT_STATE or not _low_precision_state(array.dtype, first.dtype):
+            if array.dtype != first.dtype:
+                raise TypeError(
+                    f"{name} has dtype {array.dtype} but {first_name} has {first.dtype}"
+                    + ("" if name in NOT_STATE else " (state may be bfloat16 for float32)")
+                )
+        if name not in NOT_STATE:
+            if state_dtype is not None and array.dtype != state_dtype[1]:
+                raise TypeError(
+                    f"{name} has dtype {array.dtype} but {state_dtype[0]} has {state_dtype[1]}"
+                )
+            state_dtype = state_dtype or (name, array.dtype)
+
+
+def _low_precision_state(dtype, param_dtype):
+    return is_bfloat16(dtype) and np.dtype(param_dtype) == np.float32
 
 
 def cuda_array_interface(name, array):

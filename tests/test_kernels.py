@@ -191,7 +191,7 @@ def _sgd_arrays(dtype=np.float32, size=8):
     [
         (lambda a: [a[0], a[1].astype(np.float64), a[2]], TypeError, "grad has dtype float64"),
         (lambda a: [a[0].astype(np.float16), a[1], a[2]], TypeError, "but param has float16"),
-        (lambda a: [a[0].astype(np.int32), a[1], a[2]], TypeError, "expected float16, float32 or"),
+        (lambda a: [a[0].astype(np.int32), a[1], a[2]], TypeError, "expected float16, bfloat16"),
         (lambda a: [a[0], a[1][:4], a[2]], ValueError, "grad has shape"),
         (lambda a: [a[0], np.repeat(a[1], 2)[::2], a[2]], ValueError, "grad is not C-contiguous"),
         (lambda a: [a[0], a[1], a[0]], ValueError, "param and momentum_buffer overlap"),

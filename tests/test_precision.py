@@ -533,3 +533,78 @@ def test_a_master_weights_checkpoint_loads_without_master_weights():
     state = plain.state_dict()["state"][0]
     assert "master_param" not in state
     assert torch.equal(state["exp_avg"], saved["state"][0]["exp_avg"].to(dtype))
+
+
+# --- the low-level API on bfloat16 arrays (ml_dtypes) and bfloat16 state arrays ------------
+
+
+def _bfloat16_numpy(tensor):
+    """A torch bfloat16 tensor as an ml_dtypes bfloat16 NumPy array (same bits)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return tensor.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+
+
+def _as_torch(array):
+    return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+
+
+def test_low_level_steps_on_bfloat16_arrays_are_bit_identical_to_torch_fused_adam():
+    from fastmomentum.kernels import adam_step
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, generator=generator).bfloat16()
+    param = start.clone().requires_grad_()
+    theirs = torch.optim.Adam([param], lr=1e-2, fused=True)
+    arrays = [_bfloat16_numpy(start)]
+    arrays += [_bfloat16_numpy(torch.zeros(1000).bfloat16()) for _ in range(2)]
+    for step in range(1, 6):
+        grad = torch.randn(1000, generator=generator).bfloat16()
+        param.grad = grad.clone()
+        theirs.step()
+        adam_step(arrays[0], _bfloat16_numpy(grad), arrays[1], arrays[2], step=step, lr=1e-2)
+    assert torch.equal(_as_torch(arrays[0]), param.detach())
+    assert torch.equal(_as_torch(arrays[1]), theirs.state[param]["exp_avg"])
+
+
+def test_low_level_bfloat16_state_arrays_step_as_the_torch_option():
+    """float32 params and gradients with bfloat16 moments: ``state_dtype=torch.bfloat16``."""
+    from fastmomentum.kernels import adam_step
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1000, generator=generator)
+    param = start.clone().requires_grad_()
+    ours = fastmomentum.Adam([param], lr=1e-2, state_dtype=torch.bfloat16)
+    params = start.numpy().copy()
+    moments = [_bfloat16_numpy(torch.zeros(1000).bfloat16()) for _ in range(2)]
+    for step in range(1, 6):
+        grad = torch.randn(1000, generator=generator)
+        param.grad = grad.clone()
+        ours.step()
+        adam_step(params, grad.numpy(), *moments, step=step, lr=1e-2)
+    assert np.array_equal(params, param.detach().numpy())
+    assert torch.equal(_as_torch(moments[1]), ours.state[param]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize(
+    ("param", "state", "message"),
+    [
+        (np.float32, np.float16, "exp_avg has dtype float16 but param has float32"),
+        (np.float64, "bfloat16", "exp_avg has dtype bfloat16 but param has float64"),
+        (np.float32, "mixed", "exp_avg_sq has dtype float32 but exp_avg has bfloat16"),
+    ],
+)
+def test_low_level_dtype_combinations_we_cannot_step_are_refused_untouched(param, state, message):
+    from fastmomentum.kernels import adam_step
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    params, grads = (rng.standard_normal(16).astype(param) for _ in range(2))
+    kinds = {"bfloat16": (ml_dtypes.bfloat16,) * 2, "mixed": (ml_dtypes.bfloat16, np.float32)}
+    moments = [
+        rng.standard_normal(16).astype(kind) for kind in kinds.get(state, (state, state))
+    ]
+    before = [array.copy() for array in (params, *moments)]
+    with pytest.raises(TypeError, match=message):
+        adam_step(params, grads, *moments, step=1, lr=1e-2)
+    for array, was in zip((params, *moments), before):
+        assert np.array_equal(array.view(np.uint8), was.view(np.uint8))
