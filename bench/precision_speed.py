@@ -6,7 +6,8 @@ Rows: per layout and mode, the bytes a step moves per parameter, the median step
 and the ratios to torch fused on float32 parameters, to torch fused on bfloat16
 parameters, and to the matching twin (`bench/twin.py` kernels over arrays of the mode's
 widths; 16-bit arrays as their int16 bits). All cases of a layout take turns in one
-run (`measure.time_cases`).
+run (`measure.time_cases`), and every row gets the report's health check
+(`bench/health.py`), marked "!" with its problems when it fails; nothing is retried.
 
     python -m bench.precision_speed [--quick] [--repeats N] [--threads N] [--output DIR]
 
@@ -22,7 +23,7 @@ import torch
 
 import fastmomentum
 
-from . import cli, twin
+from . import cli, health, twin
 from .layouts import LAYOUTS, numel
 from .measure import Case, make_params, median, time_cases
 
@@ -89,8 +90,26 @@ def twin_case(name, mode, count):
     return Case(lambda: kernel(*arrays), lambda: np.copyto(arrays[0], start), count, 1, moved)
 
 
+def calibrated_twin_s(name, count, repeats=5):
+    """The fp32 twin's best step on one thread (`health`: what its bytes cost with no
+    worker thread to wait for)."""
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        case = twin_case(name, "ours fp32", count)
+        return min(time_cases({"twin": case}, repeats)["twin"])
+    finally:
+        numba.set_num_threads(threads)
+
+
 def measure(name, layout, repeats):
+    """Rows of every mode on one layout, each with its `health` verdict: the fp32
+    twin against its one-thread calibration, our threads' wait for a CPU, the spread."""
     shapes = LAYOUTS[layout]()
+    calibration_s = calibrated_twin_s(name, numel(shapes))
+    before = health.thread_cpu_times()
     cases, twins = {}, {}
     for mode in MODES:
         case = optimizer_case(name, mode, shapes)
@@ -99,6 +118,11 @@ def measure(name, layout, repeats):
             if mode.startswith("ours"):
                 twins[mode] = twin_case(name, mode, case.numel)
     times = time_cases({**cases, **{f"twin: {m}": c for m, c in twins.items()}}, repeats)
+    conditions = health.GroupConditions(
+        median(times["twin: ours fp32"]),
+        calibration_s,
+        health.cpu_wait_share(before, health.thread_cpu_times()),
+    )
     fused32, fused16 = median(times["torch fused fp32"]), median(times["torch fused bf16"])
     rows = []
     for mode, case in cases.items():
@@ -115,8 +139,10 @@ def measure(name, layout, repeats):
                 "vs_fused_bf16": seconds / fused16,
                 "vs_twin": seconds / twin_seconds if twin_seconds else None,
                 "twin_s": twin_seconds,
+                "times_s": times[mode],
             }
         )
+        rows[-1]["health"] = health.assess(rows[-1], conditions).to_json()
     return rows
 
 
@@ -125,15 +151,17 @@ def markdown(rows, threads):
         f"Median step times, {threads} threads; each layout's cases interleaved in one run.",
         "",
         "| optimizer | layout | mode | bytes/param | ms "
-        "| × fused fp32 | × fused bf16 | × its twin |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| × fused fp32 | × fused bf16 | × its twin | ! |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         twin_ratio = f"{row['vs_twin']:.2f}" if row["vs_twin"] else "-"
+        verdict = row["health"]
+        mark = "" if verdict["ok"] else "! " + "; ".join(verdict["problems"])
         lines.append(
             f"| {row['optimizer']} | {row['layout']} | {row['mode']} | {row['bytes_per_param']} "
             f"| {row['median_s'] * 1e3:.2f} | {row['vs_fused_fp32']:.2f} "
-            f"| {row['vs_fused_bf16']:.2f} | {twin_ratio} |"
+            f"| {row['vs_fused_bf16']:.2f} | {twin_ratio} | {mark} |"
         )
     return "\n".join(lines) + "\n"
 
