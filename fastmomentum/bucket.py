@@ -191,6 +191,10 @@ class ParamBucket:
         """Parameter ``index``'s step count as torch keeps it: a 0-dim CPU tensor."""
         return self._steps.piece(index, (), ())
 
+    def has_state_at(self, index):
+        """Whether parameter ``index`` has state here (moments, a buffer, a master copy)."""
+        return bool(self.initialized[index] or self.master_ready[index])
+
     def sync_masters(self, rows):
         """Copy into the master copy the parameters of ``rows`` that have none yet, or
         that someone else wrote since our last step (``model.load_state_dict``, an

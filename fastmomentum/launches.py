@@ -29,6 +29,19 @@ from .storage import has_internal_overlap, is_dense, share_elements, span
 #: The state key of a 16-bit parameter's float32 master copy (``master_weights=True``).
 MASTER = "master_param"
 
+#: The `Layout` problem of a parameter cast, moved or reshaped while it had no state.
+REMAKE = "remake"
+
+
+class Remake(Exception):
+    """Raised by `StepPlanner.plan` (before anything changed) when a parameter with a
+    gradient was cast, moved or reshaped since ``bucket`` was made and has no state:
+    torch.optim steps it as it now is, so its group's buckets are made again."""
+
+    def __init__(self, bucket):
+        super().__init__(bucket)
+        self.bucket = bucket
+
 
 class StepPlanner:
     """Plans the steps of one `bucket.ParamBucket`."""
@@ -80,7 +93,11 @@ class StepPlanner:
         problems = [None] * len(tensors)
         for index, tensor in enumerate(tensors):
             expected = (bucket.dtype, bucket.device, bucket.shapes[index])
-            if (tensor.dtype, tensor.device, tensor.shape) != expected:
+            if (tensor.dtype, tensor.device, tensor.shape) != expected and not bucket.has_state_at(
+                index
+            ):
+                problems[index] = REMAKE  # no state to keep: its group's buckets are remade
+            elif (tensor.dtype, tensor.device, tensor.shape) != expected:
                 problems[index] = (
                     f"{bucket.names[index]} changed from {bucket.dtype} "
                     f"{tuple(bucket.shapes[index])} on {bucket.device} to {tensor.dtype} "
@@ -108,6 +125,8 @@ class StepPlanner:
             if grad is None:
                 continue
             if problems is not None and problems[index] is not None:
+                if problems[index] is REMAKE:
+                    raise Remake(bucket)
                 raise RuntimeError(problems[index])
             if grad.layout is not strided:
                 raise TypeError(

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import binding, checkpoint
+from . import binding, checkpoint, launches
 from .bucket import ParamBucket
 from .clipping import clip_grad_norm
 from .storage import is_dtensor, local
@@ -242,7 +242,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         all_settings = [self.settings(group) for group in self.param_groups]
         # Every tensor of every bucket is looked at and checked before any update. (No
         # torch op runs here that autograd could record: no_grad only where one does.)
-        plans = [[_plan(bucket) for bucket in buckets or ()] for buckets in all_buckets]
+        plans = self._plan_all(all_buckets)
         for group, settings, buckets, group_plans in zip(
             self.param_groups, all_settings, all_buckets, plans
         ):
@@ -277,6 +277,19 @@ class FlatOptimizer(torch.optim.Optimizer):
                     bucket.gradients.zero(set_to_none=False)
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def _plan_all(self, all_buckets):
+        """Every bucket's plans; a group with a parameter cast, moved or reshaped before
+        it had state (``model.double()`` after the optimizer was made) is bucketed again
+        first, as torch.optim would simply step it."""
+        for _ in range(len(all_buckets) + 1):
+            try:
+                return [[_plan(bucket) for bucket in buckets or ()] for buckets in all_buckets]
+            except launches.Remake as remake:
+                index = next(i for i, b in enumerate(all_buckets) if remake.bucket in (b or ()))
+                self.buckets[index] = None  # made again, state bound, by `_buckets_now`
+                all_buckets = self._buckets_now(stepping=True)
+        raise RuntimeError("parameters kept changing while their buckets were made")
 
     @torch.no_grad()
     def _unscale_grads(self, grad_scale):

@@ -426,3 +426,43 @@ def test_betas_scheduled_out_of_range_give_torch_fuseds_nan_not_an_exception(bet
         optimizer.param_groups[0]["betas"] = betas
     twins.step(1)
     twins.assert_same()
+
+
+@pytest.mark.parametrize("change", ["double", "bfloat16"])
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_parameter_changed_before_its_first_step_is_stepped_as_it_now_is(
+    name, options, change
+):
+    """``model.double()`` (or a cast, or a new shape) after the optimizer was made and
+    before it stepped: torch.optim steps the parameters as they now are; so do we."""
+    models, optimizers = [], []
+    for library, extra in ((torch.optim, {"foreach": False}), (fastmomentum, {})):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+        optimizers.append(getattr(library, name)(model.parameters(), **options, **extra))
+        model.to(getattr(torch, change))
+        models.append(model)
+    dtype = next(models[0].parameters()).dtype
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        inputs = torch.randn(5, 4, generator=generator).to(dtype)
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(inputs).float().square().sum().backward()
+            optimizer.step()
+    tolerance = TOLERANCE if dtype == torch.float64 else RTOL["float32"]
+    if dtype == torch.bfloat16:
+        tolerance = 2 * torch.finfo(torch.bfloat16).eps  # torch's loop rounds each op
+    for theirs, ours in zip(*(m.parameters() for m in models)):
+        assert ours.dtype == dtype
+        assert_relative_close(ours.detach().float(), theirs.detach().float(), tolerance)
+
+
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_parameter_reshaped_before_its_first_step_is_stepped_as_it_now_is(name, options):
+    twins = Twins(name, options)
+    for _, params in twins.pairs():
+        params[0].data = params[0].data.reshape(3, 5)  # was (5, 3)
+    twins.step()
+    assert twins.ours[0].shape == (3, 5)
+    twins.assert_same()
