@@ -1,6 +1,7 @@
 """``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements, one fused
 launch per bucket."""
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
@@ -96,8 +97,8 @@ class Adam(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return (
-            host_float(group["lr"], "lr"),
-            (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
+            _as_torch_computes(group["lr"], "lr"),
+            (_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),
             host_float(group["eps"], "eps"),
             host_float(group["weight_decay"], "weight_decay"),
             bool(group["decoupled_weight_decay"]),
@@ -136,6 +137,16 @@ class Adam(FlatOptimizer):
                 )
 
         plan.launch(columns, 2, count_step, bucket.kernels.adam, coefficients, amsgrad)
+
+
+def _as_torch_computes(value, name):
+    """A hyperparameter as the step uses it: a float, or for a float32 tensor (lr,
+    betas) a NumPy float32, so that ``1 − β2``, the bias corrections, the step size and
+    AdamW's decay factor round in float32, as torch's step computes them from such a
+    tensor."""
+    if isinstance(value, Tensor) and value.dtype == torch.float32:
+        return np.float32(host_float(value, name))
+    return host_float(value, name)
 
 
 class AdamW(Adam):

@@ -130,9 +130,9 @@ def adam_constant_coefficients(
     return _in_dtype(
         dtype,
         beta1,
-        1.0 - beta1,
+        1.0 - float(beta1),  # torch: in the params' dtype (Python floats: at least as wide)
         beta2,
-        1.0 - beta2,
+        1.0 - beta2,  # a NumPy float32 beta (a float32 tensor in torch) stays float32
         eps,
         grad_factor(maximize, grad_scale),
         0.0 if decoupled else weight_decay,
@@ -167,7 +167,15 @@ def _adam_step_values(step, lr, betas):
         with np.errstate(all="ignore"):
             step_size = np.float64(-lr) / np.float64(bias_correction1)
             return float(step_size), float(np.sqrt(np.float64(bias_correction2)))
-    return -lr / bias_correction1, bias_correction2**0.5  # torch's arithmetic
+    if not isinstance(bias_correction1, np.floating):
+        return -lr / bias_correction1, bias_correction2**0.5  # torch's arithmetic
+    # float32 betas (float32 tensors in torch): its tensor arithmetic, where a Python
+    # number over a tensor is the tensor's reciprocal times the number
+    if isinstance(lr, np.floating):
+        step_size = lr / bias_correction1
+    else:
+        step_size = np.float32(1) / bias_correction1 * lr
+    return -step_size, np.sqrt(bias_correction2)
 
 
 def _in_dtype(dtype, *values):
