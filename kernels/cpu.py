@@ -8,12 +8,13 @@ one huge tensor and many small ones both use every thread. Tables shorter than
 tuple in the arrays' dtype (built by `kernels.hyperparameters`).
 
 Each loop is compiled in variants (`_compiled`): threaded or serial, and with the flags
-that decide whether it stores to an array (``AMSGRAD``; ``CLEAR_GRADS`` and
-``MIRRORED``, the table's ``clear_grads`` and ``mirrored``) as compile-time constants,
-so that LLVM vectorises every variant. Given as runtime values, the flags stay inside
-the loop once 16-bit conversions make it too big to split on them (bfloat16 Adam, 4M
-elements, one thread: 21 ms against 2.5 ms); ``numba.literally`` would fix them too,
-but its re-dispatched loops ran 15× slower.
+that shape its inner loop (``AMSGRAD``, ``NESTEROV``; ``CLEAR_GRADS`` and ``MIRRORED``,
+the table's ``clear_grads`` and ``mirrored``) as compile-time constants, and SGD's
+per-entry first step as one loop per case, so that LLVM vectorises every loop. Given
+as runtime values, such flags stay inside the loop once 16-bit conversions make it too
+big to split on them (one thread, 4M elements, bfloat16 Adam: 21 ms against 2.5 ms; 2
+threads, 16M elements, bfloat16 SGD: 6.9 against 3.5 ms); ``numba.literally`` would fix
+them too, but its re-dispatched loops ran 15× slower.
 
 Every loop compiles with Numba's NumPy error model: a division by zero gives IEEE's
 ±inf or NaN, as torch does, where the default (Python's) model would raise
@@ -43,6 +44,7 @@ RULES_DIGEST = "7fa3a770cb023826"
 CLEAR_GRADS = False
 MIRRORED = False
 AMSGRAD = False
+NESTEROV = False
 
 
 def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, formats):
@@ -59,7 +61,7 @@ def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, for
                 sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS, mirror, MIRRORED)
 
 
-def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, formats, nesterov):
+def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, formats):
     """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
     is 1 on the entry's first step."""
     stored_param, stored_grad, stored_state, stored_mirror = formats
@@ -71,12 +73,18 @@ def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, 
             grad = pointer_to(addresses[entry, 1], stored_grad)
             velocity = pointer_to(addresses[entry, 2], stored_state)
             mirror = pointer_to(addresses[entry, last], stored_mirror)
-            first_step = entry_values[entry, 0] != 0
-            for i in range(begin, end):
-                sgd_momentum_at(
-                    i, param, grad, velocity, coefficients, nesterov, first_step, CLEAR_GRADS,
-                    mirror, MIRRORED,
-                )  # fmt: skip
+            if entry_values[entry, 0] != 0:  # a loop per case keeps each vectorised
+                for i in range(begin, end):
+                    sgd_momentum_at(
+                        i, param, grad, velocity, coefficients, NESTEROV, True, CLEAR_GRADS,
+                        mirror, MIRRORED,
+                    )  # fmt: skip
+            else:
+                for i in range(begin, end):
+                    sgd_momentum_at(
+                        i, param, grad, velocity, coefficients, NESTEROV, False, CLEAR_GRADS,
+                        mirror, MIRRORED,
+                    )  # fmt: skip
 
 
 def _adam(addresses, segments, part_starts, entry_values, coefficients, formats):
@@ -110,19 +118,25 @@ _OPTIONS = {
 }
 
 
+#: The loops' own store flag, a compile-time constant of each variant.
+_FLAG = {_adam: "AMSGRAD", _sgd_momentum: "NESTEROV"}
+
+
 @functools.cache
-def _compiled(loop, threaded, clear_grads, mirrored, amsgrad=False):
+def _compiled(loop, threaded, clear_grads, mirrored, flag=False):
     """``loop`` compiled threaded or not, with its flags as constants, under a cache name
-    of its own (`CLEAR_GRADS`, `MIRRORED`, `AMSGRAD`).
+    of its own (`CLEAR_GRADS`, `MIRRORED`, and `AMSGRAD` or `NESTEROV`).
 
     Serial variants exist because waking the thread pool costs more than short arrays
     take: 64 elements 0.8 µs serial against 4.1 µs parallel, 32k elements 4.4 against
     7.0 µs, 256k 45 against 35 µs.
     """
     name = f"{loop.__name__}_clear{int(clear_grads)}_mirrored{int(mirrored)}"
-    name += f"_amsgrad{int(amsgrad)}" if loop is _adam else ""
+    constants = {"CLEAR_GRADS": clear_grads, "MIRRORED": mirrored}
+    if loop in _FLAG:
+        name += f"_{_FLAG[loop].lower()}{int(flag)}"
+        constants[_FLAG[loop]] = flag
     name += "" if threaded else "_serial"
-    constants = {"CLEAR_GRADS": clear_grads, "MIRRORED": mirrored, "AMSGRAD": amsgrad}
     variant = types.FunctionType(loop.__code__, {**loop.__globals__, **constants}, name)
     variant.__qualname__ = name
     options = {"cache": True, "error_model": "numpy", **_OPTIONS.get(loop, {})}
@@ -151,16 +165,15 @@ def _threads():
     return count if count > 0 else numba.get_num_threads()
 
 
-def _launch(loop, table, coefficients, *flags, amsgrad=False):
+def _launch(loop, table, coefficients, flag=False):
     if table.size == 0:
         return
     threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
-    kernel = _compiled(loop, threaded, table.clear_grads, table.mirrored, amsgrad)
+    kernel = _compiled(loop, threaded, table.clear_grads, table.mirrored, flag)
     segments, part_starts = table.cpu_schedule(_threads() if threaded else 1)
     kernel(
-        table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats,
-        *flags,
-    )  # fmt: skip
+        table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats
+    )
 
 
 def sgd_plain(table, coefficients):
@@ -172,10 +185,10 @@ def sgd_plain(table, coefficients):
 def sgd_momentum(table, coefficients, nesterov):
     """SGD with momentum (`rules.sgd_momentum`) over a (param, grad, momentum_buffer)
     table; coefficients in that rule's order; entry value 1 marks a first step."""
-    _launch(_sgd_momentum, table, coefficients, nesterov)
+    _launch(_sgd_momentum, table, coefficients, bool(nesterov))
 
 
 def adam(table, coefficients, amsgrad):
     """Adam/AdamW (`rules.adam`) over a (param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq) table; the last address is only touched when ``amsgrad``."""
-    _launch(_adam, table, coefficients, amsgrad=bool(amsgrad))
+    _launch(_adam, table, coefficients, bool(amsgrad))
