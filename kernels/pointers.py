@@ -11,7 +11,9 @@ over them as it does loops over arrays (measured: the same time as a flat-array 
 import ctypes
 
 import numpy as np
+from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -38,3 +40,25 @@ def simulated_pointer_to(address, like):
         return np.empty(0, dtype)
     pointer = ctypes.cast(int(address), ctypes.POINTER(np.ctypeslib.as_ctypes_type(dtype)))
     return np.ctypeslib.as_array(pointer, (_SIMULATED_SPAN,))
+
+
+@intrinsic
+def prefetch(typingctx, pointer, index):
+    """Ask the CPU to start loading the cache line of ``pointer[index]`` (``llvm.prefetch``:
+    a read, kept in every cache level); a hint, never a fault, whatever the address."""
+    signature = types.void(pointer, index)
+
+    def codegen(context, builder, signature, args):
+        byte_pointer = ir.IntType(8).as_pointer()
+        function_type = ir.FunctionType(
+            ir.VoidType(), [byte_pointer, ir.IntType(32), ir.IntType(32), ir.IntType(32)]
+        )
+        function = cgutils.get_or_insert_function(
+            builder.module, function_type, "llvm.prefetch.p0i8"
+        )
+        address = builder.bitcast(builder.gep(args[0], [args[1]]), byte_pointer)
+        flags = [ir.Constant(ir.IntType(32), value) for value in (0, 3, 1)]
+        builder.call(function, [address, *flags])
+        return context.get_dummy_value()
+
+    return signature, codegen
