@@ -63,15 +63,13 @@ def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, for
             param = pointer_to(addresses[entry, 0], stored_param)
             grad = pointer_to(addresses[entry, 1], stored_grad)
             mirror = pointer_to(addresses[entry, last], stored_mirror)
-            if PREFETCH:
-                for chunk in range(begin, end, CHUNK):
+            reach = CHUNK if PREFETCH else max(end - begin, 1)  # one chunk unless PREFETCH
+            for chunk in range(begin, end, reach):
+                if PREFETCH:
                     ahead = min(chunk + AHEAD, end - 1)
                     prefetch(param, ahead)
                     prefetch(grad, ahead)
-                    for i in range(chunk, min(chunk + CHUNK, end)):
-                        sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS, mirror, MIRRORED)
-            else:
-                for i in range(begin, end):
+                for i in range(chunk, min(chunk + reach, end)):
                     sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS, mirror, MIRRORED)
 
 
@@ -90,37 +88,26 @@ def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, 
             first_step = entry_values[entry, 0] != 0
             # A loop per first-step case keeps each vectorised. (The loops are written
             # out here: a helper would see this module's constants, not the variant's.)
-            if PREFETCH:
-                for chunk in range(begin, end, CHUNK):
+            reach = CHUNK if PREFETCH else max(end - begin, 1)  # one chunk unless PREFETCH
+            for chunk in range(begin, end, reach):
+                if PREFETCH:
                     ahead = min(chunk + AHEAD, end - 1)
                     prefetch(param, ahead)
                     prefetch(grad, ahead)
                     prefetch(velocity, ahead)
-                    stop = min(chunk + CHUNK, end)
-                    if first_step:
-                        for i in range(chunk, stop):
-                            sgd_momentum_at(
-                                i, param, grad, velocity, coefficients, NESTEROV, True,
-                                CLEAR_GRADS, mirror, MIRRORED,
-                            )  # fmt: skip
-                    else:
-                        for i in range(chunk, stop):
-                            sgd_momentum_at(
-                                i, param, grad, velocity, coefficients, NESTEROV, False,
-                                CLEAR_GRADS, mirror, MIRRORED,
-                            )  # fmt: skip
-            elif first_step:
-                for i in range(begin, end):
-                    sgd_momentum_at(
-                        i, param, grad, velocity, coefficients, NESTEROV, True, CLEAR_GRADS,
-                        mirror, MIRRORED,
-                    )  # fmt: skip
-            else:
-                for i in range(begin, end):
-                    sgd_momentum_at(
-                        i, param, grad, velocity, coefficients, NESTEROV, False, CLEAR_GRADS,
-                        mirror, MIRRORED,
-                    )  # fmt: skip
+                stop = min(chunk + reach, end)
+                if first_step:
+                    for i in range(chunk, stop):
+                        sgd_momentum_at(
+                            i, param, grad, velocity, coefficients, NESTEROV, True,
+                            CLEAR_GRADS, mirror, MIRRORED,
+                        )  # fmt: skip
+                else:
+                    for i in range(chunk, stop):
+                        sgd_momentum_at(
+                            i, param, grad, velocity, coefficients, NESTEROV, False,
+                            CLEAR_GRADS, mirror, MIRRORED,
+                        )  # fmt: skip
 
 
 def _adam(addresses, segments, part_starts, entry_values, coefficients, formats):
@@ -138,20 +125,15 @@ def _adam(addresses, segments, part_starts, entry_values, coefficients, formats)
             max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
             mirror = pointer_to(addresses[entry, last], stored_mirror)
             step = (entry_values[entry, 0], entry_values[entry, 1])
-            if PREFETCH:
-                for chunk in range(begin, end, CHUNK):
+            reach = CHUNK if PREFETCH else max(end - begin, 1)  # one chunk unless PREFETCH
+            for chunk in range(begin, end, reach):
+                if PREFETCH:
                     ahead = min(chunk + AHEAD, end - 1)
                     prefetch(param, ahead)
                     prefetch(grad, ahead)
                     prefetch(exp_avg, ahead)
                     prefetch(exp_avg_sq, ahead)
-                    for i in range(chunk, min(chunk + CHUNK, end)):
-                        adam_at(
-                            i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                            step, AMSGRAD, CLEAR_GRADS, mirror, MIRRORED,
-                        )  # fmt: skip
-            else:
-                for i in range(begin, end):
+                for i in range(chunk, min(chunk + reach, end)):
                     adam_at(
                         i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
                         step, AMSGRAD, CLEAR_GRADS, mirror, MIRRORED,
@@ -182,9 +164,11 @@ def _compiled(loop, threaded, clear_grads, mirrored, flag=False, prefetch_ahead=
     streaming 16-bit arrays from memory, the hardware prefetcher alone left bfloat16 SGD
     on 2^24 elements at 22-29 GB/s (fp32: 53-59); with a software prefetch 2048
     elements ahead per 64-element chunk, 53-63 GB/s (2.65-3.2 against 5.8 ms). For fp32
-    the same made it slower (7.3 against 6.0 ms in a sweep), so it stays off there.
-    The loops read the variant's constants themselves: a helper function would see this
-    module's (the first version chunked nothing that way).
+    it looked slower in separate runs (7.3 against 6.0 ms), which may have been the
+    benchmark's allocation order (see bench/NOTES.md entry 16); it stays off there until
+    measured in one process. Without prefetching a segment is one chunk. The loops read
+    the variant's constants themselves: a helper function would see this module's (the
+    first version chunked nothing that way).
     """
     name = f"{loop.__name__}_clear{int(clear_grads)}_mirrored{int(mirrored)}"
     name += f"_prefetch{int(prefetch_ahead)}"
