@@ -5,6 +5,13 @@ import sys
 import textwrap
 
 
+def assert_prints_ok(script):
+    """Run ``script`` in a fresh interpreter; it must exit cleanly after printing "ok"."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 def test_kernels_import_and_run_without_torch():
     script = textwrap.dedent(
         """
@@ -33,9 +40,7 @@ def test_kernels_import_and_run_without_torch():
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert_prints_ok(script)
 
 
 def test_cuda_arrays_without_numba_cuda_get_an_error_naming_it():
@@ -70,9 +75,7 @@ def test_cuda_arrays_without_numba_cuda_get_an_error_naming_it():
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert_prints_ok(script)
 
 
 def test_without_torch_the_optimizers_name_what_to_install():
@@ -91,9 +94,7 @@ def test_without_torch_the_optimizers_name_what_to_install():
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert_prints_ok(script)
 
 
 def test_public_names_are_visible_to_dir_and_type_checkers():
