@@ -8,6 +8,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import hyperparameters
 
+from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import host_float
 
@@ -30,6 +31,12 @@ class Adam(FlatOptimizer):
     fused launch); ``capturable=True`` and ``differentiable=True`` are rejected.
     ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
     (bfloat16 ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
+
+    ``state_dtype="int8_blockwise"`` (float32, bfloat16 and float16 parameters; not with
+    AMSGrad): the moments are kept in 8 bits per element plus a float32 absmax per
+    block of 256 (`fastmomentum.quantized`), decoded, updated in float32 and encoded
+    again in the same pass; ``state[p]`` holds ``exp_avg_codes``, ``exp_avg_absmax``,
+    ``exp_avg_sq_codes`` and ``exp_avg_sq_absmax`` in place of the moments.
 
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
@@ -65,6 +72,10 @@ class Adam(FlatOptimizer):
             betas = tuple(betas)
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
+        if amsgrad and isinstance(state_dtype, str) and state_dtype == quantized.INT8_BLOCKWISE:
+            raise ValueError(
+                f"amsgrad=True is not implemented with state_dtype={quantized.INT8_BLOCKWISE!r}"
+            )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -83,19 +94,34 @@ class Adam(FlatOptimizer):
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
 
-    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-    #: ``max_exp_avg_sq`` is kept, as torch keeps it, when AMSGrad is switched off, and
-    #: starts at zero for a parameter with state when it is switched on (where torch
-    #: raises KeyError). ``master_param`` (``master_weights=True``) starts as the
-    #: parameter when a checkpoint has none.
-    optional_state_keys = ("max_exp_avg_sq", "master_param")
+    _full_precision_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+
+    @property
+    def state_keys(self):
+        return quantized.STATE_KEYS if self.quantized else self._full_precision_keys
+
+    @property
+    def optional_state_keys(self):
+        """``max_exp_avg_sq`` is kept, as torch keeps it, when AMSGrad is switched off,
+        and starts at zero for a parameter with state when it is switched on (where
+        torch raises KeyError). ``master_param`` (``master_weights=True``) starts as the
+        parameter when a checkpoint has none."""
+        return () if self.quantized else ("max_exp_avg_sq", "master_param")
+
     supports_master_weights = True
+    supports_quantized_state = True
 
     def state_names(self, group):
+        if self.quantized:
+            return quantized.STATE_KEYS
         return self.state_keys[:3] if group["amsgrad"] else self.state_keys[:2]
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
+        if group["amsgrad"] and self.quantized:
+            raise ValueError(
+                f"amsgrad=True is not implemented with state_dtype={quantized.INT8_BLOCKWISE!r}"
+            )
         return (
             _as_torch_computes(group["lr"], "lr"),
             (_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),
@@ -121,7 +147,11 @@ class Adam(FlatOptimizer):
                 dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
             ),
         )
-        columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
+        if bucket.quantized:
+            columns, kernel, flags = quantized.STATE_KEYS, bucket.kernels.adam_blockwise, ()
+        else:
+            columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
+            kernel, flags = bucket.kernels.adam, (amsgrad,)
 
         def count_step(table):  # each parameter's step count, and its bias corrections
             step = bucket.count_steps(table.rows)
@@ -136,7 +166,7 @@ class Adam(FlatOptimizer):
                     dtype, step, lr, betas
                 )
 
-        plan.launch(columns, 2, count_step, bucket.kernels.adam, coefficients, amsgrad)
+        plan.launch(columns, 2, count_step, kernel, coefficients, *flags)
 
 
 def _as_torch_computes(value, name):

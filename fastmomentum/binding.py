@@ -154,7 +154,7 @@ def _read_bucket(optimizer, bucket):
             saved.append(None)
             continue
         for name in present:
-            wrong = mismatch(entry[name], param)
+            wrong = mismatch(entry[name], param, name)
             if wrong is not None:
                 raise RuntimeError(
                     f"state {name!r} of {bucket.names[index]} is {wrong}; the parameter "

@@ -17,6 +17,7 @@ from fastmomentum.kernels import precision
 from .devices import kernels_for
 from .gradients import Gradients
 from .launches import MASTER, StepPlanner
+from .quantized import INT8_BLOCKWISE, allocation_dtype, block_counts, is_absmax
 from .storage import (
     Allocation,
     dense_strides,
@@ -39,8 +40,14 @@ def compute_dtype_and_formats(dtype, state_dtype):
     and state for `kernels.tables.TensorTable` (``None``: all in that dtype).
 
     bfloat16 and float16 compute in float32 with one rounding per stored value, as
-    torch's fused optimizers do (`kernels.precision`).
+    torch's fused optimizers do (`kernels.precision`). Block-wise 8-bit state computes
+    in float32 too; its codes' types are the kernel's own, the state format given is
+    that of its absmax.
     """
+    if state_dtype == INT8_BLOCKWISE:
+        state_dtype = torch.float32
+        if dtype == torch.float32:
+            return np.dtype(np.float32), (np.float32,) * 4
     if dtype not in _CARRIERS and state_dtype == dtype:
         return np.dtype(str(dtype).removeprefix("torch.")), None
     param, state = (_CARRIERS.get(d, _NUMPY.get(d)) for d in (dtype, state_dtype))
@@ -62,7 +69,10 @@ class ParamBucket:
     ``offsets[i]`` is where parameter ``i``'s elements start in every allocation of the
     bucket, laid out with ``strides[i]`` (its strides when the bucket was made, made
     dense). A DTensor parameter (FSDP2) is described, stepped and given state by its
-    local shard; its state is exposed as DTensors placed like the parameter.
+    local shard; its state is exposed as DTensors placed like the parameter. Block-wise
+    8-bit state (``state_dtype="int8_blockwise"``) keeps codes laid out like the
+    parameters and a 1-D absmax allocation, parameter ``i``'s blocks from
+    ``block_offsets[i]`` on.
     """
 
     def __init__(
@@ -82,6 +92,7 @@ class ParamBucket:
         self.device_index = tensors[0].get_device()  # -1 on the CPU
         self.master = master_weights  # a float32 master copy of 16-bit params (MASTER)
         self.state_dtype = torch.float32 if self.master else state_dtype or self.dtype
+        self.quantized = state_dtype == INT8_BLOCKWISE  # block-wise 8-bit moments
         self.dtype_numpy, self.formats = compute_dtype_and_formats(self.dtype, self.state_dtype)
         if self.master:
             self.formats = (np.float32, *self.formats[1:])
@@ -93,6 +104,8 @@ class ParamBucket:
         self.strides = [dense_strides(t) for t in tensors]
         self.offsets = np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64).tolist()
         self.size = self.offsets.pop()
+        self.block_counts, self.block_offsets = block_counts(self.numels)
+        self.blocks = self.block_offsets.pop()
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
         self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
@@ -154,8 +167,16 @@ class ParamBucket:
     def state(self, name):
         """The allocation of state ``name`` (e.g. ``"exp_avg"``), zero-filled when made."""
         if name not in self._state:
-            self._state[name] = Allocation(self.size, self.state_dtype, self.device)
+            size = self.blocks if is_absmax(name) else self.size
+            dtype = allocation_dtype(name, self.state_dtype)
+            self._state[name] = Allocation(size, dtype, self.device)
         return self._state[name]
+
+    def _layout(self, name, index):
+        """Where parameter ``index``'s state ``name`` starts, its shape and its strides."""
+        if is_absmax(name):
+            return self.block_offsets[index], (self.block_counts[index],), (1,)
+        return self.offsets[index], self.shapes[index], self.strides[index]
 
     def has_state(self, name):
         """Whether the bucket keeps state ``name`` (made at a step that used it or a load)."""
@@ -166,11 +187,11 @@ class ParamBucket:
         return tuple(self._state)
 
     def state_address(self, name, index):
-        return self.state(name).address_of(self.offsets[index])
+        return self.state(name).address_of(self._layout(name, index)[0])
 
     def state_piece(self, name, index):
         """Parameter ``index``'s state ``name`` as a tensor (a DTensor for a DTensor)."""
-        piece = self.state(name).piece(self.offsets[index], self.shapes[index], self.strides[index])
+        piece = self.state(name).piece(*self._layout(name, index))
         return placed_like(piece, self.params[index]) if self.distributed else piece
 
     def count_steps(self, rows):
@@ -217,7 +238,7 @@ class ParamBucket:
 
     def state_piece_local(self, name, index):
         """Parameter ``index``'s state ``name`` as a plain tensor (a DTensor's: its shard)."""
-        return self.state(name).piece(self.offsets[index], self.shapes[index], self.strides[index])
+        return self.state(name).piece(*self._layout(name, index))
 
     def load_state_value(self, name, index, value):
         """Copy a loaded state tensor in (for a DTensor parameter: a DTensor placed like

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .quantized import expected_shape, to_full_precision, to_quantized
 from .validation import check_implementation_options
 
 
@@ -57,22 +58,44 @@ def _check_entry(optimizer, param_id, param, entry):
         value = entry.get(name)
         if value is None and name in optimizer.optional_state_keys:
             continue
-        wrong = mismatch(value, param)
+        wrong = mismatch(value, param, name)
         if wrong is not None:
             raise ValueError(
                 f"loaded state {name!r} of parameter id {param_id} has shape {wrong}; "
-                f"the parameter has shape {tuple(param.shape)}"
+                f"expected {expected_shape(name, param)} for a parameter of shape "
+                f"{tuple(param.shape)}"
             )
     if optimizer.counts_steps and "step" not in entry:
         raise ValueError(f"loaded state of parameter id {param_id} has no 'step'")
 
 
-def mismatch(value, param):
-    """What is wrong with a state value for ``param``: the shape (or the value itself,
-    if it is no tensor) when it is not a tensor of the parameter's shape; else ``None``."""
+def mismatch(value, param, name=None):
+    """What is wrong with state ``name`` for ``param``: the shape (or the value itself,
+    if it is no tensor) when it is not a tensor of the shape it must have (the
+    parameter's; an 8-bit state's absmax: its blocks); else ``None``."""
     if not torch.is_tensor(value):
         return repr(value)
-    return None if value.shape == param.shape else tuple(value.shape)
+    return None if tuple(value.shape) == expected_shape(name, param) else tuple(value.shape)
+
+
+def in_state_format(state_dict, params, quantized):
+    """``state_dict`` with its moments in the optimizer's format: quantized block by
+    block for an 8-bit optimizer (``quantized``), decoded to float32 for another
+    (`fastmomentum.quantized`). ``params``: the optimizer's, in param group order."""
+    saved_ids = [param_id for group in state_dict["param_groups"] for param_id in group["params"]]
+    if len(saved_ids) != len(params):
+        return state_dict  # `check_loadable` says what is wrong
+    converted = {}
+    for param_id, param in zip(saved_ids, params):
+        entry = state_dict["state"].get(param_id)
+        if isinstance(entry, Mapping):
+            entry = dict(entry)
+            if quantized:
+                to_quantized(entry, param)
+            else:
+                to_full_precision(entry)
+            converted[param_id] = entry
+    return {**state_dict, "state": {**state_dict["state"], **converted}}
 
 
 def _copy(value):

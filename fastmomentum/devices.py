@@ -41,6 +41,9 @@ class TorchStreamKernels:
     def adam(self, table, coefficients, amsgrad):
         self._cuda.adam(table, coefficients, amsgrad, **self._placement())
 
+    def adam_blockwise(self, table, coefficients):
+        self._cuda.adam_blockwise(table, coefficients, **self._placement())
+
     def _placement(self):
         if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)
             return {}

@@ -1,6 +1,7 @@
 """The torch optimizers (importing this module imports torch)."""
 
 from .adam import Adam, AdamW
+from .quantized import dequantized_state_dict
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "dequantized_state_dict"]

@@ -19,6 +19,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from . import binding, checkpoint, launches
 from .bucket import ParamBucket
 from .clipping import clip_grad_norm
+from .quantized import INT8_BLOCKWISE
 from .storage import is_dtensor, local
 from .validation import (
     check_implementation_options,
@@ -61,6 +62,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError(f"master_weights=True is not implemented for {type(self).__name__}")
         if master_weights and state_dtype is not None:
             raise ValueError("master_weights=True keeps float32 state; leave state_dtype None")
+        if state_dtype == INT8_BLOCKWISE and not self.supports_quantized_state:
+            raise ValueError(
+                f"state_dtype={INT8_BLOCKWISE!r} is implemented for Adam and AdamW, not "
+                f"{type(self).__name__}"
+            )
         self._flat_gradients = flat_gradients
         self._state_dtype = state_dtype
         self._fused_zero_grad = bool(fused_zero_grad)
@@ -74,6 +80,14 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     #: Whether ``master_weights=True`` is implemented (the subclass exposes MASTER).
     supports_master_weights = False
+
+    #: Whether ``state_dtype="int8_blockwise"`` is implemented (`fastmomentum.quantized`).
+    supports_quantized_state = False
+
+    @property
+    def quantized(self):
+        """Whether the moments are block-wise 8-bit (``state_dtype="int8_blockwise"``)."""
+        return self.__dict__.get("_state_dtype") == INT8_BLOCKWISE
 
     #: Every per-parameter state tensor's key, in torch's order.
     state_keys = ()
@@ -360,6 +374,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        params = [param for group in self.param_groups for param in group["params"]]
+        state_dict = checkpoint.in_state_format(state_dict, params, self.quantized)
         checkpoint.check_loadable(self, state_dict)
         before = (self.state, self.param_groups)
         hooks = (
@@ -370,8 +386,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()  # below, once bound
         try:
             super().load_state_dict(state_dict)
-            if self._master_weights:
-                self._restore_float32_state(state_dict)
+            if self._master_weights or self.quantized:
+                self._restore_saved_state(state_dict)
+            for group in self.param_groups:
+                self.settings(group)  # raises for a setting the state cannot go with
             binding.bind_state(self)
         except BaseException:
             self.state, self.param_groups = before
@@ -383,10 +401,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         for hook in post.values():
             hook(self)
 
-    def _restore_float32_state(self, state_dict):
+    def _restore_saved_state(self, state_dict):
         """Put back the state values torch's load cast to the parameters' dtype: with
         master weights the state (and the master copy) of a 16-bit parameter is float32,
-        and rounding it to 16 bits would lose what the master copy is for."""
+        and rounding it to 16 bits would lose what the master copy is for; 8-bit codes
+        and their float32 absmax are not the parameters' dtype either."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for param_id, param in zip(saved_ids, params):

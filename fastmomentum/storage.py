@@ -19,6 +19,8 @@ _NUMPY_DTYPES = {
     torch.float64: np.float64,
     torch.float16: np.float16,
     torch.bfloat16: np.uint16,
+    torch.int8: np.int8,  # block-wise 8-bit state's codes
+    torch.uint8: np.uint8,
 }
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from .devices import cuda_unavailable_reason
+from .quantized import INT8_BLOCKWISE
 from .storage import is_dtensor, local
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -69,26 +70,42 @@ def check_params(params):
             raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
 
 
-#: What ``state_dtype`` may be: the parameters' own dtype (``None``), or bfloat16 state
-#: for float32 parameters (half the state's bytes, computed in float32).
-STATE_DTYPES = (None, torch.bfloat16)
+#: What ``state_dtype`` may be: the parameters' own dtype (``None``), bfloat16 state for
+#: float32 parameters (half the state's bytes, computed in float32), or block-wise 8-bit
+#: moments (`fastmomentum.quantized`; Adam and AdamW).
+STATE_DTYPES = (None, torch.bfloat16, INT8_BLOCKWISE)
+
+#: The parameter dtypes each low-precision state format goes with.
+_STATE_PARAMS = {
+    torch.bfloat16: (torch.float32,),
+    INT8_BLOCKWISE: (torch.float32, torch.bfloat16, torch.float16),
+}
 
 
 def check_state_dtype(state_dtype, params=()):
     """Raise ``ValueError`` for a ``state_dtype`` we do not implement, or for parameters
-    it cannot go with (bfloat16 state is for float32 parameters)."""
-    if state_dtype not in STATE_DTYPES:
+    it cannot go with (bfloat16 state is for float32 parameters; 8-bit state for
+    float32, bfloat16 and float16 parameters that are not DTensors)."""
+    if not any(state_dtype is kind or state_dtype == kind for kind in STATE_DTYPES):
         raise ValueError(
-            f"state_dtype must be None (the parameters' dtype) or torch.bfloat16, "
-            f"got {state_dtype!r}"
+            "state_dtype must be None (the parameters' dtype), torch.bfloat16 or "
+            f"{INT8_BLOCKWISE!r}, got {state_dtype!r}"
         )
     if state_dtype is None:
         return
+    allowed = _STATE_PARAMS[state_dtype]
     for position, param in enumerate(params):
-        if param.dtype != torch.float32:
+        if param.dtype not in allowed:
+            names = ", ".join(str(dtype).removeprefix("torch.") for dtype in allowed)
             raise ValueError(
-                f"parameter {position} is {param.dtype}; state_dtype={state_dtype} is for "
-                "float32 parameters"
+                f"parameter {position} is {param.dtype}; state_dtype={state_dtype!r} is for "
+                f"{names} parameters"
+            )
+        if state_dtype == INT8_BLOCKWISE and is_dtensor(param):
+            raise ValueError(
+                f"parameter {position} is a DTensor; state_dtype={INT8_BLOCKWISE!r} is not "
+                "implemented for DTensor (FSDP2) parameters, whose blocks would follow the "
+                "shards"
             )
 
 

@@ -27,18 +27,30 @@ import os
 import types
 
 import numba
+import numpy as np
 from numba import njit, prange
 from numba.np.ufunc import parallel
 
 from . import config
-from .elements import adam_at, sgd_momentum_at, sgd_plain_at
+from .elements import adam_at, adam_blockwise_at, sgd_momentum_at, sgd_plain_at
 from .pointers import pointer_to, prefetch
+from .quantization import (
+    BLOCK,
+    SIGNED_CODE,
+    UNSIGNED_CODE,
+    encode_signed,
+    encode_unsigned,
+    float_of_bits,
+    inverse,
+    magnitude_bits,
+)
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
-# element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
-# digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
-# change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "91f36d966bbe2f77"
+# element step, the pointer intrinsic, a 16-bit conversion or an 8-bit code it inlines
+# does. This digest of rules.py, elements.py, pointers.py, precision.py and
+# quantization.py makes every edit there change this file too; tests/test_kernels.py
+# fails until it is updated.
+RULES_DIGEST = "93e8d31916834bf0"
 
 #: Compile-time constants of each compiled variant of the loops below (`_compiled`).
 CLEAR_GRADS = False
@@ -140,12 +152,65 @@ def _adam(addresses, segments, part_starts, entry_values, coefficients, formats)
                     )  # fmt: skip
 
 
+#: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
+_SIGNED_CODE, _UNSIGNED_CODE, _ABSMAX = SIGNED_CODE(0), UNSIGNED_CODE(0), np.float32(0)
+
+
+def _adam_blockwise(addresses, segments, part_starts, entry_values, coefficients, formats):
+    """`rules.adam` over (param, grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax,
+    exp_avg_sq absmax): block-wise 8-bit moments (`kernels.quantization`). Segments
+    start at block boundaries, so each block is one thread's, in two passes: the step,
+    keeping the new moments and their largest magnitudes, then their codes on the new
+    absmax."""
+    stored_param, stored_grad, _, _ = formats
+    for part in prange(part_starts.size - 1):
+        moments = np.empty((2, BLOCK), np.float32)  # one block's new exp_avg, exp_avg_sq
+        for segment in range(part_starts[part], part_starts[part + 1]):
+            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+            param = pointer_to(addresses[entry, 0], stored_param)
+            grad = pointer_to(addresses[entry, 1], stored_grad)
+            exp_avg = pointer_to(addresses[entry, 2], _SIGNED_CODE)
+            exp_avg_sq = pointer_to(addresses[entry, 3], _UNSIGNED_CODE)
+            exp_avg_absmax = pointer_to(addresses[entry, 4], _ABSMAX)
+            exp_avg_sq_absmax = pointer_to(addresses[entry, 5], _ABSMAX)
+            step = (entry_values[entry, 0], entry_values[entry, 1])
+            for start in range(begin, end, BLOCK):
+                stop, block = min(start + BLOCK, end), start // BLOCK
+                ahead = min(start + AHEAD, end - 1)
+                for line in range(ahead, min(ahead + BLOCK, end), 16):  # 64-byte lines
+                    prefetch(param, line)
+                    prefetch(grad, line)
+                for line in range(ahead, min(ahead + BLOCK, end), 64):
+                    prefetch(exp_avg, line)
+                    prefetch(exp_avg_sq, line)
+                old_exp_avg_absmax = exp_avg_absmax[block]
+                old_exp_avg_sq_absmax = exp_avg_sq_absmax[block]
+                exp_avg_top, exp_avg_sq_top = np.int32(0), np.int32(0)
+                for i in range(start, stop):
+                    new_exp_avg, new_exp_avg_sq = adam_blockwise_at(
+                        i, param, grad, exp_avg, exp_avg_sq, old_exp_avg_absmax,
+                        old_exp_avg_sq_absmax, coefficients, step, CLEAR_GRADS,
+                    )  # fmt: skip
+                    moments[0, i - start] = new_exp_avg
+                    moments[1, i - start] = new_exp_avg_sq
+                    exp_avg_top = max(exp_avg_top, magnitude_bits(new_exp_avg))
+                    exp_avg_sq_top = max(exp_avg_sq_top, magnitude_bits(new_exp_avg_sq))
+                exp_avg_absmax[block] = float_of_bits(exp_avg_top)
+                exp_avg_sq_absmax[block] = float_of_bits(exp_avg_sq_top)
+                exp_avg_inverse = inverse(exp_avg_absmax[block])
+                exp_avg_sq_inverse = inverse(exp_avg_sq_absmax[block])
+                for i in range(start, stop):
+                    exp_avg[i] = encode_signed(moments[0, i - start], exp_avg_inverse)
+                    exp_avg_sq[i] = encode_unsigned(moments[1, i - start], exp_avg_sq_inverse)
+
+
 _OPTIONS = {
     # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one
     # reciprocal and a multiply (≤1 ulp apart); Adam is compute-bound on division and
     # square root while the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k
     # float32 params.
     _adam: {"fastmath": {"arcp"}},
+    _adam_blockwise: {"fastmath": {"arcp"}},
 }
 
 
@@ -211,17 +276,15 @@ def _sixteen_bits(formats):
     return any(kind.itemsize == 2 for kind in formats)
 
 
-def _launch(loop, table, coefficients, flag=False):
+def _launch(loop, table, coefficients, flag=False, block=1):
     if table.size == 0:
         return
     threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
     kernel = _compiled(
         loop, threaded, table.clear_grads, table.mirrored, flag, _sixteen_bits(table.formats)
     )
-    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1)
-    kernel(
-        table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats
-    )
+    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1, block)
+    kernel(table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats)
 
 
 def sgd_plain(table, coefficients):
@@ -240,3 +303,10 @@ def adam(table, coefficients, amsgrad):
     """Adam/AdamW (`rules.adam`) over a (param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq) table; the last address is only touched when ``amsgrad``."""
     _launch(_adam, table, coefficients, bool(amsgrad))
+
+
+def adam_blockwise(table, coefficients):
+    """Adam/AdamW (`rules.adam`, no AMSGrad) with block-wise 8-bit moments over a (param,
+    grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax, exp_avg_sq absmax) table
+    (`kernels.quantization`); coefficients and entry values as `adam`'s."""
+    _launch(_adam_blockwise, table, coefficients, block=BLOCK)

@@ -11,13 +11,16 @@ needs numba-cuda.
 import contextlib
 import warnings
 
+import numpy as np
 from numba import config as numba_config
-from numba import cuda
+from numba import cuda, float32
 
-from . import config, precision
-from .elements import adam_at, sgd_momentum_at, sgd_plain_at
+from . import config, precision, quantization
+from .elements import adam_at, adam_blockwise_at, sgd_momentum_at, sgd_plain_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
+from .quantization import BLOCK, encode_signed, encode_unsigned, inverse
+from .rules import nan_max
 
 # A small table gets a small grid on purpose; numba-cuda would warn about each launch.
 warnings.filterwarnings(
@@ -25,10 +28,11 @@ warnings.filterwarnings(
 )
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
-# element step, the pointer intrinsic or a 16-bit conversion it inlines does. This
-# digest of rules.py, elements.py, pointers.py and precision.py makes every edit there
-# change this file too; tests/test_kernels.py fails until it is updated.
-RULES_DIGEST = "91f36d966bbe2f77"
+# element step, the pointer intrinsic, a 16-bit conversion or an 8-bit code it inlines
+# does. This digest of rules.py, elements.py, pointers.py, precision.py and
+# quantization.py makes every edit there change this file too; tests/test_kernels.py
+# fails until it is updated.
+RULES_DIGEST = "93e8d31916834bf0"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -37,6 +41,7 @@ if numba_config.ENABLE_CUDASIM:
 else:
     pointer_to = _compiled_pointer_to
     precision.register_cuda()
+    quantization.register_cuda()
 
 
 @cuda.jit(cache=True)
@@ -95,7 +100,59 @@ def _adam(addresses, segments, entry_values, coefficients, formats, clear, mirro
             )  # fmt: skip
 
 
-def _launch(kernel, table, coefficients, flags, stream, device, upload):
+#: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
+_SIGNED_CODE = quantization.SIGNED_CODE(0)
+_UNSIGNED_CODE = quantization.UNSIGNED_CODE(0)
+_ABSMAX = np.float32(0)
+
+
+@cuda.jit(cache=True)
+def _adam_blockwise(addresses, segments, entry_values, coefficients, formats, clear, mirrored):
+    """Block-wise 8-bit Adam (`kernels.cpu._adam_blockwise`): a CUDA block of `BLOCK`
+    threads per block of state, one element each; the block's new absmax is a
+    reduction in shared memory between the step and the codes."""
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    exp_avg_top = cuda.shared.array(BLOCK, float32)
+    exp_avg_sq_top = cuda.shared.array(BLOCK, float32)
+    thread = cuda.threadIdx.x
+    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
+        entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+        param = pointer_to(addresses[entry, 0], stored_param)
+        grad = pointer_to(addresses[entry, 1], stored_grad)
+        exp_avg = pointer_to(addresses[entry, 2], _SIGNED_CODE)
+        exp_avg_sq = pointer_to(addresses[entry, 3], _UNSIGNED_CODE)
+        exp_avg_absmax = pointer_to(addresses[entry, 4], _ABSMAX)
+        exp_avg_sq_absmax = pointer_to(addresses[entry, 5], _ABSMAX)
+        step = (entry_values[entry, 0], entry_values[entry, 1])
+        block, i = begin // BLOCK, begin + thread
+        new_exp_avg, new_exp_avg_sq = _ABSMAX, _ABSMAX
+        if i < end:
+            new_exp_avg, new_exp_avg_sq = adam_blockwise_at(
+                i, param, grad, exp_avg, exp_avg_sq, exp_avg_absmax[block],
+                exp_avg_sq_absmax[block], coefficients, step, clear,
+            )  # fmt: skip
+        exp_avg_top[thread] = abs(new_exp_avg)
+        exp_avg_sq_top[thread] = new_exp_avg_sq
+        cuda.syncthreads()  # every thread has read the old absmax, and written its values
+        width = BLOCK // 2
+        while width > 0:
+            if thread < width:
+                exp_avg_top[thread] = nan_max(exp_avg_top[thread], exp_avg_top[thread + width])
+                exp_avg_sq_top[thread] = nan_max(
+                    exp_avg_sq_top[thread], exp_avg_sq_top[thread + width]
+                )
+            cuda.syncthreads()
+            width //= 2
+        if i < end:
+            exp_avg[i] = encode_signed(new_exp_avg, inverse(exp_avg_top[0]))
+            exp_avg_sq[i] = encode_unsigned(new_exp_avg_sq, inverse(exp_avg_sq_top[0]))
+        if thread == 0:
+            exp_avg_absmax[block] = exp_avg_top[0]
+            exp_avg_sq_absmax[block] = exp_avg_sq_top[0]
+        cuda.syncthreads()  # before the next segment overwrites the shared arrays
+
+
+def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None):
     if table.size == 0:
         return
     with cuda.gpus[device] if device is not None else contextlib.nullcontext():
@@ -104,8 +161,9 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload):
         stream = stream or 0
         if upload is None:
             upload = lambda array: cuda.to_device(array, stream=stream)  # noqa: E731
-        segments = table.cuda_segments(config.cuda_chunk())
+        segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
+        threads = block or threads  # block-wise state: a thread per element of a block
         kernel[blocks, threads, stream](
             upload(table.addresses), upload(segments), upload(table.entry_values),
             coefficients, table.formats, table.clear_grads, table.mirrored, *flags,
@@ -127,3 +185,8 @@ def sgd_momentum(table, coefficients, nesterov, stream=None, device=None, upload
 def adam(table, coefficients, amsgrad, stream=None, device=None, upload=None):
     """`kernels.cpu.adam` on the GPU; the other arguments as `sgd_plain`."""
     _launch(_adam, table, coefficients, (amsgrad,), stream, device, upload)
+
+
+def adam_blockwise(table, coefficients, stream=None, device=None, upload=None):
+    """`kernels.cpu.adam_blockwise` on the GPU; the other arguments as `sgd_plain`."""
+    _launch(_adam_blockwise, table, coefficients, (), stream, device, upload, BLOCK)

@@ -9,13 +9,16 @@ Elements are read as the coefficients' type and written back in their own format
 stored value). With ``clear_grad`` the gradient element is zeroed once read (zero is
 all-zero bits in every format), in the same pass as the update. With ``mirrored`` the
 param array is a float32 master copy and each new value is also stored, rounded, into
-``mirror`` (the 16-bit parameter itself: master weights).
+``mirror`` (the 16-bit parameter itself: master weights). Block-wise 8-bit state
+(`kernels.quantization`) is decoded here and returned, not stored: its codes need the
+new absmax of their whole block.
 """
 
 from numba.extending import register_jitable
 
 from . import rules
 from .precision import load, store
+from .quantization import decode_signed, decode_unsigned
 
 
 @register_jitable
@@ -90,3 +93,30 @@ def adam_at(
         store(max_exp_avg_sq, i, running_max)
     if clear_grad:
         grad[i] = 0
+
+
+@register_jitable
+def adam_blockwise_at(
+    i, param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, coefficients,
+    entry, clear_grad,
+):  # fmt: skip
+    """`adam_at` with 8-bit ``exp_avg`` and ``exp_avg_sq`` codes (`kernels.quantization`)
+    of blocks with these absmax: stores the new param and returns the new
+    ``(exp_avg, exp_avg_sq)`` for the caller to encode."""
+    like = coefficients[0]
+    second_moment = decode_unsigned(exp_avg_sq[i], exp_avg_sq_absmax)
+    new_param, new_exp_avg, new_exp_avg_sq, _ = rules.adam(
+        load(param, i, like),
+        load(grad, i, like),
+        decode_signed(exp_avg[i], exp_avg_absmax),
+        second_moment,
+        second_moment,
+        *coefficients,
+        entry[0],
+        entry[1],
+        False,
+    )
+    store(param, i, new_param)
+    if clear_grad:
+        grad[i] = 0
+    return new_exp_avg, new_exp_avg_sq

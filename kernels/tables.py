@@ -67,13 +67,18 @@ class TensorTable:
     def __len__(self):
         return self.lengths.size
 
-    def cpu_schedule(self, parts):
+    def cpu_schedule(self, parts, block=1):
         """``(segments, part_starts)``: ``parts`` equal element ranges, part ``p`` being
-        ``segments[part_starts[p]:part_starts[p + 1]]``."""
-        key = ("cpu", parts)
+        ``segments[part_starts[p]:part_starts[p + 1]]``. With ``block`` > 1 the ranges
+        are equal in blocks of ``block`` elements counted from each entry's start, and
+        every segment starts at a block boundary (block-wise state: a block is one
+        thread's)."""
+        key = ("cpu", parts, block)
         schedule = self._schedules.get(key)
         if schedule is None:
-            if len(self.lengths) == 1:  # the low-level API's tables, made anew each call
+            if block > 1:
+                schedule = _block_parts(self.lengths, parts, block)
+            elif len(self.lengths) == 1:  # the low-level API's tables, made anew each call
                 schedule = _one_entry_parts(self.size, parts)
             else:
                 schedule = _equal_parts(self.starts, parts)
@@ -119,6 +124,18 @@ def _one_entry_parts(size, parts):
     for low, high in zip(bounds, bounds[1:]):
         part_starts.append(part_starts[-1] + (high > low))
     return np.array(segments, np.int64).reshape(-1, 3), np.array(part_starts, np.int64)
+
+
+def _block_parts(lengths, parts, block):
+    """`_equal_parts` over the entries' blocks, as element segments."""
+    counts = -(-lengths // block)
+    block_starts = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=block_starts[1:])
+    segments, part_starts = _equal_parts(block_starts, parts)
+    segments = segments.copy()
+    segments[:, 1] *= block
+    segments[:, 2] = np.minimum(segments[:, 2] * block, lengths[segments[:, 0]])
+    return segments, part_starts
 
 
 def _chunks(lengths, chunk):

@@ -430,9 +430,7 @@ def test_betas_scheduled_out_of_range_give_torch_fuseds_nan_not_an_exception(bet
 
 @pytest.mark.parametrize("change", ["double", "bfloat16"])
 @pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
-def test_a_parameter_changed_before_its_first_step_is_stepped_as_it_now_is(
-    name, options, change
-):
+def test_a_parameter_changed_before_its_first_step_is_stepped_as_it_now_is(name, options, change):
     """``model.double()`` (or a cast, or a new shape) after the optimizer was made and
     before it stepped: torch.optim steps the parameters as they now are; so do we."""
     models, optimizers = [], []

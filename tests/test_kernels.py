@@ -275,14 +275,15 @@ def test_kernel_modules_carry_the_current_rules_digest():
     import hashlib
     from pathlib import Path
 
-    from fastmomentum.kernels import cpu, elements, pointers, precision, rules
+    from fastmomentum.kernels import cpu, elements, pointers, precision, quantization, rules
 
     digest = hashlib.sha256()
-    for module in (rules, elements, pointers, precision):
+    for module in (rules, elements, pointers, precision, quantization):
         digest.update(Path(module.__file__).read_bytes())
     digest = digest.hexdigest()[:16]
     assert cpu.RULES_DIGEST == digest, (
-        f"rules, elements, pointers or precision changed: set RULES_DIGEST = {digest!r}"
+        "rules, elements, pointers, precision or quantization changed: "
+        f"set RULES_DIGEST = {digest!r}"
     )
     source = Path(cpu.__file__).with_name("cuda.py").read_text()
     assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"

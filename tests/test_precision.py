@@ -600,9 +600,7 @@ def test_low_level_dtype_combinations_we_cannot_step_are_refused_untouched(param
     rng = np.random.default_rng(0)
     params, grads = (rng.standard_normal(16).astype(param) for _ in range(2))
     kinds = {"bfloat16": (ml_dtypes.bfloat16,) * 2, "mixed": (ml_dtypes.bfloat16, np.float32)}
-    moments = [
-        rng.standard_normal(16).astype(kind) for kind in kinds.get(state, (state, state))
-    ]
+    moments = [rng.standard_normal(16).astype(kind) for kind in kinds.get(state, (state, state))]
     before = [array.copy() for array in (params, *moments)]
     with pytest.raises(TypeError, match=message):
         adam_step(params, grads, *moments, step=1, lr=1e-2)
