@@ -8,10 +8,10 @@ the same batches:
   accuracy.
 
 Modes: float32 parameters with float32 state (the reference), with bfloat16 state
-(``state_dtype``), bfloat16 parameters computing in float32 with one rounding per stored
-value (torch's fused arithmetic), and bfloat16 parameters with float32 master weights.
-The model's forward and backward run in its parameters' dtype. 8-bit state is not
-implemented yet.
+(``state_dtype``), with block-wise 8-bit state (``state_dtype="int8_blockwise"``),
+bfloat16 parameters computing in float32 with one rounding per stored value (torch's
+fused arithmetic), and bfloat16 parameters with float32 master weights. The model's
+forward and backward run in its parameters' dtype.
 
     python -m bench.precision [--steps N] [--output DIR]
 
@@ -33,6 +33,7 @@ from . import cli
 MODES = {
     "fp32 params, fp32 state": (torch.float32, {}),
     "fp32 params, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "fp32 params, 8-bit state": (torch.float32, {"state_dtype": "int8_blockwise"}),
     "bf16 params": (torch.bfloat16, {}),
     "bf16 params, fp32 master": (torch.bfloat16, {"master_weights": True}),
 }
@@ -95,11 +96,13 @@ def classifier(dtype, options, steps, lr=3e-3):
 TASKS = {"regression": regression, "classifier": classifier}
 
 
-def study(steps):
-    """Per task and mode, the held-out results, and each loss relative to float32's."""
+def study(steps, modes=None):
+    """Per task and mode, the held-out results, and each loss relative to float32's
+    (``modes``: names of `MODES` to train, float32's first; all by default)."""
+    modes = {name: MODES[name] for name in modes or MODES}
     results = {}
     for task, train in TASKS.items():
-        rows = {mode: train(dtype, options, steps) for mode, (dtype, options) in MODES.items()}
+        rows = {mode: train(dtype, options, steps) for mode, (dtype, options) in modes.items()}
         reference = rows["fp32 params, fp32 state"]["loss"]
         for row in rows.values():
             row["loss_vs_fp32"] = row["loss"] / reference
