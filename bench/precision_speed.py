@@ -33,6 +33,8 @@ MODES = {
     "torch fused bf16": (torch.bfloat16, {"fused": True}, 14, 10),
     "ours fp32": (torch.float32, {}, 28, 20),
     "ours fp32, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}, 20, 16),
+    # codes: 1 byte each read and written; absmax: 16 bytes per 256 parameters, not counted
+    "ours fp32, 8-bit state": (torch.float32, {"state_dtype": "int8_blockwise"}, 16, None),
     "ours bf16": (torch.bfloat16, {}, 14, 10),
     "ours bf16, fp32 master": (torch.bfloat16, {"master_weights": True}, 28, None),
 }
@@ -71,6 +73,8 @@ def twin_case(name, mode, count):
     wide, narrow = np.float32, np.int16  # a 16-bit array is moved as int16
     param = narrow if dtype == torch.bfloat16 else wide
     state = narrow if dtype == torch.bfloat16 or options.get("state_dtype") else wide
+    if options.get("state_dtype") == "int8_blockwise":
+        state = np.int8
     generator = np.random.default_rng(0)
 
     def array(kind):

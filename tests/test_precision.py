@@ -283,15 +283,17 @@ def test_bfloat16_state_follows_float32_arithmetic_rounded_once_per_step():
 
 def test_the_precision_study_keeps_its_stated_tolerances():
     """bench/precision.py, 300 Adam steps (seen: bf16 state +0.1% and +0.7% over
-    float32's held-out loss, bf16 params with a float32 master -0.2% and 0.0%, bf16
-    params alone +12% and +21%). Asserted: bf16 state and master weights within 2% of
-    float32, bf16 params alone within 30%; every classifier above 95% accuracy."""
+    float32's held-out loss, 8-bit state -1.3% and -2.4%, bf16 params with a float32
+    master -0.2% and 0.0%, bf16 params alone +12% and +21%). Asserted: bf16 state and
+    master weights within 2% of float32, 8-bit state within 5%, bf16 params alone within
+    30%; every classifier above 95% accuracy."""
     from bench import precision
 
     results = precision.study(steps=300)
     for task, rows in results.items():
         assert rows["fp32 params, fp32 state"]["loss"] < (0.002 if task == "regression" else 0.1)
         assert abs(rows["fp32 params, bf16 state"]["loss_vs_fp32"] - 1) <= 0.02, task
+        assert abs(rows["fp32 params, 8-bit state"]["loss_vs_fp32"] - 1) <= 0.05, task
         assert abs(rows["bf16 params, fp32 master"]["loss_vs_fp32"] - 1) <= 0.02, task
         assert abs(rows["bf16 params"]["loss_vs_fp32"] - 1) <= 0.30, task
         for row in rows.values():

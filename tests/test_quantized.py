@@ -363,19 +363,6 @@ def test_8bit_checkpoints_convert_both_ways_and_torch_loads_them_decoded():
         _run(target, params, seed=3, steps=1)  # and steps on
 
 
-def test_the_8bit_state_is_within_a_few_percent_of_float32_training():
-    """The precision study's 8-bit rows (seen: 0.987 and 0.976 of float32's held-out
-    loss): asserted within 5%; see test_precision for the other modes."""
-    from bench import precision
-
-    results = precision.study(
-        steps=300, modes=["fp32 params, fp32 state", "fp32 params, 8-bit state"]
-    )
-    for task, rows in results.items():
-        assert abs(rows["fp32 params, 8-bit state"]["loss_vs_fp32"] - 1) <= 0.05, task
-        assert rows["fp32 params, 8-bit state"].get("accuracy", 1.0) > 0.95
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
