@@ -34,7 +34,7 @@ MODES = {
     "ours fp32": (torch.float32, {}, 28, 20),
     "ours fp32, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}, 20, 16),
     # codes: 1 byte each read and written; absmax: 16 bytes per 256 parameters, not counted
-    "ours fp32, 8-bit state": (torch.float32, {"state_dtype": "int8_blockwise"}, 16, None),
+    "ours fp32, 8-bit state": (torch.float32, {"state_dtype": "int8_blockwise"}, 16, 14),
     "ours bf16": (torch.bfloat16, {}, 14, 10),
     "ours bf16, fp32 master": (torch.bfloat16, {"master_weights": True}, 28, None),
 }

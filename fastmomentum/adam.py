@@ -64,7 +64,7 @@ class Adam(FlatOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         flat_gradients: bool = False,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
     ) -> None:
@@ -202,7 +202,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         flat_gradients: bool = False,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
     ) -> None:

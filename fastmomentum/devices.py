@@ -41,6 +41,9 @@ class TorchStreamKernels:
     def adam(self, table, coefficients, amsgrad):
         self._cuda.adam(table, coefficients, amsgrad, **self._placement())
 
+    def sgd_momentum_blockwise(self, table, coefficients, nesterov):
+        self._cuda.sgd_momentum_blockwise(table, coefficients, nesterov, **self._placement())
+
     def adam_blockwise(self, table, coefficients):
         self._cuda.adam_blockwise(table, coefficients, **self._placement())
 

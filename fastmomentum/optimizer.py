@@ -64,8 +64,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError("master_weights=True keeps float32 state; leave state_dtype None")
         if state_dtype == INT8_BLOCKWISE and not self.supports_quantized_state:
             raise ValueError(
-                f"state_dtype={INT8_BLOCKWISE!r} is implemented for Adam and AdamW, not "
-                f"{type(self).__name__}"
+                f"state_dtype={INT8_BLOCKWISE!r} is implemented for SGD, Adam and AdamW, "
+                f"not {type(self).__name__}"
             )
         self._flat_gradients = flat_gradients
         self._state_dtype = state_dtype

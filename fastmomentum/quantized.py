@@ -1,13 +1,15 @@
 """Block-wise 8-bit optimizer state (``state_dtype="int8_blockwise"``), as torch tensors.
 
-Adam's moments are kept as codes and per-block absmax (`kernels.quantization`):
-``state[p]`` holds ``exp_avg_codes`` (int8) and ``exp_avg_sq_codes`` (uint8), laid
-out like the parameter, and ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32,
-one value per block of 256 elements in the parameter's memory order). A state dict
-keeps them as they are, so it round-trips exactly. Between the formats:
+Adam's moments and SGD's momentum buffer are kept as codes and per-block absmax
+(`kernels.quantization`): ``state[p]`` holds, for each of them (``exp_avg``,
+``exp_avg_sq``, ``momentum_buffer``), ``<name>_codes`` (uint8 for ``exp_avg_sq``,
+int8 otherwise) laid out like the parameter, and ``<name>_absmax`` (float32, one value
+per block of 256 elements in the parameter's memory order). A state dict keeps them as
+they are, so it round-trips exactly. Between the formats:
 
-- loading a full-precision checkpoint (``exp_avg``, ``exp_avg_sq``) into an 8-bit
-  optimizer quantizes each moment block by block, exactly as a step stores it;
+- loading a full-precision checkpoint (``exp_avg`` and ``exp_avg_sq``, or
+  ``momentum_buffer``) into an 8-bit optimizer quantizes each block by block, exactly
+  as a step stores it;
 - loading an 8-bit checkpoint into a full-precision optimizer (ours) decodes the codes
   to float32, then rounds them to the state's dtype;
 - `dequantized_state_dict` gives a torch.optim-loadable state dict of an 8-bit one.
@@ -23,17 +25,24 @@ from .storage import dense_strides, is_dense
 #: The ``state_dtype`` of block-wise 8-bit state.
 INT8_BLOCKWISE = "int8_blockwise"
 
-#: Per full-precision moment: its codes' key, its absmax's key, and whether it is signed.
+#: Per full-precision state tensor: its codes' key, its absmax's key, and whether it is
+#: signed.
 MOMENTS = {
     "exp_avg": ("exp_avg_codes", "exp_avg_absmax", True),
     "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_absmax", False),
+    "momentum_buffer": ("momentum_buffer_codes", "momentum_buffer_absmax", True),
 }
 
-#: The state keys of an 8-bit Adam, in the kernel's order of codes, then absmax.
+#: The state keys of an 8-bit Adam, in its kernel's order: codes, then absmax.
 STATE_KEYS = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax")
 
-_CODE_DTYPES = {"exp_avg_codes": torch.int8, "exp_avg_sq_codes": torch.uint8}
-_ABSMAX_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
+#: The state keys of an 8-bit SGD with momentum, in its kernel's order.
+SGD_STATE_KEYS = ("momentum_buffer_codes", "momentum_buffer_absmax")
+
+_CODE_DTYPES = {
+    codes: torch.int8 if signed else torch.uint8 for codes, _, signed in MOMENTS.values()
+}
+_ABSMAX_KEYS = tuple(absmax for _, absmax, _ in MOMENTS.values())
 
 
 def is_absmax(name):
@@ -86,39 +95,45 @@ def dequantize_moment(codes, absmax):
 
 
 def to_quantized(entry, param):
-    """Replace an entry's full-precision moments by codes and absmax (in place)."""
-    if not all(torch.is_tensor(entry.get(name)) for name in MOMENTS):
-        return
-    if any(key in entry for key in STATE_KEYS):
-        return
-    for name in MOMENTS:
+    """Replace an entry's full-precision state tensors by codes and absmax (in place);
+    Adam's moments only as a pair, which drops ``max_exp_avg_sq`` (no 8-bit AMSGrad)."""
+    names = [
+        name
+        for name, (codes, _, _) in MOMENTS.items()
+        if torch.is_tensor(entry.get(name)) and codes not in entry
+    ]
+    if ("exp_avg" in names) != ("exp_avg_sq" in names):
+        return  # half a pair: left for the checks to report
+    for name in names:
         if entry[name].shape != param.shape:
             raise ValueError(
                 f"loaded state {name!r} has shape {tuple(entry[name].shape)}; the parameter "
                 f"has shape {tuple(param.shape)}"
             )
     strides = dense_strides(param)
-    for name, (codes_key, absmax_key, signed) in MOMENTS.items():
+    for name in names:
+        codes_key, absmax_key, signed = MOMENTS[name]
         codes, absmax = quantize_moment(entry.pop(name), strides, signed)
         entry[codes_key], entry[absmax_key] = codes.to(param.device), absmax.to(param.device)
-    entry.pop("max_exp_avg_sq", None)
+    if "exp_avg" in names:
+        entry.pop("max_exp_avg_sq", None)
 
 
 def to_full_precision(entry, dtype=torch.float32):
-    """Replace an entry's codes and absmax by full-precision moments of ``dtype``."""
-    if not all(torch.is_tensor(entry.get(key)) for key in STATE_KEYS):
-        return
-    if any(name in entry for name in MOMENTS):
-        return
+    """Replace an entry's codes and absmax by full-precision state tensors of ``dtype``."""
     for name, (codes_key, absmax_key, _) in MOMENTS.items():
-        codes, absmax = entry.pop(codes_key), entry.pop(absmax_key)
+        codes, absmax = entry.get(codes_key), entry.get(absmax_key)
+        if not (torch.is_tensor(codes) and torch.is_tensor(absmax)) or name in entry:
+            continue
+        del entry[codes_key], entry[absmax_key]
         entry[name] = dequantize_moment(codes, absmax).to(device=codes.device, dtype=dtype)
 
 
 def dequantized_state_dict(state_dict):
     """A copy of an ``int8_blockwise`` optimizer's ``state_dict`` with float32
-    ``exp_avg`` and ``exp_avg_sq`` in place of codes and absmax: what
-    ``torch.optim.Adam`` (or a full-precision fastmomentum optimizer) loads.
+    ``exp_avg`` and ``exp_avg_sq`` (or ``momentum_buffer``) in place of codes and
+    absmax: what ``torch.optim.Adam`` (``SGD``) or a full-precision fastmomentum
+    optimizer loads.
 
     Example::
 

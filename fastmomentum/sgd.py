@@ -8,6 +8,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import hyperparameters
 
+from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import host_float
 
@@ -38,6 +39,9 @@ class SGD(FlatOptimizer):
 
     ``state_dtype=torch.bfloat16`` (float32 parameters only) keeps the momentum buffer in
     bfloat16, computed in float32 and rounded once per step: half the state's bytes.
+    ``state_dtype="int8_blockwise"`` keeps it in 8 bits per element plus a float32
+    absmax per block of 256 (`fastmomentum.quantized`; ``state[p]`` holds
+    ``momentum_buffer_codes`` and ``momentum_buffer_absmax``).
 
     ``fused_zero_grad=True``: each step zeroes the gradients it reads, in the same pass
     (what ``zero_grad(set_to_none=False)`` right after the step does, without its pass);
@@ -65,7 +69,7 @@ class SGD(FlatOptimizer):
         fused: bool | None = None,
         momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
         flat_gradients: bool = False,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
     ) -> None:
@@ -86,13 +90,22 @@ class SGD(FlatOptimizer):
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
 
-    state_keys = ("momentum_buffer", "master_param")
-    #: ``master_param``: the float32 copy of a 16-bit parameter (``master_weights``).
-    optional_state_keys = ("master_param",)
+    _full_precision_keys = ("momentum_buffer", "master_param")
+
+    @property
+    def state_keys(self):
+        return quantized.SGD_STATE_KEYS if self.quantized else self._full_precision_keys
+
+    @property
+    def optional_state_keys(self):
+        """``master_param``: the float32 copy of a 16-bit parameter (``master_weights``)."""
+        return () if self.quantized else ("master_param",)
+
     supports_master_weights = True
+    supports_quantized_state = True
 
     def state_names(self, group):
-        return self.state_keys[:1]
+        return self.state_keys if self.quantized else self.state_keys[:1]
 
     def settings(self, group):
         convention = group["momentum_convention"]
@@ -153,7 +166,8 @@ class SGD(FlatOptimizer):
                 table.entry_values[:] = 0
                 table.note = "no first steps"
 
-        columns = ("momentum_buffer",)
-        plan.launch(
-            columns, 1, mark_first_steps, bucket.kernels.sgd_momentum, coefficients, nesterov
-        )
+        if bucket.quantized:
+            columns, kernel = quantized.SGD_STATE_KEYS, bucket.kernels.sgd_momentum_blockwise
+        else:
+            columns, kernel = ("momentum_buffer",), bucket.kernels.sgd_momentum
+        plan.launch(columns, 1, mark_first_steps, kernel, coefficients, nesterov)

@@ -32,7 +32,13 @@ from numba import njit, prange
 from numba.np.ufunc import parallel
 
 from . import config
-from .elements import adam_at, adam_blockwise_at, sgd_momentum_at, sgd_plain_at
+from .elements import (
+    adam_at,
+    adam_blockwise_at,
+    sgd_momentum_at,
+    sgd_momentum_blockwise_at,
+    sgd_plain_at,
+)
 from .pointers import pointer_to, prefetch
 from .quantization import (
     BLOCK,
@@ -50,7 +56,7 @@ from .quantization import (
 # does. This digest of rules.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "93e8d31916834bf0"
+RULES_DIGEST = "a6cf1461de9a4aca"
 
 #: Compile-time constants of each compiled variant of the loops below (`_compiled`).
 CLEAR_GRADS = False
@@ -204,6 +210,52 @@ def _adam_blockwise(addresses, segments, part_starts, entry_values, coefficients
                     exp_avg_sq[i] = encode_unsigned(moments[1, i - start], exp_avg_sq_inverse)
 
 
+def _sgd_momentum_blockwise(addresses, segments, part_starts, entry_values, coefficients, formats):
+    """`rules.sgd_momentum` over (param, grad, momentum_buffer codes, their absmax): an
+    8-bit buffer (`kernels.quantization`), each block in two passes as in
+    `_adam_blockwise`; ``entry_values[e, 0]`` is 1 on the entry's first step."""
+    stored_param, stored_grad, _, _ = formats
+    for part in prange(part_starts.size - 1):
+        velocities = np.empty(BLOCK, np.float32)  # one block's new momentum buffer
+        for segment in range(part_starts[part], part_starts[part + 1]):
+            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+            param = pointer_to(addresses[entry, 0], stored_param)
+            grad = pointer_to(addresses[entry, 1], stored_grad)
+            velocity = pointer_to(addresses[entry, 2], _SIGNED_CODE)
+            velocity_absmax = pointer_to(addresses[entry, 3], _ABSMAX)
+            first_step = entry_values[entry, 0] != 0
+            for start in range(begin, end, BLOCK):
+                stop, block = min(start + BLOCK, end), start // BLOCK
+                ahead = min(start + AHEAD, end - 1)
+                for line in range(ahead, min(ahead + BLOCK, end), 16):  # 64-byte lines
+                    prefetch(param, line)
+                    prefetch(grad, line)
+                for line in range(ahead, min(ahead + BLOCK, end), 64):
+                    prefetch(velocity, line)
+                old_absmax = velocity_absmax[block]
+                top = np.int32(0)
+                if first_step:  # a loop per case keeps each vectorised
+                    for i in range(start, stop):
+                        new_velocity = sgd_momentum_blockwise_at(
+                            i, param, grad, velocity, old_absmax, coefficients, NESTEROV, True,
+                            CLEAR_GRADS,
+                        )  # fmt: skip
+                        velocities[i - start] = new_velocity
+                        top = max(top, magnitude_bits(new_velocity))
+                else:
+                    for i in range(start, stop):
+                        new_velocity = sgd_momentum_blockwise_at(
+                            i, param, grad, velocity, old_absmax, coefficients, NESTEROV, False,
+                            CLEAR_GRADS,
+                        )  # fmt: skip
+                        velocities[i - start] = new_velocity
+                        top = max(top, magnitude_bits(new_velocity))
+                velocity_absmax[block] = float_of_bits(top)
+                scale = inverse(velocity_absmax[block])
+                for i in range(start, stop):
+                    velocity[i] = encode_signed(velocities[i - start], scale)
+
+
 _OPTIONS = {
     # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one
     # reciprocal and a multiply (≤1 ulp apart); Adam is compute-bound on division and
@@ -215,7 +267,7 @@ _OPTIONS = {
 
 
 #: The loops' own store flag, a compile-time constant of each variant.
-_FLAG = {_adam: "AMSGRAD", _sgd_momentum: "NESTEROV"}
+_FLAG = {_adam: "AMSGRAD", _sgd_momentum: "NESTEROV", _sgd_momentum_blockwise: "NESTEROV"}
 
 
 @functools.cache
@@ -310,3 +362,10 @@ def adam_blockwise(table, coefficients):
     grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax, exp_avg_sq absmax) table
     (`kernels.quantization`); coefficients and entry values as `adam`'s."""
     _launch(_adam_blockwise, table, coefficients, block=BLOCK)
+
+
+def sgd_momentum_blockwise(table, coefficients, nesterov):
+    """SGD with momentum (`rules.sgd_momentum`) and an 8-bit momentum buffer over a
+    (param, grad, momentum_buffer codes, momentum_buffer absmax) table; coefficients and
+    entry values as `sgd_momentum`'s."""
+    _launch(_sgd_momentum_blockwise, table, coefficients, bool(nesterov), BLOCK)

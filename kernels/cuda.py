@@ -16,7 +16,13 @@ from numba import config as numba_config
 from numba import cuda, float32
 
 from . import config, precision, quantization
-from .elements import adam_at, adam_blockwise_at, sgd_momentum_at, sgd_plain_at
+from .elements import (
+    adam_at,
+    adam_blockwise_at,
+    sgd_momentum_at,
+    sgd_momentum_blockwise_at,
+    sgd_plain_at,
+)
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
 from .quantization import BLOCK, encode_signed, encode_unsigned, inverse
@@ -32,7 +38,7 @@ warnings.filterwarnings(
 # does. This digest of rules.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "93e8d31916834bf0"
+RULES_DIGEST = "a6cf1461de9a4aca"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -152,6 +158,44 @@ def _adam_blockwise(addresses, segments, entry_values, coefficients, formats, cl
         cuda.syncthreads()  # before the next segment overwrites the shared arrays
 
 
+@cuda.jit(cache=True)
+def _sgd_momentum_blockwise(
+    addresses, segments, entry_values, coefficients, formats, clear, mirrored, nesterov
+):
+    """SGD momentum with an 8-bit buffer, a CUDA block per block of state, as
+    `_adam_blockwise`."""
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    top = cuda.shared.array(BLOCK, float32)
+    thread = cuda.threadIdx.x
+    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
+        entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+        param = pointer_to(addresses[entry, 0], stored_param)
+        grad = pointer_to(addresses[entry, 1], stored_grad)
+        velocity = pointer_to(addresses[entry, 2], _SIGNED_CODE)
+        velocity_absmax = pointer_to(addresses[entry, 3], _ABSMAX)
+        first_step = entry_values[entry, 0] != 0
+        block, i = begin // BLOCK, begin + thread
+        new_velocity = _ABSMAX
+        if i < end:
+            new_velocity = sgd_momentum_blockwise_at(
+                i, param, grad, velocity, velocity_absmax[block], coefficients, nesterov,
+                first_step, clear,
+            )  # fmt: skip
+        top[thread] = abs(new_velocity)
+        cuda.syncthreads()
+        width = BLOCK // 2
+        while width > 0:
+            if thread < width:
+                top[thread] = nan_max(top[thread], top[thread + width])
+            cuda.syncthreads()
+            width //= 2
+        if i < end:
+            velocity[i] = encode_signed(new_velocity, inverse(top[0]))
+        if thread == 0:
+            velocity_absmax[block] = top[0]
+        cuda.syncthreads()
+
+
 def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None):
     if table.size == 0:
         return
@@ -190,3 +234,10 @@ def adam(table, coefficients, amsgrad, stream=None, device=None, upload=None):
 def adam_blockwise(table, coefficients, stream=None, device=None, upload=None):
     """`kernels.cpu.adam_blockwise` on the GPU; the other arguments as `sgd_plain`."""
     _launch(_adam_blockwise, table, coefficients, (), stream, device, upload, BLOCK)
+
+
+def sgd_momentum_blockwise(table, coefficients, nesterov, stream=None, device=None, upload=None):
+    """`kernels.cpu.sgd_momentum_blockwise` on the GPU; the other arguments as `sgd_plain`."""
+    _launch(
+        _sgd_momentum_blockwise, table, coefficients, (nesterov,), stream, device, upload, BLOCK
+    )

@@ -120,3 +120,25 @@ def adam_blockwise_at(
     if clear_grad:
         grad[i] = 0
     return new_exp_avg, new_exp_avg_sq
+
+
+@register_jitable
+def sgd_momentum_blockwise_at(
+    i, param, grad, velocity, velocity_absmax, coefficients, nesterov, first_step, clear_grad
+):
+    """`sgd_momentum_at` with an 8-bit momentum buffer (`kernels.quantization`) of a
+    block with this absmax: stores the new param and returns the new buffer value for
+    the caller to encode."""
+    like = coefficients[0]
+    new_param, new_velocity = rules.sgd_momentum(
+        load(param, i, like),
+        load(grad, i, like),
+        decode_signed(velocity[i], velocity_absmax),
+        *coefficients,
+        nesterov,
+        first_step,
+    )
+    store(param, i, new_param)
+    if clear_grad:
+        grad[i] = 0
+    return new_velocity

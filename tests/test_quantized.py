@@ -343,7 +343,8 @@ def test_8bit_checkpoints_convert_both_ways_and_torch_loads_them_decoded():
     low = fastmomentum.Adam(params, lr=1e-2, state_dtype="int8_blockwise")
     low.load_state_dict(full.state_dict())
     for param in params:
-        for moment, (codes, absmax, signed) in quantized.MOMENTS.items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            codes, absmax, signed = quantized.MOMENTS[moment]
             wanted = quantized.quantize_moment(full.state[param][moment], param.stride(), signed)
             assert torch.equal(low.state[param][codes], wanted[0])
             assert torch.equal(low.state[param][absmax], wanted[1])
@@ -356,7 +357,8 @@ def test_8bit_checkpoints_convert_both_ways_and_torch_loads_them_decoded():
         target.load_state_dict(decoded if isinstance(target, torch.optim.Adam) else saved)
         for param in params:
             state = low.state[param]
-            for moment, (codes, absmax, _) in quantized.MOMENTS.items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                codes, absmax, _ = quantized.MOMENTS[moment]
                 wanted = quantized.dequantize_moment(state[codes], state[absmax])
                 assert torch.equal(target.state[param][moment], wanted)
                 assert target.state[param][moment].stride() == param.stride()
@@ -367,8 +369,6 @@ def test_8bit_checkpoints_convert_both_ways_and_torch_loads_them_decoded():
     ("make", "message"),
     [
         (lambda p: fastmomentum.Adam(p, amsgrad=True, state_dtype="int8_blockwise"), "amsgrad"),
-        (lambda p: fastmomentum.SGD(p, lr=0.1, momentum=0.9, state_dtype="int8_blockwise"),
-         "implemented for Adam and AdamW, not SGD"),
         (lambda p: fastmomentum.Adam([torch.zeros(3, dtype=torch.float64, requires_grad=True)],
                                      state_dtype="int8_blockwise"),
          "is for float32, bfloat16, float16 parameters"),
@@ -376,7 +376,7 @@ def test_8bit_checkpoints_convert_both_ways_and_torch_loads_them_decoded():
          "master_weights"),
         (lambda p: fastmomentum.Adam(p, state_dtype="int4"), "state_dtype must be None"),
     ],
-    ids=["amsgrad", "sgd", "float64", "master", "int4"],
+    ids=["amsgrad", "float64", "master", "int4"],
 )  # fmt: skip
 def test_what_8bit_state_cannot_do_is_refused_before_anything_moves(make, message):
     params = [torch.randn(5, 3).requires_grad_()]
@@ -406,20 +406,163 @@ def test_amsgrad_switched_on_later_is_refused_before_the_step_moves_anything():
 
 
 @pytest.mark.cudasim
-def test_the_torch_optimizer_steps_8bit_state_with_the_cuda_kernel(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("AdamW", {"lr": 1e-2}), ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True})],
+    ids=["adamw", "sgd"],
+)
+def test_the_torch_optimizers_step_8bit_state_with_the_cuda_kernels(name, options, monkeypatch):
     results = []
     for force_cuda in (False, True):
         monkeypatch.setattr(config, "FORCE_CUDA", force_cuda)
         params = [p.detach()[:2].clone().requires_grad_() for p in _params()[:2]]
-        optimizer = fastmomentum.AdamW(params, lr=1e-2, state_dtype="int8_blockwise")
+        optimizer = getattr(fastmomentum, name)(params, state_dtype="int8_blockwise", **options)
         _run(optimizer, params, seed=1, steps=2)
         results.append((params, [optimizer.state[p] for p in params]))
     for param_cpu, param_cuda in zip(results[0][0], results[1][0]):
         torch.testing.assert_close(param_cuda, param_cpu, rtol=1e-6, atol=1e-7)
     for state_cpu, state_cuda in zip(results[0][1], results[1][1]):
-        for key in quantized.STATE_KEYS:
-            got, want = state_cuda[key].numpy(), state_cpu[key].numpy()
+        for key, value in state_cpu.items():
+            got, want = state_cuda[key].numpy(), value.numpy()
             if got.dtype == np.float32:
                 np.testing.assert_allclose(got, want, rtol=1e-6)
             else:
                 _assert_codes_agree(got.reshape(-1), want.reshape(-1))
+
+
+# --- SGD with an 8-bit momentum buffer ---------------------------------------------------
+
+
+def _reference_sgd_step(param, grad, codes, first, lr, momentum, dampening, weight_decay,
+                        nesterov, maximize, convention):  # fmt: skip
+    """One SGD-momentum step in NumPy float32, in `rules.sgd_momentum`'s order, from the
+    decoded buffer; returns the new param and the buffer's new (codes, absmax)."""
+    mu, kept, factor, l2, velocity_scale, update_scale = hyperparameters.sgd_momentum_coefficients(
+        np.dtype(np.float32), lr, momentum, dampening, weight_decay, maximize, convention
+    )
+    direction = factor * grad
+    if l2 != 0:
+        direction = direction + l2 * param
+    direction = velocity_scale * direction
+    if first:
+        velocity = direction
+    else:
+        velocity = mu * quantization.dequantize(*codes) + kept * direction
+    step = direction + mu * velocity if nesterov else velocity
+    return param - update_scale * step, quantization.quantize(velocity, True)
+
+
+SGD_OPTIONS = [
+    {"lr": 0.05, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.01, "nesterov": True,
+     "maximize": False, "convention": "pytorch"},
+    {"lr": 0.02, "momentum": 0.8, "dampening": 0.1, "weight_decay": 0.0, "nesterov": False,
+     "maximize": True, "convention": "lr_folded"},
+]  # fmt: skip
+
+
+def _sgd_launch(kernels, params, grads, states, first, options):
+    table = TensorTable([p.size for p in params], 4, np.float32, 1)
+    for row, (param, grad, state) in enumerate(zip(params, grads, states)):
+        table.addresses[row] = [p.ctypes.data for p in (param, grad, *state)]
+    table.entry_values[:, 0] = first
+    coefficients = hyperparameters.sgd_momentum_coefficients(
+        np.dtype(np.float32), options["lr"], options["momentum"], options["dampening"],
+        options["weight_decay"], options["maximize"], options["convention"],
+    )  # fmt: skip
+    kernels.sgd_momentum_blockwise(table, coefficients, options["nesterov"])
+
+
+@pytest.mark.parametrize("threading", ["serial", "threaded"])
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=["nesterov-l2", "dampened-lr-folded"])
+def test_the_cpu_sgd_loop_steps_as_the_float32_reference(options, threading, monkeypatch):
+    monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 62 if threading == "serial" else 0)
+    sizes = [1000, BLOCK, 3, 0, 5 * BLOCK + 1]
+    params = [_awkward(n, seed=30 + n) for n in sizes]
+    states = [_empty_state(n)[:2] for n in sizes]
+    rng = np.random.default_rng(6)
+    for step in range(1, 6):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        expected = [
+            _reference_sgd_step(p.copy(), g, s, step == 1, **options)
+            for p, g, s in zip(params, grads, states)
+        ]
+        _sgd_launch(cpu, params, grads, states, step == 1, options)
+        for param, state, (wanted, wanted_state) in zip(params, states, expected):
+            np.testing.assert_allclose(param, wanted, rtol=1e-6, atol=1e-7)
+            _assert_codes_agree(state[0], wanted_state[0])
+            np.testing.assert_allclose(state[1], wanted_state[1], rtol=1e-6)
+
+
+@pytest.mark.cudasim
+def test_the_cuda_sgd_kernel_steps_as_the_cpu_loop():
+    sizes = [300, 5]
+    start = [_awkward(n, seed=40 + n) for n in sizes]
+    runs = []
+    for target in (cpu, cuda_kernels()):
+        params, states = [p.copy() for p in start], [_empty_state(n)[:2] for n in sizes]
+        rng = np.random.default_rng(7)
+        for step in (1, 2):
+            grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+            _sgd_launch(target, params, grads, states, step == 1, SGD_OPTIONS[0])
+        runs.append((params, states))
+    for (param_cpu, state_cpu), (param_cuda, state_cuda) in zip(zip(*runs[0]), zip(*runs[1])):
+        np.testing.assert_allclose(param_cuda, param_cpu, rtol=1e-6, atol=1e-7)
+        _assert_codes_agree(state_cuda[0], state_cpu[0])
+        np.testing.assert_allclose(state_cuda[1], state_cpu[1], rtol=1e-6)
+
+
+def _sgd_state_of(optimizer, param):
+    state = optimizer.state[param]
+    return [quantized._memory_order(state[key]).numpy().copy() for key in quantized.SGD_STATE_KEYS]
+
+
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=["nesterov-l2", "dampened-lr-folded"])
+def test_8bit_sgd_steps_every_parameter_as_the_reference(options):
+    params = _params()
+    kwargs = {k: v for k, v in options.items() if k != "convention"}
+    optimizer = fastmomentum.SGD(
+        params, momentum_convention=options["convention"], state_dtype="int8_blockwise", **kwargs
+    )
+    generator = torch.Generator().manual_seed(1)
+    for step in range(1, 5):
+        before = [
+            _sgd_state_of(optimizer, p) if step > 1 else _empty_state(p.numel())[:2] for p in params
+        ]
+        values = [quantized._memory_order(p.detach()).numpy().copy() for p in params]
+        _set_grads(params, generator)
+        grads = [quantized._memory_order(p.grad).numpy() for p in params]
+        optimizer.step()
+        for param, value, grad, state in zip(params, values, grads, before):
+            wanted, wanted_state = _reference_sgd_step(value, grad, state, step == 1, **options)
+            got = quantized._memory_order(param.detach()).numpy()
+            np.testing.assert_allclose(got, wanted, rtol=1e-6, atol=1e-7)
+            codes, absmax = _sgd_state_of(optimizer, param)
+            _assert_codes_agree(codes, wanted_state[0])
+            np.testing.assert_allclose(absmax, wanted_state[1], rtol=1e-6)
+
+
+def test_8bit_sgd_checkpoints_resume_and_convert_both_ways():
+    params = _params()
+    optimizer = fastmomentum.SGD(params, lr=0.05, momentum=0.9, state_dtype="int8_blockwise")
+    _run(optimizer, params, seed=1, steps=2)
+    saved = optimizer.state_dict()
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    resumed = fastmomentum.SGD(twins, lr=0.05, momentum=0.9, state_dtype="int8_blockwise")
+    resumed.load_state_dict(saved)
+    _run(optimizer, params, seed=2, steps=2)
+    _run(resumed, twins, seed=2, steps=2)
+    assert all(torch.equal(p, t) for p, t in zip(params, twins))
+    # into torch.optim.SGD, decoded; and a float32 buffer back into 8 bits, quantized
+    reference = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    reference.load_state_dict(fastmomentum.dequantized_state_dict(optimizer.state_dict()))
+    for param in params:
+        state = optimizer.state[param]
+        wanted = quantized.dequantize_moment(*(state[k] for k in quantized.SGD_STATE_KEYS))
+        assert torch.equal(reference.state[param]["momentum_buffer"], wanted)
+    _run(reference, params, seed=3, steps=1)
+    resumed.load_state_dict(reference.state_dict())
+    for param, twin in zip(params, twins):
+        buffer = reference.state[param]["momentum_buffer"]
+        codes, absmax = quantized.quantize_moment(buffer, param.stride(), True)
+        assert torch.equal(resumed.state[twin]["momentum_buffer_codes"], codes)
+        assert torch.equal(resumed.state[twin]["momentum_buffer_absmax"], absmax)
