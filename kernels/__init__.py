@@ -3,9 +3,19 @@
 Needs only NumPy and Numba (no torch)::
 
     from fastmomentum.kernels import sgd_step, adam_step, adamw_step
+
+``adam_8bit_step`` and ``sgd_8bit_step`` step block-wise 8-bit state
+(`fastmomentum.kernels.quantization`).
 """
 
-from .api import adam_step, adamw_step, sgd_step
+from .api import adam_8bit_step, adam_step, adamw_step, sgd_8bit_step, sgd_step
 from .hyperparameters import MOMENTUM_CONVENTIONS
 
-__all__ = ["MOMENTUM_CONVENTIONS", "adam_step", "adamw_step", "sgd_step"]
+__all__ = [
+    "MOMENTUM_CONVENTIONS",
+    "adam_8bit_step",
+    "adam_step",
+    "adamw_step",
+    "sgd_8bit_step",
+    "sgd_step",
+]

@@ -192,6 +192,113 @@ def adamw_step(
     )
 
 
+def adam_8bit_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg_codes: np.ndarray,
+    exp_avg_absmax: np.ndarray,
+    exp_avg_sq_codes: np.ndarray,
+    exp_avg_sq_absmax: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    stream=None,
+) -> None:
+    """One `adam_step` (no AMSGrad) whose moments are block-wise 8-bit
+    (`kernels.quantization`), in place on ``param`` and the four state arrays.
+
+    Each block of 256 elements of ``exp_avg`` (``exp_avg_sq``) is kept as int8 (uint8)
+    codes, of ``param``'s shape, and one float32 absmax; ``exp_avg_absmax`` and
+    ``exp_avg_sq_absmax`` hold ``ceil(param.size / 256)`` values. The step decodes the
+    moments, updates them and ``param`` in float32 as `adam_step` does, and encodes
+    them on their blocks' new absmax. Zeros (codes and absmax) are a fresh state;
+    `quantization.quantize` and `quantization.dequantize` convert to and from float32.
+    ``param`` and ``grad``: float32, float16 or bfloat16.
+    """
+    lr, eps, weight_decay = _real_numbers(lr=lr, eps=eps, weight_decay=weight_decay)
+    betas = hyperparameters.as_betas(betas)
+    maximize, decoupled_weight_decay = _flags(
+        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay
+    )
+    step = hyperparameters.as_step(step)
+    hyperparameters.check_adam(lr, betas, eps, weight_decay)
+    kernels, arrays, launch = _dispatch(
+        {
+            "param": param,
+            "grad": grad,
+            "exp_avg_codes": exp_avg_codes,
+            "exp_avg_sq_codes": exp_avg_sq_codes,
+            "exp_avg_absmax": exp_avg_absmax,
+            "exp_avg_sq_absmax": exp_avg_sq_absmax,
+        },
+        stream,
+        {
+            "exp_avg_codes": "signed",
+            "exp_avg_sq_codes": "unsigned",
+            "exp_avg_absmax": "absmax",
+            "exp_avg_sq_absmax": "absmax",
+        },
+    )
+    dtype = np.dtype(np.float32)
+    coefficients = hyperparameters.adam_constant_coefficients(
+        dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
+    )
+    step_coefficients = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
+    kernels.adam_blockwise(
+        _one_entry(arrays, step_coefficients, codes=True), coefficients, **launch
+    )
+
+
+def sgd_8bit_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer_codes: np.ndarray,
+    momentum_buffer_absmax: np.ndarray,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+    stream=None,
+) -> None:
+    """One `sgd_step` with momentum whose buffer is block-wise 8-bit: int8 codes of
+    ``param``'s shape and one float32 absmax per block of 256 elements (see
+    `adam_8bit_step`). ``momentum`` must be positive."""
+    lr, momentum, dampening, weight_decay = _real_numbers(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
+    )
+    nesterov, maximize, first_step = _flags(
+        nesterov=nesterov, maximize=maximize, first_step=first_step
+    )
+    hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
+    if momentum == 0:
+        raise ValueError("sgd_8bit_step needs momentum > 0 (without it there is no buffer)")
+    kernels, arrays, launch = _dispatch(
+        {
+            "param": param,
+            "grad": grad,
+            "momentum_buffer_codes": momentum_buffer_codes,
+            "momentum_buffer_absmax": momentum_buffer_absmax,
+        },
+        stream,
+        {"momentum_buffer_codes": "signed", "momentum_buffer_absmax": "absmax"},
+    )
+    coefficients = hyperparameters.sgd_momentum_coefficients(
+        np.dtype(np.float32), lr, momentum, dampening, weight_decay, maximize, momentum_convention
+    )
+    table = _one_entry(arrays, [1.0 if first_step else 0.0], codes=True)
+    kernels.sgd_momentum_blockwise(table, coefficients, nesterov, **launch)
+
+
 def _real_numbers(**values):
     """The named hyperparameters as floats, in order (`hyperparameters.as_real`)."""
     return [hyperparameters.as_real(name, value) for name, value in values.items()]
@@ -202,10 +309,15 @@ def _flags(**values):
     return [hyperparameters.as_flag(name, value) for name, value in values.items()]
 
 
-def _one_entry(arrays, entry_values=()):
-    """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used)."""
+def _one_entry(arrays, entry_values=(), codes=False):
+    """A launch table of one entry: the checked 1-D ``arrays`` (``None``: not used);
+    with ``codes``, the state is block-wise 8-bit (its absmax float32)."""
     addresses = [0 if array is None else address_of(array) for array in arrays]
     param = np.dtype(arrays[0].dtype)
+    if codes:
+        carrier = _carrier(param)
+        formats = (carrier, carrier, np.dtype(np.float32), carrier)
+        return TensorTable.single(arrays[0].size, addresses, np.float32, entry_values, formats)
     states = [np.dtype(array.dtype) for array in arrays[2:] if array is not None]
     state = states[0] if states else param
     formats = None
@@ -232,15 +344,16 @@ def _compute_dtype(arrays):
     return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
-def _dispatch(arrays, stream):
-    """Check ``arrays``; return (kernel module, 1-D views, launch options) for their place."""
+def _dispatch(arrays, stream, codes=None):
+    """Check ``arrays`` (``codes``: which are 8-bit state, see `arrays.flat_views`);
+    return (kernel module, 1-D views, launch options) for their place."""
     if locate(arrays) == "cpu":
         if stream is not None:
             raise ValueError("stream applies to CUDA arrays; these are NumPy arrays")
-        return cpu, flat_views(arrays), {}
+        return cpu, flat_views(arrays, codes=codes), {}
     kernels = cuda_kernels()
     device, producer_stream = placement(arrays)
-    views = device_views(arrays)
+    views = device_views(arrays, codes=codes)
     stream = producer_stream if stream is None else as_stream(stream)
     return kernels, views, {"stream": stream, "device": device}
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from .quantization import BLOCK, blocks
+
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: The arrays of a step that are its parameters and gradients; the others are state.
@@ -19,7 +21,7 @@ def _supported(dtype):
     return np.dtype(dtype) in SUPPORTED_DTYPES or is_bfloat16(dtype)
 
 
-def flat_views(arrays, read_only=("grad",)):
+def flat_views(arrays, read_only=("grad",), codes=None):
     """Check the arrays of one step and return 1-D views of them, in the order given.
 
     ``arrays`` maps argument names to arrays; ``None`` entries are passed through as
@@ -28,13 +30,14 @@ def flat_views(arrays, read_only=("grad",)):
     must be NumPy arrays whose elements are their memory (`_check_plain`) of one float
     dtype and one shape, C-contiguous and aligned, and no two may overlap in memory.
     Arrays not named in ``read_only`` are updated in place and must be writeable.
-    Raises ``TypeError`` for the wrong kind of array or dtype and ``ValueError`` for
-    the rest.
+    ``codes`` names the arrays of block-wise 8-bit state (`_check_codes`), which have
+    types and shapes of their own. Raises ``TypeError`` for the wrong kind of array or
+    dtype and ``ValueError`` for the rest.
     """
     present = {name: array for name, array in arrays.items() if array is not None}
     for name, array in present.items():
         _check_plain(name, array)
-    _check_dtypes_and_shapes(present)
+    _check_dtypes_and_shapes(present, codes)
     for name, array in present.items():
         _check_layout(name, array, updated=name not in read_only)
     _check_disjoint(present)
@@ -129,7 +132,7 @@ def locate(arrays):
     return next(iter(places.values()))
 
 
-def device_views(arrays, read_only=("grad",)):
+def device_views(arrays, read_only=("grad",), codes=None):
     """`flat_views` for GPU arrays: the same checks, returning 1-D Numba device arrays.
 
     Nothing is copied and nothing waits on the GPU (``sync=False``): the kernels are
@@ -148,7 +151,7 @@ def device_views(arrays, read_only=("grad",)):
             if name not in read_only and interface["data"][1]:
                 raise ValueError(f"{name} is read-only but is updated in place")
             present[name] = cuda.as_cuda_array(array, sync=False)
-    _check_dtypes_and_shapes(present)
+    _check_dtypes_and_shapes(present, codes)
     for name, array in present.items():
         if not array.is_c_contiguous():
             raise ValueError(f"{name} is not C-contiguous")
@@ -162,10 +165,14 @@ def device_views(arrays, read_only=("grad",)):
     ]
 
 
-def _check_dtypes_and_shapes(present):
+def _check_dtypes_and_shapes(present, codes=None):
     """One shape for all the (named) arrays, and one supported float dtype (float16,
     bfloat16, float32, float64), except that the state arrays may all be bfloat16 when
-    the parameters are float32 (low-precision state)."""
+    the parameters are float32 (low-precision state), and that the arrays in ``codes``
+    are 8-bit state (`_check_codes`)."""
+    if codes:
+        _check_codes(present, codes)
+        present = {name: array for name, array in present.items() if name not in codes}
     (first_name, first), *others = present.items()
     if not _supported(first.dtype):
         raise TypeError(
@@ -188,6 +195,37 @@ def _check_dtypes_and_shapes(present):
                     f"{name} has dtype {array.dtype} but {state_dtype[0]} has {state_dtype[1]}"
                 )
             state_dtype = state_dtype or (name, array.dtype)
+
+
+#: What each kind of block-wise 8-bit state array is: its dtype, and whether it is laid
+#: out like the parameter (codes) or holds one float32 per block (absmax).
+CODE_KINDS = {
+    "signed": (np.dtype(np.int8), True),
+    "unsigned": (np.dtype(np.uint8), True),
+    "absmax": (np.dtype(np.float32), False),
+}
+
+
+def _check_codes(present, codes):
+    """The 8-bit state arrays named in ``codes`` (name -> kind of `CODE_KINDS`) against
+    the first array (the parameter, float32, float16 or bfloat16)."""
+    (first_name, first), *_ = present.items()
+    if np.dtype(first.dtype) not in (np.float16, np.float32) and not is_bfloat16(first.dtype):
+        raise TypeError(
+            f"{first_name} has dtype {first.dtype}; 8-bit state is for float32, float16 and "
+            "bfloat16 parameters"
+        )
+    for name, kind in codes.items():
+        dtype, like_param = CODE_KINDS[kind]
+        array = present.get(name)
+        if array is None:
+            raise ValueError(f"{name} is required")
+        if np.dtype(array.dtype) != dtype:
+            raise TypeError(f"{name} has dtype {array.dtype}; expected {dtype}")
+        shape = first.shape if like_param else (blocks(first.size),)
+        if tuple(array.shape) != tuple(shape):
+            extra = "" if like_param else f" (one absmax per block of {BLOCK} elements)"
+            raise ValueError(f"{name} has shape {array.shape}; expected {shape}{extra}")
 
 
 def _low_precision_state(dtype, param_dtype):
