@@ -7,7 +7,9 @@ and the ratios to torch fused on float32 parameters, to torch fused on bfloat16
 parameters, and to the matching twin (`bench/twin.py` kernels over arrays of the mode's
 widths; 16-bit arrays as their int16 bits). All cases of a layout take turns in one
 run (`measure.time_cases`), and every row gets the report's health check
-(`bench/health.py`), marked "!" with its problems when it fails; nothing is retried.
+(`bench/health.py`): as in the report, a layout with an unhealthy row is measured again
+with fewer threads (`measure_with_retries`), and a row still unhealthy is marked "!"
+with its problems.
 
     python -m bench.precision_speed [--quick] [--repeats N] [--threads N] [--output DIR]
 
@@ -17,6 +19,7 @@ the committed run).
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -150,9 +153,40 @@ def measure(name, layout, repeats):
     return rows
 
 
+def measure_with_retries(name, layout, repeats, threads):
+    """`measure` on ``threads`` threads, again on fewer while a row is unhealthy
+    (`health.thread_counts_to_try`); the attempt `health.pick_attempt` keeps, each row
+    with its ``threads`` and every attempt's thread count and unhealthy rows."""
+    counts = health.thread_counts_to_try(threads)
+    attempts = []
+    for count in counts:
+        _set_threads(count)
+        attempts.append(measure(name, layout, repeats))
+        if all(row["health"]["ok"] for row in attempts[-1]):
+            break
+    _set_threads(threads)
+    verdicts = [[SimpleNamespace(ok=row["health"]["ok"]) for row in rows] for rows in attempts]
+    kept = health.pick_attempt(verdicts)
+    record = [
+        {"threads": count, "unhealthy_rows": sum(not v.ok for v in attempt), "kept": i == kept}
+        for i, (count, attempt) in enumerate(zip(counts, verdicts))
+    ]
+    for row in attempts[kept]:
+        row["threads"], row["attempts"] = counts[kept], record
+    return attempts[kept]
+
+
+def _set_threads(threads):
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+
+
 def markdown(rows, threads):
     lines = [
-        f"Median step times, {threads} threads; each layout's cases interleaved in one run.",
+        f"Median step times, {threads} threads (a layout measured again on fewer after an "
+        "unhealthy row says so after its name); each layout's cases interleaved in one run.",
         "",
         "| optimizer | layout | mode | bytes/param | ms "
         "| × fused fp32 | × fused bf16 | × its twin | ! |",
@@ -162,8 +196,11 @@ def markdown(rows, threads):
         twin_ratio = f"{row['vs_twin']:.2f}" if row["vs_twin"] else "-"
         verdict = row["health"]
         mark = "" if verdict["ok"] else "! " + "; ".join(verdict["problems"])
+        layout = row["layout"]
+        if row.get("threads", threads) != threads:
+            layout += f" ({row['threads']} thr)"
         lines.append(
-            f"| {row['optimizer']} | {row['layout']} | {row['mode']} | {row['bytes_per_param']} "
+            f"| {row['optimizer']} | {layout} | {row['mode']} | {row['bytes_per_param']} "
             f"| {row['median_s'] * 1e3:.2f} | {row['vs_fused_fp32']:.2f} "
             f"| {row['vs_fused_bf16']:.2f} | {twin_ratio} | {mark} |"
         )
@@ -177,16 +214,13 @@ def main(argv=None):
     cli.add_threads(parser, torch.get_num_threads())
     cli.add_output(parser, "precision_speed.{json,md}")
     args = parser.parse_args(argv)
-    import numba
-
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
+    _set_threads(args.threads)
     layouts = ["16M tensor"] if args.quick else ["16M tensor", "ResNet-50", "GPT-2 x4 blocks"]
     rows = []
     for name in OPTIMIZERS:
         for layout in layouts:
             print(f"{name} · {layout} …", file=sys.stderr)
-            rows += measure(name, layout, args.repeats)
+            rows += measure_with_retries(name, layout, args.repeats, args.threads)
     table = markdown(rows, args.threads)
     print(table)
     args.output.mkdir(parents=True, exist_ok=True)

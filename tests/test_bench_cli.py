@@ -90,6 +90,29 @@ def test_retries_fall_back_to_one_thread_and_keep_the_first_healthy_attempt():
     assert health.pick_attempt([[sick, well], [sick, sick]]) == 0
 
 
+def test_precision_rows_are_measured_again_on_fewer_threads_while_unhealthy(monkeypatch):
+    from bench import precision_speed
+
+    threads_seen = []
+
+    def measure(name, layout, repeats):  # unhealthy on 2 threads, healthy on 1
+        import numba
+
+        threads_seen.append(numba.get_num_threads())
+        ok = threads_seen[-1] == 1
+        return [
+            {"optimizer": name, "layout": layout, "mode": "ours fp32", "bytes_per_param": 28,
+             "median_s": 1e-3, "vs_fused_fp32": 0.9, "vs_fused_bf16": 1.2, "vs_twin": 1.1,
+             "health": {"ok": ok, "problems": [] if ok else ["threads waited"]}}
+        ]  # fmt: skip
+
+    monkeypatch.setattr(precision_speed, "measure", measure)
+    rows = precision_speed.measure_with_retries("Adam", "16M tensor", 3, threads=2)
+    assert threads_seen == [2, 1]
+    assert rows[0]["threads"] == 1 and [a["kept"] for a in rows[0]["attempts"]] == [False, True]
+    assert "16M tensor (1 thr)" in precision_speed.markdown(rows, 2)
+
+
 def test_the_table_and_the_json_mark_an_unreliable_group():
     verdict = health.Health(40.0, 0.0, 0.1, 1.0)
     rows = [

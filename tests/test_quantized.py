@@ -682,3 +682,36 @@ def test_the_low_level_8bit_step_runs_on_device_arrays():
             np.testing.assert_allclose(got, array, rtol=1e-6)
         else:
             _assert_codes_agree(got, array)
+
+
+def test_8bit_state_goes_with_fused_zero_grad_deepcopy_and_new_param_groups():
+    import copy
+
+    params = _params()
+    optimizer = fastmomentum.Adam(params[:2], lr=1e-2, state_dtype="int8_blockwise")
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fused = fastmomentum.Adam(
+        twins[:2], lr=1e-2, state_dtype="int8_blockwise", fused_zero_grad=True
+    )
+    for optim, group in ((optimizer, params), (fused, twins)):
+        optim.add_param_group({"params": group[2:], "lr": 3e-3})
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in params]
+        for param, twin, grad in zip(params, twins, grads):
+            param.grad, twin.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        fused.step()
+        assert all((t.grad == 0).all() for t in twins)  # zeroed in the same pass
+    copied = copy.deepcopy(optimizer)
+    for param, twin in zip(params, twins):
+        assert torch.equal(param, twin)
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(fused.state[twin][key], value)
+    copied_params = [p for group in copied.param_groups for p in group["params"]]
+    for param, copy_param in zip(params, copied_params):
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(copied.state[copy_param][key], value)
+        assert copied.state[copy_param]["exp_avg_codes"].data_ptr() != (
+            optimizer.state[param]["exp_avg_codes"].data_ptr()
+        )
