@@ -56,7 +56,7 @@ from .quantization import (
 # does. This digest of rules.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "a6cf1461de9a4aca"
+RULES_DIGEST = "ceded8421524d773"
 
 #: Compile-time constants of each compiled variant of the loops below (`_compiled`).
 CLEAR_GRADS = False

@@ -7,12 +7,21 @@ which raise ``TypeError`` naming an argument of the wrong type. The coefficient 
 are what the kernels take: every scalar already in the arrays' dtype (a float64 scalar
 would silently turn float32 arithmetic into float64), derived quantities such as
 ``1 − τ`` or ``−lr/(1 − β1ᵗ)`` computed once here in double precision, as torch does.
+Each is built by name as its rule's ``NamedTuple`` (`kernels.rules`), then handed over
+as a plain tuple (`in_dtype`).
 """
 
 import math
 import numbers
 
 import numpy as np
+
+from .rules import (
+    AdamCoefficients,
+    AdamStepCoefficients,
+    SgdMomentumCoefficients,
+    SgdPlainCoefficients,
+)
 
 MOMENTUM_CONVENTIONS = ("pytorch", "lr_folded")
 
@@ -102,47 +111,53 @@ def grad_factor(maximize, grad_scale=None):
 
 
 def sgd_plain_coefficients(dtype, lr, weight_decay, maximize, grad_scale=None):
-    """``(lr, grad_factor, weight_decay)`` for `kernels.cpu.sgd_plain`."""
-    return _in_dtype(dtype, lr, grad_factor(maximize, grad_scale), weight_decay)
+    """`rules.SgdPlainCoefficients` for `kernels.cpu.sgd_plain`."""
+    named = SgdPlainCoefficients(
+        lr=lr, grad_factor=grad_factor(maximize, grad_scale), weight_decay=weight_decay
+    )
+    return in_dtype(dtype, named)
 
 
 def sgd_momentum_coefficients(
     dtype, lr, momentum, dampening, weight_decay, maximize, momentum_convention, grad_scale=None
 ):
-    """Coefficients of `rules.sgd_momentum`, in its argument order."""
+    """`rules.SgdMomentumCoefficients`: the velocity carries lr in the lr-folded
+    convention, the update applies it in PyTorch's."""
     lr_folded = momentum_convention == "lr_folded"
-    return _in_dtype(
-        dtype,
-        momentum,
-        1.0 - dampening,
-        grad_factor(maximize, grad_scale),
-        weight_decay,
-        lr if lr_folded else 1.0,
-        1.0 if lr_folded else lr,
+    named = SgdMomentumCoefficients(
+        momentum=momentum,
+        dampening_complement=1.0 - dampening,
+        grad_factor=grad_factor(maximize, grad_scale),
+        weight_decay=weight_decay,
+        velocity_scale=lr if lr_folded else 1.0,
+        update_scale=1.0 if lr_folded else lr,
     )
+    return in_dtype(dtype, named)
 
 
 def adam_constant_coefficients(
     dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale=None
 ):
-    """The leading coefficients of `rules.adam`: those that do not change with the step."""
+    """`rules.AdamCoefficients`: those of `rules.adam` that do not change with the step."""
     beta1, beta2 = betas
-    return _in_dtype(
-        dtype,
-        beta1,
-        1.0 - float(beta1),  # torch: in the params' dtype (Python floats: at least as wide)
-        beta2,
-        1.0 - beta2,  # a NumPy float32 beta (a float32 tensor in torch) stays float32
-        eps,
-        grad_factor(maximize, grad_scale),
-        0.0 if decoupled else weight_decay,
-        1.0 - lr * weight_decay if decoupled else 1.0,
+    named = AdamCoefficients(
+        beta1=beta1,
+        # torch: in the params' dtype (Python floats: at least as wide)
+        beta1_complement=1.0 - float(beta1),
+        beta2=beta2,
+        # a NumPy float32 beta (a float32 tensor in torch) stays float32
+        beta2_complement=1.0 - beta2,
+        eps=eps,
+        grad_factor=grad_factor(maximize, grad_scale),
+        weight_decay=0.0 if decoupled else weight_decay,
+        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
     )
+    return in_dtype(dtype, named)
 
 
 def adam_step_coefficients(dtype, step, lr, betas):
-    """The trailing coefficients of `rules.adam`: ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
-    return _in_dtype(dtype, *_adam_step_values(step, lr, betas))
+    """`rules.AdamStepCoefficients`: ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
+    return in_dtype(dtype, _adam_step_values(step, lr, betas))
 
 
 def adam_step_coefficients_per_entry(dtype, steps, lr, betas):
@@ -157,6 +172,7 @@ def adam_step_coefficients_per_entry(dtype, steps, lr, betas):
 
 
 def _adam_step_values(step, lr, betas):
+    """`rules.AdamStepCoefficients` of step ``step``, in Python (or float32) floats."""
     beta1, beta2 = betas
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
@@ -166,21 +182,26 @@ def _adam_step_values(step, lr, betas):
         # buckets have stepped.
         with np.errstate(all="ignore"):
             step_size = np.float64(-lr) / np.float64(bias_correction1)
-            return float(step_size), float(np.sqrt(np.float64(bias_correction2)))
+            return AdamStepCoefficients(
+                float(step_size), float(np.sqrt(np.float64(bias_correction2)))
+            )
     if not isinstance(bias_correction1, np.floating):
-        return -lr / bias_correction1, bias_correction2**0.5  # torch's arithmetic
+        return AdamStepCoefficients(-lr / bias_correction1, bias_correction2**0.5)  # torch's
     # float32 betas (float32 tensors in torch): its tensor arithmetic, where a Python
     # number over a tensor is the tensor's reciprocal times the number
     if isinstance(lr, np.floating):
         step_size = lr / bias_correction1
     else:
         step_size = np.float32(1) / bias_correction1 * lr
-    return -step_size, np.sqrt(bias_correction2)
+    return AdamStepCoefficients(-step_size, np.sqrt(bias_correction2))
 
 
-def _in_dtype(dtype, *values):
-    # One array conversion, then its scalars: ≈1 µs, a third of converting one by one.
-    return tuple(np.array(values, dtype=dtype))
+def in_dtype(dtype, coefficients):
+    """A rule's named coefficients as the plain tuple of ``dtype`` scalars kernels take.
+
+    One array conversion, then its scalars: ≈1 µs, a third of converting one by one.
+    """
+    return tuple(np.array(coefficients, dtype=dtype))
 
 
 def _check_non_negative(name, value):

@@ -3,12 +3,19 @@
 Every function here works on scalars and returns the new values. ``register_jitable``
 leaves each one an ordinary Python function (usable as a float64 reference) that Numba
 compiles inline wherever a kernel calls it: the CPU loops of `kernels.cpu` and the CUDA
-kernels alike. Scalars arrive already in the
-arrays' dtype (see `kernels.coefficients`); the rules contain no float literals, so
-float32 arithmetic stays float32.
+kernels alike. Scalars arrive already in the arrays' dtype (see
+`kernels.hyperparameters`); the rules contain no float literals, so float32 arithmetic
+stays float32.
+
+Beside each rule, a ``NamedTuple`` names its coefficients in the rule's argument order
+(those after the per-element values): `kernels.hyperparameters` builds them by name, and
+tests/test_kernels.py checks every one against its rule's signature. The kernels take
+them as plain tuples (Numba 0.68 cannot unpack ``*coefficients`` from a named tuple,
+and typing one costs 0.4 µs a call more than a tuple; see `hyperparameters.in_dtype`).
 """
 
 import math
+from typing import NamedTuple
 
 from numba.extending import register_jitable
 
@@ -23,10 +30,29 @@ def descent_direction(param, grad, grad_factor, weight_decay):
     return direction
 
 
+class SgdPlainCoefficients(NamedTuple):
+    """`sgd_plain`'s coefficients."""
+
+    lr: float
+    grad_factor: float
+    weight_decay: float
+
+
 @register_jitable
 def sgd_plain(param, grad, lr, grad_factor, weight_decay):
     """SGD without momentum: ``p ← p − lr·d``."""
     return param - lr * descent_direction(param, grad, grad_factor, weight_decay)
+
+
+class SgdMomentumCoefficients(NamedTuple):
+    """`sgd_momentum`'s coefficients (``nesterov`` and ``first_step`` are flags)."""
+
+    momentum: float
+    dampening_complement: float
+    grad_factor: float
+    weight_decay: float
+    velocity_scale: float
+    update_scale: float
 
 
 @register_jitable
@@ -88,6 +114,27 @@ def nan_max(a, b):
     if a > b or a != a:
         return a
     return b
+
+
+class AdamCoefficients(NamedTuple):
+    """`adam`'s coefficients that every parameter shares."""
+
+    beta1: float
+    beta1_complement: float
+    beta2: float
+    beta2_complement: float
+    eps: float
+    grad_factor: float
+    weight_decay: float
+    param_decay: float
+
+
+class AdamStepCoefficients(NamedTuple):
+    """`adam`'s coefficients of one parameter's step count (a launch table's entry
+    values), after `AdamCoefficients`."""
+
+    neg_step_size: float
+    bias_correction2_sqrt: float
 
 
 @register_jitable

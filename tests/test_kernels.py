@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fastmomentum.kernels import adam_step, adamw_step, config, sgd_step
+from fastmomentum.kernels import adam_step, adamw_step, config, rules, sgd_step
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
@@ -287,3 +287,25 @@ def test_kernel_modules_carry_the_current_rules_digest():
     )
     source = Path(cpu.__file__).with_name("cuda.py").read_text()
     assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"
+
+
+@pytest.mark.parametrize(
+    ("rule", "per_element", "named"),
+    [
+        (rules.sgd_plain, 2, [rules.SgdPlainCoefficients]),
+        (rules.sgd_momentum, 3, [rules.SgdMomentumCoefficients]),
+        (rules.adam, 5, [rules.AdamCoefficients, rules.AdamStepCoefficients]),
+    ],
+    ids=["sgd_plain", "sgd_momentum", "adam"],
+)
+def test_each_rules_named_coefficients_are_its_arguments_in_order(rule, per_element, named):
+    """The contract between `kernels.hyperparameters` (which builds the named tuples) and
+    the rules (which take them unpacked, in order): held by this test, not a comment."""
+    import inspect
+
+    arguments = list(inspect.signature(rule).parameters)[per_element:]
+    fields = [field for coefficients in named for field in coefficients._fields]
+    assert arguments[: len(fields)] == fields
+    assert all(
+        argument in ("nesterov", "first_step", "amsgrad") for argument in arguments[len(fields) :]
+    )
