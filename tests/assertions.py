@@ -1,6 +1,8 @@
 """Comparisons that say which elements differ, NaN and inf included."""
 
 import numpy as np
+import pytest
+import torch
 
 #: Relative tolerances (max |a − b| / max |b| per tensor), per dtype. Measured: float64
 #: parity stays ≈1e-14 after 200 steps, float32 ≈3e-6 (rounding of single ops, fused or
@@ -34,3 +36,33 @@ def assert_relative_close(actual, expected, rtol, name="value"):
             f"({int((error > rtol * scale).sum())} of {a.size} elements); worst (flat index, "
             f"actual, expected): {[(int(i), a[i], e[i]) for i in worst]}"
         )
+
+
+#: Param-group keys that are implementation switches, not hyperparameters.
+IMPLEMENTATION_KEYS = {"foreach", "fused", "momentum_convention"}
+
+
+def assert_same_training(ours, theirs, dtype):
+    """Parameters and the whole state dicts of two (model, optimizer) pairs agree."""
+    tolerance = RTOL[str(dtype).removeprefix("torch.")]
+    (model, optimizer), (ref_model, ref_optimizer) = ours, theirs
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.dtype == q.dtype
+        assert_relative_close(p.detach(), q.detach(), tolerance, name)
+    state, ref_state = optimizer.state_dict(), ref_optimizer.state_dict()
+    assert state["state"].keys() == ref_state["state"].keys()
+    for index, entry in ref_state["state"].items():
+        assert state["state"][index].keys() == entry.keys(), f"state keys of parameter {index}"
+        for key, value in entry.items():
+            mine = state["state"][index][key]
+            if key == "step":
+                assert mine.dtype == value.dtype and float(mine) == float(value)
+            else:
+                assert mine.stride() == value.stride(), f"{key} of parameter {index}: layout"
+                assert_relative_close(mine, value, tolerance, f"state {index} {key}")
+    for group, ref_group in zip(state["param_groups"], ref_state["param_groups"]):
+        for key in ref_group.keys() - IMPLEMENTATION_KEYS:
+            mine, theirs = group[key], ref_group[key]
+            if torch.is_tensor(theirs):  # a tensor hyperparameter
+                mine, theirs = float(mine), float(theirs)
+            assert mine == pytest.approx(theirs, rel=1e-15), key

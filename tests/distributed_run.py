@@ -9,6 +9,7 @@ final parameters of each case, and then every rank leaves without tearing gloo d
 """
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -86,3 +87,9 @@ def worker(rank, world, folder, port):
         torch.save(results, os.path.join(folder, "distributed.pt"))
     dist.barrier()
     os._exit(0)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

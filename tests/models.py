@@ -1,7 +1,11 @@
 """A small real model and a seeded training loop, shared by the optimizer tests."""
 
+import copy
+
 import torch
 from torch import nn
+
+import fastmomentum
 
 
 class SmallNet(nn.Module):
@@ -52,3 +56,20 @@ def train(model, optimizer, steps, dtype=torch.float64, scheduler=None, set_to_n
             scheduler.step()
         losses.append(loss.item())
     return losses
+
+
+def twins(name, options, model):
+    """(our optimizer on ``model``, torch's on a deep copy of it, that copy)."""
+    ref_model = copy.deepcopy(model)
+    ours = getattr(fastmomentum, name)(model.parameters(), **options)
+    theirs = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **options)
+    return ours, theirs, ref_model
+
+
+def backward(model, seed, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 32, (8, 12), generator=generator)
+    targets = torch.randn(8, 4, generator=generator, dtype=dtype)
+    loss = nn.functional.mse_loss(model(tokens), targets)
+    loss.backward()
+    return loss

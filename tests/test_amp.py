@@ -6,15 +6,10 @@ from torch import nn
 
 import fastmomentum
 
+from .assertions import assert_same_training
+from .cases import torch_cases
 from .models import batches, make_model
-from .test_parity import assert_same_training
 
-OPTIMIZERS = [
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    ("Adam", {"lr": 1e-2, "amsgrad": True}),
-    ("AdamW", {"lr": 1e-2}),
-]
-IDS = ["sgd", "adam", "adamw"]
 POISONED_STEPS = {4, 9}  # an inf gradient: GradScaler must skip these steps
 
 
@@ -40,7 +35,7 @@ def train_with_scaler(library, name, options, unscale_first, steps=16):
 
 
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["fused-unscale", "unscale_"])
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases("nesterov", "adam-amsgrad", "adamw")
 def test_grad_scaler_trains_like_torch_and_skips_inf_steps(name, options, unscale_first):
     model, optimizer, before, scales = train_with_scaler(fastmomentum, name, options, unscale_first)
     ref_model, ref_optimizer, _, ref_scales = train_with_scaler(

@@ -8,8 +8,7 @@ import torch
 import fastmomentum
 
 from .assertions import RTOL, assert_relative_close
-from .models import make_model
-from .test_semantics import backward
+from .models import backward, make_model
 
 
 @pytest.mark.parametrize("set_to_none", [True, False], ids=["autograd-grads", "flat-views"])

@@ -13,8 +13,8 @@ from fastmomentum.kernels import adam_step, config, sgd_step
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
+from .cases import ADAM_CASES, SGD_CASES, adam_options, learning_rate, sgd_options, torch_cases
 from .models import make_model, train
-from .test_kernels import ADAM_CASES, SGD_CASES, adam_options, learning_rate, sgd_options
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
 pytestmark = pytest.mark.cudasim
@@ -136,16 +136,8 @@ def test_a_stream_is_accepted_for_device_arrays_only():
         sgd_step(param, grad, lr=0.1, stream=stream)
 
 
-OPTIMIZERS = [
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2}),
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}),
-    ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
-    ("AdamW", {"lr": 1e-2}),
-]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=["sgd", "nesterov", "adam", "adamw"])
+@torch_cases("sgd-dampened", "nesterov-maximize", "adam-amsgrad-decay", "adamw")
 def test_optimizers_through_the_cuda_kernels_match_torch(name, options, dtype, monkeypatch):
     """``config.FORCE_CUDA``: the torch optimizers launch the CUDA kernels on CPU tensors."""
     monkeypatch.setattr(config, "FORCE_CUDA", True)

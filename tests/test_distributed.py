@@ -1,7 +1,5 @@
 """DDP (gloo, 2 processes on loopback) and ZeroRedundancyOptimizer with our optimizers."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -14,16 +12,15 @@ from .assertions import RTOL, assert_relative_close
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    mp.spawn(distributed_run.worker, args=(2, str(folder), free_port()), nprocs=2, join=True)
+    mp.spawn(
+        distributed_run.worker,
+        args=(2, str(folder), distributed_run.free_port()),
+        nprocs=2,
+        join=True,
+    )
     return torch.load(folder / "distributed.pt")
 
 

@@ -15,7 +15,7 @@ import fastmomentum
 
 from . import fsdp_run
 from .assertions import RTOL, assert_relative_close
-from .test_distributed import free_port
+from .distributed_run import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -12,13 +12,7 @@ from torch import nn
 
 import fastmomentum
 
-OPTIMIZERS = [
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
-    ("SGD", {"lr": 0.05}),
-    ("Adam", {"lr": 1e-2, "amsgrad": True}),
-    ("AdamW", {"lr": 1e-2}),
-]
-IDS = ["nesterov", "plain", "amsgrad", "adamw"]
+from .cases import torch_cases
 
 
 def _model(dtype, seed=0):
@@ -43,7 +37,7 @@ def _train(model, optimizer, steps, fused, dtype):
 
 @pytest.mark.parametrize("flat_gradients", [False, True], ids=["autograd's grads", "flat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases("nesterov-decay", "sgd-plain", "adam-amsgrad", "adamw")
 def test_the_fused_zero_grad_trains_as_step_then_zero_grad(name, options, dtype, flat_gradients):
     reference, fused = _model(dtype), _model(dtype)
     optimizers = [

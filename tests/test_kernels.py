@@ -9,56 +9,17 @@ from fastmomentum.kernels import adam_step, adamw_step, config, rules, sgd_step
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
+from .cases import ADAM_CASES, SGD_CASES, adam_options, learning_rate, sgd_options
 
 DTYPES = [np.float32, np.float64]
 SIZES = [0, 1, 1001]  # empty, scalar-like, odd and larger than a thread's chunk
 STEPS = 60
-
-SGD_CASES = [
-    {"momentum": 0.0},
-    {"momentum": 0.0, "weight_decay": 0.1, "maximize": True},
-    {"momentum": 0.9},
-    {"momentum": 0.9, "dampening": 0.3},
-    {"momentum": 0.9, "nesterov": True},
-    {"momentum": 0.7, "weight_decay": 0.05, "nesterov": True, "maximize": True},
-]
-ADAM_CASES = [
-    {},
-    {"weight_decay": 0.1},
-    {"weight_decay": 0.1, "decoupled_weight_decay": True},
-    {"amsgrad": True},
-    {"maximize": True, "amsgrad": True, "weight_decay": 0.01},
-    {"betas": (0.3, 0.6)},  # 1 − β1 ≥ 0.5: the other branch of torch's lerp
-]
 
 
 @pytest.fixture(autouse=True, params=["serial", "threaded"])
 def cpu_loop(request, monkeypatch):
     """Every CPU test runs both loops: single-threaded (short arrays) and threaded."""
     monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 62 if request.param == "serial" else 0)
-
-
-def sgd_options(case):
-    """A `SGD_CASES` entry with every unspecified option at its default."""
-    return {"dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False, **case}
-
-
-def adam_options(case):
-    """An `ADAM_CASES` entry as (options for `adam_step`, decoupled weight decay or not)."""
-    options = {
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 0.0,
-        "amsgrad": False,
-        "maximize": False,
-        **case,
-    }
-    return options, options.pop("decoupled_weight_decay", False)
-
-
-def learning_rate(step):
-    """A learning rate that changes every step, so the two conventions are told apart."""
-    return 0.05 * (1.0 + 0.5 * np.sin(step))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

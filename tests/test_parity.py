@@ -10,11 +10,10 @@ import torch
 
 import fastmomentum
 
-from .assertions import RTOL, assert_relative_close
+from .assertions import RTOL, assert_relative_close, assert_same_training
 from .models import make_model, train
 
 STEPS = 120
-IMPLEMENTATION_KEYS = {"foreach", "fused", "momentum_convention"}
 
 
 def one_group(model, **options):
@@ -100,32 +99,6 @@ def build(library, case, dtype):
     extra = {} if library is fastmomentum else {"foreach": False}
     optimizer = getattr(library, name)(groups(model), **options, **extra)
     return model, optimizer, scheduler(optimizer) if scheduler else None
-
-
-def assert_same_training(ours, theirs, dtype):
-    """Parameters and the whole state dicts of two (model, optimizer) pairs agree."""
-    tolerance = RTOL[str(dtype).removeprefix("torch.")]
-    (model, optimizer), (ref_model, ref_optimizer) = ours, theirs
-    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-        assert p.dtype == q.dtype
-        assert_relative_close(p.detach(), q.detach(), tolerance, name)
-    state, ref_state = optimizer.state_dict(), ref_optimizer.state_dict()
-    assert state["state"].keys() == ref_state["state"].keys()
-    for index, entry in ref_state["state"].items():
-        assert state["state"][index].keys() == entry.keys(), f"state keys of parameter {index}"
-        for key, value in entry.items():
-            mine = state["state"][index][key]
-            if key == "step":
-                assert mine.dtype == value.dtype and float(mine) == float(value)
-            else:
-                assert mine.stride() == value.stride(), f"{key} of parameter {index}: layout"
-                assert_relative_close(mine, value, tolerance, f"state {index} {key}")
-    for group, ref_group in zip(state["param_groups"], ref_state["param_groups"]):
-        for key in ref_group.keys() - IMPLEMENTATION_KEYS:
-            mine, theirs = group[key], ref_group[key]
-            if torch.is_tensor(theirs):  # a tensor hyperparameter
-                mine, theirs = float(mine), float(theirs)
-            assert mine == pytest.approx(theirs, rel=1e-15), key
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

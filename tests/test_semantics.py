@@ -12,37 +12,12 @@ from torch.optim.optimizer import (
 
 import fastmomentum
 
-from .assertions import RTOL, assert_relative_close
-from .models import make_model, train
-from .test_parity import assert_same_training
-
-OPTIMIZERS = [
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}),
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    ("Adam", {"lr": 1e-2, "amsgrad": True}),
-    ("AdamW", {"lr": 1e-2}),
-]
-IDS = ["sgd", "nesterov", "adam-amsgrad", "adamw"]
+from .assertions import RTOL, assert_relative_close, assert_same_training
+from .cases import EVERY_RULE, torch_cases
+from .models import backward, make_model, train, twins
 
 
-def twins(name, options, model):
-    """(our optimizer on ``model``, torch's on a deep copy of it, that copy)."""
-    ref_model = copy.deepcopy(model)
-    ours = getattr(fastmomentum, name)(model.parameters(), **options)
-    theirs = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **options)
-    return ours, theirs, ref_model
-
-
-def backward(model, seed, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 32, (8, 12), generator=generator)
-    targets = torch.randn(8, 4, generator=generator, dtype=dtype)
-    loss = nn.functional.mse_loss(model(tokens), targets)
-    loss.backward()
-    return loss
-
-
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_params_without_grad_are_skipped_with_their_step_counts(name, options):
     """A param whose .grad is None is not moved, its state untouched, its t not advanced."""
     model = make_model()
@@ -72,7 +47,7 @@ def test_params_without_grad_are_skipped_with_their_step_counts(name, options):
         assert steps["conv.weight"] == 40
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_step_with_closure_returns_the_loss(name, options):
     model = make_model()
     ours, theirs, ref_model = twins(name, options, model)
@@ -135,7 +110,7 @@ def test_every_way_of_resetting_grads_trains_like_torch(zeroing):
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_add_param_group_mid_training(name, options):
     model = make_model()
     head = list(model.head.parameters())
@@ -156,7 +131,7 @@ def test_add_param_group_mid_training(name, options):
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_channels_last_layout_is_preserved(name, options):
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -182,7 +157,7 @@ def test_channels_last_layout_is_preserved(name, options):
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_frozen_zero_size_and_tied_params(name, options):
     class Tied(nn.Module):
         def __init__(self):
@@ -214,7 +189,7 @@ def test_frozen_zero_size_and_tied_params(name, options):
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_params_of_several_dtypes_in_one_group(name, options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
@@ -302,7 +277,7 @@ def test_a_pre_hook_may_replace_the_closure():
     assert loss is not None and param.grad is not None
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_gradients_in_any_layout_step_like_torch(name, options):
     """Gradients read in place, copied (layout differs from the param's) or our views."""
     torch.manual_seed(0)
@@ -372,7 +347,7 @@ def test_flat_gradient_buffer_is_allocated_only_when_used():
         assert param.grad.data_ptr() != 0
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_a_step_without_any_gradient_changes_nothing(name, options):
     model = make_model()
     optimizer = getattr(fastmomentum, name)(model.parameters(), **options)

@@ -8,16 +8,9 @@ import torch
 
 import fastmomentum
 
-from .assertions import assert_relative_close
+from .assertions import assert_relative_close, assert_same_training
+from .cases import torch_cases
 from .models import make_model, train
-from .test_parity import assert_same_training
-
-OPTIMIZERS = [
-    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3}),
-    ("AdamW", {"lr": 1e-2}),
-]
-IDS = ["sgd", "adam", "adamw"]
 
 
 def through_file(state_dict):
@@ -30,7 +23,7 @@ def through_file(state_dict):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("direction", ["torch-to-ours", "ours-to-torch"])
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases("nesterov", "adam-amsgrad-small-decay", "adamw")
 def test_checkpoint_resumes_in_the_other_library(name, options, direction, dtype):
     first, second = (torch.optim, fastmomentum)
     if direction == "ours-to-torch":
@@ -53,7 +46,7 @@ def test_checkpoint_resumes_in_the_other_library(name, options, direction, dtype
     assert_same_training(*pairs, dtype)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases("nesterov", "adam-amsgrad-small-decay", "adamw")
 def test_own_checkpoint_resumes_bit_identically(name, options):
     model = make_model(torch.float32)
     optimizer = getattr(fastmomentum, name)(model.parameters(), **options)

@@ -17,10 +17,9 @@ from torch import nn
 
 import fastmomentum
 
-from .assertions import RTOL, assert_relative_close
-from .models import make_model, train
-from .test_parity import assert_same_training
-from .test_semantics import IDS, OPTIMIZERS, backward, twins
+from .assertions import RTOL, assert_relative_close, assert_same_training
+from .cases import EVERY_RULE, torch_cases
+from .models import backward, make_model, train, twins
 
 
 def storages(model):
@@ -29,7 +28,7 @@ def storages(model):
     ]
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_every_parameter_and_state_keeps_a_storage_of_its_own(name, options):
     model = make_model()
     values = [p.detach().clone() for p in model.parameters()]
@@ -49,7 +48,7 @@ def test_every_parameter_and_state_keeps_a_storage_of_its_own(name, options):
     assert last - first < sum(p.numel() for p in model.parameters()) * 8
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_share_memory_after_a_step_keeps_training(name, options):
     """share_memory() moves every storage: the step follows (it used to write freed memory)."""
     torch.manual_seed(0)
@@ -87,7 +86,7 @@ def test_hogwild_worker_trains_the_shared_model():
         assert_relative_close(p.detach(), q.detach(), RTOL["float64"], "shared parameter")
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_flat_gradients_follow_a_re_pointed_gradient(name, options):
     """``p.grad.data = …`` and ``model.double(); model.float()`` move the gradients."""
     model = make_model(torch.float32)
@@ -107,7 +106,7 @@ def test_flat_gradients_follow_a_re_pointed_gradient(name, options):
     assert_same_training((model, ours), (ref_model, theirs), torch.float32)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_parameters_sharing_memory_across_groups_step_it_in_turn(name, options):
     """Two parameters on one memory in two groups (as torch steps them: one after the other)."""
 
@@ -138,7 +137,7 @@ def test_parameters_sharing_memory_across_groups_step_it_in_turn(name, options):
     assert not torch.equal(results[0][0], groups(0)[0])
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_tied_after_construction_and_interleaved_views(name, options):
     """``p.data = q.data`` after construction, and the even and odd columns of one matrix
     (disjoint elements, overlapping address ranges) in one group."""
@@ -179,7 +178,7 @@ def test_a_failed_constructor_changes_nothing():
     assert (base[2:6] == 7.0).all()  # still a view of base
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_a_users_layout_change_is_kept(name, options):
     """``p.data = p.data.contiguous()`` on a channels_last weight and ``p.set_(…)``."""
     torch.manual_seed(0)

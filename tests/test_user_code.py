@@ -10,9 +10,9 @@ from torch import nn
 
 import fastmomentum
 
-from .models import make_model, train
-from .test_parity import assert_same_training
-from .test_semantics import IDS, OPTIMIZERS, twins
+from .assertions import assert_same_training
+from .cases import EVERY_RULE, torch_cases
+from .models import make_model, train, twins
 
 
 def both(model, ours, ref_model, theirs, steps=3):
@@ -20,7 +20,7 @@ def both(model, ours, ref_model, theirs, steps=3):
     train(ref_model, theirs, steps)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_loading_the_live_state_dict_changes_nothing(name, options):
     """torch.distributed.checkpoint loads into the very tensors state_dict() handed out."""
     model = make_model()
@@ -34,7 +34,7 @@ def test_loading_the_live_state_dict_changes_nothing(name, options):
 
 
 @pytest.mark.parametrize("reset", ["clear", "delete-one", "new-dict"])
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_resetting_state_through_optimizer_state(name, options, reset):
     model = make_model()
     ours, theirs, ref_model = twins(name, options, model)
@@ -50,7 +50,7 @@ def test_resetting_state_through_optimizer_state(name, options, reset):
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_deep_copied_and_unpickled_optimizers_keep_training(name, options):
     model = make_model()
     ours, theirs, ref_model = twins(name, options, model)
@@ -102,7 +102,7 @@ def test_tensor_hyperparameters_changed_in_place_take_effect(which):
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
-@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=IDS)
+@torch_cases(*EVERY_RULE)
 def test_transposed_data_of_a_square_weight(name, options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
