@@ -59,10 +59,20 @@ def test_implementation_options_we_cannot_honour(name, options, error, message):
     "options", [{"foreach": True}, {"foreach": False}, {"fused": True}, {"fused": False}]
 )
 def test_implementation_hints_are_accepted(options):
+    """``foreach`` and ``fused`` change nothing but the implementation: we step as
+    torch.optim does with the same hint."""
     param = nn.Parameter(torch.randn(3))
-    optimizer = fastmomentum.Adam([param], **options)
-    param.grad = torch.ones(3)
-    optimizer.step()
+    start = param.detach().clone()
+    twin = nn.Parameter(start.clone())
+    ours = fastmomentum.Adam([param], lr=0.1, **options)
+    theirs = torch.optim.Adam([twin], lr=0.1, **options)
+    for step in range(3):
+        param.grad = torch.full((3,), step + 0.5)
+        twin.grad = param.grad.clone()
+        ours.step()
+        theirs.step()
+    assert not torch.equal(param.detach(), start)
+    torch.testing.assert_close(param, twin, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def test_params_without_grad_are_skipped_with_their_step_counts(name, options):
     """A param whose .grad is None is not moved, its state untouched, its t not advanced."""
     model = make_model()
     ours, theirs, ref_model = twins(name, options, model)
-    skipped = {"head.bias", "layer_norm.weight"}
+    named = dict(model.named_parameters())
     for step in range(40):
         for net, optimizer in ((model, ours), (ref_model, theirs)):
             optimizer.zero_grad()
@@ -33,13 +33,17 @@ def test_params_without_grad_are_skipped_with_their_step_counts(name, options):
                     param_name == "layer_norm.weight" and step < 10
                 ):
                     param.grad = None
-            if step == 5:
-                frozen = dict(net.named_parameters())["layer_norm.weight"].detach().clone()
+            if optimizer is ours:
+                skipped = {n: p.detach().clone() for n, p in named.items() if p.grad is None}
+                state = {n: copy.deepcopy(dict(ours.state.get(named[n], {}))) for n in skipped}
             optimizer.step()
-        if step == 5:
-            assert torch.equal(dict(model.named_parameters())["layer_norm.weight"], frozen)
-            assert dict(model.named_parameters())["layer_norm.weight"] not in ours.state
-    assert skipped <= {n for n, _ in model.named_parameters()}
+        for param_name, before in skipped.items():  # ours: not moved, state untouched
+            assert torch.equal(named[param_name], before), (step, param_name)
+            after = dict(ours.state.get(named[param_name], {}))
+            assert after.keys() == state[param_name].keys()
+            assert all(torch.equal(after[k], v) for k, v in state[param_name].items())
+        if step < 10:
+            assert named["layer_norm.weight"] not in ours.state
     assert_same_training((model, ours), (ref_model, theirs), torch.float64)
     if "Adam" in name:
         steps = {n: float(ours.state[p]["step"]) for n, p in model.named_parameters()}
@@ -70,15 +74,19 @@ def test_step_with_closure_returns_the_loss(name, options):
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_matches_torch(set_to_none):
     model = make_model()
-    optimizer = fastmomentum.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    backward(model, 0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=set_to_none)
-    for param in model.parameters():
-        if set_to_none:
-            assert param.grad is None
-        else:
-            assert param.grad is not None and not param.grad.any()
+    ours, theirs, ref_model = twins("SGD", {"lr": 0.1, "momentum": 0.9}, model)
+    for net, optimizer in ((model, ours), (ref_model, theirs)):
+        backward(net, 0)
+        optimizer.step()
+        grads = [param.grad for param in net.parameters()]
+        optimizer.zero_grad(set_to_none=set_to_none)
+        for param, grad in zip(net.parameters(), grads):
+            if set_to_none:
+                assert param.grad is None
+            else:  # zeroed in place: the same tensor object, as torch leaves it
+                assert param.grad is grad and not param.grad.any()
+                assert not param.grad.requires_grad
+    assert_same_training((model, ours), (ref_model, theirs), torch.float64)
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,21 @@ def test_deep_copied_and_unpickled_optimizers_keep_training(name, options):
         their_copy.step()
     for p, q in zip(our_params, their_params):
         assert torch.allclose(p, q, rtol=1e-12, atol=0)
+    # unpickled (parameters and all): the same state, and it steps exactly as the original
     unpickled = pickle.loads(pickle.dumps(our_copy))
-    assert unpickled.state_dict()["state"].keys() == our_copy.state_dict()["state"].keys()
+    unpickled_params = unpickled.param_groups[0]["params"]
+    for _ in range(2):
+        for p, q in zip(our_params, unpickled_params):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        our_copy.step()
+        unpickled.step()
+    for p, q in zip(our_params, unpickled_params):
+        assert torch.equal(p, q)
+    saved, loaded = our_copy.state_dict(), unpickled.state_dict()
+    assert saved["state"].keys() == loaded["state"].keys()
+    for index, entry in saved["state"].items():
+        assert all(torch.equal(loaded["state"][index][k], v) for k, v in entry.items())
 
 
 def test_state_dict_is_compact():
