@@ -2,25 +2,22 @@
 per bucket.
 
 Subclasses say which state tensors they keep and how one bucket is updated; this class
-does the rest as ``torch.optim.Optimizer`` does it: param groups, ``add_param_group``,
-``step(closure)`` with torch's hooks, ``zero_grad``, ``state_dict`` and
-``load_state_dict`` in torch's format (checks in `checkpoint`, the binding of
-``optimizer.state`` to our memory in `binding`).
+does the rest as ``torch.optim.Optimizer`` does it: ``step(closure)`` with torch's
+hooks, AMP's loss scale and skipped steps, ``zero_grad``, clipping, ``state_dict``.
+Elsewhere: which parameters make a bucket (`grouping`), ``load_state_dict`` (`loading`,
+with the checks and conversions of `checkpoint`), ``optimizer.state`` bound to our
+memory (`binding`).
 """
 
 import math
 import sys
-from collections import OrderedDict
-from collections.abc import Mapping
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import binding, checkpoint, launches
-from .bucket import ParamBucket
+from . import binding, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .quantized import INT8_BLOCKWISE
-from .storage import is_dtensor, local
 from .validation import (
     check_implementation_options,
     check_master_weights,
@@ -154,59 +151,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             self.buckets.append(self._make_buckets(len(self.param_groups) - 1))
 
     def _make_buckets(self, group_index):
-        """The group's buckets, their parameters adopted where nothing else sees them;
-        ``None`` while a parameter is on the ``meta`` device (made at the first step
-        after ``to_empty``, see `_buckets_now`)."""
-        params = self.param_groups[group_index]["params"]
-        if any(local(param).is_meta for param in params):
-            return None
-        members, listed = {}, {}
-        for position, param in enumerate(params):
-            listed[id(param)] = listed.get(id(param), 0) + 1
-            if listed[id(param)] > 1:
-                continue  # listed twice (torch warns): a step steps it twice, see `repeats`
-            name = f"parameter {position} of param group {group_index}"
-            kind = (local(param).device, param.dtype, is_dtensor(param))
-            members.setdefault(kind, []).append((param, name))
-        flat = self.__dict__.get("_flat_gradients", False)
-        state_dtype = self.__dict__.get("_state_dtype")
-        clear_grads = self.__dict__.get("_fused_zero_grad", False)
-        master = self.__dict__.get("_master_weights", False)
-        buckets = _GroupBuckets(
-            ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master)
-            for pairs in members.values()
-        )
-        with torch.no_grad():
-            for bucket in buckets:
-                bucket.adopt()
-                if flat:
-                    bucket.gradients.adopt()
-                times = [listed[id(param)] for param in bucket.params]
-                bucket.repeats = [
-                    [row for row, n in enumerate(times) if n >= k] for k in range(2, max(times) + 1)
-                ]
-        buckets.made_from(params)
-        return buckets
+        return grouping.make_buckets(self, group_index)
 
     def _buckets_now(self, stepping=False):
-        """Every group's buckets, made anew for a group whose parameter list changed
-        (a parameter appended, as torch.optim allows) or whose parameters left the meta
-        device, with the state ``optimizer.state`` holds for them bound in. While a
-        parameter is still on meta, its group has none (stepping: an error if one of
-        them has a gradient)."""
-        for index, group in enumerate(self.param_groups):
-            buckets, params = self.buckets[index], group["params"]
-            if buckets is not None and buckets.still_match(params):
-                continue
-            check_params(params)
-            made = self._make_buckets(index)
-            if made is None:
-                if stepping:
-                    _refuse_meta_gradients(index, params)
-                continue
-            self.buckets[index] = made
-            binding.bind_state(self, [(group, bucket) for bucket in made])
-        return self.buckets
+        return grouping.buckets_now(self, stepping)
 
     # --- the step ---------------------------------------------------------------------
 
@@ -365,57 +313,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         return checkpoint.copy_state(super().state_dict())
 
     def load_state_dict(self, state_dict):
-        """Load a ``torch.optim`` or fastmomentum state dict; values are copied into the
-        buckets. As in torch, the load pre-hooks run first; then everything is checked,
-        and on a mismatch nothing changes; the post-hooks run last."""
-        self._buckets_now()
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        params = [param for group in self.param_groups for param in group["params"]]
-        state_dict = checkpoint.in_state_format(state_dict, params, self.quantized)
-        checkpoint.check_loadable(self, state_dict)
-        before = (self.state, self.param_groups)
-        hooks = (
-            self._optimizer_load_state_dict_pre_hooks,
-            self._optimizer_load_state_dict_post_hooks,
-        )
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # run above, and
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # below, once bound
-        try:
-            super().load_state_dict(state_dict)
-            if self._master_weights or self.quantized:
-                self._restore_saved_state(state_dict)
-            for group in self.param_groups:
-                self.settings(group)  # raises for a setting the state cannot go with
-            binding.bind_state(self)
-        except BaseException:
-            self.state, self.param_groups = before
-            raise
-        finally:
-            pre, post = hooks
-            self._optimizer_load_state_dict_pre_hooks = pre
-            self._optimizer_load_state_dict_post_hooks = post
-        for hook in post.values():
-            hook(self)
-
-    def _restore_saved_state(self, state_dict):
-        """Put back the state values torch's load cast to the parameters' dtype: with
-        master weights the state (and the master copy) of a 16-bit parameter is float32,
-        and rounding it to 16 bits would lose what the master copy is for; 8-bit codes
-        and their float32 absmax are not the parameters' dtype either."""
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for param_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(param_id)
-            entry = self.state.get(param)
-            if not isinstance(saved, Mapping) or not isinstance(entry, Mapping):
-                continue
-            for key in self.state_keys:
-                if torch.is_tensor(saved.get(key)):
-                    entry[key] = saved[key]
+        """Load a ``torch.optim`` or fastmomentum state dict (`loading.load_state_dict`)."""
+        loading.load_state_dict(self, state_dict)
 
     def __getstate__(self):
         return {
@@ -443,25 +342,3 @@ def _plan(bucket):
     one per extra time parameters are listed in their group (torch's loop steps a
     parameter listed twice twice, the second time from the first's result)."""
     return [bucket.planner.plan()] + [bucket.planner.plan(rows) for rows in bucket.repeats]
-
-
-class _GroupBuckets(list):
-    """A param group's buckets, and the parameter list they were made from."""
-
-    def made_from(self, params):
-        self._params, self._count = params, len(params)
-
-    def still_match(self, params):
-        """Whether ``params`` is still that list, of that length (an appended parameter
-        or a replaced list remakes the buckets)."""
-        return params is self._params and len(params) == self._count
-
-
-def _refuse_meta_gradients(group_index, params):
-    for position, param in enumerate(params):
-        if local(param).is_meta and param.grad is not None:
-            raise RuntimeError(
-                f"parameter {position} of param group {group_index} is on the meta device; "
-                "materialize the model (e.g. model.to_empty(device=...)) and load its "
-                "weights before the first step"
-            )
