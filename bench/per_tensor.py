@@ -25,7 +25,7 @@ TOTAL = 2**20
 def kernel_case(tensors):
     import numpy as np
 
-    from fastmomentum.kernels import cpu, hyperparameters
+    from fastmomentum.kernels import cpu, hyperparameters, rules
     from fastmomentum.kernels.tables import TensorTable
 
     from .measure import Case
@@ -45,7 +45,10 @@ def kernel_case(tensors):
     def reset():
         arrays[0][:] = start
 
-    return Case(lambda: cpu.sgd_momentum(table, coefficients, False), reset, TOTAL, tensors, 0)
+    def step():
+        cpu.launch(table, rules.SGD_MOMENTUM, coefficients, (False,))
+
+    return Case(step, reset, TOTAL, tensors, 0)
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import hyperparameters
+from fastmomentum.kernels import hyperparameters, rules
 
 from . import quantized
 from .optimizer import FlatOptimizer
@@ -148,10 +148,11 @@ class Adam(FlatOptimizer):
             ),
         )
         if bucket.quantized:
-            columns, kernel, flags = quantized.STATE_KEYS, bucket.kernels.adam_blockwise, ()
+            columns, kernel = quantized.STATE_KEYS, bucket.kernels.adam_blockwise
+            arguments = (coefficients,)
         else:
             columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
-            kernel, flags = bucket.kernels.adam, (amsgrad,)
+            kernel, arguments = bucket.kernels.launch, (rules.ADAM, coefficients, (amsgrad,))
 
         def count_step(table):  # each parameter's step count, and its bias corrections
             step = bucket.count_steps(table.rows)
@@ -166,7 +167,7 @@ class Adam(FlatOptimizer):
                     dtype, step, lr, betas
                 )
 
-        plan.launch(columns, 2, count_step, kernel, coefficients, *flags)
+        plan.launch(columns, rules.ADAM.entry_width, count_step, kernel, *arguments)
 
 
 def _as_torch_computes(value, name):

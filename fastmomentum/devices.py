@@ -32,14 +32,8 @@ class TorchStreamKernels:
         self.device = device
         self._cuda = cuda_kernels()
 
-    def sgd_plain(self, table, coefficients):
-        self._cuda.sgd_plain(table, coefficients, **self._placement())
-
-    def sgd_momentum(self, table, coefficients, nesterov):
-        self._cuda.sgd_momentum(table, coefficients, nesterov, **self._placement())
-
-    def adam(self, table, coefficients, amsgrad):
-        self._cuda.adam(table, coefficients, amsgrad, **self._placement())
+    def launch(self, table, step, coefficients, flags=()):
+        self._cuda.launch(table, step, coefficients, flags, **self._placement())
 
     def sgd_momentum_blockwise(self, table, coefficients, nesterov):
         self._cuda.sgd_momentum_blockwise(table, coefficients, nesterov, **self._placement())

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import hyperparameters
+from fastmomentum.kernels import hyperparameters, rules
 
 from . import quantized
 from .optimizer import FlatOptimizer
@@ -148,7 +148,7 @@ class SGD(FlatOptimizer):
                     dtype, lr, weight_decay, maximize, grad_scale
                 ),
             )
-            plan.launch((), 0, None, bucket.kernels.sgd_plain, coefficients)
+            plan.launch((), 0, None, bucket.kernels.launch, rules.SGD_PLAIN, coefficients)
             return
         coefficients = self.cached_coefficients(
             bucket,
@@ -168,6 +168,8 @@ class SGD(FlatOptimizer):
 
         if bucket.quantized:
             columns, kernel = quantized.SGD_STATE_KEYS, bucket.kernels.sgd_momentum_blockwise
+            arguments = (coefficients, nesterov)
         else:
-            columns, kernel = ("momentum_buffer",), bucket.kernels.sgd_momentum
-        plan.launch(columns, 1, mark_first_steps, kernel, coefficients, nesterov)
+            columns, kernel = rules.SGD_MOMENTUM.state, bucket.kernels.launch
+            arguments = (rules.SGD_MOMENTUM, coefficients, (nesterov,))
+        plan.launch(columns, 1, mark_first_steps, kernel, *arguments)

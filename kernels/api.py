@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import cpu, hyperparameters
+from . import cpu, hyperparameters, rules
 from .arrays import address_of, device_views, flat_views, is_bfloat16, locate, placement
 from .precision import BFLOAT16_BITS, FLOAT16_BITS
 from .tables import TensorTable
@@ -75,7 +75,7 @@ def sgd_step(
         coefficients = hyperparameters.sgd_plain_coefficients(
             _compute_dtype(arrays), lr, weight_decay, maximize
         )
-        kernels.sgd_plain(_one_entry(arrays), coefficients, **launch)
+        kernels.launch(_one_entry(arrays), rules.SGD_PLAIN, coefficients, **launch)
         return
     if momentum_buffer is None:
         raise ValueError("momentum_buffer is required when momentum > 0")
@@ -86,7 +86,7 @@ def sgd_step(
         _compute_dtype(arrays), lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
     table = _one_entry(arrays, [1.0 if first_step else 0.0])
-    kernels.sgd_momentum(table, coefficients, nesterov, **launch)
+    kernels.launch(table, rules.SGD_MOMENTUM, coefficients, (nesterov,), **launch)
 
 
 def adam_step(
@@ -143,7 +143,8 @@ def adam_step(
         dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
     step_coefficients = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
-    kernels.adam(_one_entry(arrays, step_coefficients), coefficients, amsgrad, **launch)
+    table = _one_entry(arrays, step_coefficients)
+    kernels.launch(table, rules.ADAM, coefficients, (amsgrad,), **launch)
 
 
 def adamw_step(

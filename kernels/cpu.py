@@ -32,13 +32,7 @@ from numba import njit, prange
 from numba.np.ufunc import parallel
 
 from . import config
-from .elements import (
-    adam_at,
-    adam_blockwise_at,
-    sgd_momentum_at,
-    sgd_momentum_blockwise_at,
-    sgd_plain_at,
-)
+from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
 from .pointers import pointer_to, prefetch
 from .quantization import (
     BLOCK,
@@ -56,12 +50,12 @@ from .quantization import (
 # does. This digest of rules.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "ceded8421524d773"
+RULES_DIGEST = "e7b8eff79ba7f201"
 
-#: Compile-time constants of each compiled variant of the loops below (`_compiled`).
+#: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
+#: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
 CLEAR_GRADS = False
 MIRRORED = False
-AMSGRAD = False
 NESTEROV = False
 PREFETCH = False
 
@@ -71,91 +65,78 @@ CHUNK = 64
 AHEAD = 2048
 
 
-def _sgd_plain(addresses, segments, part_starts, entry_values, coefficients, formats):
-    """`rules.sgd_plain` over (param, grad)."""
-    stored_param, stored_grad, _, stored_mirror = formats
-    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED
-    for part in prange(part_starts.size - 1):
-        for segment in range(part_starts[part], part_starts[part + 1]):
-            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], stored_param)
-            grad = pointer_to(addresses[entry, 1], stored_grad)
-            mirror = pointer_to(addresses[entry, last], stored_mirror)
-            reach = CHUNK if PREFETCH else max(end - begin, 1)  # one chunk unless PREFETCH
-            for chunk in range(begin, end, reach):
-                if PREFETCH:
-                    ahead = min(chunk + AHEAD, end - 1)
-                    prefetch(param, ahead)
-                    prefetch(grad, ahead)
-                for i in range(chunk, min(chunk + reach, end)):
-                    sgd_plain_at(i, param, grad, coefficients, CLEAR_GRADS, mirror, MIRRORED)
+def loop(step):
+    """The CPU loop of ``step`` (a `steps.Step`), generated once from `loop_source`: the
+    rule's element step (`elements.element`) over every segment of a launch table.
+
+    The loop walks its part's segments; per segment it makes a typed pointer per array
+    and reads the entry's values and entry flags, then steps the elements, in chunks of
+    `CHUNK` with a software prefetch `AHEAD` elements on when ``PREFETCH`` (else one
+    chunk), with one inner loop per combination of entry flags.
+    """
+    return _generated_loop(step)
 
 
-def _sgd_momentum(addresses, segments, part_starts, entry_values, coefficients, formats):
-    """`rules.sgd_momentum` over (param, grad, momentum_buffer); ``entry_values[e, 0]``
-    is 1 on the entry's first step."""
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED
-    for part in prange(part_starts.size - 1):
-        for segment in range(part_starts[part], part_starts[part + 1]):
-            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], stored_param)
-            grad = pointer_to(addresses[entry, 1], stored_grad)
-            velocity = pointer_to(addresses[entry, 2], stored_state)
-            mirror = pointer_to(addresses[entry, last], stored_mirror)
-            first_step = entry_values[entry, 0] != 0
-            # A loop per first-step case keeps each vectorised. (The loops are written
-            # out here: a helper would see this module's constants, not the variant's.)
-            reach = CHUNK if PREFETCH else max(end - begin, 1)  # one chunk unless PREFETCH
-            for chunk in range(begin, end, reach):
-                if PREFETCH:
-                    ahead = min(chunk + AHEAD, end - 1)
-                    prefetch(param, ahead)
-                    prefetch(grad, ahead)
-                    prefetch(velocity, ahead)
-                stop = min(chunk + reach, end)
-                if first_step:
-                    for i in range(chunk, stop):
-                        sgd_momentum_at(
-                            i, param, grad, velocity, coefficients, NESTEROV, True,
-                            CLEAR_GRADS, mirror, MIRRORED,
-                        )  # fmt: skip
-                else:
-                    for i in range(chunk, stop):
-                        sgd_momentum_at(
-                            i, param, grad, velocity, coefficients, NESTEROV, False,
-                            CLEAR_GRADS, mirror, MIRRORED,
-                        )  # fmt: skip
+@functools.cache
+def _generated_loop(step):
+    namespace = {**globals(), "ELEMENT": element(step)}
+    exec(compile(loop_source(step), __file__, "exec"), namespace)
+    return namespace[f"_{step.name}"]
 
 
-def _adam(addresses, segments, part_starts, entry_values, coefficients, formats):
-    """`rules.adam` over (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the entry's
-    values are its ``−lr/(1 − β1ᵗ)`` and ``√(1 − β2ᵗ)``."""
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED
-    for part in prange(part_starts.size - 1):
-        for segment in range(part_starts[part], part_starts[part + 1]):
-            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], stored_param)
-            grad = pointer_to(addresses[entry, 1], stored_grad)
-            exp_avg = pointer_to(addresses[entry, 2], stored_state)
-            exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
-            max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
-            mirror = pointer_to(addresses[entry, last], stored_mirror)
-            step = (entry_values[entry, 0], entry_values[entry, 1])
-            reach = CHUNK if PREFETCH else max(end - begin, 1)  # one chunk unless PREFETCH
-            for chunk in range(begin, end, reach):
-                if PREFETCH:
-                    ahead = min(chunk + AHEAD, end - 1)
-                    prefetch(param, ahead)
-                    prefetch(grad, ahead)
-                    prefetch(exp_avg, ahead)
-                    prefetch(exp_avg_sq, ahead)
-                for i in range(chunk, min(chunk + reach, end)):
-                    adam_at(
-                        i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                        step, AMSGRAD, CLEAR_GRADS, mirror, MIRRORED,
-                    )  # fmt: skip
+def loop_source(step):
+    """The source of `loop` (readable: ``print(loop_source(rules.ADAM))``)."""
+    width = len(step.entry._fields) if step.entry else 0
+    values = "".join(f"entry_values[entry, {k}], " for k in range(width))
+    lines = [
+        f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, formats):",
+        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
+        "    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED",
+        "    for part in prange(part_starts.size - 1):",
+        "        for segment in range(part_starts[part], part_starts[part + 1]):",
+        "            entry, begin = segments[segment, 0], segments[segment, 1]",
+        "            end = segments[segment, 2]",
+        "            param = pointer_to(addresses[entry, 0], stored_param)",
+        "            grad = pointer_to(addresses[entry, 1], stored_grad)",
+    ]
+    for column, name in enumerate(step.state, start=2):
+        lines.append(f"            {name} = pointer_to(addresses[entry, {column}], stored_state)")
+    lines.append("            mirror = pointer_to(addresses[entry, last], stored_mirror)")
+    lines.append(f"            values = ({values})")
+    for offset, flag in enumerate(step.entry_flags, start=width):
+        lines.append(f"            {flag} = entry_values[entry, {offset}] != 0")
+    lines += [
+        "            reach = CHUNK if PREFETCH else max(end - begin, 1)",
+        "            for chunk in range(begin, end, reach):",
+        "                if PREFETCH:",
+        "                    ahead = min(chunk + AHEAD, end - 1)",
+    ]
+    always = [name for name in step.state if step.optional_flag(name) is None]
+    for name in ("param", "grad", *always):
+        lines.append(f"                    prefetch({name}, ahead)")
+    lines.append("                stop = min(chunk + reach, end)")
+    lines += _cases(step, step.entry_flags, (), "                ")
+    return "\n".join(lines) + "\n"
+
+
+def _cases(step, entry_flags, known, indent):
+    """The inner loops, one per value of each entry flag (runtime flags inside a loop
+    keep it from vectorising)."""
+    if entry_flags:
+        flag, rest = entry_flags[0], entry_flags[1:]
+        return [
+            f"{indent}if {flag}:",
+            *_cases(step, rest, (*known, "True"), indent + "    "),
+            f"{indent}else:",
+            *_cases(step, rest, (*known, "False"), indent + "    "),
+        ]
+    arguments = ["i", "param", "grad", *step.state, "coefficients", "values"]
+    arguments += [flag.upper() for flag in step.flags]
+    arguments += [*known, "CLEAR_GRADS", "mirror", "MIRRORED"]
+    return [
+        f"{indent}for i in range(chunk, stop):",
+        f"{indent}    ELEMENT({', '.join(arguments)})",
+    ]
 
 
 #: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
@@ -256,24 +237,11 @@ def _sgd_momentum_blockwise(addresses, segments, part_starts, entry_values, coef
                     velocity[i] = encode_signed(velocities[i - start], scale)
 
 
-_OPTIONS = {
-    # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one
-    # reciprocal and a multiply (≤1 ulp apart); Adam is compute-bound on division and
-    # square root while the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k
-    # float32 params.
-    _adam: {"fastmath": {"arcp"}},
-    _adam_blockwise: {"fastmath": {"arcp"}},
-}
-
-
-#: The loops' own store flag, a compile-time constant of each variant.
-_FLAG = {_adam: "AMSGRAD", _sgd_momentum: "NESTEROV", _sgd_momentum_blockwise: "NESTEROV"}
-
-
 @functools.cache
-def _compiled(loop, threaded, clear_grads, mirrored, flag=False, prefetch_ahead=False):
+def _compiled(loop, threaded, clear_grads, mirrored, flags=(), prefetch_ahead=False, fastmath=()):
     """``loop`` compiled threaded or not, with its flags as constants, under a cache name
-    of its own (`CLEAR_GRADS`, `MIRRORED`, and `AMSGRAD` or `NESTEROV`).
+    of its own (`CLEAR_GRADS`, `MIRRORED`, and ``flags``: ``(NAME, value)`` pairs such as
+    ``("AMSGRAD", True)``).
 
     Serial variants exist because waking the thread pool costs more than short arrays
     take: 64 elements 0.8 µs serial against 4.1 µs parallel, 32k elements 4.4 against
@@ -290,13 +258,15 @@ def _compiled(loop, threaded, clear_grads, mirrored, flag=False, prefetch_ahead=
     name = f"{loop.__name__}_clear{int(clear_grads)}_mirrored{int(mirrored)}"
     name += f"_prefetch{int(prefetch_ahead)}"
     constants = {"CLEAR_GRADS": clear_grads, "MIRRORED": mirrored, "PREFETCH": prefetch_ahead}
-    if loop in _FLAG:
-        name += f"_{_FLAG[loop].lower()}{int(flag)}"
-        constants[_FLAG[loop]] = flag
+    for flag, value in flags:
+        name += f"_{flag.lower()}{int(value)}"
+        constants[flag] = value
     name += "" if threaded else "_serial"
     variant = types.FunctionType(loop.__code__, {**loop.__globals__, **constants}, name)
     variant.__qualname__ = name
-    options = {"cache": True, "error_model": "numpy", **_OPTIONS.get(loop, {})}
+    options = {"cache": True, "error_model": "numpy"}
+    if fastmath:
+        options["fastmath"] = set(fastmath)
     return njit(parallel=threaded, **options)(variant)
 
 
@@ -328,44 +298,36 @@ def _sixteen_bits(formats):
     return any(kind.itemsize == 2 for kind in formats)
 
 
-def _launch(loop, table, coefficients, flag=False, block=1):
+def _launch(loop, table, coefficients, flags=(), block=1, fastmath=()):
     if table.size == 0:
         return
     threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
+    prefetch_ahead = _sixteen_bits(table.formats)
     kernel = _compiled(
-        loop, threaded, table.clear_grads, table.mirrored, flag, _sixteen_bits(table.formats)
+        loop, threaded, table.clear_grads, table.mirrored, flags, prefetch_ahead, fastmath
     )
     segments, part_starts = table.cpu_schedule(_threads() if threaded else 1, block)
     kernel(table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats)
 
 
-def sgd_plain(table, coefficients):
-    """``p ← p − lr·(f·g + λ·p)`` over a (param, grad) table; coefficients
-    ``(lr, grad_factor, weight_decay)``."""
-    _launch(_sgd_plain, table, coefficients)
-
-
-def sgd_momentum(table, coefficients, nesterov):
-    """SGD with momentum (`rules.sgd_momentum`) over a (param, grad, momentum_buffer)
-    table; coefficients in that rule's order; entry value 1 marks a first step."""
-    _launch(_sgd_momentum, table, coefficients, bool(nesterov))
-
-
-def adam(table, coefficients, amsgrad):
-    """Adam/AdamW (`rules.adam`) over a (param, grad, exp_avg, exp_avg_sq,
-    max_exp_avg_sq) table; the last address is only touched when ``amsgrad``."""
-    _launch(_adam, table, coefficients, bool(amsgrad))
+def launch(table, step, coefficients, flags=()):
+    """Apply ``step``'s rule (a `steps.Step`) in place over ``table``, whose columns are
+    param, grad and ``step.state``; ``coefficients``: its ``step.coefficients`` as a
+    plain tuple in the table's dtype (`kernels.hyperparameters`), ``flags`` the values
+    of ``step.flags``, in order."""
+    constants = tuple((name.upper(), bool(value)) for name, value in zip(step.flags, flags))
+    _launch(loop(step), table, coefficients, constants, fastmath=tuple(sorted(step.fastmath)))
 
 
 def adam_blockwise(table, coefficients):
     """Adam/AdamW (`rules.adam`, no AMSGrad) with block-wise 8-bit moments over a (param,
     grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax, exp_avg_sq absmax) table
     (`kernels.quantization`); coefficients and entry values as `adam`'s."""
-    _launch(_adam_blockwise, table, coefficients, block=BLOCK)
+    _launch(_adam_blockwise, table, coefficients, block=BLOCK, fastmath=("arcp",))
 
 
 def sgd_momentum_blockwise(table, coefficients, nesterov):
     """SGD with momentum (`rules.sgd_momentum`) and an 8-bit momentum buffer over a
     (param, grad, momentum_buffer codes, momentum_buffer absmax) table; coefficients and
     entry values as `sgd_momentum`'s."""
-    _launch(_sgd_momentum_blockwise, table, coefficients, bool(nesterov), BLOCK)
+    _launch(_sgd_momentum_blockwise, table, coefficients, (("NESTEROV", bool(nesterov)),), BLOCK)

@@ -9,6 +9,7 @@ needs numba-cuda.
 """
 
 import contextlib
+import functools
 import warnings
 
 import numpy as np
@@ -16,13 +17,7 @@ from numba import config as numba_config
 from numba import cuda, float32
 
 from . import config, precision, quantization
-from .elements import (
-    adam_at,
-    adam_blockwise_at,
-    sgd_momentum_at,
-    sgd_momentum_blockwise_at,
-    sgd_plain_at,
-)
+from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
 from .quantization import BLOCK, encode_signed, encode_unsigned, inverse
@@ -38,7 +33,7 @@ warnings.filterwarnings(
 # does. This digest of rules.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "ceded8421524d773"
+RULES_DIGEST = "e7b8eff79ba7f201"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -50,60 +45,50 @@ else:
     quantization.register_cuda()
 
 
-@cuda.jit(cache=True)
-def _sgd_plain(addresses, segments, entry_values, coefficients, formats, clear, mirrored):
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    last = addresses.shape[1] - 1  # the mirror column, when mirrored
-    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
-        entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], stored_param)
-        grad = pointer_to(addresses[entry, 1], stored_grad)
-        mirror = pointer_to(addresses[entry, last], stored_mirror)
-        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
-        for i in range(first, end, cuda.blockDim.x):
-            sgd_plain_at(i, param, grad, coefficients, clear, mirror, mirrored)
+def kernel(step):
+    """The CUDA kernel of ``step`` (a `steps.Step`), generated once from
+    `kernel_source`: blocks take segments (grid-stride), their threads stride through a
+    segment's elements, each applying the rule's element step (`elements.element`).
+    The rule's flags are arguments; entry flags are read per segment."""
+    return _generated_kernel(step)
 
 
-@cuda.jit(cache=True)
-def _sgd_momentum(
-    addresses, segments, entry_values, coefficients, formats, clear, mirrored, nesterov
-):
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    last = addresses.shape[1] - 1
-    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
-        entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], stored_param)
-        grad = pointer_to(addresses[entry, 1], stored_grad)
-        velocity = pointer_to(addresses[entry, 2], stored_state)
-        mirror = pointer_to(addresses[entry, last], stored_mirror)
-        first_step = entry_values[entry, 0] != 0
-        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
-        for i in range(first, end, cuda.blockDim.x):
-            sgd_momentum_at(
-                i, param, grad, velocity, coefficients, nesterov, first_step, clear, mirror,
-                mirrored,
-            )  # fmt: skip
+@functools.cache
+def _generated_kernel(step):
+    namespace = {**globals(), "ELEMENT": element(step)}
+    exec(compile(kernel_source(step), __file__, "exec"), namespace)
+    return cuda.jit(cache=True)(namespace[f"_{step.name}"])
 
 
-@cuda.jit(cache=True)
-def _adam(addresses, segments, entry_values, coefficients, formats, clear, mirrored, amsgrad):
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    last = addresses.shape[1] - 1
-    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
-        entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], stored_param)
-        grad = pointer_to(addresses[entry, 1], stored_grad)
-        exp_avg = pointer_to(addresses[entry, 2], stored_state)
-        exp_avg_sq = pointer_to(addresses[entry, 3], stored_state)
-        max_exp_avg_sq = pointer_to(addresses[entry, 4], stored_state)  # 0 unless amsgrad
-        mirror = pointer_to(addresses[entry, last], stored_mirror)
-        step = (entry_values[entry, 0], entry_values[entry, 1])
-        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
-        for i in range(first, end, cuda.blockDim.x):
-            adam_at(
-                i, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, step,
-                amsgrad, clear, mirror, mirrored,
-            )  # fmt: skip
+def kernel_source(step):
+    """The source of `kernel` (readable: ``print(kernel_source(rules.ADAM))``)."""
+    width = len(step.entry._fields) if step.entry else 0
+    values = "".join(f"entry_values[entry, {k}], " for k in range(width))
+    flags = "".join(f", {flag}" for flag in step.flags)
+    lines = [
+        f"def _{step.name}(addresses, segments, entry_values, coefficients, formats, clear, "
+        f"mirrored{flags}):",
+        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
+        "    last = addresses.shape[1] - 1  # the mirror column, when mirrored",
+        "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
+        "        entry = segments[segment, 0]",
+        "        param = pointer_to(addresses[entry, 0], stored_param)",
+        "        grad = pointer_to(addresses[entry, 1], stored_grad)",
+    ]
+    for column, name in enumerate(step.state, start=2):
+        lines.append(f"        {name} = pointer_to(addresses[entry, {column}], stored_state)")
+    lines.append("        mirror = pointer_to(addresses[entry, last], stored_mirror)")
+    lines.append(f"        values = ({values})")
+    for offset, flag in enumerate(step.entry_flags, start=width):
+        lines.append(f"        {flag} = entry_values[entry, {offset}] != 0")
+    arguments = ["i", "param", "grad", *step.state, "coefficients", "values", *step.flags]
+    arguments += [*step.entry_flags, "clear", "mirror", "mirrored"]
+    lines += [
+        "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]",
+        "        for i in range(first, end, cuda.blockDim.x):",
+        f"            ELEMENT({', '.join(arguments)})",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 #: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
@@ -214,30 +199,21 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
         )  # fmt: skip
 
 
-def sgd_plain(table, coefficients, stream=None, device=None, upload=None):
-    """`kernels.cpu.sgd_plain` on GPU ``device`` (default: the current one), queued on
+def launch(table, step, coefficients, flags=(), stream=None, device=None, upload=None):
+    """`kernels.cpu.launch` on GPU ``device`` (default: the current one), queued on
     ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
     ``upload(array)`` returns a device copy of a small host array, queued on ``stream``."""
-    _launch(_sgd_plain, table, coefficients, (), stream, device, upload)
-
-
-def sgd_momentum(table, coefficients, nesterov, stream=None, device=None, upload=None):
-    """`kernels.cpu.sgd_momentum` on the GPU; the other arguments as `sgd_plain`."""
-    _launch(_sgd_momentum, table, coefficients, (nesterov,), stream, device, upload)
-
-
-def adam(table, coefficients, amsgrad, stream=None, device=None, upload=None):
-    """`kernels.cpu.adam` on the GPU; the other arguments as `sgd_plain`."""
-    _launch(_adam, table, coefficients, (amsgrad,), stream, device, upload)
+    flags = tuple(bool(flag) for flag in flags)
+    _launch(kernel(step), table, coefficients, flags, stream, device, upload)
 
 
 def adam_blockwise(table, coefficients, stream=None, device=None, upload=None):
-    """`kernels.cpu.adam_blockwise` on the GPU; the other arguments as `sgd_plain`."""
+    """`kernels.cpu.adam_blockwise` on the GPU; the other arguments as `launch`'s."""
     _launch(_adam_blockwise, table, coefficients, (), stream, device, upload, BLOCK)
 
 
 def sgd_momentum_blockwise(table, coefficients, nesterov, stream=None, device=None, upload=None):
-    """`kernels.cpu.sgd_momentum_blockwise` on the GPU; the other arguments as `sgd_plain`."""
+    """`kernels.cpu.sgd_momentum_blockwise` on the GPU; the other arguments as `launch`'s."""
     _launch(
         _sgd_momentum_blockwise, table, coefficients, (nesterov,), stream, device, upload, BLOCK
     )

@@ -2,8 +2,10 @@
 `kernels.rules` applied at index ``i`` of the step's arrays.
 
 The CPU loops and the CUDA kernels differ only in which indices a thread takes; each
-calls these for every index it takes. The arrays are whatever indexes elements: typed
-pointers (`kernels.pointers`) in compiled code, NumPy views in the CUDA simulator.
+calls these for every index it takes. `element` generates the function for a rule
+from its `steps.Step`; the 8-bit ones below are written out. The arrays are whatever
+indexes elements: typed pointers (`kernels.pointers`) in compiled code, NumPy views in
+the CUDA simulator.
 Elements are read as the coefficients' type and written back in their own format
 (`kernels.precision`: bfloat16 and float16 arrays compute in float32, one rounding per
 stored value). With ``clear_grad`` the gradient element is zeroed once read (zero is
@@ -13,6 +15,8 @@ param array is a float32 master copy and each new value is also stored, rounded,
 (`kernels.quantization`) is decoded here and returned, not stored: its codes need the
 new absmax of their whole block.
 """
+
+import functools
 
 from numba.extending import register_jitable
 
@@ -28,71 +32,62 @@ def _store_param(param, mirror, i, value, mirrored):
         store(mirror, i, value)
 
 
-@register_jitable
-def sgd_plain_at(i, param, grad, coefficients, clear_grad, mirror, mirrored):
-    like = coefficients[0]
-    new_param = rules.sgd_plain(load(param, i, like), load(grad, i, like), *coefficients)
-    _store_param(param, mirror, i, new_param, mirrored)
-    if clear_grad:
-        grad[i] = 0
+def element(step):
+    """The element step of ``step`` (a `steps.Step`), generated from it once::
+
+        <name>_at(i, param, grad, *state, coefficients, entry, *flags, *entry_flags,
+                  clear_grad, mirror, mirrored)
+
+    loads element ``i`` of param, grad and each state array, calls the rule with them,
+    the coefficients, the entry's values (a tuple) and the flags, and stores what it
+    returns. A state array that is ``optional`` on a flag is read and written only
+    when that flag is set (the rule then gets another state value it ignores).
+    """
+    return _generated(step)
 
 
-@register_jitable
-def sgd_momentum_at(
-    i, param, grad, velocity, coefficients, nesterov, first_step, clear_grad, mirror, mirrored
-):
-    like = coefficients[0]
-    new_param, new_velocity = rules.sgd_momentum(
-        load(param, i, like),
-        load(grad, i, like),
-        load(velocity, i, like),
-        *coefficients,
-        nesterov,
-        first_step,
-    )
-    _store_param(param, mirror, i, new_param, mirrored)
-    store(velocity, i, new_velocity)
-    if clear_grad:
-        grad[i] = 0
+@functools.cache
+def _generated(step):
+    namespace = {"__name__": __name__, "RULE": step.rule}
+    namespace.update(register_jitable=register_jitable, load=load, store=store)
+    namespace.update(store_param=_store_param)
+    exec(compile(element_source(step), __file__, "exec"), namespace)
+    return namespace[f"{step.name}_at"]
 
 
-@register_jitable
-def adam_at(
-    i,
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
-    max_exp_avg_sq,
-    coefficients,
-    entry,
-    amsgrad,
-    clear_grad,
-    mirror,
-    mirrored,
-):
-    """``entry``: the entry's ``(−lr/(1 − β1ᵗ), √(1 − β2ᵗ))``; ``max_exp_avg_sq`` is
-    read and written only with ``amsgrad``."""
-    like = coefficients[0]
-    running_max = load(max_exp_avg_sq, i, like) if amsgrad else load(exp_avg_sq, i, like)
-    new_param, new_exp_avg, new_exp_avg_sq, running_max = rules.adam(
-        load(param, i, like),
-        load(grad, i, like),
-        load(exp_avg, i, like),
-        load(exp_avg_sq, i, like),
-        running_max,
-        *coefficients,
-        entry[0],
-        entry[1],
-        amsgrad,
-    )
-    _store_param(param, mirror, i, new_param, mirrored)
-    store(exp_avg, i, new_exp_avg)
-    store(exp_avg_sq, i, new_exp_avg_sq)
-    if amsgrad:
-        store(max_exp_avg_sq, i, running_max)
-    if clear_grad:
-        grad[i] = 0
+def element_source(step):
+    """The source of `element` (readable: ``print(element_source(rules.ADAM))``)."""
+    entry = len(step.entry._fields) if step.entry else 0
+    arguments = ["i", "param", "grad", *step.state, "coefficients", "entry"]
+    arguments += [*step.flags, *step.entry_flags, "clear_grad", "mirror", "mirrored"]
+    lines = [
+        "@register_jitable",
+        f"def {step.name}_at({', '.join(arguments)}):",
+        "    like = coefficients[0]",
+    ]
+    values = ["load(param, i, like)", "load(grad, i, like)"]
+    for position, name in enumerate(step.state):
+        flag = step.optional_flag(name)
+        if flag:  # when the flag is off, the rule gets (and ignores) the state before it
+            fallback = step.state[position - 1] if position else "param"
+            lines.append(f"    {name}_value = load({name} if {flag} else {fallback}, i, like)")
+            values.append(f"{name}_value")
+        else:
+            values.append(f"load({name}, i, like)")
+    values += ["*coefficients", *(f"entry[{k}]" for k in range(entry))]
+    values += [*step.flags, *step.entry_flags]
+    results = ", ".join(["new_param", *(f"new_{name}" for name in step.state)])
+    lines.append(f"    {results} = RULE({', '.join(values)})")
+    lines.append("    store_param(param, mirror, i, new_param, mirrored)")
+    for name in step.state:
+        flag = step.optional_flag(name)
+        indent = "    "
+        if flag:
+            lines.append(f"    if {flag}:")
+            indent = "        "
+        lines.append(f"{indent}store({name}, i, new_{name})")
+    lines += ["    if clear_grad:", "        grad[i] = 0", ""]
+    return "\n".join(lines)
 
 
 @register_jitable

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastmomentum
-from fastmomentum.kernels import config, cpu, hyperparameters
+from fastmomentum.kernels import config, cpu, hyperparameters, rules
 from fastmomentum.kernels.tables import TensorTable
 
 from . import reference
@@ -56,7 +56,7 @@ def fill(table, arrays):
         table.addresses[entry, : len(row)] = [a.ctypes.data for a in row]
 
 
-def run_sgd(kernels, dtype, launch=None):
+def run_sgd(kernels, dtype):
     """SGD with momentum over the table for STEPS steps; returns (arrays, expected)."""
     arrays = make_arrays(dtype, 3, 0)
     expected = [[a.astype(np.float64) for a in row] for row in arrays]
@@ -72,7 +72,7 @@ def run_sgd(kernels, dtype, launch=None):
         table.entry_values[:, 0] = first
         for row in arrays:
             row[1][:] = rng.standard_normal(row[1].size)
-        (launch or kernels.sgd_momentum)(table, coefficients, False)
+        kernels.launch(table, rules.SGD_MOMENTUM, coefficients, (False,))
         for row, want, is_first in zip(arrays, expected, first):
             want[0], want[2] = reference.sgd(
                 want[0],
@@ -86,7 +86,7 @@ def run_sgd(kernels, dtype, launch=None):
     return arrays, expected
 
 
-def run_adam(kernels, dtype, amsgrad, launch=None):
+def run_adam(kernels, dtype, amsgrad):
     arrays = make_arrays(dtype, 5, 2)
     for row in arrays:
         row[3][:] = np.abs(row[3])  # exp_avg_sq ≥ 0
@@ -107,7 +107,7 @@ def run_adam(kernels, dtype, amsgrad, launch=None):
         )
         for row in arrays:
             row[1][:] = rng.standard_normal(row[1].size)
-        (launch or kernels.adam)(table, coefficients, amsgrad)
+        kernels.launch(table, rules.ADAM, coefficients, (amsgrad,))
         for entry, (row, want) in enumerate(zip(arrays, expected)):
             want[0], want[2], want[3], want[4] = reference.adam(
                 want[0],
@@ -170,10 +170,9 @@ def test_cuda_sgd_and_adam_over_the_same_tables(dtype, monkeypatch):
 def test_a_step_is_one_launch_per_bucket(name, flat_gradients, monkeypatch):
     """Autograd's fresh gradients (torch's default zero_grad) or our flat ones: one launch."""
     launches = []
-    kernel = "sgd_momentum" if name == "SGD" else "adam"
-    original = getattr(cpu, kernel)
+    original = cpu.launch
     monkeypatch.setattr(
-        cpu, kernel, lambda table, *args: (launches.append(table), original(table, *args))
+        cpu, "launch", lambda table, *args: (launches.append(table), original(table, *args))
     )
     model = make_model()
     options = {"lr": 0.01, "momentum": 0.9} if name == "SGD" else {"lr": 0.01}
@@ -191,9 +190,9 @@ def test_a_step_is_one_launch_per_bucket(name, flat_gradients, monkeypatch):
 
 def test_parameters_of_two_dtypes_are_two_launches(monkeypatch):
     launches = []
-    original = cpu.adam
+    original = cpu.launch
     monkeypatch.setattr(
-        cpu, "adam", lambda table, *args: (launches.append(table), original(table, *args))
+        cpu, "launch", lambda table, *args: (launches.append(table), original(table, *args))
     )
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2).double())
     optimizer = fastmomentum.Adam(model.parameters())

@@ -1,0 +1,53 @@
+"""What the kernels need to know of an update rule to apply it over arrays.
+
+A `Step` describes one rule of `kernels.rules` by its argument order, which every rule
+follows::
+
+    rule(param, grad, *state, *coefficients, *entry, *flags, *entry_flags)
+        -> new param                     (a rule without state)
+        -> (new param, *new state)
+
+From a `Step` alone the element step (`kernels.elements.element`), the CPU loops
+(`kernels.cpu`) and the CUDA kernels (`kernels.cuda`) are generated, and launched
+through one function each (`cpu.launch`, `cuda.launch`): adding a rule adds no loop,
+kernel or launcher.
+"""
+
+from typing import NamedTuple
+
+
+class Step(NamedTuple):
+    """A rule and the arrays and values it takes.
+
+    - ``rule``: the per-element function (``register_jitable``);
+    - ``state``: the names of its state arrays, in its argument order (also the launch
+      table's columns after param and grad);
+    - ``coefficients``: the ``NamedTuple`` of the coefficients every entry shares;
+    - ``entry``: the ``NamedTuple`` of the coefficients of each entry (a launch table's
+      first entry values), or ``None``;
+    - ``flags``: compile-time flags, one compiled loop per value (``nesterov``);
+    - ``entry_flags``: flags of each entry (the entry values after ``entry``), for
+      which each loop is written once per value so that every case vectorises;
+    - ``optional``: ``(state array, flag)`` pairs: the flag without which that array is
+      neither read nor written (and its column may be 0);
+    - ``fastmath``: LLVM fast-math flags for the CPU loop.
+    """
+
+    name: str
+    rule: object
+    state: tuple = ()
+    coefficients: type = None
+    entry: type = None
+    flags: tuple = ()
+    entry_flags: tuple = ()
+    optional: tuple = ()
+    fastmath: frozenset = frozenset()
+
+    def optional_flag(self, name):
+        """The flag state array ``name`` needs, or ``None`` if it is always used."""
+        return dict(self.optional).get(name)
+
+    @property
+    def entry_width(self):
+        """Values per entry in a launch table: the entry coefficients, then entry flags."""
+        return (len(self.entry._fields) if self.entry else 0) + len(self.entry_flags)
