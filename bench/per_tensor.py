@@ -25,7 +25,7 @@ TOTAL = 2**20
 def kernel_case(tensors):
     import numpy as np
 
-    from fastmomentum.kernels import cpu, hyperparameters, rules
+    from fastmomentum.kernels import cpu, rules
     from fastmomentum.kernels.tables import TensorTable
 
     from .measure import Case
@@ -37,7 +37,7 @@ def kernel_case(tensors):
     offsets = np.arange(tensors, dtype=np.int64) * length * 4
     for column, array in enumerate(arrays):
         table.addresses[:, column] = array.ctypes.data + offsets
-    coefficients = hyperparameters.sgd_momentum_coefficients(
+    coefficients = rules.sgd.momentum_coefficients(
         np.float32, 1e-3, 0.9, 0.0, 0.0, False, "pytorch"
     )
     start = arrays[0].copy()
@@ -46,7 +46,7 @@ def kernel_case(tensors):
         arrays[0][:] = start
 
     def step():
-        cpu.launch(table, rules.SGD_MOMENTUM, coefficients, (False,))
+        cpu.launch(table, rules.sgd.MOMENTUM, coefficients, (False,))
 
     return Case(step, reset, TOTAL, tensors, 0)
 

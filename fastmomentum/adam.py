@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import hyperparameters, rules
+from fastmomentum.kernels import rules
 
 from . import quantized
 from .optimizer import FlatOptimizer
@@ -134,7 +134,7 @@ class Adam(FlatOptimizer):
 
     def check_settings(self, settings):
         lr, betas, eps, weight_decay, *_ = settings
-        hyperparameters.check_adam(lr, betas, eps, weight_decay)
+        rules.adam.check(lr, betas, eps, weight_decay)
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings
@@ -143,7 +143,7 @@ class Adam(FlatOptimizer):
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
-            lambda: hyperparameters.adam_constant_coefficients(
+            lambda: rules.adam.coefficients(
                 dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
             ),
         )
@@ -152,22 +152,20 @@ class Adam(FlatOptimizer):
             arguments = (coefficients,)
         else:
             columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
-            kernel, arguments = bucket.kernels.launch, (rules.ADAM, coefficients, (amsgrad,))
+            kernel, arguments = bucket.kernels.launch, (rules.adam.STEP, coefficients, (amsgrad,))
 
         def count_step(table):  # each parameter's step count, and its bias corrections
             step = bucket.count_steps(table.rows)
             if step is None:  # parameters at different steps: a row each
-                table.entry_values[:] = hyperparameters.adam_step_coefficients_per_entry(
+                table.entry_values[:] = rules.adam.step_coefficients_per_entry(
                     dtype, steps[table.rows], lr, betas
                 )
                 table.note = None
             elif table.note != (step, lr, betas):  # one row for all
                 table.note = (step, lr, betas)
-                table.entry_values[:] = hyperparameters.adam_step_coefficients(
-                    dtype, step, lr, betas
-                )
+                table.entry_values[:] = rules.adam.step_coefficients(dtype, step, lr, betas)
 
-        plan.launch(columns, rules.ADAM.entry_width, count_step, kernel, *arguments)
+        plan.launch(columns, rules.adam.STEP.entry_width, count_step, kernel, *arguments)
 
 
 def _as_torch_computes(value, name):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import hyperparameters, rules
+from fastmomentum.kernels import rules
 
 from . import quantized
 from .optimizer import FlatOptimizer
@@ -109,8 +109,8 @@ class SGD(FlatOptimizer):
 
     def settings(self, group):
         convention = group["momentum_convention"]
-        if convention not in hyperparameters.MOMENTUM_CONVENTIONS:
-            hyperparameters.check_momentum_convention(convention)
+        if convention not in rules.sgd.CONVENTIONS:
+            rules.sgd.check_convention(convention)
         return (
             host_float(group["lr"], "lr"),
             host_float(group["momentum"], "momentum"),
@@ -135,7 +135,7 @@ class SGD(FlatOptimizer):
 
     def check_settings(self, settings):
         lr, momentum, dampening, weight_decay, nesterov, _, convention = settings
-        hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, convention)
+        rules.sgd.check(lr, momentum, dampening, weight_decay, nesterov, convention)
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings
@@ -144,16 +144,14 @@ class SGD(FlatOptimizer):
             coefficients = self.cached_coefficients(
                 bucket,
                 (settings, grad_scale),
-                lambda: hyperparameters.sgd_plain_coefficients(
-                    dtype, lr, weight_decay, maximize, grad_scale
-                ),
+                lambda: rules.sgd.plain_coefficients(dtype, lr, weight_decay, maximize, grad_scale),
             )
-            plan.launch((), 0, None, bucket.kernels.launch, rules.SGD_PLAIN, coefficients)
+            plan.launch((), 0, None, bucket.kernels.launch, rules.sgd.PLAIN, coefficients)
             return
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
-            lambda: hyperparameters.sgd_momentum_coefficients(
+            lambda: rules.sgd.momentum_coefficients(
                 dtype, lr, momentum, dampening, weight_decay, maximize, convention, grad_scale
             ),
         )
@@ -170,6 +168,6 @@ class SGD(FlatOptimizer):
             columns, kernel = quantized.SGD_STATE_KEYS, bucket.kernels.sgd_momentum_blockwise
             arguments = (coefficients, nesterov)
         else:
-            columns, kernel = rules.SGD_MOMENTUM.state, bucket.kernels.launch
-            arguments = (rules.SGD_MOMENTUM, coefficients, (nesterov,))
+            columns, kernel = rules.sgd.MOMENTUM.state, bucket.kernels.launch
+            arguments = (rules.sgd.MOMENTUM, coefficients, (nesterov,))
         plan.launch(columns, 1, mark_first_steps, kernel, *arguments)

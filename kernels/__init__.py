@@ -9,7 +9,7 @@ Needs only NumPy and Numba (no torch)::
 """
 
 from .api import adam_8bit_step, adam_step, adamw_step, sgd_8bit_step, sgd_step
-from .hyperparameters import MOMENTUM_CONVENTIONS
+from .rules.sgd import CONVENTIONS as MOMENTUM_CONVENTIONS
 
 __all__ = [
     "MOMENTUM_CONVENTIONS",

@@ -69,24 +69,24 @@ def sgd_step(
     nesterov, maximize, first_step = _flags(
         nesterov=nesterov, maximize=maximize, first_step=first_step
     )
-    hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
+    rules.sgd.check(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
     if momentum == 0:
         kernels, arrays, launch = _dispatch({"param": param, "grad": grad}, stream)
-        coefficients = hyperparameters.sgd_plain_coefficients(
+        coefficients = rules.sgd.plain_coefficients(
             _compute_dtype(arrays), lr, weight_decay, maximize
         )
-        kernels.launch(_one_entry(arrays), rules.SGD_PLAIN, coefficients, **launch)
+        kernels.launch(_one_entry(arrays), rules.sgd.PLAIN, coefficients, **launch)
         return
     if momentum_buffer is None:
         raise ValueError("momentum_buffer is required when momentum > 0")
     kernels, arrays, launch = _dispatch(
         {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}, stream
     )
-    coefficients = hyperparameters.sgd_momentum_coefficients(
+    coefficients = rules.sgd.momentum_coefficients(
         _compute_dtype(arrays), lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
     table = _one_entry(arrays, [1.0 if first_step else 0.0])
-    kernels.launch(table, rules.SGD_MOMENTUM, coefficients, (nesterov,), **launch)
+    kernels.launch(table, rules.sgd.MOMENTUM, coefficients, (nesterov,), **launch)
 
 
 def adam_step(
@@ -125,7 +125,7 @@ def adam_step(
         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay
     )
     step = hyperparameters.as_step(step)
-    hyperparameters.check_adam(lr, betas, eps, weight_decay)
+    rules.adam.check(lr, betas, eps, weight_decay)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
     kernels, arrays, launch = _dispatch(
@@ -139,12 +139,12 @@ def adam_step(
         stream,
     )
     dtype = _compute_dtype(arrays)
-    coefficients = hyperparameters.adam_constant_coefficients(
+    coefficients = rules.adam.coefficients(
         dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
-    step_coefficients = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
+    step_coefficients = rules.adam.step_coefficients(dtype, step, lr, betas)
     table = _one_entry(arrays, step_coefficients)
-    kernels.launch(table, rules.ADAM, coefficients, (amsgrad,), **launch)
+    kernels.launch(table, rules.adam.STEP, coefficients, (amsgrad,), **launch)
 
 
 def adamw_step(
@@ -227,7 +227,7 @@ def adam_8bit_step(
         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay
     )
     step = hyperparameters.as_step(step)
-    hyperparameters.check_adam(lr, betas, eps, weight_decay)
+    rules.adam.check(lr, betas, eps, weight_decay)
     kernels, arrays, launch = _dispatch(
         {
             "param": param,
@@ -246,10 +246,10 @@ def adam_8bit_step(
         },
     )
     dtype = np.dtype(np.float32)
-    coefficients = hyperparameters.adam_constant_coefficients(
+    coefficients = rules.adam.coefficients(
         dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
-    step_coefficients = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
+    step_coefficients = rules.adam.step_coefficients(dtype, step, lr, betas)
     kernels.adam_blockwise(
         _one_entry(arrays, step_coefficients, codes=True), coefficients, **launch
     )
@@ -280,7 +280,7 @@ def sgd_8bit_step(
     nesterov, maximize, first_step = _flags(
         nesterov=nesterov, maximize=maximize, first_step=first_step
     )
-    hyperparameters.check_sgd(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
+    rules.sgd.check(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
     if momentum == 0:
         raise ValueError("sgd_8bit_step needs momentum > 0 (without it there is no buffer)")
     kernels, arrays, launch = _dispatch(
@@ -293,7 +293,7 @@ def sgd_8bit_step(
         stream,
         {"momentum_buffer_codes": "signed", "momentum_buffer_absmax": "absmax"},
     )
-    coefficients = hyperparameters.sgd_momentum_coefficients(
+    coefficients = rules.sgd.momentum_coefficients(
         np.dtype(np.float32), lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
     table = _one_entry(arrays, [1.0 if first_step else 0.0], codes=True)

@@ -47,10 +47,10 @@ from .quantization import (
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
 # element step, the pointer intrinsic, a 16-bit conversion or an 8-bit code it inlines
-# does. This digest of rules.py, elements.py, pointers.py, precision.py and
+# does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "e7b8eff79ba7f201"
+RULES_DIGEST = "3b053fdf1af2db59"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -85,7 +85,7 @@ def _generated_loop(step):
 
 
 def loop_source(step):
-    """The source of `loop` (readable: ``print(loop_source(rules.ADAM))``)."""
+    """The source of `loop` (readable: ``print(loop_source(rules.adam.STEP))``)."""
     width = len(step.entry._fields) if step.entry else 0
     values = "".join(f"entry_values[entry, {k}], " for k in range(width))
     lines = [
@@ -192,7 +192,7 @@ def _adam_blockwise(addresses, segments, part_starts, entry_values, coefficients
 
 
 def _sgd_momentum_blockwise(addresses, segments, part_starts, entry_values, coefficients, formats):
-    """`rules.sgd_momentum` over (param, grad, momentum_buffer codes, their absmax): an
+    """`rules.sgd.momentum` over (param, grad, momentum_buffer codes, their absmax): an
     8-bit buffer (`kernels.quantization`), each block in two passes as in
     `_adam_blockwise`; ``entry_values[e, 0]`` is 1 on the entry's first step."""
     stored_param, stored_grad, _, _ = formats
@@ -327,7 +327,7 @@ def adam_blockwise(table, coefficients):
 
 
 def sgd_momentum_blockwise(table, coefficients, nesterov):
-    """SGD with momentum (`rules.sgd_momentum`) and an 8-bit momentum buffer over a
+    """SGD with momentum (`rules.sgd.momentum`) and an 8-bit momentum buffer over a
     (param, grad, momentum_buffer codes, momentum_buffer absmax) table; coefficients and
     entry values as `sgd_momentum`'s."""
     _launch(_sgd_momentum_blockwise, table, coefficients, (("NESTEROV", bool(nesterov)),), BLOCK)

@@ -21,7 +21,7 @@ from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
 from .quantization import BLOCK, encode_signed, encode_unsigned, inverse
-from .rules import nan_max
+from .rules.common import nan_max
 
 # A small table gets a small grid on purpose; numba-cuda would warn about each launch.
 warnings.filterwarnings(
@@ -30,10 +30,10 @@ warnings.filterwarnings(
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
 # element step, the pointer intrinsic, a 16-bit conversion or an 8-bit code it inlines
-# does. This digest of rules.py, elements.py, pointers.py, precision.py and
+# does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "e7b8eff79ba7f201"
+RULES_DIGEST = "3b053fdf1af2db59"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -61,7 +61,7 @@ def _generated_kernel(step):
 
 
 def kernel_source(step):
-    """The source of `kernel` (readable: ``print(kernel_source(rules.ADAM))``)."""
+    """The source of `kernel` (readable: ``print(kernel_source(rules.adam.STEP))``)."""
     width = len(step.entry._fields) if step.entry else 0
     values = "".join(f"entry_values[entry, {k}], " for k in range(width))
     flags = "".join(f", {flag}" for flag in step.flags)

@@ -56,7 +56,7 @@ def _generated(step):
 
 
 def element_source(step):
-    """The source of `element` (readable: ``print(element_source(rules.ADAM))``)."""
+    """The source of `element` (readable: ``print(element_source(rules.adam.STEP))``)."""
     entry = len(step.entry._fields) if step.entry else 0
     arguments = ["i", "param", "grad", *step.state, "coefficients", "entry"]
     arguments += [*step.flags, *step.entry_flags, "clear_grad", "mirror", "mirrored"]
@@ -100,7 +100,7 @@ def adam_blockwise_at(
     ``(exp_avg, exp_avg_sq)`` for the caller to encode."""
     like = coefficients[0]
     second_moment = decode_unsigned(exp_avg_sq[i], exp_avg_sq_absmax)
-    new_param, new_exp_avg, new_exp_avg_sq, _ = rules.adam(
+    new_param, new_exp_avg, new_exp_avg_sq, _ = rules.adam.update(
         load(param, i, like),
         load(grad, i, like),
         decode_signed(exp_avg[i], exp_avg_absmax),
@@ -125,7 +125,7 @@ def sgd_momentum_blockwise_at(
     block with this absmax: stores the new param and returns the new buffer value for
     the caller to encode."""
     like = coefficients[0]
-    new_param, new_velocity = rules.sgd_momentum(
+    new_param, new_velocity = rules.sgd.momentum(
         load(param, i, like),
         load(grad, i, like),
         decode_signed(velocity[i], velocity_absmax),

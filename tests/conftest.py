@@ -16,7 +16,7 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 _KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 _digest = hashlib.sha256()
-for source in sorted(_KERNELS.glob("*.py")):
+for source in sorted(_KERNELS.rglob("*.py")):
     _digest.update(source.read_bytes())
 os.environ.setdefault(
     "NUMBA_CACHE_DIR", str(_KERNELS.parent / ".numba_cache" / _digest.hexdigest()[:16])

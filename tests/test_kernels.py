@@ -236,37 +236,34 @@ def test_kernel_modules_carry_the_current_rules_digest():
     import hashlib
     from pathlib import Path
 
-    from fastmomentum.kernels import cpu, elements, pointers, precision, quantization, rules
+    from fastmomentum.kernels import cpu, elements, pointers, precision, quantization
 
+    folder = Path(cpu.__file__).parent
+    sources = sorted((folder / "rules").glob("*.py"))
+    sources += [Path(m.__file__) for m in (elements, pointers, precision, quantization)]
     digest = hashlib.sha256()
-    for module in (rules, elements, pointers, precision, quantization):
-        digest.update(Path(module.__file__).read_bytes())
+    for source in sources:
+        digest.update(source.read_bytes())
     digest = digest.hexdigest()[:16]
     assert cpu.RULES_DIGEST == digest, (
-        "rules, elements, pointers, precision or quantization changed: "
+        "a rule, elements, pointers, precision or quantization changed: "
         f"set RULES_DIGEST = {digest!r}"
     )
     source = Path(cpu.__file__).with_name("cuda.py").read_text()
     assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"
 
 
-@pytest.mark.parametrize(
-    ("rule", "per_element", "named"),
-    [
-        (rules.sgd_plain, 2, [rules.SgdPlainCoefficients]),
-        (rules.sgd_momentum, 3, [rules.SgdMomentumCoefficients]),
-        (rules.adam, 5, [rules.AdamCoefficients, rules.AdamStepCoefficients]),
-    ],
-    ids=["sgd_plain", "sgd_momentum", "adam"],
-)
-def test_each_rules_named_coefficients_are_its_arguments_in_order(rule, per_element, named):
-    """The contract between `kernels.hyperparameters` (which builds the named tuples) and
-    the rules (which take them unpacked, in order): held by this test, not a comment."""
+@pytest.mark.parametrize("step", rules.STEPS, ids=[step.name for step in rules.STEPS])
+def test_each_rule_takes_what_its_step_says_in_order(step):
+    """The contract between a rule and its `steps.Step` (from which its loops, kernels
+    and coefficients are made): ``rule(param, grad, *state, *coefficients, *entry,
+    *flags, *entry_flags)``, held by this test, not a comment."""
     import inspect
 
-    arguments = list(inspect.signature(rule).parameters)[per_element:]
-    fields = [field for coefficients in named for field in coefficients._fields]
-    assert arguments[: len(fields)] == fields
-    assert all(
-        argument in ("nesterov", "first_step", "amsgrad") for argument in arguments[len(fields) :]
-    )
+    arguments = list(inspect.signature(step.rule).parameters)
+    fields = step.coefficients._fields + (step.entry._fields if step.entry else ())
+    state = len(step.state)
+    assert len(arguments) == 2 + state + len(fields) + len(step.flags) + len(step.entry_flags)
+    assert tuple(arguments[2 + state : 2 + state + len(fields)]) == fields
+    assert tuple(arguments[2 + state + len(fields) :]) == step.flags + step.entry_flags
+    assert all(step.optional_flag(name) in step.flags for name, _ in step.optional)

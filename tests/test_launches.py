@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastmomentum
-from fastmomentum.kernels import config, cpu, hyperparameters, rules
+from fastmomentum.kernels import config, cpu, rules
 from fastmomentum.kernels.tables import TensorTable
 
 from . import reference
@@ -64,15 +64,13 @@ def run_sgd(kernels, dtype):
     fill(table, arrays)
     rng = np.random.default_rng(1)
     options = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}
-    coefficients = hyperparameters.sgd_momentum_coefficients(
-        dtype, 0.05, 0.9, 0.1, 0.01, False, "pytorch"
-    )
+    coefficients = rules.sgd.momentum_coefficients(dtype, 0.05, 0.9, 0.1, 0.01, False, "pytorch")
     for step in range(STEPS):
         first = rng.random(len(LENGTHS)) < 0.5 if step else np.ones(len(LENGTHS), bool)
         table.entry_values[:, 0] = first
         for row in arrays:
             row[1][:] = rng.standard_normal(row[1].size)
-        kernels.launch(table, rules.SGD_MOMENTUM, coefficients, (False,))
+        kernels.launch(table, rules.sgd.MOMENTUM, coefficients, (False,))
         for row, want, is_first in zip(arrays, expected, first):
             want[0], want[2] = reference.sgd(
                 want[0],
@@ -97,17 +95,13 @@ def run_adam(kernels, dtype, amsgrad):
     steps = np.arange(1, len(LENGTHS) + 1)  # every tensor at its own step count
     rng = np.random.default_rng(3)
     lr, betas, eps, weight_decay = 1e-2, (0.9, 0.99), 1e-8, 0.01
-    coefficients = hyperparameters.adam_constant_coefficients(
-        dtype, lr, betas, eps, weight_decay, False, False
-    )
+    coefficients = rules.adam.coefficients(dtype, lr, betas, eps, weight_decay, False, False)
     for _ in range(STEPS):
         steps += 1
-        table.entry_values[:] = hyperparameters.adam_step_coefficients_per_entry(
-            dtype, steps, lr, betas
-        )
+        table.entry_values[:] = rules.adam.step_coefficients_per_entry(dtype, steps, lr, betas)
         for row in arrays:
             row[1][:] = rng.standard_normal(row[1].size)
-        kernels.launch(table, rules.ADAM, coefficients, (amsgrad,))
+        kernels.launch(table, rules.adam.STEP, coefficients, (amsgrad,))
         for entry, (row, want) in enumerate(zip(arrays, expected)):
             want[0], want[2], want[3], want[4] = reference.adam(
                 want[0],

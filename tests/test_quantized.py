@@ -15,7 +15,7 @@ import torch
 
 import fastmomentum
 from fastmomentum import quantized
-from fastmomentum.kernels import config, cpu, hyperparameters, quantization
+from fastmomentum.kernels import config, cpu, quantization, rules
 from fastmomentum.kernels.api import cuda_kernels
 from fastmomentum.kernels.tables import TensorTable
 
@@ -116,12 +116,10 @@ def _reference_step(param, grad, codes, step, lr, betas, eps, weight_decay, deco
     """One 8-bit Adam step in NumPy float32, in `rules.adam`'s order, from decoded
     moments; returns the new param and the new (codes, absmax) of both moments."""
     dtype = np.dtype(np.float32)
-    beta1, beta1_c, beta2, beta2_c, eps, factor, l2, decay = (
-        hyperparameters.adam_constant_coefficients(
-            dtype, lr, betas, eps, weight_decay, decoupled, maximize
-        )
+    beta1, beta1_c, beta2, beta2_c, eps, factor, l2, decay = rules.adam.coefficients(
+        dtype, lr, betas, eps, weight_decay, decoupled, maximize
     )
-    step_size, correction2 = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
+    step_size, correction2 = rules.adam.step_coefficients(dtype, step, lr, betas)
     m = quantization.dequantize(codes[0], codes[1])
     v = quantization.dequantize(codes[2], codes[3])
     param = param * decay
@@ -158,8 +156,8 @@ def _launch(kernels, params, grads, states, step, options):
         ]
     dtype = np.dtype(np.float32)
     lr, betas = options["lr"], options["betas"]
-    table.entry_values[:] = hyperparameters.adam_step_coefficients(dtype, step, lr, betas)
-    coefficients = hyperparameters.adam_constant_coefficients(
+    table.entry_values[:] = rules.adam.step_coefficients(dtype, step, lr, betas)
+    coefficients = rules.adam.coefficients(
         dtype, lr, betas, options["eps"], options["weight_decay"], options["decoupled"],
         options["maximize"],
     )  # fmt: skip
@@ -435,9 +433,9 @@ def test_the_torch_optimizers_step_8bit_state_with_the_cuda_kernels(name, option
 
 def _reference_sgd_step(param, grad, codes, first, lr, momentum, dampening, weight_decay,
                         nesterov, maximize, convention):  # fmt: skip
-    """One SGD-momentum step in NumPy float32, in `rules.sgd_momentum`'s order, from the
+    """One SGD-momentum step in NumPy float32, in `rules.sgd.momentum`'s order, from the
     decoded buffer; returns the new param and the buffer's new (codes, absmax)."""
-    mu, kept, factor, l2, velocity_scale, update_scale = hyperparameters.sgd_momentum_coefficients(
+    mu, kept, factor, l2, velocity_scale, update_scale = rules.sgd.momentum_coefficients(
         np.dtype(np.float32), lr, momentum, dampening, weight_decay, maximize, convention
     )
     direction = factor * grad
@@ -465,7 +463,7 @@ def _sgd_launch(kernels, params, grads, states, first, options):
     for row, (param, grad, state) in enumerate(zip(params, grads, states)):
         table.addresses[row] = [p.ctypes.data for p in (param, grad, *state)]
     table.entry_values[:, 0] = first
-    coefficients = hyperparameters.sgd_momentum_coefficients(
+    coefficients = rules.sgd.momentum_coefficients(
         np.dtype(np.float32), options["lr"], options["momentum"], options["dampening"],
         options["weight_decay"], options["maximize"], options["convention"],
     )  # fmt: skip
