@@ -46,7 +46,7 @@ class Adam(FlatOptimizer):
     edit: torch's version counter tells).
     """
 
-    counts_steps = True
+    scalar_state = {"step": 0.0}
 
     def __init__(
         self,

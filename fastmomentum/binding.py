@@ -54,9 +54,7 @@ def expose_state(optimizer, bucket, index, names):
     An empty entry of ours that user code already holds (read before the first step)
     is filled in place, as torch fills it; keys that are not state of ours (user
     bookkeeping, a checkpoint's extras) stay in the entry."""
-    values = {}
-    if optimizer.counts_steps:
-        values["step"] = bucket.step_piece(index)
+    values = {name: bucket.scalar_piece(name, index) for name in optimizer.scalar_state}
     for name in names:
         values[name] = bucket.state_piece(name, index)
     state, param = optimizer.state, bucket.params[index]
@@ -160,16 +158,16 @@ def _read_bucket(optimizer, bucket):
                     f"state {name!r} of {bucket.names[index]} is {wrong}; the parameter "
                     f"has shape {tuple(param.shape)}"
                 )
-        step = float(entry["step"]) if optimizer.counts_steps and complete else None
+        scalars = {name: float(entry[name]) for name in optimizer.scalar_state} if complete else {}
         copies = {name: entry[name].detach().clone() for name in present}
-        saved.append((step, copies, complete))
+        saved.append((scalars, copies, complete))
     return saved
 
 
 def _write_bucket(optimizer, group, bucket, saved):
     # Entries of parameters without (complete) state stay as they are ({} after
     # ``state[p].clear()``), as torch keeps them; the others are exposed anew.
-    bucket.step_counts[:] = 0
+    bucket.reset_scalars()
     for name in bucket.state_kept():
         bucket.state(name).flat.zero_()
     bucket.initialized[:] = False
@@ -177,12 +175,12 @@ def _write_bucket(optimizer, group, bucket, saved):
     for index, entry in enumerate(saved):
         if entry is None:
             continue
-        step, values, complete = entry
+        scalars, values, complete = entry
         for name, value in values.items():
             bucket.load_state_value(name, index, value)
         if complete:
-            if optimizer.counts_steps:
-                bucket.step_counts[index] = step
+            for name, value in scalars.items():
+                bucket.scalar_values(name)[index] = value
             bucket.initialized[index] = True
     names = exposed_names(optimizer, group, bucket)
     for index in bucket.initialized.nonzero()[0].tolist():

@@ -83,6 +83,7 @@ class ParamBucket:
         state_dtype=None,
         clear_grads=False,
         master_weights=False,
+        scalars=None,
     ):
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
@@ -109,6 +110,14 @@ class ParamBucket:
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
         self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
+        # Per-parameter scalar state besides the step count (NAdam's mu_product), each
+        # a 0-dim CPU tensor in ``state[p]`` as torch keeps it: name -> initial value.
+        self.scalar_initial = {k: v for k, v in (scalars or {}).items() if k != "step"}
+        self._scalars = {
+            name: Allocation(len(self.params), step_dtype(), torch.device("cpu"))
+            for name in self.scalar_initial
+        }
+        self.reset_scalars()
         self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
         self.all_initialized = False
         self.exposed_names = ()  # the state names ``state[p]`` entries were made with
@@ -211,6 +220,22 @@ class ParamBucket:
     def step_piece(self, index):
         """Parameter ``index``'s step count as torch keeps it: a 0-dim CPU tensor."""
         return self._steps.piece(index, (), ())
+
+    def scalar_values(self, name):
+        """Every parameter's scalar state ``name`` (``"step"``, ``"mu_product"``), as a
+        NumPy array (writes show in ``state[p]``)."""
+        return self.step_counts if name == "step" else self._scalars[name].flat.numpy()
+
+    def scalar_piece(self, name, index):
+        """Parameter ``index``'s scalar state ``name`` as a 0-dim CPU tensor."""
+        allocation = self._steps if name == "step" else self._scalars[name]
+        return allocation.piece(index, (), ())
+
+    def reset_scalars(self):
+        """Every scalar state back to its initial value (step counts to 0)."""
+        self.step_counts[:] = 0
+        for name, initial in self.scalar_initial.items():
+            self._scalars[name].flat.fill_(initial)
 
     def has_state_at(self, index):
         """Whether parameter ``index`` has state here (moments, a buffer, a master copy)."""

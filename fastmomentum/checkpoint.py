@@ -65,8 +65,9 @@ def _check_entry(optimizer, param_id, param, entry):
                 f"expected {expected_shape(name, param)} for a parameter of shape "
                 f"{tuple(param.shape)}"
             )
-    if optimizer.counts_steps and "step" not in entry:
-        raise ValueError(f"loaded state of parameter id {param_id} has no 'step'")
+    for name in optimizer.scalar_state:
+        if name not in entry:
+            raise ValueError(f"loaded state of parameter id {param_id} has no {name!r}")
 
 
 def mismatch(value, param, name=None):

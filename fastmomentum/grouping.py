@@ -34,7 +34,7 @@ def make_buckets(optimizer, group_index):
     clear_grads = optimizer.__dict__.get("_fused_zero_grad", False)
     master = optimizer.__dict__.get("_master_weights", False)
     buckets = GroupBuckets(
-        ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master)
+        ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master, optimizer.scalar_state)
         for pairs in members.values()
     )
     with torch.no_grad():

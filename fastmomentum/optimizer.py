@@ -36,8 +36,14 @@ class FlatOptimizer(torch.optim.Optimizer):
     what ``torch.optim`` shows.
     """
 
-    #: Whether ``state[p]`` carries a ``"step"`` count (Adam) or not (SGD).
-    counts_steps = False
+    #: Per-parameter scalar state in ``state[p]`` (0-dim CPU tensors, before the state
+    #: tensors), name -> initial value: Adam's ``{"step": 0.0}``; none for SGD.
+    scalar_state = {}
+
+    @property
+    def counts_steps(self):
+        """Whether ``state[p]`` carries a ``"step"`` count."""
+        return "step" in self.scalar_state
 
     #: ``torch.amp.GradScaler`` protocol of torch's fused optimizers: the scaler sets
     #: ``grad_scale`` (unless the user called ``unscale_``) and ``found_inf`` on the
