@@ -60,7 +60,7 @@ def expose_state(optimizer, bucket, index, names):
     state, param = optimizer.state, bucket.params[index]
     entry = dict.get(state, param)
     if isinstance(entry, Mapping):  # keys of the user's own are kept, as torch keeps them
-        ours = ("step", *optimizer.state_keys)
+        ours = (*optimizer.scalar_state, *optimizer.state_keys)
         values.update((key, value) for key, value in entry.items() if key not in ours)
     if type(entry) is StateEntry and entry._owner is state and not entry:
         dict.update(entry, values)

@@ -23,12 +23,13 @@ CASES = {
     "adam-amsgrad-decay": ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
     "adam-amsgrad-small-decay": ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3}),
     "adamw": ("AdamW", {"lr": 1e-2}),
+    "nadam": ("NAdam", {"lr": 1e-2, "weight_decay": 1e-2}),
 }
 
 
-#: A case of every update rule (heavy ball, Nesterov, Adam with AMSGrad, AdamW): what a
-#: test that must hold for every optimizer runs. A new optimizer's case goes here too.
-EVERY_RULE = ("sgd", "nesterov", "adam-amsgrad", "adamw")
+#: A case of every update rule (heavy ball, Nesterov, Adam with AMSGrad, AdamW, NAdam):
+#: what a test that must hold for every optimizer runs. A new optimizer's case goes here.
+EVERY_RULE = ("sgd", "nesterov", "adam-amsgrad", "adamw", "nadam")
 
 
 def torch_cases(*ids):

@@ -49,3 +49,39 @@ def adam(
     second = vmax if amsgrad else v
     denom = np.sqrt(second) / np.sqrt(1 - beta2**step) + eps
     return param - lr / (1 - beta1**step) * m / denom, m, v, vmax
+
+
+def nadam(
+    param,
+    grad,
+    m,
+    v,
+    mu_product,
+    *,
+    step,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    momentum_decay,
+    decoupled,
+    maximize,
+):
+    """One NAdam step on float64 copies (Dozat's update as torch.optim.NAdam writes it);
+    returns ``(param, m, v, mu_product)``."""
+    beta1, beta2 = betas
+    param, grad, m, v = (np.array(x, dtype=np.float64) for x in (param, grad, m, v))
+    grad = -grad if maximize else grad
+    if decoupled:
+        param = param * (1 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * param
+    mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = mu_product * mu
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad * grad
+    denom = np.sqrt(v / (1 - beta2**step)) + eps
+    param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
+    param = param - lr * mu_next / (1 - mu_product * mu_next) * m / denom
+    return param, m, v, mu_product

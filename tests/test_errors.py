@@ -24,6 +24,12 @@ from .models import make_model
         ("Adam", {"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
         ("Adam", {"betas": (0.9, 1.5)}, "Invalid beta parameter at index 1"),
         ("AdamW", {"weight_decay": -0.1}, "Invalid weight_decay value"),
+        ("NAdam", {"lr": -1e-3}, "Invalid learning rate"),
+        ("NAdam", {"eps": -1.0}, "Invalid epsilon value"),
+        ("NAdam", {"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+        ("NAdam", {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
+        ("NAdam", {"weight_decay": -0.1}, "Invalid weight_decay value"),
+        ("NAdam", {"momentum_decay": -1e-3}, "Invalid momentum_decay value"),
     ],
 )
 def test_invalid_hyperparameters_raise_like_torch(name, options, message):
@@ -48,6 +54,8 @@ def test_momentum_convention_must_be_known():
         ("SGD", {"differentiable": True}, ValueError, "differentiable=True"),
         ("Adam", {"capturable": True}, ValueError, "capturable=True"),
         ("AdamW", {"differentiable": True}, ValueError, "differentiable=True"),
+        ("NAdam", {"capturable": True}, ValueError, "capturable=True"),
+        ("NAdam", {"differentiable": True}, ValueError, "differentiable=True"),
     ],
 )
 def test_implementation_options_we_cannot_honour(name, options, error, message):

@@ -267,3 +267,45 @@ def test_each_rule_takes_what_its_step_says_in_order(step):
     assert tuple(arguments[2 + state : 2 + state + len(fields)]) == fields
     assert tuple(arguments[2 + state + len(fields) :]) == step.flags + step.entry_flags
     assert all(step.optional_flag(name) in step.flags for name, _ in step.optional)
+
+
+NADAM_CASES = [
+    {},
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    {"maximize": True, "momentum_decay": 0.02, "betas": (0.8, 0.95), "eps": 1e-6},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", NADAM_CASES)
+def test_nadam_step_matches_float64_reference(dtype, size, case):
+    from fastmomentum.kernels import nadam_step
+
+    rng = np.random.default_rng(size + 7)
+    param = rng.standard_normal(size).astype(dtype)
+    moments = [np.zeros(size, dtype), np.zeros(size, dtype)]
+    expected = [param.astype(np.float64), np.zeros(size), np.zeros(size), 1.0]
+    options = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
+    options |= {"momentum_decay": 4e-3, **case}
+    decoupled = options.pop("decoupled_weight_decay", False)
+    mu_product = 1.0
+    for step in range(1, STEPS + 1):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step) / 10
+        mu_product = nadam_step(
+            param, grad, *moments, step=step, mu_product=mu_product, lr=lr,
+            decoupled_weight_decay=decoupled, **options,
+        )  # fmt: skip
+        expected = reference.nadam(
+            expected[0], grad.astype(np.float64), *expected[1:3], expected[3], step=step,
+            lr=lr, decoupled=decoupled, **options,
+        )  # fmt: skip
+    tolerance = RTOL[np.dtype(dtype).name]
+    for name, actual, wanted in zip(
+        ["param", "exp_avg", "exp_avg_sq"], [param, *moments], expected
+    ):
+        assert_relative_close(actual, wanted, tolerance, name)
+    # the product is kept in the arrays' precision (float32 for float32, as torch keeps it)
+    assert mu_product == pytest.approx(expected[3], rel=1e-6 if dtype == np.float32 else 1e-15)

@@ -90,7 +90,29 @@ CASES = {
         two_groups,
         None,
     ),
+    "nadam": ("NAdam", {"lr": 1e-2}, one_group, None),
+    "nadam-weight-decay": ("NAdam", {"lr": 1e-2, "weight_decay": 0.1}, one_group, None),
+    "nadam-decoupled-maximize": (
+        "NAdam",
+        {"lr": 1e-3, "weight_decay": 0.05, "decoupled_weight_decay": True, "maximize": True},
+        one_group,
+        None,
+    ),
+    "nadam-momentum-decay-two-groups-warmup-cosine": (
+        "NAdam",
+        {"lr": 1e-2, "momentum_decay": 0.01, "betas": (0.8, 0.95)},
+        two_groups,
+        warmup_cosine,
+    ),
+    "nadam-one-cycle": ("NAdam", {"lr": 1e-2}, one_group, one_cycle),
 }
+
+
+#: Rules whose step rounds more often than Adam's get a looser bound. NAdam divides by
+#: √v̂ twice per step (two addcdivs) where torch's vectorised sqrt is not correctly
+#: rounded (Sleef, ≤ 0.5001 ulp: 817 of 100k float64 values differ from NumPy's) and its
+#: lerp uses FMA; over 120 steps that reached 1.2e-12 (float64) and 1.3e-5 (float32).
+FACTOR = {"NAdam": 2.0}
 
 
 def build(library, case, dtype):
@@ -109,5 +131,7 @@ def test_training_matches_torch_optim(case, dtype):
     losses = train(model, optimizer, STEPS, dtype, scheduler)
     ref_losses = train(ref_model, ref_optimizer, STEPS, dtype, ref_scheduler)
     assert losses[-1] != losses[0], "the model did not train"
-    assert_relative_close(losses, ref_losses, RTOL[str(dtype).removeprefix("torch.")], "losses")
-    assert_same_training((model, optimizer), (ref_model, ref_optimizer), dtype)
+    factor = FACTOR.get(CASES[case][0], 1.0)
+    tolerance = RTOL[str(dtype).removeprefix("torch.")] * factor
+    assert_relative_close(losses, ref_losses, tolerance, "losses")
+    assert_same_training((model, optimizer), (ref_model, ref_optimizer), dtype, factor)

@@ -1,0 +1,116 @@
+"""``fastmomentum.NAdam``: drop-in ``torch.optim.NAdam``, one fused launch per bucket."""
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from fastmomentum.kernels import rules
+
+from .optimizer import FlatOptimizer
+from .validation import host_float
+
+
+class NAdam(FlatOptimizer):
+    r"""NAdam (Dozat, 2016): Adam with Nesterov momentum.
+
+    Same arguments, defaults, state (``step``, ``mu_product``, ``exp_avg``,
+    ``exp_avg_sq``) and numbers as ``torch.optim.NAdam``; one fused kernel launch per
+    (param group, device, dtype) per step. For a parameter at its step ``t``, with
+    ``g = ±∇f(p)`` and ``μ_t = β1·(1 − ½·0.96^(t·ψ))`` (``ψ``: ``momentum_decay``)::
+
+        p ← p·(1 − lr·λ)                 if decoupled_weight_decay
+        g ← g + λ·p                      otherwise
+        Π ← Π·μ_t                        (state["mu_product"], float32 as torch keeps it)
+        m ← β1·m + (1 − β1)·g
+        v ← β2·v + (1 − β2)·g²
+        d = √(v / (1 − β2ᵗ)) + ε
+        p ← p − lr·(1 − μ_t)/(1 − Π) · g/d − lr·μ_{t+1}/(1 − Π·μ_{t+1}) · m/d
+
+    ``foreach`` is accepted for compatibility; ``capturable=True`` and
+    ``differentiable=True`` are rejected. ``flat_gradients``, ``fused_zero_grad`` and
+    ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    """
+
+    scalar_state = {"step": 0.0, "mu_product": 1.0}
+    state_keys = rules.nadam.STEP.state
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        flat_gradients: bool = False,
+        state_dtype=None,
+        fused_zero_grad: bool = False,
+    ) -> None:
+        if isinstance(betas, list):
+            betas = tuple(betas)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum_decay": momentum_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+        }
+        self.check_group(defaults)
+        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+
+    def state_names(self, group):
+        return self.state_keys
+
+    def settings(self, group):
+        beta1, beta2 = group["betas"]
+        return (
+            host_float(group["lr"], "lr"),
+            (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
+            host_float(group["eps"], "eps"),
+            host_float(group["weight_decay"], "weight_decay"),
+            host_float(group["momentum_decay"], "momentum_decay"),
+            bool(group["decoupled_weight_decay"]),
+            bool(group["maximize"]),
+        )
+
+    def check_settings(self, settings):
+        lr, betas, eps, weight_decay, momentum_decay, *_ = settings
+        rules.nadam.check(lr, betas, eps, weight_decay, momentum_decay)
+
+    def update(self, group, bucket, settings, plan, grad_scale):
+        lr, betas, eps, weight_decay, momentum_decay, decoupled, maximize = settings
+        dtype = bucket.dtype_numpy
+        coefficients = self.cached_coefficients(
+            bucket,
+            (settings, grad_scale),
+            lambda: rules.nadam.coefficients(
+                dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
+            ),
+        )
+        products = bucket.scalar_values("mu_product")
+
+        def count_step(table):  # each parameter's t, its mu_product, its step sizes
+            rows = table.rows
+            bucket.count_steps(rows)
+            new, values = rules.nadam.step_values(
+                bucket.step_counts[rows], products[rows], lr, betas, momentum_decay,
+                products.dtype,
+            )  # fmt: skip
+            products[rows] = new
+            table.entry_values[:] = values
+            table.note = None
+
+        step = rules.nadam.STEP
+        plan.launch(
+            step.state, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
+        )

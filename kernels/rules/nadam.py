@@ -1,0 +1,117 @@
+"""NAdam (Dozat, 2016): Adam with Nesterov momentum, as torch.optim.NAdam computes it.
+
+The momentum coefficient changes with the step, ``μ_t = β1·(1 − ½·0.96^(t·ψ))``
+(``ψ``: ``momentum_decay``), and each parameter keeps the product of its ``μ``s. The
+per-element rule needs only three values of a parameter's step: the two step sizes and
+``1 − β2ᵗ`` (`step_values`, computed on the host, in torch's precision).
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba.extending import register_jitable
+
+from ..hyperparameters import check_non_negative, in_dtype
+from ..steps import Step
+from . import adam
+from .common import descent_direction, lerp
+
+#: The coefficients every parameter shares: Adam's (`adam.Coefficients`).
+Coefficients = adam.Coefficients
+
+#: Built as Adam's: betas, eps, the gradient's factor, L2 or decoupled weight decay.
+coefficients = adam.coefficients
+
+
+class StepCoefficients(NamedTuple):
+    """Each parameter's values at its step ``t`` (`step_values`)."""
+
+    grad_step: float  # −lr·(1 − μ_t) / (1 − Π_t)
+    average_step: float  # −lr·μ_{t+1} / (1 − Π_t·μ_{t+1})
+    bias_correction2: float  # 1 − β2ᵗ
+
+
+@register_jitable
+def update(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    beta1,
+    beta1_complement,
+    beta2,
+    beta2_complement,
+    eps,
+    grad_factor,
+    weight_decay,
+    param_decay,
+    grad_step,
+    average_step,
+    bias_correction2,
+):
+    """NAdam for one element, torch's for-loop arithmetic::
+
+        p ← p·(1 − lr·λ)                      (decoupled weight decay: param_decay)
+        g ← ±g + λ·p                          (L2: weight_decay)
+        m ← lerp(m, g, 1 − β1)
+        v ← β2·v + (1 − β2)·g²
+        d = √(v / (1 − β2ᵗ)) + ε
+        p ← p + grad_step·g / d
+        p ← p + average_step·m / d
+
+    Returns ``(param, m, v)``.
+    """
+    param = param * param_decay
+    grad = descent_direction(param, grad, grad_factor, weight_decay)
+    exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
+    denom = math.sqrt(exp_avg_sq / bias_correction2) + eps
+    param = param + grad_step * grad / denom
+    param = param + average_step * exp_avg / denom
+    return param, exp_avg, exp_avg_sq
+
+
+STEP = Step(
+    "nadam",
+    update,
+    ("exp_avg", "exp_avg_sq"),
+    Coefficients,
+    StepCoefficients,
+)
+
+
+def check(lr, betas, eps, weight_decay, momentum_decay):
+    """Raise ``ValueError`` for NAdam settings that ``torch.optim.NAdam`` rejects."""
+    adam.check(lr, betas, eps, weight_decay)
+    check_non_negative("momentum_decay value", momentum_decay)
+
+
+def momentum_cache(step, beta1, momentum_decay):
+    """``μ_t = β1·(1 − ½·0.96^(t·ψ))`` (arrays of steps too), in double precision."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+def step_values(steps, mu_products, lr, betas, momentum_decay, product_dtype):
+    """For parameters at steps ``steps`` (this step's counts, ≥ 1) whose products of
+    ``μ`` were ``mu_products`` before it: their new products (rounded to
+    ``product_dtype``, the dtype torch keeps ``mu_product`` in) and rows of
+    `StepCoefficients`, in double precision as torch computes them."""
+    beta1, beta2 = betas
+    steps = np.asarray(steps, np.float64)
+    mu = momentum_cache(steps, beta1, momentum_decay)
+    mu_next = momentum_cache(steps + 1, beta1, momentum_decay)
+    dtype = np.dtype(product_dtype)
+    products = (np.asarray(mu_products, dtype) * mu.astype(dtype)).astype(dtype)
+    product = products.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grad_step = -lr * (1.0 - mu) / (1.0 - product)
+        average_step = (-lr * mu_next) / (1.0 - product * mu_next)
+    bias_correction2 = 1.0 - beta2**steps
+    return products, np.stack([grad_step, average_step, bias_correction2], axis=-1)
+
+
+def step_coefficients(dtype, step, mu_product, lr, betas, momentum_decay, product_dtype):
+    """One parameter's new product of ``μ`` and its `StepCoefficients` in ``dtype``."""
+    products, rows = step_values([step], [mu_product], lr, betas, momentum_decay, product_dtype)
+    return float(products[0]), in_dtype(dtype, StepCoefficients(*rows[0]))
