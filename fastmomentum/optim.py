@@ -3,6 +3,7 @@
 from .adam import Adam, AdamW
 from .nadam import NAdam
 from .quantized import dequantized_state_dict
+from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdam", "dequantized_state_dict"]
+__all__ = ["SGD", "Adam", "AdamW", "NAdam", "RMSprop", "dequantized_state_dict"]

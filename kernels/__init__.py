@@ -8,7 +8,15 @@ Needs only NumPy and Numba (no torch)::
 (`fastmomentum.kernels.quantization`).
 """
 
-from .api import adam_8bit_step, adam_step, adamw_step, nadam_step, sgd_8bit_step, sgd_step
+from .api import (
+    adam_8bit_step,
+    adam_step,
+    adamw_step,
+    nadam_step,
+    rmsprop_step,
+    sgd_8bit_step,
+    sgd_step,
+)
 from .rules.sgd import CONVENTIONS as MOMENTUM_CONVENTIONS
 
 __all__ = [
@@ -17,6 +25,7 @@ __all__ = [
     "adam_step",
     "adamw_step",
     "nadam_step",
+    "rmsprop_step",
     "sgd_8bit_step",
     "sgd_step",
 ]

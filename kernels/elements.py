@@ -68,8 +68,9 @@ def element_source(step):
     values = ["load(param, i, like)", "load(grad, i, like)"]
     for position, name in enumerate(step.state):
         flag = step.optional_flag(name)
-        if flag:  # when the flag is off, the rule gets (and ignores) the state before it
-            fallback = step.state[position - 1] if position else "param"
+        if flag:  # when the flag is off, the rule gets (and ignores) a state always read
+            required = [n for n in step.state[:position] if step.optional_flag(n) is None]
+            fallback = required[-1] if required else "param"
             lines.append(f"    {name}_value = load({name} if {flag} else {fallback}, i, like)")
             values.append(f"{name}_value")
         else:

@@ -24,12 +24,14 @@ CASES = {
     "adam-amsgrad-small-decay": ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3}),
     "adamw": ("AdamW", {"lr": 1e-2}),
     "nadam": ("NAdam", {"lr": 1e-2, "weight_decay": 1e-2}),
+    "rmsprop": ("RMSprop", {"lr": 1e-3, "momentum": 0.9, "centered": True}),
 }
 
 
-#: A case of every update rule (heavy ball, Nesterov, Adam with AMSGrad, AdamW, NAdam):
-#: what a test that must hold for every optimizer runs. A new optimizer's case goes here.
-EVERY_RULE = ("sgd", "nesterov", "adam-amsgrad", "adamw", "nadam")
+#: A case of every update rule (heavy ball, Nesterov, Adam with AMSGrad, AdamW, NAdam,
+#: RMSprop): what a test that must hold for every optimizer runs. A new optimizer's case
+#: goes here.
+EVERY_RULE = ("sgd", "nesterov", "adam-amsgrad", "adamw", "nadam", "rmsprop")
 
 
 def torch_cases(*ids):

@@ -85,3 +85,26 @@ def nadam(
     param = param - lr * (1 - mu) / (1 - mu_product) * grad / denom
     param = param - lr * mu_next / (1 - mu_product * mu_next) * m / denom
     return param, m, v, mu_product
+
+
+def rmsprop(
+    param, grad, square_avg, buffer, grad_avg, *, lr, alpha, eps, weight_decay, momentum,
+    centered, maximize,
+):  # fmt: skip
+    """One RMSprop step on float64 copies; returns ``(param, square_avg, buffer, grad_avg)``."""
+    param, grad, square_avg, buffer, grad_avg = (
+        np.array(x, dtype=np.float64) for x in (param, grad, square_avg, buffer, grad_avg)
+    )
+    grad = (-grad if maximize else grad) + weight_decay * param
+    square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+    if centered:
+        grad_avg = alpha * grad_avg + (1 - alpha) * grad
+        average = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        average = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        buffer = momentum * buffer + grad / average
+        param = param - lr * buffer
+    else:
+        param = param - lr * grad / average
+    return param, square_avg, buffer, grad_avg

@@ -137,7 +137,7 @@ def test_a_stream_is_accepted_for_device_arrays_only():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@torch_cases("sgd-dampened", "nesterov-maximize", "adam-amsgrad-decay", "adamw", "nadam")
+@torch_cases("sgd-dampened", "nesterov-maximize", "adam-amsgrad-decay", "adamw", "nadam", "rmsprop")
 def test_optimizers_through_the_cuda_kernels_match_torch(name, options, dtype, monkeypatch):
     """``config.FORCE_CUDA``: the torch optimizers launch the CUDA kernels on CPU tensors."""
     monkeypatch.setattr(config, "FORCE_CUDA", True)

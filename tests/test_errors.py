@@ -30,6 +30,11 @@ from .models import make_model
         ("NAdam", {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
         ("NAdam", {"weight_decay": -0.1}, "Invalid weight_decay value"),
         ("NAdam", {"momentum_decay": -1e-3}, "Invalid momentum_decay value"),
+        ("RMSprop", {"lr": -1e-3}, "Invalid learning rate"),
+        ("RMSprop", {"eps": -1.0}, "Invalid epsilon value"),
+        ("RMSprop", {"momentum": -0.5}, "Invalid momentum value"),
+        ("RMSprop", {"weight_decay": -0.1}, "Invalid weight_decay value"),
+        ("RMSprop", {"alpha": -0.9}, "Invalid alpha value"),
     ],
 )
 def test_invalid_hyperparameters_raise_like_torch(name, options, message):
@@ -56,6 +61,7 @@ def test_momentum_convention_must_be_known():
         ("AdamW", {"differentiable": True}, ValueError, "differentiable=True"),
         ("NAdam", {"capturable": True}, ValueError, "capturable=True"),
         ("NAdam", {"differentiable": True}, ValueError, "differentiable=True"),
+        ("RMSprop", {"capturable": True}, ValueError, "capturable=True"),
     ],
 )
 def test_implementation_options_we_cannot_honour(name, options, error, message):

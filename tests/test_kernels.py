@@ -309,3 +309,42 @@ def test_nadam_step_matches_float64_reference(dtype, size, case):
         assert_relative_close(actual, wanted, tolerance, name)
     # the product is kept in the arrays' precision (float32 for float32, as torch keeps it)
     assert mu_product == pytest.approx(expected[3], rel=1e-6 if dtype == np.float32 else 1e-15)
+
+
+RMSPROP_CASES = [
+    {},
+    {"weight_decay": 0.1, "maximize": True},
+    {"centered": True},
+    {"momentum": 0.9},
+    {"momentum": 0.5, "centered": True, "alpha": 0.9, "eps": 1e-6},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", RMSPROP_CASES)
+def test_rmsprop_step_matches_float64_reference(dtype, size, case):
+    from fastmomentum.kernels import rmsprop_step
+
+    rng = np.random.default_rng(size + 11)
+    param = rng.standard_normal(size).astype(dtype)
+    state = [np.zeros(size, dtype) for _ in range(3)]  # square_avg, buffer, grad_avg
+    expected = [param.astype(np.float64)] + [np.zeros(size) for _ in range(3)]
+    options = {"alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0}
+    options |= {"centered": False, "maximize": False, **case}
+    for step in range(STEPS):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step) / 10
+        rmsprop_step(param, grad, *state, lr=lr, **options)
+        expected = reference.rmsprop(
+            expected[0], grad.astype(np.float64), *expected[1:], lr=lr, **options
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    names = ["param", "square_avg", "momentum_buffer", "grad_avg"]
+    for name, actual, wanted in zip(names, [param, *state], expected):
+        if (name == "momentum_buffer" and not options["momentum"]) or (
+            name == "grad_avg" and not options["centered"]
+        ):
+            assert not actual.any(), f"{name} was written though unused"
+            continue
+        assert_relative_close(actual, wanted, tolerance, name)

@@ -105,6 +105,25 @@ CASES = {
         warmup_cosine,
     ),
     "nadam-one-cycle": ("NAdam", {"lr": 1e-2}, one_group, one_cycle),
+    "rmsprop": ("RMSprop", {"lr": 1e-3}, one_group, None),
+    "rmsprop-centered-weight-decay": (
+        "RMSprop",
+        {"lr": 1e-3, "centered": True, "weight_decay": 0.05},
+        one_group,
+        None,
+    ),
+    "rmsprop-momentum-maximize": (
+        "RMSprop",
+        {"lr": 1e-4, "momentum": 0.9, "alpha": 0.9, "maximize": True},
+        one_group,
+        None,
+    ),
+    "rmsprop-centered-momentum-two-groups-step-lr": (
+        "RMSprop",
+        {"lr": 1e-3, "momentum": 0.5, "centered": True, "eps": 1e-6},
+        two_groups,
+        step_lr,
+    ),
 }
 
 

@@ -1,0 +1,119 @@
+"""``fastmomentum.RMSprop``: drop-in ``torch.optim.RMSprop``, one fused launch per bucket."""
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from fastmomentum.kernels import rules
+
+from .optimizer import FlatOptimizer
+from .validation import host_float
+
+
+class RMSprop(FlatOptimizer):
+    r"""RMSprop, optionally centered and with momentum.
+
+    Same arguments, defaults, state (``step``, ``square_avg``, ``momentum_buffer`` with
+    momentum, ``grad_avg`` when centered) and numbers as ``torch.optim.RMSprop``; one
+    fused kernel launch per (param group, device, dtype) per step. With
+    ``g = ±∇f(p) + λ·p``::
+
+        s ← α·s + (1 − α)·g²
+        ḡ ← α·ḡ + (1 − α)·g                 (centered)
+        a = √(s − ḡ²) + ε   if centered,   else   √s + ε
+        b ← μ·b + g/a;  p ← p − lr·b        (momentum μ > 0)
+        p ← p − lr·g/a                      (otherwise)
+
+    ``momentum_buffer`` and ``grad_avg`` are kept once made, and start at zero for a
+    parameter with state when momentum or centering is switched on later (torch
+    raises ``KeyError`` there). ``foreach`` is accepted for compatibility;
+    ``capturable=True`` and ``differentiable=True`` are rejected. ``flat_gradients``,
+    ``fused_zero_grad`` and ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    """
+
+    scalar_state = {"step": 0.0}
+    state_keys = rules.rmsprop.STEP.state
+    optional_state_keys = ("momentum_buffer", "grad_avg")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        flat_gradients: bool = False,
+        state_dtype=None,
+        fused_zero_grad: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        self.check_group(defaults)
+        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+
+    def state_names(self, group):
+        _, _, _, _, momentum, centered, _ = self.settings(group)
+        names = ["square_avg"]
+        if momentum > 0:
+            names.append("momentum_buffer")
+        if centered:
+            names.append("grad_avg")
+        return tuple(names)
+
+    def settings(self, group):
+        return (
+            host_float(group["lr"], "lr"),
+            host_float(group["alpha"], "alpha"),
+            host_float(group["eps"], "eps"),
+            host_float(group["weight_decay"], "weight_decay"),
+            host_float(group["momentum"], "momentum"),
+            bool(group["centered"]),
+            bool(group["maximize"]),
+        )
+
+    def check_settings(self, settings):
+        lr, alpha, eps, weight_decay, momentum, *_ = settings
+        rules.rmsprop.check(lr, alpha, eps, weight_decay, momentum)
+
+    def update(self, group, bucket, settings, plan, grad_scale):
+        lr, alpha, eps, weight_decay, momentum, centered, maximize = settings
+        dtype = bucket.dtype_numpy
+        coefficients = self.cached_coefficients(
+            bucket,
+            (settings, grad_scale),
+            lambda: rules.rmsprop.coefficients(
+                dtype, lr, alpha, eps, weight_decay, momentum, maximize, grad_scale
+            ),
+        )
+        step = rules.rmsprop.STEP
+        columns = (
+            "square_avg",
+            "momentum_buffer" if momentum > 0 else None,
+            "grad_avg" if centered else None,
+        )
+        flags = (momentum > 0, centered)
+        plan.launch(
+            columns,
+            step.entry_width,
+            lambda table: bucket.count_steps(table.rows),
+            bucket.kernels.launch,
+            step,
+            coefficients,
+            flags,
+        )
