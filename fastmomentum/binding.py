@@ -170,6 +170,7 @@ def _write_bucket(optimizer, group, bucket, saved):
     bucket.reset_scalars()
     for name in bucket.state_kept():
         bucket.state(name).flat.zero_()
+    optimizer.fresh_state(group, bucket)
     bucket.initialized[:] = False
     bucket.master_ready[:] = False  # a master copy not in the state is taken from p
     for index, entry in enumerate(saved):

@@ -46,6 +46,8 @@ def make_buckets(optimizer, group_index):
             bucket.repeats = [
                 [row for row, n in enumerate(times) if n >= k] for k in range(2, max(times) + 1)
             ]
+    for bucket in buckets:
+        optimizer.fresh_state(optimizer.param_groups[group_index], bucket)
     buckets.made_from(params)
     return buckets
 

@@ -124,6 +124,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def fresh_state(self, group, bucket):
+        """Fill ``bucket``'s state allocations, just zeroed, with what a parameter's
+        state starts from (Adagrad's ``initial_accumulator_value``; zeros by default)."""
+
     def creates_state(self, settings):
         """Whether a step with these settings gives a parameter state (SGD without
         momentum keeps none, as in torch)."""

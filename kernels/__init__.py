@@ -9,6 +9,7 @@ Needs only NumPy and Numba (no torch)::
 """
 
 from .api import (
+    adagrad_step,
     adam_8bit_step,
     adam_step,
     adamw_step,
@@ -21,6 +22,7 @@ from .rules.sgd import CONVENTIONS as MOMENTUM_CONVENTIONS
 
 __all__ = [
     "MOMENTUM_CONVENTIONS",
+    "adagrad_step",
     "adam_8bit_step",
     "adam_step",
     "adamw_step",

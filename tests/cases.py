@@ -25,13 +25,14 @@ CASES = {
     "adamw": ("AdamW", {"lr": 1e-2}),
     "nadam": ("NAdam", {"lr": 1e-2, "weight_decay": 1e-2}),
     "rmsprop": ("RMSprop", {"lr": 1e-3, "momentum": 0.9, "centered": True}),
+    "adagrad": ("Adagrad", {"lr": 1e-2, "lr_decay": 1e-3, "initial_accumulator_value": 0.1}),
 }
 
 
 #: A case of every update rule (heavy ball, Nesterov, Adam with AMSGrad, AdamW, NAdam,
-#: RMSprop): what a test that must hold for every optimizer runs. A new optimizer's case
-#: goes here.
-EVERY_RULE = ("sgd", "nesterov", "adam-amsgrad", "adamw", "nadam", "rmsprop")
+#: RMSprop, Adagrad): what a test that must hold for every optimizer runs. A new
+#: optimizer's case goes here.
+EVERY_RULE = ("sgd", "nesterov", "adam-amsgrad", "adamw", "nadam", "rmsprop", "adagrad")
 
 
 def torch_cases(*ids):

@@ -108,3 +108,12 @@ def rmsprop(
     else:
         param = param - lr * grad / average
     return param, square_avg, buffer, grad_avg
+
+
+def adagrad(param, grad, state_sum, *, step, lr, lr_decay, weight_decay, eps, maximize):
+    """One Adagrad step on float64 copies; returns ``(param, state_sum)``."""
+    param, grad, state_sum = (np.array(x, dtype=np.float64) for x in (param, grad, state_sum))
+    grad = (-grad if maximize else grad) + weight_decay * param
+    state_sum = state_sum + grad * grad
+    step_size = lr / (1 + (step - 1) * lr_decay)
+    return param - step_size * grad / (np.sqrt(state_sum) + eps), state_sum

@@ -35,6 +35,11 @@ from .models import make_model
         ("RMSprop", {"momentum": -0.5}, "Invalid momentum value"),
         ("RMSprop", {"weight_decay": -0.1}, "Invalid weight_decay value"),
         ("RMSprop", {"alpha": -0.9}, "Invalid alpha value"),
+        ("Adagrad", {"lr": -1e-3}, "Invalid learning rate"),
+        ("Adagrad", {"lr_decay": -0.1}, "Invalid lr_decay value"),
+        ("Adagrad", {"weight_decay": -0.1}, "Invalid weight_decay value"),
+        ("Adagrad", {"initial_accumulator_value": -1.0}, "Invalid initial_accumulator_value"),
+        ("Adagrad", {"eps": -1.0}, "Invalid epsilon value"),
     ],
 )
 def test_invalid_hyperparameters_raise_like_torch(name, options, message):

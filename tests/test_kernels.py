@@ -348,3 +348,29 @@ def test_rmsprop_step_matches_float64_reference(dtype, size, case):
             assert not actual.any(), f"{name} was written though unused"
             continue
         assert_relative_close(actual, wanted, tolerance, name)
+
+
+ADAGRAD_CASES = [{}, {"weight_decay": 0.1, "lr_decay": 0.01}, {"maximize": True, "eps": 1e-6}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", ADAGRAD_CASES)
+def test_adagrad_step_matches_float64_reference(dtype, size, case):
+    from fastmomentum.kernels import adagrad_step
+
+    rng = np.random.default_rng(size + 13)
+    param = rng.standard_normal(size).astype(dtype)
+    state_sum = np.full(size, 0.1, dtype)  # initial_accumulator_value
+    expected = [param.astype(np.float64), state_sum.astype(np.float64)]
+    options = {"lr_decay": 0.0, "weight_decay": 0.0, "eps": 1e-10, "maximize": False, **case}
+    for step in range(1, STEPS + 1):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step) / 10
+        adagrad_step(param, grad, state_sum, step=step, lr=lr, **options)
+        expected = reference.adagrad(
+            *expected[:1], grad.astype(np.float64), expected[1], step=step, lr=lr, **options
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    assert_relative_close(param, expected[0], tolerance, "param")
+    assert_relative_close(state_sum, expected[1], tolerance, "sum")

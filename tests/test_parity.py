@@ -118,6 +118,19 @@ CASES = {
         one_group,
         None,
     ),
+    "adagrad": ("Adagrad", {"lr": 1e-2}, one_group, None),
+    "adagrad-decay-initial-value": (
+        "Adagrad",
+        {"lr": 1e-2, "lr_decay": 0.01, "weight_decay": 0.05, "initial_accumulator_value": 0.1},
+        one_group,
+        None,
+    ),
+    "adagrad-maximize-two-groups-step-lr": (
+        "Adagrad",
+        {"lr": 1e-3, "maximize": True, "eps": 1e-6},
+        two_groups,
+        step_lr,
+    ),
     "rmsprop-centered-momentum-two-groups-step-lr": (
         "RMSprop",
         {"lr": 1e-3, "momentum": 0.5, "centered": True, "eps": 1e-6},

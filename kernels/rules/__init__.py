@@ -15,9 +15,9 @@ tuples: Numba 0.68 cannot unpack ``*coefficients`` from a named tuple, and typin
 costs 0.4 µs a call more than a tuple.
 """
 
-from . import adam, common, nadam, rmsprop, sgd
+from . import adagrad, adam, common, nadam, rmsprop, sgd
 
 #: Every rule's `steps.Step`.
-STEPS = (sgd.PLAIN, sgd.MOMENTUM, adam.STEP, nadam.STEP, rmsprop.STEP)
+STEPS = (sgd.PLAIN, sgd.MOMENTUM, adam.STEP, nadam.STEP, rmsprop.STEP, adagrad.STEP)
 
-__all__ = ["STEPS", "adam", "common", "nadam", "rmsprop", "sgd"]
+__all__ = ["STEPS", "adagrad", "adam", "common", "nadam", "rmsprop", "sgd"]

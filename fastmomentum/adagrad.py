@@ -1,0 +1,107 @@
+"""``fastmomentum.Adagrad``: drop-in ``torch.optim.Adagrad``, one fused launch per bucket."""
+
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from fastmomentum.kernels import rules
+
+from . import binding
+from .optimizer import FlatOptimizer
+from .validation import host_float
+
+
+class Adagrad(FlatOptimizer):
+    r"""Adagrad (Duchi et al., 2011).
+
+    Same arguments, defaults, state (``step``, ``sum``) and numbers as
+    ``torch.optim.Adagrad``; one fused kernel launch per (param group, device, dtype)
+    per step. With ``g = ±∇f(p) + λ·p`` at a parameter's step ``t``::
+
+        s ← s + g²
+        p ← p − lr_t · g / (√s + ε),   lr_t = lr / (1 + (t − 1)·lr_decay)
+
+    As in torch, every parameter has its state from construction (``sum`` filled with
+    the constructor's ``initial_accumulator_value``, ``step`` 0), and a parameter of a
+    group added later (or whose entry user code cleared) gets it at its first step.
+    ``foreach`` and ``fused`` are accepted (the step is always one fused launch);
+    ``differentiable=True`` is rejected. ``flat_gradients``, ``fused_zero_grad`` and
+    ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    """
+
+    scalar_state = {"step": 0.0}
+    state_keys = rules.adagrad.STEP.state
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        flat_gradients: bool = False,
+        state_dtype=None,
+        fused_zero_grad: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        self.check_group(defaults)
+        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+        for group, buckets in zip(self.param_groups, self.buckets):
+            for bucket in buckets or ():
+                binding.expose_new_state(self, group, bucket, list(range(len(bucket.params))))
+
+    def fresh_state(self, group, bucket):
+        # torch starts every sum from the constructor's value, whatever a group says
+        value = host_float(self.defaults["initial_accumulator_value"], "initial_accumulator_value")
+        bucket.state("sum").flat.fill_(value)
+
+    def state_names(self, group):
+        return self.state_keys
+
+    def settings(self, group):
+        return (
+            host_float(group["lr"], "lr"),
+            host_float(group["lr_decay"], "lr_decay"),
+            host_float(group["weight_decay"], "weight_decay"),
+            host_float(group["initial_accumulator_value"], "initial_accumulator_value"),
+            host_float(group["eps"], "eps"),
+            bool(group["maximize"]),
+        )
+
+    def check_settings(self, settings):
+        rules.adagrad.check(*settings[:5])
+
+    def update(self, group, bucket, settings, plan, grad_scale):
+        lr, lr_decay, weight_decay, _, eps, maximize = settings
+        dtype = bucket.dtype_numpy
+        coefficients = self.cached_coefficients(
+            bucket,
+            (settings, grad_scale),
+            lambda: rules.adagrad.coefficients(dtype, eps, weight_decay, maximize, grad_scale),
+        )
+
+        def count_step(table):  # each parameter's t, and its step size
+            bucket.count_steps(table.rows)
+            table.entry_values[:] = rules.adagrad.step_coefficients_per_entry(
+                dtype, bucket.step_counts[table.rows], lr, lr_decay
+            )
+
+        step = rules.adagrad.STEP
+        plan.launch(
+            step.state, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
+        )

@@ -1,0 +1,68 @@
+"""Adagrad (Duchi et al., 2011), as torch.optim.Adagrad computes it."""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba.extending import register_jitable
+
+from ..hyperparameters import check_non_negative, grad_factor, in_dtype
+from ..steps import Step
+from .common import descent_direction
+
+
+class Coefficients(NamedTuple):
+    """`update`'s coefficients every parameter shares."""
+
+    eps: float
+    grad_factor: float
+    weight_decay: float
+
+
+class StepCoefficients(NamedTuple):
+    """A parameter's value at its step ``t``: ``−lr / (1 + (t − 1)·lr_decay)``."""
+
+    neg_step_size: float
+
+
+@register_jitable
+def update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size):
+    """Adagrad for one element, torch's for-loop arithmetic::
+
+        g ← ±g + λ·p
+        s ← s + g²
+        p ← p − lr_t · g / (√s + ε),   lr_t = lr / (1 + (t − 1)·lr_decay)
+
+    Returns ``(param, s)``.
+    """
+    grad = descent_direction(param, grad, grad_factor, weight_decay)
+    state_sum = state_sum + grad * grad
+    std = math.sqrt(state_sum) + eps
+    return param + neg_step_size * grad / std, state_sum
+
+
+STEP = Step("adagrad", update, ("sum",), Coefficients, StepCoefficients)
+
+
+def check(lr, lr_decay, weight_decay, initial_accumulator_value, eps):
+    """Raise ``ValueError`` for Adagrad settings that ``torch.optim.Adagrad`` rejects."""
+    check_non_negative("learning rate", lr)
+    check_non_negative("lr_decay value", lr_decay)
+    check_non_negative("weight_decay value", weight_decay)
+    check_non_negative("initial_accumulator_value value", initial_accumulator_value)
+    check_non_negative("epsilon value", eps)
+
+
+def coefficients(dtype, eps, weight_decay, maximize, grad_scale=None):
+    """`Coefficients` in ``dtype``."""
+    named = Coefficients(
+        eps=eps, grad_factor=grad_factor(maximize, grad_scale), weight_decay=weight_decay
+    )
+    return in_dtype(dtype, named)
+
+
+def step_coefficients_per_entry(dtype, steps, lr, lr_decay):
+    """Rows of `StepCoefficients` for parameters at steps ``steps`` (this step's counts,
+    ≥ 1), in double precision as torch computes them, then in ``dtype``."""
+    steps = np.asarray(steps, np.float64)
+    return (-(lr / (1.0 + (steps - 1.0) * lr_decay))).astype(dtype).reshape(-1, 1)
