@@ -56,7 +56,7 @@ def optimizer_case(benchmark, provider, shapes, dtype):
             param.copy_(value)
 
     numel = sum(param.numel() for param in params)
-    moved = ARRAYS_MOVED[name] * numel * params[0].element_size()
+    moved = ARRAYS_MOVED[benchmark] * numel * params[0].element_size()
     return Case(optimizer.step, reset, numel, len(params), moved)
 
 
@@ -66,8 +66,8 @@ def twin_case(benchmark, numel, dtype):
     Its arrays are torch tensors seen through NumPy and its reset is the same torch
     ``copy_`` the optimizer cases do, so it starts each step from the same cache state.
     """
-    name, _ = OPTIMIZERS[benchmark]
-    kernel, count = (twin.sgd_momentum_twin, 3) if name == "SGD" else (twin.adam_twin, 4)
+    one_state = ARRAYS_MOVED[benchmark] == 5  # SGD's bytes, else Adam's
+    kernel, count = (twin.sgd_momentum_twin, 3) if one_state else (twin.adam_twin, 4)
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(numel, generator=generator, dtype=dtype) for _ in range(count)]
     arrays = [tensor.numpy() for tensor in tensors]
@@ -76,7 +76,7 @@ def twin_case(benchmark, numel, dtype):
     def reset():
         tensors[0].copy_(start)
 
-    moved = ARRAYS_MOVED[name] * numel * tensors[0].element_size()
+    moved = ARRAYS_MOVED[benchmark] * numel * tensors[0].element_size()
     return Case(lambda: kernel(*arrays), reset, numel, 1, moved)
 
 

@@ -14,10 +14,27 @@ OPTIMIZERS = {
     "SGD Nesterov": ("SGD", {"lr": 1e-3, "momentum": 0.9, "nesterov": True}),
     "Adam": ("Adam", {"lr": 1e-3}),
     "AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}),
+    "NAdam": ("NAdam", {"lr": 1e-3}),
+    "RMSprop": ("RMSprop", {"lr": 1e-3}),
+    "RMSprop momentum": ("RMSprop", {"lr": 1e-3, "momentum": 0.9}),
+    "Adagrad": ("Adagrad", {"lr": 1e-2}),
 }
 
-#: Arrays read plus arrays written per parameter by one step (see bench/twin.py).
-ARRAYS_MOVED = {"SGD": 5, "Adam": 7, "AdamW": 7}
+#: Arrays read plus arrays written per parameter by one step (see bench/twin.py): 5 for
+#: one state array (p, g, s read; p, s written), 7 for two.
+ARRAYS_MOVED = {
+    "SGD momentum": 5,
+    "SGD Nesterov": 5,
+    "Adam": 7,
+    "AdamW": 7,
+    "NAdam": 7,
+    "RMSprop": 5,
+    "RMSprop momentum": 7,
+    "Adagrad": 5,
+}
+
+#: The optimizers torch has a fused CPU step for.
+TORCH_FUSED = ("SGD", "Adam", "AdamW", "Adagrad")
 
 
 def ours_default(name, params, options):
@@ -41,6 +58,8 @@ def torch_foreach(name, params, options):
 
 
 def torch_fused(name, params, options):
+    if name not in TORCH_FUSED:
+        return None
     return getattr(torch.optim, name)(params, fused=True, **options)
 
 
