@@ -16,7 +16,10 @@ measure the library's update rules, not a separate model of them:
    descent (O(1/k)) and Nesterov with βₖ = k/(k+3) (O(1/k²)), as fitted log-log slopes;
 3. the β table: a velocity's effective window Σβᵏ = 1/(1−β) and effective learning rate
    lr/(1−β), measured from the kernel's response to an impulse and a constant gradient;
-4. the two momentum conventions under constant lr, linear warmup and step decay.
+4. the two momentum conventions under constant lr, linear warmup and step decay;
+5. the adaptive members of the family (RMSprop with momentum, Adam, NAdam: their own
+   kernels, float64) on the same κ-conditioned quadratics, diagonal and rotated by a
+   random orthogonal matrix: iterations to 1e-6 relative error at the best lr of a grid.
 
 Results go to ``convergence.{json,png,md}`` in ``bench/out/`` (untracked), or in the
 folder ``--output`` names; the committed run is in ``bench/results/``.
@@ -27,7 +30,7 @@ import math
 
 import numpy as np
 
-from fastmomentum.kernels import sgd_step
+from fastmomentum.kernels import adam_step, nadam_step, rmsprop_step, sgd_step
 
 from . import cli
 
@@ -240,6 +243,57 @@ def conventions_study(kappa=100, steps=200):
     return results
 
 
+ADAPTIVE = ("RMSprop momentum", "Adam", "NAdam")
+ADAPTIVE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def adaptive_iterations(method, kappa, lr, rotated=False, budget=20_000, until=1e-6, size=64):
+    """Iterations of ``method`` (one of `ADAPTIVE`, default hyperparameters but lr; RMSprop
+    with momentum 0.9) until ‖xₖ‖/‖x₀‖ ≤ ``until`` on the κ-conditioned quadratic (its
+    eigenvectors the axes, or random ``rotated`` ones), from a random start; ``None``
+    if not within ``budget``."""
+    rng = np.random.default_rng(0)
+    eigenvalues = spectrum(kappa, size)
+    basis = np.linalg.qr(rng.standard_normal((size, size)))[0] if rotated else None
+    x = rng.standard_normal(size)
+    first, second = np.zeros(size), np.zeros(size)
+    mu_product, start = 1.0, np.linalg.norm(x)
+    for k in range(1, budget + 1):
+        grad = eigenvalues * x if basis is None else basis @ (eigenvalues * (basis.T @ x))
+        if method == "RMSprop momentum":
+            rmsprop_step(x, grad, first, second, lr=lr, momentum=0.9)
+        elif method == "Adam":
+            adam_step(x, grad, first, second, step=k, lr=lr)
+        else:
+            mu_product = nadam_step(x, grad, first, second, step=k, mu_product=mu_product, lr=lr)
+        if np.linalg.norm(x) <= until * start:
+            return k
+    return None
+
+
+def adaptive_study(kappas=(10, 100, 1000, 10000)):
+    """Per (layout, κ, method): the fewest iterations to 1e-6 over `ADAPTIVE_LRS`."""
+    rows = []
+    for rotated in (False, True):
+        for kappa in kappas:
+            for method in ADAPTIVE:
+                runs = [
+                    (adaptive_iterations(method, kappa, lr, rotated), lr) for lr in ADAPTIVE_LRS
+                ]
+                reached = [run for run in runs if run[0] is not None]
+                iterations, lr = min(reached) if reached else (None, None)
+                rows.append(
+                    {
+                        "quadratic": "rotated" if rotated else "diagonal",
+                        "kappa": kappa,
+                        "method": method,
+                        "iterations_to_1e-6": iterations,
+                        "best_lr": lr,
+                    }
+                )
+    return rows
+
+
 def markdown(report):
     lines = [
         "| κ | method | measured rate | predicted | measured / predicted | iterations to 1e-6 |",
@@ -282,6 +336,32 @@ def markdown(report):
         )
         + "."
     )
+    if "adaptive" in report:
+        lines += ["", _adaptive_table(report["adaptive"])]
+    return "\n".join(lines)
+
+
+def _adaptive_table(rows):
+    kappas = sorted({row["kappa"] for row in rows})
+    lines = [
+        "Adaptive methods, iterations to 1e-6 at the best lr of "
+        f"{', '.join(str(lr) for lr in ADAPTIVE_LRS)} (- : not within 20000):",
+        "",
+        "| quadratic | method | " + " | ".join(f"κ = {k}" for k in kappas) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in kappas) + " |",
+    ]
+    for quadratic in ("diagonal", "rotated"):
+        for method in ADAPTIVE:
+            cells = []
+            for kappa in kappas:
+                row = next(
+                    r
+                    for r in rows
+                    if (r["quadratic"], r["method"], r["kappa"]) == (quadratic, method, kappa)
+                )
+                iterations = row["iterations_to_1e-6"]
+                cells.append("-" if iterations is None else f"{iterations} (lr {row['best_lr']})")
+            lines.append(f"| {quadratic} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -365,6 +445,7 @@ def main(argv=None):
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "convergence.json").write_text(json.dumps(report, indent=1))
+    report["adaptive"] = adaptive_study()
     summary = markdown(report)
     (args.output / "convergence.md").write_text(summary + "\n")
     plot(report, args.output / "convergence.png")
