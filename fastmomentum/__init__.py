@@ -8,11 +8,20 @@ torch is imported only when an optimizer is first asked for, so
 
 from typing import TYPE_CHECKING
 
-__all__ = ["SGD", "Adam", "AdamW", "NAdam", "RMSprop", "Adagrad", "dequantized_state_dict"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "NAdam",
+    "RMSprop",
+    "Adagrad",
+    "LAMB",
+    "dequantized_state_dict",
+]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names load on first use
-    from .optim import SGD, Adagrad, Adam, AdamW, NAdam, RMSprop, dequantized_state_dict
+    from .optim import LAMB, SGD, Adagrad, Adam, AdamW, NAdam, RMSprop, dequantized_state_dict
 
 
 def __getattr__(name):

@@ -2,6 +2,7 @@
 
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .lamb import LAMB
 from .nadam import NAdam
 from .quantized import dequantized_state_dict
 from .rmsprop import RMSprop
@@ -14,5 +15,6 @@ __all__ = [
     "NAdam",
     "RMSprop",
     "Adagrad",
+    "LAMB",
     "dequantized_state_dict",
 ]

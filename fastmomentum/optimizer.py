@@ -84,6 +84,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: Whether ``master_weights=True`` is implemented (the subclass exposes MASTER).
     supports_master_weights = False
 
+    #: The parameter dtypes the optimizer steps (``None``: all that fastmomentum steps).
+    param_dtypes = None
+
     #: Whether ``state_dtype="int8_blockwise"`` is implemented (`fastmomentum.quantized`).
     supports_quantized_state = False
 
@@ -152,6 +155,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             check_implementation_options(group)
             check_params(group["params"])
             check_state_dtype(self.__dict__.get("_state_dtype"), group["params"])
+            self._check_param_dtypes(group["params"])
             if self.__dict__.get("_master_weights"):
                 check_master_weights(group["params"])
         except Exception:
@@ -159,6 +163,17 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise
         if self.buckets is not None:  # after construction; the constructor adds them all
             self.buckets.append(self._make_buckets(len(self.param_groups) - 1))
+
+    def _check_param_dtypes(self, params):
+        if self.param_dtypes is None:
+            return
+        for position, param in enumerate(params):
+            if param.dtype not in self.param_dtypes:
+                names = ", ".join(str(d).removeprefix("torch.") for d in self.param_dtypes)
+                raise ValueError(
+                    f"parameter {position} is {param.dtype}; {type(self).__name__} steps "
+                    f"{names} parameters"
+                )
 
     def _make_buckets(self, group_index):
         return grouping.make_buckets(self, group_index)

@@ -50,7 +50,7 @@ from .quantization import (
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "2bc1376dcb408a14"
+RULES_DIGEST = "d050cf3710b1a0fc"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -137,6 +137,46 @@ def _cases(step, entry_flags, known, indent):
         f"{indent}for i in range(chunk, stop):",
         f"{indent}    ELEMENT({', '.join(arguments)})",
     ]
+
+
+def _squared_norms(addresses, segments, part_starts, formats, partials):
+    """Per segment, ``Σ p²`` of the param column and ``Σ x²`` of the first state column,
+    accumulated in float64."""
+    stored_param, _, stored_state, _ = formats
+    for part in prange(part_starts.size - 1):
+        for segment in range(part_starts[part], part_starts[part + 1]):
+            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
+            param = pointer_to(addresses[entry, 0], stored_param)
+            other = pointer_to(addresses[entry, 2], stored_state)
+            first, second = 0.0, 0.0
+            for i in range(begin, end):
+                x, y = np.float64(param[i]), np.float64(other[i])
+                first += x * x
+                second += y * y
+            partials[segment, 0] = first
+            partials[segment, 1] = second
+
+
+def squared_norms(table):
+    """Per entry of ``table``: ``(‖param‖², ‖x‖²)`` of its param column and its first
+    state column, as a float64 array of shape ``(entries, 2)``; the segmented reduction
+    LAMB's trust ratios need. Each thread sums its segments (reassociated, so that the
+    sums vectorise); the segments' partial sums are added per entry on the host."""
+    sums = np.zeros((len(table), 2))
+    if table.size == 0:
+        return sums
+    threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
+    kernel = _compiled(_squared_norms, threaded, False, False, (), False, _REDUCTION)
+    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1)
+    partials = np.empty((len(segments), 2))
+    kernel(table.addresses, segments, part_starts, table.formats, partials)
+    np.add.at(sums, segments[:, 0], partials)
+    return sums
+
+
+#: Fast-math flags of reductions: reassociation lets a sum vectorise (the order of a
+#: float64 sum of float32 squares moves it by rounding only).
+_REDUCTION = ("contract", "nsz", "reassoc")
 
 
 #: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.

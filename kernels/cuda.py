@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
 from . import config, precision, quantization
 from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
@@ -33,7 +33,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "2bc1376dcb408a14"
+RULES_DIGEST = "d050cf3710b1a0fc"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -179,6 +179,50 @@ def _sgd_momentum_blockwise(
         if thread == 0:
             velocity_absmax[block] = top[0]
         cuda.syncthreads()
+
+
+@cuda.jit(cache=True)
+def _squared_norms(addresses, segments, formats, partials):
+    """`kernels.cpu.squared_norms` per segment: each thread sums the elements it strides
+    over (float64), then adds them to its segment's partial sums atomically."""
+    stored_param, stored_grad, stored_state, stored_mirror = formats
+    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
+        entry = segments[segment, 0]
+        param = pointer_to(addresses[entry, 0], stored_param)
+        other = pointer_to(addresses[entry, 2], stored_state)
+        first_sum, second_sum = 0.0, 0.0
+        begin, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
+        for i in range(begin, end, cuda.blockDim.x):
+            x, y = float64(param[i]), float64(other[i])
+            first_sum += x * x
+            second_sum += y * y
+        cuda.atomic.add(partials, (segment, 0), first_sum)
+        cuda.atomic.add(partials, (segment, 1), second_sum)
+
+
+def squared_norms(table, stream=None, device=None, upload=None):
+    """`kernels.cpu.squared_norms` on the GPU; the host waits for the sums (one small
+    copy a step). The other arguments as `launch`'s."""
+    sums = np.zeros((len(table), 2))
+    if table.size == 0:
+        return sums
+    with cuda.gpus[device] if device is not None else contextlib.nullcontext():
+        if isinstance(stream, int):
+            stream = cuda.external_stream(stream) if stream else 0
+        stream = stream or 0
+        if upload is None:
+            upload = lambda array: cuda.to_device(array, stream=stream)  # noqa: E731
+        segments = table.cuda_segments(config.cuda_chunk())
+        blocks, threads = config.launch_shape(len(segments))
+        partials = cuda.to_device(np.zeros((len(segments), 2)), stream=stream)
+        _squared_norms[blocks, threads, stream](
+            upload(table.addresses), upload(segments), table.formats, partials
+        )
+        host = partials.copy_to_host(stream=stream)
+        if stream:
+            stream.synchronize()
+    np.add.at(sums, segments[:, 0], host)
+    return sums
 
 
 def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None):

@@ -77,10 +77,12 @@ def element_source(step):
             values.append(f"load({name}, i, like)")
     values += ["*coefficients", *(f"entry[{k}]" for k in range(entry))]
     values += [*step.flags, *step.entry_flags]
-    results = ", ".join(["new_param", *(f"new_{name}" for name in step.state)])
-    lines.append(f"    {results} = RULE({', '.join(values)})")
-    lines.append("    store_param(param, mirror, i, new_param, mirrored)")
-    for name in step.state:
+    written = [name for name in step.state if name not in step.read_only]
+    results = (["new_param"] if step.updates_param else []) + [f"new_{n}" for n in written]
+    lines.append(f"    {', '.join(results)} = RULE({', '.join(values)})")  # one: returned bare
+    if step.updates_param:
+        lines.append("    store_param(param, mirror, i, new_param, mirrored)")
+    for name in written:
         flag = step.optional_flag(name)
         indent = "    "
         if flag:

@@ -7,6 +7,9 @@ follows::
         -> new param                     (a rule without state)
         -> (new param, *new state)
 
+(without ``new param`` for a rule that does not update the parameter, and without the
+states it only reads; a single value is returned bare, not as a 1-tuple).
+
 From a `Step` alone the element step (`kernels.elements.element`), the CPU loops
 (`kernels.cpu`) and the CUDA kernels (`kernels.cuda`) are generated, and launched
 through one function each (`cpu.launch`, `cuda.launch`): adding a rule adds no loop,
@@ -30,7 +33,10 @@ class Step(NamedTuple):
       which each loop is written once per value so that every case vectorises;
     - ``optional``: ``(state array, flag)`` pairs: the flag without which that array is
       neither read nor written (and its column may be 0);
-    - ``fastmath``: LLVM fast-math flags for the CPU loop.
+    - ``fastmath``: LLVM fast-math flags for the CPU loop;
+    - ``updates_param``: whether the rule returns a new parameter (False: a first pass
+      of a step in several, such as LAMB's direction);
+    - ``read_only``: state arrays the rule reads but returns no new value for.
     """
 
     name: str
@@ -42,6 +48,8 @@ class Step(NamedTuple):
     entry_flags: tuple = ()
     optional: tuple = ()
     fastmath: frozenset = frozenset()
+    updates_param: bool = True
+    read_only: tuple = ()
 
     def optional_flag(self, name):
         """The flag state array ``name`` needs, or ``None`` if it is always used."""

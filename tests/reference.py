@@ -117,3 +117,18 @@ def adagrad(param, grad, state_sum, *, step, lr, lr_decay, weight_decay, eps, ma
     state_sum = state_sum + grad * grad
     step_size = lr / (1 + (step - 1) * lr_decay)
     return param - step_size * grad / (np.sqrt(state_sum) + eps), state_sum
+
+
+def lamb(param, grad, m, v, *, step, lr, betas, eps, weight_decay, bias_correction, maximize):
+    """One LAMB step of one layer on float64 copies (You et al., 2019, Algorithm 2);
+    returns ``(param, m, v, trust_ratio)``."""
+    beta1, beta2 = betas
+    param, grad, m, v = (np.array(x, dtype=np.float64) for x in (param, grad, m, v))
+    grad = -grad if maximize else grad
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad * grad
+    m_hat, v_hat = (m / (1 - beta1**step), v / (1 - beta2**step)) if bias_correction else (m, v)
+    update = m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param
+    param_norm, update_norm = np.linalg.norm(param), np.linalg.norm(update)
+    ratio = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+    return param - lr * ratio * update, m, v, ratio

@@ -15,9 +15,18 @@ tuples: Numba 0.68 cannot unpack ``*coefficients`` from a named tuple, and typin
 costs 0.4 µs a call more than a tuple.
 """
 
-from . import adagrad, adam, common, nadam, rmsprop, sgd
+from . import adagrad, adam, common, lamb, nadam, rmsprop, sgd
 
 #: Every rule's `steps.Step`.
-STEPS = (sgd.PLAIN, sgd.MOMENTUM, adam.STEP, nadam.STEP, rmsprop.STEP, adagrad.STEP)
+STEPS = (
+    sgd.PLAIN,
+    sgd.MOMENTUM,
+    adam.STEP,
+    nadam.STEP,
+    rmsprop.STEP,
+    adagrad.STEP,
+    lamb.DIRECTION,
+    lamb.APPLY,
+)
 
-__all__ = ["STEPS", "adagrad", "adam", "common", "nadam", "rmsprop", "sgd"]
+__all__ = ["STEPS", "adagrad", "adam", "common", "lamb", "nadam", "rmsprop", "sgd"]

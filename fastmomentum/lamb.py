@@ -1,0 +1,109 @@
+"""``fastmomentum.LAMB``: layer-wise adaptive moments (You et al., 2019), three launches
+per bucket."""
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from fastmomentum.kernels import rules
+
+from .optimizer import FlatOptimizer
+from .validation import host_float
+
+
+class LAMB(FlatOptimizer):
+    r"""LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning"): Adam's
+    direction with decoupled weight decay, scaled per parameter tensor by a trust ratio.
+
+    For each tensor at its step ``t``, with ``g = ±∇f(p)``::
+
+        m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+        u = (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε) + λ·p
+        r = ‖p‖ / ‖u‖, or 1 when either norm is 0
+        p ← p − lr·r·u
+
+    ``bias_correction=False`` drops the ``1 − βᵗ`` factors. State per parameter:
+    ``step``, ``exp_avg``, ``exp_avg_sq``. torch has no LAMB; the variant (the paper's,
+    trust ratio on every tensor, no clipping of it, no gradient clipping inside the
+    step) and how it differs from Apex's FusedLAMB and DeepSpeed's are in
+    `fastmomentum.kernels.rules.lamb`. A step is three launches per bucket: moments and
+    direction, the per-tensor norms (a segmented reduction), the update. float32 and
+    float64 parameters.
+    """
+
+    scalar_state = {"step": 0.0}
+    state_keys = ("exp_avg", "exp_avg_sq")
+    param_dtypes = (torch.float32, torch.float64)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        *,
+        maximize: bool = False,
+        flat_gradients: bool = False,
+        fused_zero_grad: bool = False,
+    ) -> None:
+        if isinstance(betas, list):
+            betas = tuple(betas)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bias_correction": bias_correction,
+            "maximize": maximize,
+        }
+        self.check_group(defaults)
+        super().__init__(params, defaults, flat_gradients, None, fused_zero_grad)
+
+    def state_names(self, group):
+        return self.state_keys
+
+    def settings(self, group):
+        beta1, beta2 = group["betas"]
+        return (
+            host_float(group["lr"], "lr"),
+            (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
+            host_float(group["eps"], "eps"),
+            host_float(group["weight_decay"], "weight_decay"),
+            bool(group["bias_correction"]),
+            bool(group["maximize"]),
+        )
+
+    def check_settings(self, settings):
+        lr, betas, eps, weight_decay, *_ = settings
+        rules.lamb.check(lr, betas, eps, weight_decay)
+
+    def update(self, group, bucket, settings, plan, grad_scale):
+        lr, betas, eps, weight_decay, bias_correction, maximize = settings
+        dtype = bucket.dtype_numpy
+        coefficients = self.cached_coefficients(
+            bucket,
+            (settings, grad_scale),
+            lambda: rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize, grad_scale),
+        )
+        norms = {}  # per launch table's rows: each tensor's (‖p‖², ‖u‖²)
+
+        def count_step(table):  # each parameter's t, and its bias corrections
+            bucket.count_steps(table.rows)
+            table.entry_values[:] = rules.lamb.bias_corrections(
+                dtype, bucket.step_counts[table.rows], betas, bias_correction
+            )
+
+        def measure(table):
+            norms[table.rows.tobytes()] = bucket.kernels.squared_norms(table)
+
+        def trust(table):
+            squared = norms[table.rows.tobytes()]
+            table.entry_values[:] = rules.lamb.trust_step_sizes(dtype, squared, lr)
+
+        direction, apply = rules.lamb.DIRECTION, rules.lamb.APPLY
+        launch = bucket.kernels.launch
+        plan.launch(direction.state, 2, count_step, launch, direction, coefficients)
+        plan.launch(("update",), 0, None, measure)
+        plan.launch(("update",), 1, trust, launch, apply, rules.lamb.apply_coefficients(dtype))
