@@ -33,10 +33,7 @@ class TorchStreamKernels:
         self._cuda = cuda_kernels()
 
     def launch(self, table, step, coefficients, flags=()):
-        self._cuda.launch(table, step, coefficients, flags, **self._placement())
-
-    def squared_norms(self, table):
-        return self._cuda.squared_norms(table, **self._placement())
+        return self._cuda.launch(table, step, coefficients, flags, **self._placement())
 
     def sgd_momentum_blockwise(self, table, coefficients, nesterov):
         self._cuda.sgd_momentum_blockwise(table, coefficients, nesterov, **self._placement())

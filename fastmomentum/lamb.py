@@ -1,4 +1,4 @@
-"""``fastmomentum.LAMB``: layer-wise adaptive moments (You et al., 2019), three launches
+"""``fastmomentum.LAMB``: layer-wise adaptive moments (You et al., 2019), two launches
 per bucket."""
 
 import torch
@@ -26,9 +26,9 @@ class LAMB(FlatOptimizer):
     ``step``, ``exp_avg``, ``exp_avg_sq``. torch has no LAMB; the variant (the paper's,
     trust ratio on every tensor, no clipping of it, no gradient clipping inside the
     step) and how it differs from Apex's FusedLAMB and DeepSpeed's are in
-    `fastmomentum.kernels.rules.lamb`. A step is three launches per bucket: moments and
-    direction, the per-tensor norms (a segmented reduction), the update. float32 and
-    float64 parameters.
+    `fastmomentum.kernels.rules.lamb`. A step is two launches per bucket: moments,
+    direction and the per-tensor norms (a segmented reduction in the same pass), then
+    the update. float32 and float64 parameters.
     """
 
     scalar_state = {"step": 0.0}
@@ -95,15 +95,20 @@ class LAMB(FlatOptimizer):
                 dtype, bucket.step_counts[table.rows], betas, bias_correction
             )
 
-        def measure(table):
-            norms[table.rows.tobytes()] = bucket.kernels.squared_norms(table)
+        def direction_and_norms(table, *arguments):
+            norms[table.rows.tobytes()] = bucket.kernels.launch(table, *arguments)
 
         def trust(table):
             squared = norms[table.rows.tobytes()]
             table.entry_values[:] = rules.lamb.trust_step_sizes(dtype, squared, lr)
 
         direction, apply = rules.lamb.DIRECTION, rules.lamb.APPLY
-        launch = bucket.kernels.launch
-        plan.launch(direction.state, 2, count_step, launch, direction, coefficients)
-        plan.launch(("update",), 0, None, measure)
-        plan.launch(("update",), 1, trust, launch, apply, rules.lamb.apply_coefficients(dtype))
+        plan.launch(direction.state, 2, count_step, direction_and_norms, direction, coefficients)
+        plan.launch(
+            apply.state,
+            1,
+            trust,
+            bucket.kernels.launch,
+            apply,
+            rules.lamb.apply_coefficients(dtype),
+        )

@@ -391,11 +391,10 @@ def lamb_step(
         raise TypeError(f"lamb_step takes float32 and float64 arrays, got {dtype}")
     coefficients = rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize)
     corrections = rules.lamb.bias_corrections(dtype, [step], betas, bias_correction)[0]
-    kernels.launch(
+    norms = kernels.launch(
         _one_entry(arrays, tuple(corrections)), rules.lamb.DIRECTION, coefficients, **launch
     )
     param_and_update = [arrays[0], arrays[1], arrays[4]]
-    norms = kernels.squared_norms(_one_entry(param_and_update), **launch)
     step_size = rules.lamb.trust_step_sizes(dtype, norms, lr)[0]
     table = _one_entry(param_and_update, tuple(step_size))
     kernels.launch(table, rules.lamb.APPLY, rules.lamb.apply_coefficients(dtype), **launch)

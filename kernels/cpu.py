@@ -50,7 +50,7 @@ from .quantization import (
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "d050cf3710b1a0fc"
+RULES_DIGEST = "5bfcacb041b3b004"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -88,8 +88,10 @@ def loop_source(step):
     """The source of `loop` (readable: ``print(loop_source(rules.adam.STEP))``)."""
     width = len(step.entry._fields) if step.entry else 0
     values = "".join(f"entry_values[entry, {k}], " for k in range(width))
+    partials = ", partials" if step.squares else ""
     lines = [
-        f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, formats):",
+        f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, "
+        f"formats{partials}):",
         "    stored_param, stored_grad, stored_state, stored_mirror = formats",
         "    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED",
         "    for part in prange(part_starts.size - 1):",
@@ -105,6 +107,8 @@ def loop_source(step):
     lines.append(f"            values = ({values})")
     for offset, flag in enumerate(step.entry_flags, start=width):
         lines.append(f"            {flag} = entry_values[entry, {offset}] != 0")
+    for k in range(len(step.squares)):
+        lines.append(f"            sum{k} = 0.0")
     lines += [
         "            reach = CHUNK if PREFETCH else max(end - begin, 1)",
         "            for chunk in range(begin, end, reach):",
@@ -116,6 +120,8 @@ def loop_source(step):
         lines.append(f"                    prefetch({name}, ahead)")
     lines.append("                stop = min(chunk + reach, end)")
     lines += _cases(step, step.entry_flags, (), "                ")
+    for k in range(len(step.squares)):
+        lines.append(f"            partials[segment, {k}] = sum{k}")
     return "\n".join(lines) + "\n"
 
 
@@ -133,50 +139,16 @@ def _cases(step, entry_flags, known, indent):
     arguments = ["i", "param", "grad", *step.state, "coefficients", "values"]
     arguments += [flag.upper() for flag in step.flags]
     arguments += [*known, "CLEAR_GRADS", "mirror", "MIRRORED"]
-    return [
-        f"{indent}for i in range(chunk, stop):",
-        f"{indent}    ELEMENT({', '.join(arguments)})",
-    ]
-
-
-def _squared_norms(addresses, segments, part_starts, formats, partials):
-    """Per segment, ``Σ p²`` of the param column and ``Σ x²`` of the first state column,
-    accumulated in float64."""
-    stored_param, _, stored_state, _ = formats
-    for part in prange(part_starts.size - 1):
-        for segment in range(part_starts[part], part_starts[part + 1]):
-            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], stored_param)
-            other = pointer_to(addresses[entry, 2], stored_state)
-            first, second = 0.0, 0.0
-            for i in range(begin, end):
-                x, y = np.float64(param[i]), np.float64(other[i])
-                first += x * x
-                second += y * y
-            partials[segment, 0] = first
-            partials[segment, 1] = second
-
-
-def squared_norms(table):
-    """Per entry of ``table``: ``(‖param‖², ‖x‖²)`` of its param column and its first
-    state column, as a float64 array of shape ``(entries, 2)``; the segmented reduction
-    LAMB's trust ratios need. Each thread sums its segments (reassociated, so that the
-    sums vectorise); the segments' partial sums are added per entry on the host."""
-    sums = np.zeros((len(table), 2))
-    if table.size == 0:
-        return sums
-    threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
-    kernel = _compiled(_squared_norms, threaded, False, False, (), False, _REDUCTION)
-    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1)
-    partials = np.empty((len(segments), 2))
-    kernel(table.addresses, segments, part_starts, table.formats, partials)
-    np.add.at(sums, segments[:, 0], partials)
-    return sums
-
-
-#: Fast-math flags of reductions: reassociation lets a sum vectorise (the order of a
-#: float64 sum of float32 squares moves it by rounding only).
-_REDUCTION = ("contract", "nsz", "reassoc")
+    call = f"ELEMENT({', '.join(arguments)})"
+    if not step.squares:
+        return [f"{indent}for i in range(chunk, stop):", f"{indent}    {call}"]
+    lines = [f"{indent}for i in range(chunk, stop):", f"{indent}    summed = {call}"]
+    for k in range(len(step.squares)):
+        lines += [
+            f"{indent}    value{k} = np.float64(summed[{k}])",
+            f"{indent}    sum{k} += value{k} * value{k}",
+        ]
+    return lines
 
 
 #: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
@@ -338,25 +310,37 @@ def _sixteen_bits(formats):
     return any(kind.itemsize == 2 for kind in formats)
 
 
-def _launch(loop, table, coefficients, flags=(), block=1, fastmath=()):
+def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0):
+    """Run ``loop`` over ``table``; with ``squares`` sums per segment, return them per
+    entry (float64, shape ``(entries, squares)``)."""
+    sums = np.zeros((len(table), squares)) if squares else None
     if table.size == 0:
-        return
+        return sums
     threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
     prefetch_ahead = _sixteen_bits(table.formats)
     kernel = _compiled(
         loop, threaded, table.clear_grads, table.mirrored, flags, prefetch_ahead, fastmath
     )
     segments, part_starts = table.cpu_schedule(_threads() if threaded else 1, block)
-    kernel(table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats)
+    arguments = (table.addresses, segments, part_starts, table.entry_values, coefficients)
+    if not squares:
+        kernel(*arguments, table.formats)
+        return None
+    partials = np.zeros((len(segments), squares))
+    kernel(*arguments, table.formats, partials)
+    np.add.at(sums, segments[:, 0], partials)
+    return sums
 
 
 def launch(table, step, coefficients, flags=()):
     """Apply ``step``'s rule (a `steps.Step`) in place over ``table``, whose columns are
     param, grad and ``step.state``; ``coefficients``: its ``step.coefficients`` as a
     plain tuple in the table's dtype (`kernels.hyperparameters`), ``flags`` the values
-    of ``step.flags``, in order."""
+    of ``step.flags``, in order. Returns the per-entry sums of ``step.squares`` (a
+    float64 array), or None."""
     constants = tuple((name.upper(), bool(value)) for name, value in zip(step.flags, flags))
-    _launch(loop(step), table, coefficients, constants, fastmath=tuple(sorted(step.fastmath)))
+    fastmath = tuple(sorted(step.fastmath))
+    return _launch(loop(step), table, coefficients, constants, 1, fastmath, len(step.squares))
 
 
 def adam_blockwise(table, coefficients):

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, float64
+from numba import cuda, float32, float64  # noqa: F401 (float64: generated kernels)
 
 from . import config, precision, quantization
 from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
@@ -33,7 +33,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "d050cf3710b1a0fc"
+RULES_DIGEST = "5bfcacb041b3b004"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -65,9 +65,10 @@ def kernel_source(step):
     width = len(step.entry._fields) if step.entry else 0
     values = "".join(f"entry_values[entry, {k}], " for k in range(width))
     flags = "".join(f", {flag}" for flag in step.flags)
+    partials = ", partials" if step.squares else ""
     lines = [
         f"def _{step.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"mirrored{flags}):",
+        f"mirrored{flags}{partials}):",
         "    stored_param, stored_grad, stored_state, stored_mirror = formats",
         "    last = addresses.shape[1] - 1  # the mirror column, when mirrored",
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
@@ -83,11 +84,20 @@ def kernel_source(step):
         lines.append(f"        {flag} = entry_values[entry, {offset}] != 0")
     arguments = ["i", "param", "grad", *step.state, "coefficients", "values", *step.flags]
     arguments += [*step.entry_flags, "clear", "mirror", "mirrored"]
+    call = f"ELEMENT({', '.join(arguments)})"
+    lines += [f"        sum{k} = 0.0" for k in range(len(step.squares))]
     lines += [
         "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]",
         "        for i in range(first, end, cuda.blockDim.x):",
-        f"            ELEMENT({', '.join(arguments)})",
+        f"            {'summed = ' if step.squares else ''}{call}",
     ]
+    for k in range(len(step.squares)):
+        lines += [
+            f"            value{k} = float64(summed[{k}])",
+            f"            sum{k} += value{k} * value{k}",
+        ]
+    for k in range(len(step.squares)):  # each thread's sums into its segment's
+        lines.append(f"        cuda.atomic.add(partials, (segment, {k}), sum{k})")
     return "\n".join(lines) + "\n"
 
 
@@ -181,53 +191,12 @@ def _sgd_momentum_blockwise(
         cuda.syncthreads()
 
 
-@cuda.jit(cache=True)
-def _squared_norms(addresses, segments, formats, partials):
-    """`kernels.cpu.squared_norms` per segment: each thread sums the elements it strides
-    over (float64), then adds them to its segment's partial sums atomically."""
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
-        entry = segments[segment, 0]
-        param = pointer_to(addresses[entry, 0], stored_param)
-        other = pointer_to(addresses[entry, 2], stored_state)
-        first_sum, second_sum = 0.0, 0.0
-        begin, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]
-        for i in range(begin, end, cuda.blockDim.x):
-            x, y = float64(param[i]), float64(other[i])
-            first_sum += x * x
-            second_sum += y * y
-        cuda.atomic.add(partials, (segment, 0), first_sum)
-        cuda.atomic.add(partials, (segment, 1), second_sum)
-
-
-def squared_norms(table, stream=None, device=None, upload=None):
-    """`kernels.cpu.squared_norms` on the GPU; the host waits for the sums (one small
-    copy a step). The other arguments as `launch`'s."""
-    sums = np.zeros((len(table), 2))
+def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0):
+    """Queue ``kernel`` over ``table``; with ``squares`` sums per segment, wait for them
+    and return them per entry (float64, shape ``(entries, squares)``)."""
+    sums = np.zeros((len(table), squares)) if squares else None
     if table.size == 0:
         return sums
-    with cuda.gpus[device] if device is not None else contextlib.nullcontext():
-        if isinstance(stream, int):
-            stream = cuda.external_stream(stream) if stream else 0
-        stream = stream or 0
-        if upload is None:
-            upload = lambda array: cuda.to_device(array, stream=stream)  # noqa: E731
-        segments = table.cuda_segments(config.cuda_chunk())
-        blocks, threads = config.launch_shape(len(segments))
-        partials = cuda.to_device(np.zeros((len(segments), 2)), stream=stream)
-        _squared_norms[blocks, threads, stream](
-            upload(table.addresses), upload(segments), table.formats, partials
-        )
-        host = partials.copy_to_host(stream=stream)
-        if stream:
-            stream.synchronize()
-    np.add.at(sums, segments[:, 0], host)
-    return sums
-
-
-def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None):
-    if table.size == 0:
-        return
     with cuda.gpus[device] if device is not None else contextlib.nullcontext():
         if isinstance(stream, int):  # a raw cudaStream_t, e.g. torch's current stream
             stream = cuda.external_stream(stream) if stream else 0
@@ -237,10 +206,20 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
         segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
         threads = block or threads  # block-wise state: a thread per element of a block
+        extra = ()
+        if squares:
+            extra = (cuda.to_device(np.zeros((len(segments), squares)), stream=stream),)
         kernel[blocks, threads, stream](
             upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, table.formats, table.clear_grads, table.mirrored, *flags,
+            coefficients, table.formats, table.clear_grads, table.mirrored, *flags, *extra,
         )  # fmt: skip
+        if not squares:
+            return None
+        partials = extra[0].copy_to_host(stream=stream)
+        if stream:
+            stream.synchronize()
+    np.add.at(sums, segments[:, 0], partials)
+    return sums
 
 
 def launch(table, step, coefficients, flags=(), stream=None, device=None, upload=None):
@@ -248,7 +227,8 @@ def launch(table, step, coefficients, flags=(), stream=None, device=None, upload
     ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
     ``upload(array)`` returns a device copy of a small host array, queued on ``stream``."""
     flags = tuple(bool(flag) for flag in flags)
-    _launch(kernel(step), table, coefficients, flags, stream, device, upload)
+    squares = len(step.squares)
+    return _launch(kernel(step), table, coefficients, flags, stream, device, upload, None, squares)
 
 
 def adam_blockwise(table, coefficients, stream=None, device=None, upload=None):

@@ -89,7 +89,12 @@ def element_source(step):
             lines.append(f"    if {flag}:")
             indent = "        "
         lines.append(f"{indent}store({name}, i, new_{name})")
-    lines += ["    if clear_grad:", "        grad[i] = 0", ""]
+    lines += ["    if clear_grad:", "        grad[i] = 0"]
+    if step.squares:  # the values the loop sums the squares of, after the step
+        after = {"param": "new_param" if step.updates_param else "load(param, i, like)"}
+        after.update((name, f"new_{name}") for name in written)
+        lines.append(f"    return ({', '.join(after[name] for name in step.squares)},)")
+    lines.append("")
     return "\n".join(lines)
 
 

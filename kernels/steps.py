@@ -36,7 +36,10 @@ class Step(NamedTuple):
     - ``fastmath``: LLVM fast-math flags for the CPU loop;
     - ``updates_param``: whether the rule returns a new parameter (False: a first pass
       of a step in several, such as LAMB's direction);
-    - ``read_only``: state arrays the rule reads but returns no new value for.
+    - ``read_only``: state arrays the rule reads but returns no new value for;
+    - ``squares``: arrays (``"param"`` or state names) whose sums of squared values
+      after the step each launch returns per entry, in float64 (LAMB's norms, in the
+      same pass).
     """
 
     name: str
@@ -50,6 +53,7 @@ class Step(NamedTuple):
     fastmath: frozenset = frozenset()
     updates_param: bool = True
     read_only: tuple = ()
+    squares: tuple = ()
 
     def optional_flag(self, name):
         """The flag state array ``name`` needs, or ``None`` if it is always used."""

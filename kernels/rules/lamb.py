@@ -1,9 +1,10 @@
 """LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning", Algorithm 2).
 
-A step is three launches over a bucket: `DIRECTION` updates the moments and writes each
-element's Adam direction with decoupled weight decay into a scratch array ``update``;
-a segmented reduction (`kernels.cpu.squared_norms`) gives each tensor's ``‖p‖²`` and
-``‖u‖²``; `APPLY` moves each tensor by its own trust ratio::
+A step is two launches over a bucket: `DIRECTION` updates the moments, writes each
+element's Adam direction with decoupled weight decay into a scratch array ``update``,
+and sums each tensor's ``‖p‖²`` and ``‖u‖²`` in the same pass (a segmented reduction:
+per segment in the loop, per tensor on the host; `steps.Step.squares`); `APPLY` moves
+each tensor by its own trust ratio::
 
     m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
     u = (m / c1) / (√(v / c2) + ε) + λ·p     (c1 = 1 − β1ᵗ, c2 = 1 − β2ᵗ; both 1 without
@@ -82,7 +83,10 @@ DIRECTION = Step(
     ("exp_avg", "exp_avg_sq", "update"),
     Coefficients,
     StepCoefficients,
+    # reassociation lets the float64 sums of squares vectorise
+    fastmath=frozenset({"reassoc", "nsz"}),
     updates_param=False,
+    squares=("param", "update"),
 )
 
 
