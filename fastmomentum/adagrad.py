@@ -26,10 +26,15 @@ class Adagrad(FlatOptimizer):
     ``foreach`` and ``fused`` are accepted (the step is always one fused launch);
     ``differentiable=True`` is rejected. ``flat_gradients``, ``fused_zero_grad`` and
     ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
+    float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
+    and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
     """
 
     scalar_state = {"step": 0.0}
-    state_keys = rules.adagrad.STEP.state
+    state_keys = (*rules.adagrad.STEP.state, "master_param")
+    optional_state_keys = ("master_param",)
+    supports_master_weights = True
 
     def __init__(
         self,
@@ -47,6 +52,7 @@ class Adagrad(FlatOptimizer):
         flat_gradients: bool = False,
         state_dtype=None,
         fused_zero_grad: bool = False,
+        master_weights: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -60,7 +66,9 @@ class Adagrad(FlatOptimizer):
             "fused": fused,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+        super().__init__(
+            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+        )
         for group, buckets in zip(self.param_groups, self.buckets):
             for bucket in buckets or ():
                 binding.expose_new_state(self, group, bucket, list(range(len(bucket.params))))
@@ -71,7 +79,7 @@ class Adagrad(FlatOptimizer):
         bucket.state("sum").flat.fill_(value)
 
     def state_names(self, group):
-        return self.state_keys
+        return rules.adagrad.STEP.state
 
     def settings(self, group):
         return (

@@ -28,11 +28,15 @@ class RMSprop(FlatOptimizer):
     raises ``KeyError`` there). ``foreach`` is accepted for compatibility;
     ``capturable=True`` and ``differentiable=True`` are rejected. ``flat_gradients``,
     ``fused_zero_grad`` and ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
+    float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
+    and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
     """
 
     scalar_state = {"step": 0.0}
-    state_keys = rules.rmsprop.STEP.state
-    optional_state_keys = ("momentum_buffer", "grad_avg")
+    state_keys = (*rules.rmsprop.STEP.state, "master_param")
+    optional_state_keys = ("momentum_buffer", "grad_avg", "master_param")
+    supports_master_weights = True
 
     def __init__(
         self,
@@ -51,6 +55,7 @@ class RMSprop(FlatOptimizer):
         flat_gradients: bool = False,
         state_dtype=None,
         fused_zero_grad: bool = False,
+        master_weights: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -65,7 +70,9 @@ class RMSprop(FlatOptimizer):
             "differentiable": differentiable,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults, flat_gradients, state_dtype, fused_zero_grad)
+        super().__init__(
+            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+        )
 
     def state_names(self, group):
         _, _, _, _, momentum, centered, _ = self.settings(group)
