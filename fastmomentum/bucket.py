@@ -121,6 +121,7 @@ class ParamBucket:
         self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
         self.all_initialized = False
         self.exposed_names = ()  # the state names ``state[p]`` entries were made with
+        self.exposed_from = None  # (state names used, state kept) they were made from
         self.coefficients = (None, None)  # see `FlatOptimizer.cached_coefficients`
         self.clear_grads = clear_grads  # a step zeroes the gradients it reads
         self.repeats = []  # per extra listing of parameters in their group, their rows
