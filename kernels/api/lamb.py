@@ -1,0 +1,65 @@
+"""The low-level LAMB, one array as one layer
+(the checks they share: `kernels.api.calls`)."""
+
+import numpy as np
+
+from .. import hyperparameters, rules
+from .calls import as_flags, dispatch, one_entry, real_numbers
+
+
+def lamb_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    update: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    bias_correction: bool = True,
+    maximize: bool = False,
+    stream=None,
+) -> float:
+    """One LAMB step (You et al., 2019) treating ``param`` as one layer, in place on
+    ``param`` and the moments; ``update`` is scratch of the same shape and dtype (it
+    holds ``u`` after the call). Returns the trust ratio used. With ``g = ±grad``::
+
+        m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+        u = (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε) + λ·p   (no corrections without
+                                                             bias_correction)
+        r = ‖p‖ / ‖u‖, or 1 when either norm is 0
+        p ← p − lr·r·u
+
+    float32 and float64 arrays (see `kernels.rules.lamb` for the variant).
+    """
+    lr, eps, weight_decay = real_numbers(lr=lr, eps=eps, weight_decay=weight_decay)
+    betas = hyperparameters.as_betas(betas)
+    bias_correction, maximize = as_flags(bias_correction=bias_correction, maximize=maximize)
+    step = hyperparameters.as_step(step)
+    rules.lamb.check(lr, betas, eps, weight_decay)
+    kernels, arrays, launch = dispatch(
+        {
+            "param": param,
+            "grad": grad,
+            "exp_avg": exp_avg,
+            "exp_avg_sq": exp_avg_sq,
+            "update": update,
+        },
+        stream,
+    )
+    dtype = np.dtype(arrays[0].dtype)
+    if dtype.itemsize == 2:
+        raise TypeError(f"lamb_step takes float32 and float64 arrays, got {dtype}")
+    coefficients = rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize)
+    corrections = rules.lamb.bias_corrections(dtype, [step], betas, bias_correction)[0]
+    norms = kernels.launch(
+        one_entry(arrays, tuple(corrections)), rules.lamb.DIRECTION, coefficients, **launch
+    )
+    param_and_update = [arrays[0], arrays[1], arrays[4]]
+    step_size = rules.lamb.trust_step_sizes(dtype, norms, lr)[0]
+    table = one_entry(param_and_update, tuple(step_size))
+    kernels.launch(table, rules.lamb.APPLY, rules.lamb.apply_coefficients(dtype), **launch)
+    return float(step_size[0]) / -lr if lr else 1.0
