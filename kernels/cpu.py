@@ -32,7 +32,7 @@ from numba import njit, prange
 from numba.np.ufunc import parallel
 
 from . import config
-from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
+from .elements import adam_blockwise_at, element, segment_source, sgd_momentum_blockwise_at
 from .pointers import pointer_to, prefetch
 from .quantization import (
     BLOCK,
@@ -50,7 +50,7 @@ from .quantization import (
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "5bfcacb041b3b004"
+RULES_DIGEST = "5c554f09d0cb8bb2"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -86,8 +86,6 @@ def _generated_loop(step):
 
 def loop_source(step):
     """The source of `loop` (readable: ``print(loop_source(rules.adam.STEP))``)."""
-    width = len(step.entry._fields) if step.entry else 0
-    values = "".join(f"entry_values[entry, {k}], " for k in range(width))
     partials = ", partials" if step.squares else ""
     lines = [
         f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, "
@@ -98,17 +96,8 @@ def loop_source(step):
         "        for segment in range(part_starts[part], part_starts[part + 1]):",
         "            entry, begin = segments[segment, 0], segments[segment, 1]",
         "            end = segments[segment, 2]",
-        "            param = pointer_to(addresses[entry, 0], stored_param)",
-        "            grad = pointer_to(addresses[entry, 1], stored_grad)",
+        *segment_source(step, "            "),
     ]
-    for column, name in enumerate(step.state, start=2):
-        lines.append(f"            {name} = pointer_to(addresses[entry, {column}], stored_state)")
-    lines.append("            mirror = pointer_to(addresses[entry, last], stored_mirror)")
-    lines.append(f"            values = ({values})")
-    for offset, flag in enumerate(step.entry_flags, start=width):
-        lines.append(f"            {flag} = entry_values[entry, {offset}] != 0")
-    for k in range(len(step.squares)):
-        lines.append(f"            sum{k} = 0.0")
     lines += [
         "            reach = CHUNK if PREFETCH else max(end - begin, 1)",
         "            for chunk in range(begin, end, reach):",

@@ -17,7 +17,7 @@ from numba import config as numba_config
 from numba import cuda, float32, float64  # noqa: F401 (float64: generated kernels)
 
 from . import config, precision, quantization
-from .elements import adam_blockwise_at, element, sgd_momentum_blockwise_at
+from .elements import adam_blockwise_at, element, segment_source, sgd_momentum_blockwise_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
 from .quantization import BLOCK, encode_signed, encode_unsigned, inverse
@@ -33,7 +33,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "5bfcacb041b3b004"
+RULES_DIGEST = "5c554f09d0cb8bb2"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -62,8 +62,6 @@ def _generated_kernel(step):
 
 def kernel_source(step):
     """The source of `kernel` (readable: ``print(kernel_source(rules.adam.STEP))``)."""
-    width = len(step.entry._fields) if step.entry else 0
-    values = "".join(f"entry_values[entry, {k}], " for k in range(width))
     flags = "".join(f", {flag}" for flag in step.flags)
     partials = ", partials" if step.squares else ""
     lines = [
@@ -73,19 +71,11 @@ def kernel_source(step):
         "    last = addresses.shape[1] - 1  # the mirror column, when mirrored",
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
-        "        param = pointer_to(addresses[entry, 0], stored_param)",
-        "        grad = pointer_to(addresses[entry, 1], stored_grad)",
+        *segment_source(step, "        "),
     ]
-    for column, name in enumerate(step.state, start=2):
-        lines.append(f"        {name} = pointer_to(addresses[entry, {column}], stored_state)")
-    lines.append("        mirror = pointer_to(addresses[entry, last], stored_mirror)")
-    lines.append(f"        values = ({values})")
-    for offset, flag in enumerate(step.entry_flags, start=width):
-        lines.append(f"        {flag} = entry_values[entry, {offset}] != 0")
     arguments = ["i", "param", "grad", *step.state, "coefficients", "values", *step.flags]
     arguments += [*step.entry_flags, "clear", "mirror", "mirrored"]
     call = f"ELEMENT({', '.join(arguments)})"
-    lines += [f"        sum{k} = 0.0" for k in range(len(step.squares))]
     lines += [
         "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]",
         "        for i in range(first, end, cuda.blockDim.x):",

@@ -55,9 +55,30 @@ def _generated(step):
     return namespace[f"{step.name}_at"]
 
 
+def segment_source(step, indent):
+    """The lines a generated CPU loop or CUDA kernel (`kernels.cpu.loop_source`,
+    `kernels.cuda.kernel_source`) runs per segment before its elements, at ``indent``:
+    a typed pointer per array of the entry, the entry's values as ``values`` and its
+    entry flags, and a zero per sum of squares (``sum0``, …)."""
+    width = step.entry_coefficient_count
+    values = "".join(f"entry_values[entry, {k}], " for k in range(width))
+    lines = [
+        "param = pointer_to(addresses[entry, 0], stored_param)",
+        "grad = pointer_to(addresses[entry, 1], stored_grad)",
+    ]
+    for column, name in enumerate(step.state, start=2):
+        lines.append(f"{name} = pointer_to(addresses[entry, {column}], stored_state)")
+    lines.append("mirror = pointer_to(addresses[entry, last], stored_mirror)")
+    lines.append(f"values = ({values})")
+    for offset, flag in enumerate(step.entry_flags, start=width):
+        lines.append(f"{flag} = entry_values[entry, {offset}] != 0")
+    lines += [f"sum{k} = 0.0" for k in range(len(step.squares))]
+    return [indent + line for line in lines]
+
+
 def element_source(step):
     """The source of `element` (readable: ``print(element_source(rules.adam.STEP))``)."""
-    entry = len(step.entry._fields) if step.entry else 0
+    entry = step.entry_coefficient_count
     arguments = ["i", "param", "grad", *step.state, "coefficients", "entry"]
     arguments += [*step.flags, *step.entry_flags, "clear_grad", "mirror", "mirrored"]
     lines = [

@@ -60,6 +60,11 @@ class Step(NamedTuple):
         return dict(self.optional).get(name)
 
     @property
+    def entry_coefficient_count(self):
+        """How many of an entry's values are `entry` coefficients (before entry flags)."""
+        return len(self.entry._fields) if self.entry else 0
+
+    @property
     def entry_width(self):
         """Values per entry in a launch table: the entry coefficients, then entry flags."""
-        return (len(self.entry._fields) if self.entry else 0) + len(self.entry_flags)
+        return self.entry_coefficient_count + len(self.entry_flags)
