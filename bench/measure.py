@@ -66,8 +66,7 @@ def twin_case(benchmark, numel, dtype):
     Its arrays are torch tensors seen through NumPy and its reset is the same torch
     ``copy_`` the optimizer cases do, so it starts each step from the same cache state.
     """
-    one_state = ARRAYS_MOVED[benchmark] == 5  # SGD's bytes, else Adam's
-    kernel, count = (twin.sgd_momentum_twin, 3) if one_state else (twin.adam_twin, 4)
+    kernel, count = _TWINS[ARRAYS_MOVED[benchmark]]
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(numel, generator=generator, dtype=dtype) for _ in range(count)]
     arrays = [tensor.numpy() for tensor in tensors]
@@ -78,6 +77,10 @@ def twin_case(benchmark, numel, dtype):
 
     moved = ARRAYS_MOVED[benchmark] * numel * tensors[0].element_size()
     return Case(lambda: kernel(*arrays), reset, numel, 1, moved)
+
+
+#: The twin kernel and its array count for each step's arrays moved.
+_TWINS = {5: (twin.sgd_momentum_twin, 3), 7: (twin.adam_twin, 4), 10: (twin.lamb_twin, 4)}
 
 
 def time_cases(cases, repeats, warmup=3):

@@ -18,10 +18,11 @@ OPTIMIZERS = {
     "RMSprop": ("RMSprop", {"lr": 1e-3}),
     "RMSprop momentum": ("RMSprop", {"lr": 1e-3, "momentum": 0.9}),
     "Adagrad": ("Adagrad", {"lr": 1e-2}),
+    "LAMB": ("LAMB", {"lr": 1e-3, "weight_decay": 1e-2}),
 }
 
 #: Arrays read plus arrays written per parameter by one step (see bench/twin.py): 5 for
-#: one state array (p, g, s read; p, s written), 7 for two.
+#: one state array (p, g, s read; p, s written), 7 for two, 10 for LAMB's two passes.
 ARRAYS_MOVED = {
     "SGD momentum": 5,
     "SGD Nesterov": 5,
@@ -31,6 +32,7 @@ ARRAYS_MOVED = {
     "RMSprop": 5,
     "RMSprop momentum": 7,
     "Adagrad": 5,
+    "LAMB": 10,
 }
 
 #: The optimizers torch has a fused CPU step for.
@@ -49,11 +51,23 @@ def ours_flat(name, params, options):
     return getattr(fastmomentum, name)(params, flat_gradients=True, **options)
 
 
+def our_adam(name, params, options):
+    """LAMB's peer: our Adam on the same parameters (LAMB's speed target is a multiple
+    of its time)."""
+    if name != "LAMB":
+        return None
+    return fastmomentum.Adam(params, lr=options["lr"])
+
+
 def torch_for_loop(name, params, options):
+    if not hasattr(torch.optim, name):
+        return None  # LAMB
     return getattr(torch.optim, name)(params, foreach=False, **options)
 
 
 def torch_foreach(name, params, options):
+    if not hasattr(torch.optim, name):
+        return None
     return getattr(torch.optim, name)(params, foreach=True, **options)
 
 
@@ -83,6 +97,7 @@ def deepspeed_available():
 PROVIDERS = {
     "fastmomentum": ours_default,
     "fastmomentum flat": ours_flat,
+    "our Adam": our_adam,
     "torch for-loop": torch_for_loop,
     "torch foreach": torch_foreach,
     "torch fused": torch_fused,

@@ -3,6 +3,7 @@
     python -m bench                            # full sweep, a few minutes on 2 cores
     python -m bench --quick                    # about a minute
     python -m bench --output bench/results     # replace the committed results
+    python -m bench --optimizer LAMB --output bench/results/lamb   # one optimizer's groups
 
 Every group (optimizer × layout) times all providers and the traffic twin in one
 interleaved run; the table shows the median step time, the bandwidth it implies, and
@@ -24,15 +25,19 @@ from pathlib import Path
 from . import cli, health
 
 TWIN = "traffic twin"
+PEER = "our Adam"  # LAMB's peer (providers.our_adam)
 
 
-def sweep_plan(quick):
-    """(optimizer, layout name, shapes, dtype) groups of the sweep."""
+def sweep_plan(quick, only=None):
+    """(optimizer, layout name, shapes, dtype) groups of the sweep (of the optimizers
+    ``only``, when given)."""
     import torch
 
     from .layouts import LAYOUTS, single
 
     optimizers = ["SGD momentum", "Adam"] if quick else list(_optimizer_names())
+    if only:
+        optimizers = list(only)
     exponents = [14, 18, 22] if quick else [12, 14, 16, 18, 20, 22, 24]
     models = (
         ["ResNet-50", "MLP 784-256-10"]
@@ -69,6 +74,7 @@ def run_group(optimizer, layout, shapes, dtype, providers, repeats):
     cases[TWIN] = twin_case(optimizer, any_case.numel, dtype)
     times = time_cases(cases, repeats)
     fused = median(times["torch fused"]) if "torch fused" in times else None
+    adam = median(times[PEER]) if PEER in times else None
     twin = median(times[TWIN])
     rows = []
     for provider, case in cases.items():
@@ -86,6 +92,7 @@ def run_group(optimizer, layout, shapes, dtype, providers, repeats):
                 "times_s": times[provider],
                 "gb_per_s": case.bytes_per_step / seconds / 1e9,
                 "vs_torch_fused": seconds / fused if fused else None,
+                "vs_our_adam": seconds / adam if adam else None,
                 "vs_twin": seconds / twin,
             }
         )
@@ -351,7 +358,24 @@ def markdown_summary(rows, threads):
             f"| {ratio('fastmomentum flat', 'vs_torch_fused')} "
             f"| {ratio('fastmomentum', 'vs_twin')} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + _peer_lines(groups))
+
+
+def _peer_lines(groups):
+    """LAMB beside our Adam, the peer its target is set against."""
+    lines = [
+        "",
+        "| optimizer | layout | dtype | ours ms | our Adam ms | ours / our Adam |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for (optimizer, layout, dtype), by_provider in groups.items():
+        ours, peer = by_provider.get("fastmomentum"), by_provider.get(PEER)
+        if ours and peer:
+            lines.append(
+                f"| {optimizer} | {layout} | {dtype} | {ours['median_s'] * 1e3:.3f} "
+                f"| {peer['median_s'] * 1e3:.3f} | {ours['vs_our_adam']:.2f} |"
+            )
+    return lines if len(lines) > 3 else []
 
 
 def plot(rows, path):
@@ -422,6 +446,12 @@ def parse_arguments(argv):
     )
     cli.add_output(parser, "JSON, markdown and PNG")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
+    parser.add_argument(
+        "--optimizer",
+        action="append",
+        help="sweep only this optimizer (repeat for several; default: all, or SGD "
+        "momentum and Adam with --quick)",
+    )
     return parser.parse_args(argv)
 
 
@@ -429,7 +459,11 @@ def main(argv=None):
     args = parse_arguments(argv)
     # Before torch, numba or deepspeed start their thread pools.
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from .providers import PROVIDERS, deepspeed_available
+    from .providers import OPTIMIZERS, PROVIDERS, deepspeed_available
+
+    unknown = sorted(set(args.optimizer or ()) - set(OPTIMIZERS))
+    if unknown:  # checked here: the names are known once torch may be imported
+        sys.exit(f"python -m bench: unknown --optimizer {unknown}; one of {list(OPTIMIZERS)}")
 
     set_threads(args.threads)
     providers = [p for p in PROVIDERS if p != "DeepSpeedCPUAdam"]
@@ -440,7 +474,7 @@ def main(argv=None):
     repeats = args.repeats or (11 if args.quick else 21)
 
     load_before = _load_average()  # before this process adds its own threads
-    plan = sweep_plan(args.quick)
+    plan = sweep_plan(args.quick, args.optimizer)
     rows, retries = [], {}
     for index, group in enumerate(plan):
         label = f"{group[0]} · {group[1]} · {str(group[3])[6:]}"

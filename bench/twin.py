@@ -3,7 +3,8 @@
 A step is memory-bound, so the time a twin takes over the same number of parameters is
 the floor for that step on this machine, measured in the same run. Each twin reads and
 writes the same arrays as its optimizer (SGD with momentum: read p, g, v, write p, v,
-20 bytes per float32 parameter; Adam: read p, g, m, v, write p, m, v, 28 bytes) and
+20 bytes per float32 parameter; Adam: read p, g, m, v, write p, m, v, 28 bytes; LAMB:
+Adam's reads and its moments' writes, then read p, m, v and write p, 40 bytes) and
 computes ``x ← g − x``, which keeps every value bounded however often it runs.
 """
 
@@ -25,6 +26,21 @@ def adam_twin(param, grad, exp_avg, exp_avg_sq):
         param[i] = g - param[i]
         exp_avg[i] = g - exp_avg[i]
         exp_avg_sq[i] = g - exp_avg_sq[i]
+
+
+@njit(parallel=True, cache=True)
+def lamb_twin(param, grad, exp_avg, exp_avg_sq):
+    """Two passes, as LAMB's step (the sum stands for its norms, and makes the first pass
+    read the parameters)."""
+    total = 0.0
+    for i in prange(param.size):
+        g = grad[i]
+        total += param[i]
+        exp_avg[i] = g - exp_avg[i]
+        exp_avg_sq[i] = g - exp_avg_sq[i]
+    for i in prange(param.size):
+        param[i] = exp_avg[i] - exp_avg_sq[i] - param[i]
+    return total
 
 
 @njit(parallel=True, cache=True)

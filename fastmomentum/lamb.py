@@ -7,6 +7,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
+from .collectives import summed_over_shards
 from .optimizer import FlatOptimizer
 from .validation import host_float
 
@@ -26,9 +27,11 @@ class LAMB(FlatOptimizer):
     ``step``, ``exp_avg``, ``exp_avg_sq``. torch has no LAMB; the variant (the paper's,
     trust ratio on every tensor, no clipping of it, no gradient clipping inside the
     step) and how it differs from Apex's FusedLAMB and DeepSpeed's are in
-    `fastmomentum.kernels.rules.lamb`. A step is two launches per bucket: moments,
-    direction and the per-tensor norms (a segmented reduction in the same pass), then
-    the update. float32 and float64 parameters.
+    `fastmomentum.kernels.rules.lamb`. A step is two launches per bucket: the moments
+    and the per-tensor norms (a segmented reduction in the same pass), then the update
+    (``u`` computed again from the new moments). float32 and float64 parameters; a
+    DTensor (FSDP2) parameter's norms are its whole tensor's (its shards' sums of
+    squares added up across ranks, one ``all_reduce`` per mesh a step).
     """
 
     scalar_state = {"step": 0.0}
@@ -82,33 +85,39 @@ class LAMB(FlatOptimizer):
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, eps, weight_decay, bias_correction, maximize = settings
         dtype = bucket.dtype_numpy
-        coefficients = self.cached_coefficients(
+        coefficients, apply_coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
-            lambda: rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize, grad_scale),
+            lambda: (
+                rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize, grad_scale),
+                rules.lamb.apply_coefficients(dtype, eps, weight_decay),
+            ),
         )
-        norms = {}  # per launch table's rows: each tensor's (‖p‖², ‖u‖²)
+        measured = {}  # per launch table's rows: bias corrections, each tensor's (‖p‖², ‖u‖²)
 
         def count_step(table):  # each parameter's t, and its bias corrections
-            bucket.count_steps(table.rows)
+            step = bucket.count_steps(table.rows)  # None unless all are at one step
+            steps = bucket.step_counts[table.rows] if step is None else step
             table.entry_values[:] = rules.lamb.bias_corrections(
-                dtype, bucket.step_counts[table.rows], betas, bias_correction
+                dtype, steps, betas, bias_correction
             )
 
         def direction_and_norms(table, *arguments):
-            norms[table.rows.tobytes()] = bucket.kernels.launch(table, *arguments)
+            norms = bucket.kernels.launch(table, *arguments)
+            if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
+                norms = summed_over_shards([bucket.params[row] for row in table.rows], norms)
+            measured[table.rows.tobytes()] = (table.entry_values.copy(), norms)
 
         def trust(table):
-            squared = norms[table.rows.tobytes()]
-            table.entry_values[:] = rules.lamb.trust_step_sizes(dtype, squared, lr)
+            corrections, norms = measured[table.rows.tobytes()]
+            table.entry_values[:] = rules.lamb.apply_step_coefficients(
+                dtype, corrections, norms, lr
+            )
 
         direction, apply = rules.lamb.DIRECTION, rules.lamb.APPLY
-        plan.launch(direction.state, 2, count_step, direction_and_norms, direction, coefficients)
-        plan.launch(
-            apply.state,
-            1,
-            trust,
-            bucket.kernels.launch,
-            apply,
-            rules.lamb.apply_coefficients(dtype),
+        plan.launch_passes(
+            [
+                (direction.state, 2, count_step, direction_and_norms, (direction, coefficients)),
+                (apply.state, 3, trust, bucket.kernels.launch, (apply, apply_coefficients)),
+            ]
         )

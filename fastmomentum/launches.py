@@ -220,27 +220,35 @@ class StepPlan:
         (``None``: not read); ``prepare(table)``, if given, fills the table's entry
         values first (``table.rows`` are the wave's parameters).
         """
+        self.launch_passes([(columns, entry_width, prepare, kernel, args)])
+
+    def launch_passes(self, passes):
+        """Run a step of several passes (LAMB), each ``(columns, entry_width, prepare,
+        kernel, args)`` as in `launch`: every pass over one wave before the next wave,
+        as torch.optim's loop steps each parameter whole before the next, and staged
+        parameters copied in before a wave's first pass and out after its last."""
         if self._layout.simple and not self._staging:
-            table = self._planner.table(self.rows, columns, entry_width)
-            if table.sources != (self._params, self._grads):  # often the same as last step
-                table.addresses[:, _param_column(table)] = self._params
-                table.addresses[:, 1] = self._grads
-                table.sources = (self._params, self._grads)
-            if prepare is not None:
-                prepare(table)
-            kernel(table, *args)
+            for columns, entry_width, prepare, kernel, args in passes:
+                table = self._planner.table(self.rows, columns, entry_width)
+                if table.sources != (self._params, self._grads):  # often as last step
+                    table.addresses[:, _param_column(table)] = self._params
+                    table.addresses[:, 1] = self._grads
+                    table.sources = (self._params, self._grads)
+                if prepare is not None:
+                    prepare(table)
+                kernel(table, *args)
             return
         by_wave = {}
         for position, row in enumerate(self.rows):
             by_wave.setdefault(self._layout.waves[row], []).append(position)
         for wave in sorted(by_wave):
-            self._launch_staged(by_wave[wave], columns, entry_width, prepare, kernel, args)
+            self._launch_staged(by_wave[wave], passes)
 
-    def _launch_staged(self, positions, columns, entry_width, prepare, kernel, args):
-        """One wave, copying staged parameters in before and out after the kernel."""
+    def _launch_staged(self, positions, passes):
+        """One wave, copying staged parameters in before and out after its passes."""
         rows = tuple(self.rows[p] for p in positions)
-        table = self._planner.table(rows, columns, entry_width)
         strides = self._planner.bucket.strides
+        clear_grads = self._planner.bucket.clear_grads
         with torch.no_grad():
             params, grads, copies, cleared = [], [], [], []
             for position, row in zip(positions, rows):
@@ -250,19 +258,21 @@ class StepPlan:
                     copies.append((param, copy))
                     param = copy.data_ptr()
                 if not isinstance(grad, int):
-                    if table.clear_grads:  # the kernel zeroes the copy; this, the gradient
+                    if clear_grads:  # the kernel zeroes the copy; this, the gradient
                         cleared.append(grad)
                     grad = _staged(grad, strides[row])
                     copies.append((None, grad))  # kept alive until the launch is done
                     grad = grad.data_ptr()
                 params.append(param)
                 grads.append(grad)
-            table.addresses[:, _param_column(table)] = params
-            table.addresses[:, 1] = grads
-            table.sources = None
-            if prepare is not None:
-                prepare(table)
-            kernel(table, *args)
+            for columns, entry_width, prepare, kernel, args in passes:
+                table = self._planner.table(rows, columns, entry_width)
+                table.addresses[:, _param_column(table)] = params
+                table.addresses[:, 1] = grads
+                table.sources = None
+                if prepare is not None:
+                    prepare(table)
+                kernel(table, *args)
             for param, copy in copies:
                 if param is not None:
                     param.copy_(copy)

@@ -100,6 +100,7 @@ def element_source(step):
     values += [*step.flags, *step.entry_flags]
     written = [name for name in step.state if name not in step.read_only]
     results = (["new_param"] if step.updates_param else []) + [f"new_{n}" for n in written]
+    results += [f"new_{name}" for name in step.computed]
     lines.append(f"    {', '.join(results)} = RULE({', '.join(values)})")  # one: returned bare
     if step.updates_param:
         lines.append("    store_param(param, mirror, i, new_param, mirrored)")
@@ -110,10 +111,11 @@ def element_source(step):
             lines.append(f"    if {flag}:")
             indent = "        "
         lines.append(f"{indent}store({name}, i, new_{name})")
-    lines += ["    if clear_grad:", "        grad[i] = 0"]
+    if step.reads_grad:
+        lines += ["    if clear_grad:", "        grad[i] = 0"]
     if step.squares:  # the values the loop sums the squares of, after the step
         after = {"param": "new_param" if step.updates_param else "load(param, i, like)"}
-        after.update((name, f"new_{name}") for name in written)
+        after.update((name, f"new_{name}") for name in (*written, *step.computed))
         lines.append(f"    return ({', '.join(after[name] for name in step.squares)},)")
     lines.append("")
     return "\n".join(lines)

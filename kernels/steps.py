@@ -5,7 +5,7 @@ follows::
 
     rule(param, grad, *state, *coefficients, *entry, *flags, *entry_flags)
         -> new param                     (a rule without state)
-        -> (new param, *new state)
+        -> (new param, *new state, *computed)
 
 (without ``new param`` for a rule that does not update the parameter, and without the
 states it only reads; a single value is returned bare, not as a 1-tuple).
@@ -37,9 +37,14 @@ class Step(NamedTuple):
     - ``updates_param``: whether the rule returns a new parameter (False: a first pass
       of a step in several, such as LAMB's direction);
     - ``read_only``: state arrays the rule reads but returns no new value for;
-    - ``squares``: arrays (``"param"`` or state names) whose sums of squared values
-      after the step each launch returns per entry, in float64 (LAMB's norms, in the
-      same pass).
+    - ``reads_grad``: False for a rule that ignores its ``grad`` (a later pass of a step
+      in several, such as LAMB's update): its loops then never zero the gradient, which
+      the first pass did;
+    - ``computed``: names of values the rule returns after its new state that no array
+      keeps (LAMB's direction ``update``, whose squares a launch sums);
+    - ``squares``: values (``"param"``, state or ``computed`` names) whose sums of
+      squares after the step each launch returns per entry, in float64 (LAMB's norms,
+      in the same pass).
     """
 
     name: str
@@ -53,6 +58,8 @@ class Step(NamedTuple):
     fastmath: frozenset = frozenset()
     updates_param: bool = True
     read_only: tuple = ()
+    reads_grad: bool = True
+    computed: tuple = ()
     squares: tuple = ()
 
     def optional_flag(self, name):

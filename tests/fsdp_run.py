@@ -26,6 +26,10 @@ OPTIONS = {
     "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
     "Adam": {"lr": 1e-2, "amsgrad": True},
     "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
+    "NAdam": {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True, "weight_decay": 1e-2},
+    "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
+    "LAMB": {"lr": 1e-2, "weight_decay": 0.01},
 }
 CASES = [  # (name, optimizer, reshard_after_forward)
     ("sgd-reshard", "SGD", True),
@@ -33,6 +37,10 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("adam-reshard", "Adam", True),
     ("adamw-keep", "AdamW", False),
     ("adamw-bf16-master", "AdamW", True),
+    ("nadam-keep", "NAdam", False),
+    ("rmsprop-reshard", "RMSprop", True),
+    ("adagrad-keep", "Adagrad", False),
+    ("lamb-reshard", "LAMB", True),  # trust ratios of whole tensors: sums across ranks
 ]
 #: Cases on bfloat16 parameters, with these options on top of ``OPTIONS``.
 BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
@@ -94,8 +102,10 @@ def worker(rank, world, folder, port, phase):
             p.to_local().data_ptr() for p in model.parameters()
         ]
         state = optimizer.state[next(model.parameters())]
-        results[case + "-state-kinds"] = sorted(
-            type(value).__name__ for key, value in state.items() if key != "step"
+        results[case + "-state-kinds"] = sorted(  # scalars (step, mu_product) stay plain
+            type(value).__name__
+            for key, value in state.items()
+            if key not in optimizer.scalar_state
         )
         if phase == "train":
             results[case + "-full-load"] = load_full_state(model, optimizer, name, options)
@@ -111,9 +121,10 @@ def load_full_state(model, optimizer, name, options):
     """A state dict of full tensors (``full_tensor()`` of every DTensor) loaded into a new
     optimizer: each rank takes its shard, so the state equals the original's."""
     saved = optimizer.state_dict()
+    scalars = optimizer.scalar_state  # step, NAdam's mu_product: plain tensors
     for entry in saved["state"].values():
         for key, value in entry.items():
-            if key != "step":
+            if key not in scalars:
                 entry[key] = value.full_tensor()
     fresh = getattr(fastmomentum, name)(model.parameters(), **options)
     fresh.load_state_dict(saved)
@@ -121,7 +132,7 @@ def load_full_state(model, optimizer, name, options):
         torch.equal(fresh.state[p][key].to_local(), value.to_local())
         for p in model.parameters()
         for key, value in optimizer.state[p].items()
-        if key != "step"
+        if key not in scalars
     )
 
 

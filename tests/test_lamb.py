@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import fastmomentum
 from fastmomentum.kernels import config, cpu, lamb_step, rules
@@ -84,16 +85,20 @@ def test_the_direction_pass_sums_each_tensors_squares(threading, monkeypatch):
     rng = np.random.default_rng(2)
     lengths = [1000, 0, 5, 70000, 3]
     arrays = [
-        [rng.standard_normal(n), rng.standard_normal(n), np.zeros(n), np.zeros(n), np.zeros(n)]
+        [rng.standard_normal(n), rng.standard_normal(n), rng.standard_normal(n), rng.random(n)]
         for n in lengths
     ]
-    table = TensorTable(lengths, 5, np.float64, 2)
+    wanted = []
+    for param, grad, m, v in arrays:  # the moments and u after the step, then the sums
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad * grad
+        update = m / (np.sqrt(v) + 1e-6) + 0.01 * param
+        wanted.append([np.sum(param**2), np.sum(update**2)])
+    table = TensorTable(lengths, 4, np.float64, 2)
     for row, columns in enumerate(arrays):
         table.addresses[row] = [array.ctypes.data for array in columns]
     table.entry_values[:] = 1.0  # no bias correction
     coefficients = rules.lamb.coefficients(np.dtype(np.float64), (0.9, 0.999), 1e-6, 0.01, False)
     sums = cpu.launch(table, rules.lamb.DIRECTION, coefficients)
-    wanted = [[np.sum(c[0] ** 2), np.sum(c[4] ** 2)] for c in arrays]
     np.testing.assert_allclose(sums, wanted, rtol=1e-12)
     assert sums[0, 1] > 0
 
@@ -101,11 +106,11 @@ def test_the_direction_pass_sums_each_tensors_squares(threading, monkeypatch):
 def test_the_low_level_step_is_the_reference_and_returns_the_ratio():
     rng = np.random.default_rng(3)
     param = rng.standard_normal(500)
-    m, v, update = np.zeros(500), np.zeros(500), np.zeros(500)
+    m, v = np.zeros(500), np.zeros(500)
     want, want_m, want_v = param.copy(), np.zeros(500), np.zeros(500)
     for step in range(1, 6):
         grad = rng.standard_normal(500)
-        ratio = lamb_step(param, grad, m, v, update, step=step, lr=1e-2, weight_decay=0.01)
+        ratio = lamb_step(param, grad, m, v, step=step, lr=1e-2, weight_decay=0.01)
         want, want_m, want_v, want_ratio = reference.lamb(
             want, grad, want_m, want_v, step=step, lr=1e-2, betas=(0.9, 0.999), eps=1e-6,
             weight_decay=0.01, bias_correction=True, maximize=False,
@@ -134,6 +139,47 @@ def test_a_lamb_run_resumes_bit_identically():
     generator.set_state(state)
     run(resumed, twins, 2)
     assert all(torch.equal(p, t) for p, t in zip(params, twins))
+
+
+def _aliased_params():
+    """One memory as two parameters (the second after another), the even and odd
+    columns of one matrix (disjoint elements, staged: strided), and one of its own."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    matrix = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    first, second = nn.Parameter(base), nn.Parameter(torch.empty(0, dtype=torch.float64))
+    second.data = base  # the same memory, another parameter
+    even, odd = nn.Parameter(matrix[:, ::2]), nn.Parameter(matrix[:, 1::2])
+    other = nn.Parameter(torch.randn(5, generator=generator, dtype=torch.float64))
+    return [first, even, other, odd, second]
+
+
+@pytest.mark.parametrize("fused_zero_grad", [False, True])
+def test_parameters_sharing_memory_take_whole_steps_in_turn(fused_zero_grad):
+    """Each parameter's two passes run before the next parameter that shares its memory
+    is stepped, as a loop over parameters would step them (the reference below)."""
+    options = {"lr": 1e-2, "weight_decay": 0.01}
+    params, wanted = _aliased_params(), _aliased_params()
+    optimizer = fastmomentum.LAMB(params, fused_zero_grad=fused_zero_grad, **options)
+    moments = [(np.zeros(p.shape), np.zeros(p.shape)) for p in wanted]
+    generator = torch.Generator().manual_seed(8)
+    for step in range(1, 11):
+        grads = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        optimizer.step()
+        for index, (param, grad) in enumerate(zip(wanted, grads)):
+            view = param.detach().numpy()  # the memory itself, shared as the params share it
+            new, m, v, _ = reference.lamb(
+                view.copy(), grad.numpy(), *moments[index], step=step, betas=(0.9, 0.999),
+                eps=1e-6, bias_correction=True, maximize=False, **options,
+            )  # fmt: skip
+            view[...], moments[index] = new, (m, v)
+        if fused_zero_grad:
+            assert all(not p.grad.any() for p in params)
+    assert params[0].data_ptr() == params[-1].data_ptr()
+    for ours, theirs in zip(params, wanted):
+        assert_relative_close(ours.detach().numpy(), theirs.detach().numpy(), RTOL["float64"], "p")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ def lamb_step(
     grad: np.ndarray,
     exp_avg: np.ndarray,
     exp_avg_sq: np.ndarray,
-    update: np.ndarray,
     *,
     step: int,
     lr: float = 1e-3,
@@ -24,8 +23,7 @@ def lamb_step(
     stream=None,
 ) -> float:
     """One LAMB step (You et al., 2019) treating ``param`` as one layer, in place on
-    ``param`` and the moments; ``update`` is scratch of the same shape and dtype (it
-    holds ``u`` after the call). Returns the trust ratio used. With ``g = ±grad``::
+    ``param`` and the moments. Returns the trust ratio used. With ``g = ±grad``::
 
         m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
         u = (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε) + λ·p   (no corrections without
@@ -46,7 +44,6 @@ def lamb_step(
             "grad": grad,
             "exp_avg": exp_avg,
             "exp_avg_sq": exp_avg_sq,
-            "update": update,
         },
         stream,
     )
@@ -58,8 +55,11 @@ def lamb_step(
     norms = kernels.launch(
         one_entry(arrays, tuple(corrections)), rules.lamb.DIRECTION, coefficients, **launch
     )
-    param_and_update = [arrays[0], arrays[1], arrays[4]]
-    step_size = rules.lamb.trust_step_sizes(dtype, norms, lr)[0]
-    table = one_entry(param_and_update, tuple(step_size))
-    kernels.launch(table, rules.lamb.APPLY, rules.lamb.apply_coefficients(dtype), **launch)
-    return float(step_size[0]) / -lr if lr else 1.0
+    entry = rules.lamb.apply_step_coefficients(dtype, corrections, norms, lr)[0]
+    kernels.launch(
+        one_entry(arrays, tuple(entry)),
+        rules.lamb.APPLY,
+        rules.lamb.apply_coefficients(dtype, eps, weight_decay),
+        **launch,
+    )
+    return float(entry[2]) / -lr if lr else 1.0

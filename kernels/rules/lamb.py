@@ -1,16 +1,21 @@
 """LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning", Algorithm 2).
 
-A step is two launches over a bucket: `DIRECTION` updates the moments, writes each
-element's Adam direction with decoupled weight decay into a scratch array ``update``,
-and sums each tensor's ``‖p‖²`` and ``‖u‖²`` in the same pass (a segmented reduction:
-per segment in the loop, per tensor on the host; `steps.Step.squares`); `APPLY` moves
-each tensor by its own trust ratio::
+A step is two launches over a bucket: `DIRECTION` updates the moments and sums each
+tensor's ``‖p‖²`` and ``‖u‖²`` of its Adam direction with decoupled weight decay ``u``
+in the same pass (a segmented reduction: per segment in the loop, per tensor on the
+host; `steps.Step.squares`), keeping ``u`` nowhere; `APPLY` computes ``u`` again from
+the new moments and moves each tensor by its own trust ratio::
 
     m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
     u = (m / c1) / (√(v / c2) + ε) + λ·p     (c1 = 1 − β1ᵗ, c2 = 1 − β2ᵗ; both 1 without
                                               bias correction)
     r = ‖p‖ / ‖u‖, or 1 when either norm is 0
     p ← p − lr·r·u
+
+Computing ``u`` twice is cheaper than keeping it: the second pass reads p, m and v
+(12 bytes a float32 element) where a kept ``u`` costs its write, the read of its cache
+line before that write, and its read (12 bytes), and a scratch array as large as the
+parameters (bench/NOTES.md, entry 19).
 
 The variant: the paper's, with bias correction on by default (Algorithm 2 has it), the
 trust ratio applied to every tensor (Apex's FusedLAMB skips it for tensors without
@@ -51,12 +56,18 @@ class StepCoefficients(NamedTuple):
 
 
 @register_jitable
+def _direction(param, exp_avg, exp_avg_sq, eps, weight_decay, bias_correction1, bias_correction2):
+    """``u`` from the new moments (the one expression both passes compute)."""
+    denom = math.sqrt(exp_avg_sq / bias_correction2) + eps
+    return (exp_avg / bias_correction1) / denom + weight_decay * param
+
+
+@register_jitable
 def direction(
     param,
     grad,
     exp_avg,
     exp_avg_sq,
-    update,
     beta1,
     beta1_complement,
     beta2,
@@ -72,55 +83,69 @@ def direction(
     grad = grad_factor * grad
     exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
     exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
-    denom = math.sqrt(exp_avg_sq / bias_correction2) + eps
-    update = (exp_avg / bias_correction1) / denom + weight_decay * param
+    update = _direction(
+        param, exp_avg, exp_avg_sq, eps, weight_decay, bias_correction1, bias_correction2
+    )
     return exp_avg, exp_avg_sq, update
 
 
 DIRECTION = Step(
     "lamb_direction",
     direction,
-    ("exp_avg", "exp_avg_sq", "update"),
+    ("exp_avg", "exp_avg_sq"),
     Coefficients,
     StepCoefficients,
-    # reassociation lets the float64 sums of squares vectorise
-    fastmath=frozenset({"reassoc", "nsz"}),
+    # reassociation lets the float64 sums of squares vectorise; arcp turns the
+    # divisions by the bias corrections into products (the divider bounds this loop)
+    fastmath=frozenset({"reassoc", "nsz", "arcp"}),
     updates_param=False,
+    computed=("update",),
     squares=("param", "update"),
 )
 
 
 class ApplyCoefficients(NamedTuple):
-    """`apply`'s coefficients: none shared (``like`` only gives the dtype)."""
+    """`apply`'s coefficients every parameter shares."""
 
-    like: float
+    eps: float
+    weight_decay: float
 
 
 class ApplyStepCoefficients(NamedTuple):
-    """A tensor's ``−lr·r``."""
+    """A tensor's bias corrections at its step and its ``−lr·r``."""
 
+    bias_correction1: float
+    bias_correction2: float
     neg_step_size: float
 
 
 @register_jitable
-def apply(param, grad, update, like, neg_step_size):
-    """``p ← p − lr·r·u`` (``neg_step_size`` is ``−lr·r``)."""
+def apply(
+    param, grad, exp_avg, exp_avg_sq, eps, weight_decay, bias_correction1, bias_correction2,
+    neg_step_size,
+):  # fmt: skip
+    """``p ← p − lr·r·u`` (``neg_step_size`` is ``−lr·r``), ``u`` from the new moments."""
+    update = _direction(
+        param, exp_avg, exp_avg_sq, eps, weight_decay, bias_correction1, bias_correction2
+    )
     return param + neg_step_size * update
 
 
 APPLY = Step(
     "lamb_apply",
     apply,
-    ("update",),
+    ("exp_avg", "exp_avg_sq"),
     ApplyCoefficients,
     ApplyStepCoefficients,
-    read_only=("update",),
+    fastmath=frozenset({"arcp"}),
+    read_only=("exp_avg", "exp_avg_sq"),
+    reads_grad=False,
 )
 
 
-def apply_coefficients(dtype):
+def apply_coefficients(dtype, eps, weight_decay):
     """`ApplyCoefficients` in ``dtype``."""
-    return in_dtype(dtype, ApplyCoefficients(like=0.0))
+    return in_dtype(dtype, ApplyCoefficients(eps=eps, weight_decay=weight_decay))
 
 
 def check(lr, betas, eps, weight_decay):
@@ -144,18 +169,26 @@ def coefficients(dtype, betas, eps, weight_decay, maximize, grad_scale=None):
 
 
 def bias_corrections(dtype, steps, betas, bias_correction):
-    """Rows of `StepCoefficients` for parameters at steps ``steps`` (≥ 1)."""
-    steps = np.asarray(steps, np.float64).reshape(-1)
+    """Rows of `StepCoefficients` for parameters at steps ``steps`` (≥ 1; one number:
+    one row, for every parameter)."""
     if not bias_correction:
-        return np.ones((steps.size, 2), dtype)
+        return np.ones((np.size(steps), 2), dtype)
     beta1, beta2 = betas
+    if np.ndim(steps) == 0:  # every parameter at one step: one row for all
+        return np.array([[1.0 - beta1**steps, 1.0 - beta2**steps]], dtype)
+    steps = np.asarray(steps, np.float64).reshape(-1)
     return np.stack([1.0 - beta1**steps, 1.0 - beta2**steps], axis=1).astype(dtype)
 
 
-def trust_step_sizes(dtype, squared_norms, lr):
-    """Rows of `ApplyStepCoefficients` from each tensor's ``(‖p‖², ‖u‖²)``: ``−lr·r``
-    with ``r = ‖p‖/‖u‖``, or ``−lr`` when either norm is 0."""
+def apply_step_coefficients(dtype, corrections, squared_norms, lr):
+    """Rows of `ApplyStepCoefficients` from each tensor's bias corrections (rows of
+    `StepCoefficients`) and ``(‖p‖², ‖u‖²)``: ``−lr·r`` with ``r = ‖p‖/‖u‖``, or
+    ``−lr`` when either norm is 0."""
     param_norm, update_norm = np.sqrt(squared_norms[:, 0]), np.sqrt(squared_norms[:, 1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where((param_norm > 0) & (update_norm > 0), param_norm / update_norm, 1.0)
-    return (-lr * ratio).astype(dtype).reshape(-1, 1)
+    ratio = np.ones(len(param_norm))
+    with np.errstate(invalid="ignore"):  # inf / inf: NaN, as the norms are
+        np.divide(param_norm, update_norm, out=ratio, where=(param_norm > 0) & (update_norm > 0))
+    rows = np.empty((len(ratio), 3), dtype)
+    rows[:, :2] = corrections
+    rows[:, 2] = -lr * ratio
+    return rows
