@@ -450,7 +450,7 @@ def parse_arguments(argv):
         "--optimizer",
         action="append",
         help="sweep only this optimizer (repeat for several; default: all, or SGD "
-        "momentum and Adam with --quick)",
+        "momentum and Adam with --quick), without the precision modes' rows",
     )
     return parser.parse_args(argv)
 
@@ -488,7 +488,8 @@ def main(argv=None):
         if len(attempts) > 1:
             retries[group_name(group_rows[0])] = attempts
     progress(len(plan), len(plan), "done")
-    precision_rows = precision_modes(args.quick, repeats, args.threads)
+    # the precision modes' rows (Adam and SGD) belong to a whole sweep, not one optimizer's
+    precision_rows = [] if args.optimizer else precision_modes(args.quick, repeats, args.threads)
 
     mode = "quick" if args.quick else "full"
     summary = health_summary(rows, retries, load_before)
@@ -506,13 +507,14 @@ def main(argv=None):
     json_path.write_text(json.dumps(report, indent=1))
     from .precision_speed import markdown as precision_markdown
 
-    precision_table = precision_markdown(precision_rows, args.threads)
+    precision_table = precision_markdown(precision_rows, args.threads) if precision_rows else ""
     markdown = [markdown_summary(rows, args.threads), "", *notes, "", precision_table]
     (args.output / f"{mode}.md").write_text("\n".join(markdown) + "\n")
     plot(rows, png_path)
     print(format_table(rows))
     print("\n" + "\n".join(notes))
-    print("\nPrecision modes:\n" + precision_table)
+    if precision_rows:
+        print("\nPrecision modes:\n" + precision_table)
     print(
         f"\n{report['machine']['cpu']}, {args.threads} threads; results in {json_path}, "
         f"{png_path} and {mode}.md beside them"
