@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
+import fastmomentum
 from bench import health, report
 
 ROOT = Path(bench.__file__).resolve().parents[1]
@@ -193,3 +195,29 @@ def test_runs_write_to_an_untracked_folder_by_default():
         ["git", "check-ignore", "-q", str(cli.OUT / "quick.json")], cwd=ROOT, check=False
     )
     assert ignored.returncode == 0, "bench/out/ is not ignored by git"
+
+
+def test_one_optimizers_sweep_has_its_groups_only_and_lamb_has_its_peer():
+    from bench import providers
+
+    plan = report.sweep_plan(False, ["LAMB"])
+    assert {group[0] for group in plan} == {"LAMB"}
+    assert len(plan) == len(report.sweep_plan(False)) // len(providers.OPTIMIZERS)
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert isinstance(providers.our_adam("LAMB", params, {"lr": 1e-3}), fastmomentum.Adam)
+    assert providers.our_adam("Adam", params, {"lr": 1e-3}) is None
+    assert providers.torch_foreach("LAMB", params, {"lr": 1e-3}) is None
+
+
+def test_an_unknown_optimizer_is_an_error_naming_the_choices():
+    before = results_state()
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--optimizer", "Nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert "unknown --optimizer ['Nope']" in run.stderr and "LAMB" in run.stderr
+    assert results_state() == before
