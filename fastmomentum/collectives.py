@@ -17,7 +17,8 @@ def summed_over_shards(params, sums):
         dims = tuple(d for d, kind in enumerate(param.placements) if isinstance(kind, Shard))
         if dims:
             key = (id(param.device_mesh), dims)
-            groups.setdefault(key, (param.device_mesh, dims, param.to_local().device, []))
+            if key not in groups:
+                groups[key] = (param.device_mesh, dims, param.to_local().device, [])
             groups[key][3].append(position)
     if not groups:
         return sums

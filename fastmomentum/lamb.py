@@ -93,7 +93,9 @@ class LAMB(FlatOptimizer):
                 rules.lamb.apply_coefficients(dtype, eps, weight_decay),
             ),
         )
-        measured = {}  # per launch table's rows: bias corrections, each tensor's (‖p‖², ‖u‖²)
+        # the wave's bias corrections and each tensor's (‖p‖², ‖u‖²), from the direction
+        # pass to the update pass, which `launch_passes` runs next over the same wave
+        measured = {}
 
         def count_step(table):  # each parameter's t, and its bias corrections
             step = bucket.count_steps(table.rows)  # None unless all are at one step
@@ -106,12 +108,11 @@ class LAMB(FlatOptimizer):
             norms = bucket.kernels.launch(table, *arguments)
             if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
                 norms = summed_over_shards([bucket.params[row] for row in table.rows], norms)
-            measured[table.rows.tobytes()] = (table.entry_values.copy(), norms)
+            measured.update(corrections=table.entry_values.copy(), norms=norms)
 
         def trust(table):
-            corrections, norms = measured[table.rows.tobytes()]
             table.entry_values[:] = rules.lamb.apply_step_coefficients(
-                dtype, corrections, norms, lr
+                dtype, measured["corrections"], measured["norms"], lr
             )
 
         direction, apply = rules.lamb.DIRECTION, rules.lamb.APPLY

@@ -228,15 +228,8 @@ class StepPlan:
         as torch.optim's loop steps each parameter whole before the next, and staged
         parameters copied in before a wave's first pass and out after its last."""
         if self._layout.simple and not self._staging:
-            for columns, entry_width, prepare, kernel, args in passes:
-                table = self._planner.table(self.rows, columns, entry_width)
-                if table.sources != (self._params, self._grads):  # often as last step
-                    table.addresses[:, _param_column(table)] = self._params
-                    table.addresses[:, 1] = self._grads
-                    table.sources = (self._params, self._grads)
-                if prepare is not None:
-                    prepare(table)
-                kernel(table, *args)
+            sources = (self._params, self._grads)  # often the same as last step
+            self._run(passes, self.rows, self._params, self._grads, sources)
             return
         by_wave = {}
         for position, row in enumerate(self.rows):
@@ -265,19 +258,26 @@ class StepPlan:
                     grad = grad.data_ptr()
                 params.append(param)
                 grads.append(grad)
-            for columns, entry_width, prepare, kernel, args in passes:
-                table = self._planner.table(rows, columns, entry_width)
-                table.addresses[:, _param_column(table)] = params
-                table.addresses[:, 1] = grads
-                table.sources = None
-                if prepare is not None:
-                    prepare(table)
-                kernel(table, *args)
+            self._run(passes, rows, params, grads, None)
             for param, copy in copies:
                 if param is not None:
                     param.copy_(copy)
             for grad in cleared:
                 grad.zero_()
+
+    def _run(self, passes, rows, params, grads, sources):
+        """Each pass over the parameters ``rows`` at addresses ``params`` and ``grads``.
+        ``sources`` is ``(params, grads)`` when those addresses may be kept (a table
+        that holds them already is not written), None when they last one launch."""
+        for columns, entry_width, prepare, kernel, args in passes:
+            table = self._planner.table(rows, columns, entry_width)
+            if sources is None or table.sources != sources:
+                table.addresses[:, _param_column(table)] = params
+                table.addresses[:, 1] = grads
+                table.sources = sources
+            if prepare is not None:
+                prepare(table)
+            kernel(table, *args)
 
 
 def _param_column(table):
