@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 from numba.np.ufunc import parallel
 
-from . import config
+from . import config, diskcache
 from .elements import adam_blockwise_at, element, segment_source, sgd_momentum_blockwise_at
 from .pointers import pointer_to, prefetch
 from .quantization import (
@@ -50,7 +50,7 @@ from .quantization import (
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "80d54b48f5fc1f5d"
+RULES_DIGEST = "59831c82370f8b3f"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -277,7 +277,7 @@ def _compiled(loop, threaded, clear_grads, mirrored, flags=(), prefetch_ahead=Fa
     name += "" if threaded else "_serial"
     variant = types.FunctionType(loop.__code__, {**loop.__globals__, **constants}, name)
     variant.__qualname__ = name
-    options = {"cache": True, "error_model": "numpy"}
+    options = {"cache": diskcache.available(__file__), "error_model": "numpy"}
     if fastmath:
         options["fastmath"] = set(fastmath)
     return njit(parallel=threaded, **options)(variant)

@@ -16,7 +16,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64  # noqa: F401 (float64: generated kernels)
 
-from . import config, precision, quantization
+from . import config, diskcache, precision, quantization
 from .elements import adam_blockwise_at, element, segment_source, sgd_momentum_blockwise_at
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
@@ -33,7 +33,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "80d54b48f5fc1f5d"
+RULES_DIGEST = "59831c82370f8b3f"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -57,7 +57,7 @@ def kernel(step):
 def _generated_kernel(step):
     namespace = {**globals(), "ELEMENT": element(step)}
     exec(compile(kernel_source(step), __file__, "exec"), namespace)
-    return cuda.jit(cache=True)(namespace[f"_{step.name}"])
+    return cuda.jit(cache=diskcache.available(__file__))(namespace[f"_{step.name}"])
 
 
 def kernel_source(step):
@@ -97,7 +97,7 @@ _UNSIGNED_CODE = quantization.UNSIGNED_CODE(0)
 _ABSMAX = np.float32(0)
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=diskcache.available(__file__))
 def _adam_blockwise(addresses, segments, entry_values, coefficients, formats, clear, mirrored):
     """Block-wise 8-bit Adam (`kernels.cpu._adam_blockwise`): a CUDA block of `BLOCK`
     threads per block of state, one element each; the block's new absmax is a
@@ -143,7 +143,7 @@ def _adam_blockwise(addresses, segments, entry_values, coefficients, formats, cl
         cuda.syncthreads()  # before the next segment overwrites the shared arrays
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=diskcache.available(__file__))
 def _sgd_momentum_blockwise(
     addresses, segments, entry_values, coefficients, formats, clear, mirrored, nesterov
 ):

@@ -33,6 +33,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
+from . import diskcache
+
 #: Elements per block: one absmax (4 bytes) per 256 codes is 1/64 byte per element.
 BLOCK = 256
 
@@ -196,7 +198,7 @@ def float_of_bits(typingctx, bits):
 # --- whole arrays ---------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=diskcache.available(__file__), error_model="numpy")
 def _quantize(values, codes, absmax, signed):
     for block in prange(absmax.size):
         start = block * BLOCK
@@ -215,7 +217,7 @@ def _quantize(values, codes, absmax, signed):
                 codes[i] = encode_unsigned(values[i], scaled)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=diskcache.available(__file__), error_model="numpy")
 def _dequantize(codes, absmax, values, signed):
     for block in prange(absmax.size):
         start = block * BLOCK

@@ -1,15 +1,33 @@
-"""The kernel library must import and run where torch is not installed."""
+"""The kernel library must import and run where torch is not installed, and where
+nothing on disk is writable."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+#: No child interpreter may hang a test run; a cold compile of a few kernels on a
+#: loaded machine takes tens of seconds.
+TIMEOUT_S = 300
+
+
+def run_python(script, **options):
+    """Run ``script`` in a fresh interpreter (``options`` for `subprocess.run`); it must
+    exit cleanly. Returns its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S,
+        **options,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def assert_prints_ok(script):
     """Run ``script`` in a fresh interpreter; it must exit cleanly after printing "ok"."""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert run_python(script).strip() == "ok"
 
 
 def test_kernels_import_and_run_without_torch():
@@ -119,3 +137,86 @@ def test_public_names_are_visible_to_dir_and_type_checkers():
     for pth in [f for f in files if f.name.endswith(".pth")]:
         lines = pth.read_text().split()
         assert lines and not lines[0].startswith("import"), lines
+
+
+STEPS_SCRIPT = textwrap.dedent(
+    """
+    import json, warnings
+
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import fastmomentum.kernels
+        import torch
+
+        results = {}
+        for name, make in [
+            ("sgd", lambda p: fastmomentum.SGD(p, lr=0.1, momentum=0.9)),
+            ("adam_int8", lambda p: fastmomentum.Adam(p, lr=0.01, state_dtype="int8_blockwise")),
+        ]:
+            torch.manual_seed(0)
+            param = torch.nn.Parameter(torch.randn(1000))
+            optimizer = make([param])
+            for _ in range(3):
+                param.grad = torch.randn(1000)
+                optimizer.step()
+            results[name] = param.detach().tolist()
+        # whole-array 8-bit conversion (`quantization._quantize`, `_dequantize`)
+        state = fastmomentum.dequantized_state_dict(optimizer.state_dict())["state"]
+        results["dequantized"] = state[0]["exp_avg"].tolist()
+    print(json.dumps({
+        "file": fastmomentum.kernels.__file__,
+        "warnings": [str(w.message) for w in caught],
+        "results": results,
+    }))
+    """
+)
+
+
+def _read_only_copy(destination):
+    """The installed package copied (its ``kernels`` link followed) into
+    ``destination``, read-only, with nowhere for Numba to cache: root, as CI runs, ignores
+    permission bits, so a *file* named ``__pycache__`` stands in every package folder."""
+    import fastmomentum
+
+    package = destination / "fastmomentum"
+    shutil.copytree(
+        Path(fastmomentum.__file__).parent, package, symlinks=False,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )  # fmt: skip
+    folders = [package, *(path for path in package.rglob("*") if path.is_dir())]
+    for folder in folders:
+        (folder / "__pycache__").touch()
+    for path in [*package.rglob("*"), package]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return package
+
+
+def test_a_read_only_install_without_a_writable_home_compiles_without_numbas_cache(tmp_path):
+    """A container run as a non-root user, a read-only image: the package and HOME are
+    read-only and NUMBA_CACHE_DIR is unset, so Numba has no cache directory
+    (``RuntimeError: ... no locator available`` at import, before). The kernels compile
+    without the cache, the numbers are those of a normal install, and one warning
+    names NUMBA_CACHE_DIR."""
+    package = _read_only_copy(tmp_path / "site")
+    home = tmp_path / "home"  # a file: even root cannot create ~/.cache/numba under it
+    home.touch()
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "PYTHONPATH")
+    }
+    environment.update(HOME=str(home), PYTHONPATH=str(package.parent))
+    try:
+        read_only = json.loads(run_python(STEPS_SCRIPT, env=environment, cwd=tmp_path))
+    finally:
+        for path in [package, *package.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    normal = json.loads(run_python(STEPS_SCRIPT, cwd=tmp_path))
+
+    assert Path(read_only["file"]).is_relative_to(package)  # the copy, not the checkout
+    assert not list(package.parent.rglob("*.nbi")), "Numba cached somewhere in the copy"
+    about_the_cache = [text for text in read_only["warnings"] if "NUMBA_CACHE_DIR" in text]
+    assert len(about_the_cache) == 1, read_only["warnings"]
+    assert not [text for text in normal["warnings"] if "NUMBA_CACHE_DIR" in text]
+    assert read_only["results"] == normal["results"]
