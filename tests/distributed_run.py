@@ -6,18 +6,52 @@ Each rank trains on its half of every batch, in every case: DDP with our optimiz
 ``optimizer_class``, with and without ``parameters_as_bucket_view``. Rank 0 saves the
 final parameters of each case, and then every rank leaves without tearing gloo down
 (torch 2.13's gloo teardown aborts now and then, even with torch.optim alone).
+
+Every multi-process run of the tests (this one and ``fsdp_run``'s phases) goes through
+:func:`launch` in the test process and :func:`join_group` / :func:`leave` in its workers.
+
+- **No port is picked in advance.** The ranks meet through a file (``init_method="file://…"``,
+  torch's ``FileStore``) in a folder made for that launch. Probing a free port and binding it
+  later is a race (another process may take the port in between); nothing here is bound
+  before use: gloo's own connections between the ranks bind port 0, so the kernel picks
+  them at bind time. We prefer the file to a ``TCPStore(port=0)`` hosted by the test
+  process (race-free too) because nothing has to stay alive in the test process, no
+  server thread has to be closed on every path, and a failure leaves only a file in the
+  test's temporary folder. A fresh folder per launch matters: a FileStore is an
+  append-only log, and a file left by an earlier group would hand its keys to the next.
+- **Every launch has a deadline** (:data:`DEADLINE`); ranks still running then are
+  killed (SIGKILL) and the test fails naming the launch.
+- **A rank has finished once it has marked so** (:func:`leave`, after its results are
+  saved and every rank has passed the last barrier). A rank that crashes after that, in
+  teardown, does not fail the test; one that fails or exits before it does.
 """
 
 import os
-import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import fastmomentum
+
+#: Seconds one launch may take, from starting its processes to the last one's exit.
+#: Measured on the 2-core machine: this module's run 11 s and an FSDP phase about 12 s
+#: when idle with a warm Numba cache; 53 s for each with an empty cache (every kernel
+#: compiled in both ranks) at a load average of 9. A loaded machine runs 2-9x slower than
+#: an idle one, so ten minutes is generous for any of that, and still finite: a hung rank
+#: fails its test instead of the whole run.
+DEADLINE = 600
+#: Seconds the other ranks get to exit by themselves once one has failed (then SIGTERM,
+#: as long again, then SIGKILL: ``ProcessContext.join``).
+GRACE = 20
 
 STEPS, BATCH = 12, 16
 OPTIONS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adam": {"lr": 1e-2, "amsgrad": True}}
@@ -56,9 +90,8 @@ def train(model, optimizer, rank, world, set_to_none=True, steps=range(STEPS), o
             optimizer.step()
 
 
-def worker(rank, world, folder, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, meeting, folder):
+    join_group(rank, world, meeting)
     results = {}
     for case, name, bucket_view, set_to_none in CASES:
         model = DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
@@ -85,11 +118,63 @@ def worker(rank, world, folder, port):
                     )
     if rank == 0:
         torch.save(results, os.path.join(folder, "distributed.pt"))
+    leave(rank, meeting)
+
+
+def launch(worker, folder, *args, what, world=2, deadline=DEADLINE):
+    """Runs ``worker(rank, world, meeting, folder, *args)`` in ``world`` new processes
+    (spawned) and returns once every rank has finished (:func:`leave`).
+
+    ``meeting`` is a fresh folder under ``folder`` for this launch's rendezvous file and
+    the ranks' marks. Fails the test, naming ``what``, when a rank fails or exits before it
+    has finished, or when ``deadline`` seconds pass first; no process outlives the call.
+    """
+    meeting = tempfile.mkdtemp(prefix="meeting-", dir=folder)
+    context = mp.start_processes(
+        worker, args=(world, meeting, str(folder), *args), nprocs=world, join=False
+    )
+    end = time.monotonic() + deadline
+    try:
+        while True:
+            try:
+                if context.join(timeout=max(0.0, end - time.monotonic()), grace_period=GRACE):
+                    break
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+                if len(finished(meeting, world)) == world:
+                    return  # a crash in teardown, after every rank had finished
+                pytest.fail(f"{what}: {error}")
+            if time.monotonic() >= end:
+                running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                pytest.fail(
+                    f"{what}: rank(s) {running} still running after {deadline} s: killed"
+                    f" (ranks finished: {sorted(finished(meeting, world))})"
+                )
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+    missing = sorted(set(range(world)) - finished(meeting, world))
+    if missing:
+        pytest.fail(f"{what}: rank(s) {missing} exited without finishing (leave())")
+
+
+def finished(meeting, world):
+    return {rank for rank in range(world) if Path(meeting, f"rank-{rank}.finished").exists()}
+
+
+def join_group(rank, world, meeting):
+    """Joins this launch's gloo group: the ranks meet through a file (no port; see above)."""
+    rendezvous = os.path.join(os.path.abspath(meeting), "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+
+
+def leave(rank, meeting):
+    """Ends a rank whose results are saved: a barrier (no rank is still in a collective),
+    then its mark, then ``os._exit`` without gloo's teardown (torch 2.13's aborts now and
+    then, even with torch.optim alone)."""
     dist.barrier()
+    Path(meeting, f"rank-{rank}.finished").touch()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

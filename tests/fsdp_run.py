@@ -6,6 +6,7 @@ with ``torch.distributed.checkpoint``. ``resume`` phase, in a fresh process grou
 each case loads that checkpoint into a new model and optimizer and trains the second
 half. Rank 0 saves what the test compares, then every rank leaves without tearing gloo
 down (torch 2.13's gloo teardown aborts now and then, even with torch.optim alone).
+Each phase is one ``distributed_run.launch``: a rendezvous file, a deadline.
 """
 
 import os
@@ -75,9 +76,8 @@ def sharded(reshard, dtype=torch.float64):
     return fully_shard(model, reshard_after_forward=reshard)
 
 
-def worker(rank, world, folder, port, phase):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, meeting, folder, phase):
+    distributed_run.join_group(rank, world, meeting)
     results = {}
     for case, name, reshard in CASES:
         model = sharded(reshard, case_dtype(case))
@@ -113,8 +113,7 @@ def worker(rank, world, folder, port, phase):
         results["errors"] = bad_placements()
     if rank == 0:
         torch.save(results, os.path.join(folder, f"{phase}.pt"))
-    dist.barrier()
-    os._exit(0)
+    distributed_run.leave(rank, meeting)
 
 
 def load_full_state(model, optimizer, name, options):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import fastmomentum
 
@@ -15,12 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    mp.spawn(
-        distributed_run.worker,
-        args=(2, str(folder), distributed_run.free_port()),
-        nprocs=2,
-        join=True,
-    )
+    distributed_run.launch(distributed_run.worker, folder, what="DDP and ZeRO run")
     return torch.load(folder / "distributed.pt")
 
 

@@ -9,13 +9,12 @@ float32 master weights (DTensors too, placed like the parameters).
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import fastmomentum
 
 from . import fsdp_run
 from .assertions import RTOL, assert_relative_close
-from .distributed_run import free_port
+from .distributed_run import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
     for phase in ("train", "resume"):
-        mp.spawn(fsdp_run.worker, args=(2, str(folder), free_port(), phase), nprocs=2, join=True)
+        launch(fsdp_run.worker, folder, phase, what=f"FSDP2 {phase} phase")
     return torch.load(folder / "train.pt"), torch.load(folder / "resume.pt")
 
 
