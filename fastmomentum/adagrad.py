@@ -1,13 +1,14 @@
 """``fastmomentum.Adagrad``: drop-in ``torch.optim.Adagrad``, one fused launch per bucket."""
 
 from torch import Tensor
+from torch.optim.adagrad import adagrad
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
 from . import binding
 from .optimizer import FlatOptimizer
-from .validation import host_float
+from .validation import check_tensor_hyperparameter, host_float
 
 
 class Adagrad(FlatOptimizer):
@@ -65,7 +66,6 @@ class Adagrad(FlatOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        self.check_group(defaults)
         super().__init__(
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
@@ -91,8 +91,34 @@ class Adagrad(FlatOptimizer):
             bool(group["maximize"]),
         )
 
-    def check_settings(self, settings):
-        rules.adagrad.check(*settings[:5])
+    def check_arguments(self, defaults):
+        """``torch.optim.Adagrad``'s checks, in its order."""
+        check_tensor_hyperparameter(defaults["lr"], "lr")
+        rules.adagrad.check(
+            defaults["lr"],
+            defaults["lr_decay"],
+            defaults["weight_decay"],
+            defaults["initial_accumulator_value"],
+            defaults["eps"],
+        )
+
+    def steps_cast_params(self, settings):
+        return True
+
+    def step_cast(self, group, settings, params, grads, state, steps):
+        lr, lr_decay, weight_decay, _, eps, maximize = settings
+        adagrad(
+            params,
+            grads,
+            state["sum"],
+            steps,
+            foreach=False,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_decay=lr_decay,
+            eps=eps,
+            maximize=maximize,
+        )
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, lr_decay, weight_decay, _, eps, maximize = settings

@@ -10,7 +10,7 @@ from fastmomentum.kernels import rules
 
 from . import quantized
 from .optimizer import FlatOptimizer
-from .validation import host_float
+from .validation import check_tensor_hyperparameter, host_float
 
 
 class Adam(FlatOptimizer):
@@ -68,14 +68,6 @@ class Adam(FlatOptimizer):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
     ) -> None:
-        if isinstance(betas, list):
-            betas = tuple(betas)
-        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-            raise ValueError("betas must be either both floats or both Tensors")
-        if amsgrad and isinstance(state_dtype, str) and state_dtype == quantized.INT8_BLOCKWISE:
-            raise ValueError(
-                f"amsgrad=True is not implemented with state_dtype={quantized.INT8_BLOCKWISE!r}"
-            )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -89,7 +81,6 @@ class Adam(FlatOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self.check_group(defaults)
         super().__init__(
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
@@ -132,9 +123,23 @@ class Adam(FlatOptimizer):
             bool(group["amsgrad"]),
         )
 
-    def check_settings(self, settings):
-        lr, betas, eps, weight_decay, *_ = settings
-        rules.adam.check(lr, betas, eps, weight_decay)
+    def check_arguments(self, defaults):
+        """``torch.optim.Adam``'s checks, in its order; its betas become a tuple of
+        0-dim tensors or numbers, as torch makes them."""
+        lr, betas = defaults["lr"], defaults["betas"]
+        refuse_tensors = bool(defaults["foreach"]) and not defaults["capturable"]
+        check_tensor_hyperparameter(lr, "lr", refuse_tensors)
+        rules.adam.check(lr, betas, defaults["eps"], defaults["weight_decay"])
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index in (0, 1):
+            check_tensor_hyperparameter(betas[index], f"betas[{index}]", refuse_tensors)
+        defaults["betas"] = tuple(
+            b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas
+        )
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings

@@ -21,34 +21,36 @@ from .launches import MASTER
 from .tracked import StateEntry, StateMap
 
 
-def exposed_names(optimizer, group, bucket):
-    """The state keys ``state[p]`` shows for ``bucket``'s parameters: those the group's
-    step uses and those the bucket keeps anyway (``max_exp_avg_sq`` after AMSGrad)."""
-    used = optimizer.state_names(group)
-    return tuple(n for n in optimizer.state_keys if n in used or bucket.has_state(n))
+def row_names(optimizer, used, bucket, index):
+    """The state keys ``state[p]`` shows for ``bucket``'s parameter ``index``: the
+    required keys (those the group's step ``used``, or the bucket keeps), the optional
+    keys that parameter holds (``max_exp_avg_sq`` only where AMSGrad stepped it, as in
+    torch) and its master copy."""
+    optional = optimizer.optional_state_keys
+    return tuple(
+        name
+        for name in optimizer.state_keys
+        if (
+            bucket.holds_optional(name)[index]
+            if name in optional and name != MASTER
+            else name in used or bucket.has_state(name)
+        )
+    )
 
 
 def expose_new_state(optimizer, group, bucket, rows):
-    """`expose_state` for the parameters ``rows`` just stepped that had no state, and
-    again for every parameter with state if the exposed keys changed (AMSGrad switched
-    on). Marks ``rows`` as having state."""
+    """`expose_state` for the parameters ``rows`` just stepped that had no state, or
+    that gained optional state at this step (AMSGrad switched on). Marks ``rows`` as
+    having state."""
     used = optimizer.state_names(group)
-    if bucket.all_initialized and bucket.exposed_from == (used, bucket.state_kept()):
-        return  # the common case, every step: nothing new to show (≈1 µs less a step)
-    bucket.exposed_from = (used, bucket.state_kept())
-    names = exposed_names(optimizer, group, bucket)
-    renamed = bucket.exposed_names != names
-    if not renamed and bucket.all_initialized:
-        return
-    if renamed:
-        bucket.initialized[rows] = True
-        targets = bucket.initialized.nonzero()[0].tolist()
-    else:
-        targets = [row for row in rows if not bucket.initialized[row]]
-        bucket.initialized[targets] = True
-    for index in targets:
-        expose_state(optimizer, bucket, index, names)
-    bucket.exposed_names = names
+    optional = [name for name in used if name in optimizer.optional_state_keys]
+    gained = bucket.gain_optional(optional, rows) if optional else ()
+    if bucket.all_initialized and not gained:
+        return  # the common case, every step: nothing new to show
+    targets = {row for row in rows if not bucket.initialized[row]}.union(gained)
+    bucket.initialized[rows] = True
+    for index in sorted(targets):
+        expose_state(optimizer, bucket, index, row_names(optimizer, used, bucket, index))
     bucket.all_initialized = bool(bucket.initialized.all())
 
 
@@ -177,22 +179,24 @@ def _write_bucket(optimizer, group, bucket, saved):
     optimizer.fresh_state(group, bucket)
     bucket.initialized[:] = False
     bucket.master_ready[:] = False  # a master copy not in the state is taken from p
+    bucket.forget_optional()
+    optional = set(optimizer.optional_state_keys) - {MASTER}
     for index, entry in enumerate(saved):
         if entry is None:
             continue
         scalars, values, complete = entry
         for name, value in values.items():
             bucket.load_state_value(name, index, value)
+            if name in optional:
+                bucket.holds_optional(name)[index] = True
         if complete:
             for name, value in scalars.items():
                 bucket.scalar_values(name)[index] = value
             bucket.initialized[index] = True
-    names = exposed_names(optimizer, group, bucket)
+    used = optimizer.state_names(group)
     for index in bucket.initialized.nonzero()[0].tolist():
-        expose_state(optimizer, bucket, index, names)
+        expose_state(optimizer, bucket, index, row_names(optimizer, used, bucket, index))
     if bucket.master:
         expose_masters(optimizer, bucket, bucket.master_ready.nonzero()[0].tolist())
-    bucket.exposed_names = names
-    bucket.exposed_from = None
     bucket.all_initialized = bool(bucket.initialized.all())
     bucket.coefficients = (None, None)

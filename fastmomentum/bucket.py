@@ -84,16 +84,21 @@ class ParamBucket:
         clear_grads=False,
         master_weights=False,
         scalars=None,
+        dtype=None,
     ):
         self.params = list(params)
         self.names = list(names)  # "parameter 3 of param group 0", for error messages
         self.distributed = is_dtensor(self.params[0])
         tensors = self.local_params()
-        self.device, self.dtype = tensors[0].device, tensors[0].dtype
+        # ``dtype``: that of the parameters' state when they were cast after their
+        # first step (the state keeps it, as in torch: see `launches.CAST`)
+        self.device, self.dtype = tensors[0].device, dtype or tensors[0].dtype
         self.device_index = tensors[0].get_device()  # -1 on the CPU
         self.master = master_weights  # a float32 master copy of 16-bit params (MASTER)
         self.state_dtype = torch.float32 if self.master else state_dtype or self.dtype
         self.quantized = state_dtype == INT8_BLOCKWISE  # block-wise 8-bit moments
+        # state in the parameters' own dtype, no master copy (what a cast can keep)
+        self.plain = state_dtype is None and not self.master
         self.dtype_numpy, self.formats = compute_dtype_and_formats(self.dtype, self.state_dtype)
         if self.master:
             self.formats = (np.float32, *self.formats[1:])
@@ -120,8 +125,10 @@ class ParamBucket:
         self.reset_scalars()
         self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
         self.all_initialized = False
-        self.exposed_names = ()  # the state names ``state[p]`` entries were made with
-        self.exposed_from = None  # (state names used, state kept) they were made from
+        # Optional state (Adam's ``max_exp_avg_sq``) per parameter: name -> whether each
+        # parameter's state has it, and whether they all do (`holds_optional`).
+        self._optional_rows = {}
+        self._optional_everywhere = set()
         self.coefficients = (None, None)  # see `FlatOptimizer.cached_coefficients`
         self.clear_grads = clear_grads  # a step zeroes the gradients it reads
         self.repeats = []  # per extra listing of parameters in their group, their rows
@@ -155,6 +162,13 @@ class ParamBucket:
             )
         return local(grad)
 
+    def changed_params(self):
+        """Whether a parameter's dtype, device or shape is no longer the bucket's."""
+        return any(
+            (tensor.dtype, tensor.device, tensor.shape) != (self.dtype, self.device, shape)
+            for tensor, shape in zip(self.local_params(), self.shapes)
+        )
+
     def adopt(self):
         """Move the parameters whose storage is theirs alone into one allocation of ours.
 
@@ -162,7 +176,11 @@ class ParamBucket:
         ``param.data`` is re-pointed there. Parameters that share a storage, live in
         shared memory, are pinned or are DTensors stay where they are.
         """
-        movable = [i for i, param in enumerate(self.params) if owns_storage_alone(param)]
+        movable = [
+            i
+            for i, param in enumerate(self.params)
+            if param.dtype == self.dtype and owns_storage_alone(param)
+        ]
         if not movable:
             return
         values = Allocation(self.size, self.dtype, self.device)
@@ -195,6 +213,33 @@ class ParamBucket:
     def state_kept(self):
         """The names of the state the bucket keeps."""
         return tuple(self._state)
+
+    def holds_optional(self, name):
+        """Per parameter, whether its state has optional state ``name`` (a bool array:
+        set it to mark). A parameter gains it at a step that uses it or at a load, as
+        torch's state gains ``max_exp_avg_sq`` only where AMSGrad steps it."""
+        if name not in self._optional_rows:
+            self._optional_rows[name] = np.zeros(len(self.params), bool)
+        return self._optional_rows[name]
+
+    def gain_optional(self, names, rows):
+        """Mark optional state ``names`` present for the parameters ``rows`` (just
+        stepped with it); return the rows that did not have one of them before."""
+        gained = []
+        for name in names:
+            if name in self._optional_everywhere:
+                continue  # the common case: nothing to look at
+            holds = self.holds_optional(name)
+            gained.extend(row for row in rows if not holds[row])
+            holds[rows] = True
+            if holds.all():
+                self._optional_everywhere.add(name)
+        return gained
+
+    def forget_optional(self):
+        """No parameter has optional state any more (before a load binds it again)."""
+        self._optional_rows.clear()
+        self._optional_everywhere.clear()
 
     def state_address(self, name, index):
         return self.state(name).address_of(self._layout(name, index)[0])

@@ -90,10 +90,16 @@ class Gradients:
             grad.zero_()
 
     def _replaceable(self, index, grad):
+        """Whether ``grad`` may become its piece of the allocation: laid out and typed
+        like it (a parameter cast after construction keeps its own gradient)."""
+        bucket = self.bucket
         return (
             self.flat
             and grad.layout == torch.strided
-            and grad.stride() == self.bucket.strides[index]
+            and grad.dtype == bucket.dtype
+            and grad.device == bucket.device
+            and grad.shape == bucket.shapes[index]
+            and grad.stride() == bucket.strides[index]
             and grad.data_ptr() != self.address(index)
         )
 

@@ -1,41 +1,54 @@
 """Param groups into buckets: which parameters step together, made when a group is added
-and again whenever its parameter list changes.
+(through ``add_param_group`` or appended to ``param_groups`` directly) and again
+whenever its parameter list changes.
 
 A group's parameters are bucketed by (device, dtype, DTensor or not); a parameter
 listed twice is stepped twice (`ParamBucket.repeats`), as torch's loop steps it. A
-group with a parameter on the ``meta`` device has no buckets until ``to_empty``.
+parameter that an earlier group holds too (``param_groups.extend(param_groups)``) keeps
+its state in that group's bucket and is stepped again there with this group's
+hyperparameters (`GroupBuckets.borrowed`): torch steps it once per group, on one state.
+A group with a parameter on the ``meta`` device has no buckets until ``to_empty``.
 """
+
+from collections.abc import Mapping
 
 import torch
 
 from . import binding
 from .bucket import ParamBucket
 from .storage import is_dtensor, local
-from .validation import check_params
+from .validation import SUPPORTED_DTYPES
 
 
 def make_buckets(optimizer, group_index):
     """The group's buckets, their parameters adopted where nothing else sees them;
     ``None`` while a parameter is on the ``meta`` device (made at the first step
     after ``to_empty``, see `buckets_now`)."""
-    params = optimizer.param_groups[group_index]["params"]
+    group = optimizer.param_groups[group_index]
+    params = group["params"]
     if any(local(param).is_meta for param in params):
         return None
-    members, listed = {}, {}
+    earlier = {id(p) for g in optimizer.param_groups[:group_index] for p in g["params"]}
+    members, listed, borrowed = {}, {}, []
     for position, param in enumerate(params):
+        if id(param) in earlier:
+            borrowed.append(param)  # its state lives in an earlier group's bucket
+            continue
         listed[id(param)] = listed.get(id(param), 0) + 1
         if listed[id(param)] > 1:
             continue  # listed twice (torch warns): a step steps it twice, see `repeats`
         name = f"parameter {position} of param group {group_index}"
-        kind = (local(param).device, param.dtype, is_dtensor(param))
+        dtype = _kept_state_dtype(optimizer, param) or param.dtype
+        kind = (local(param).device, dtype, is_dtensor(param))
         members.setdefault(kind, []).append((param, name))
     flat = optimizer.__dict__.get("_flat_gradients", False)
     state_dtype = optimizer.__dict__.get("_state_dtype")
     clear_grads = optimizer.__dict__.get("_fused_zero_grad", False)
     master = optimizer.__dict__.get("_master_weights", False)
+    scalars = optimizer.scalar_state
     buckets = GroupBuckets(
-        ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master, optimizer.scalar_state)
-        for pairs in members.values()
+        ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master, scalars, kind[1])
+        for kind, pairs in members.items()
     )
     with torch.no_grad():
         for bucket in buckets:
@@ -47,42 +60,136 @@ def make_buckets(optimizer, group_index):
                 [row for row, n in enumerate(times) if n >= k] for k in range(2, max(times) + 1)
             ]
     for bucket in buckets:
-        optimizer.fresh_state(optimizer.param_groups[group_index], bucket)
-    buckets.made_from(params)
+        optimizer.fresh_state(group, bucket)
+    buckets.made_from(group, borrowed)
     return buckets
 
 
+def _kept_state_dtype(optimizer, param):
+    """The dtype of ``param``'s state when it differs from the parameter's (cast after
+    its first step: the state keeps its dtype, as torch's does), where the state is in
+    the parameters' own dtype (no ``state_dtype``, no master copy); else ``None``."""
+    if optimizer.__dict__.get("_state_dtype") is not None or optimizer.__dict__.get(
+        "_master_weights"
+    ):
+        return None
+    entry = optimizer.state.get(param)
+    if not isinstance(entry, Mapping):
+        return None
+    for name in optimizer.required_state_keys:
+        value = entry.get(name)
+        if torch.is_tensor(value) and value.dtype != param.dtype:
+            return value.dtype if value.dtype in SUPPORTED_DTYPES else None
+    return None
+
+
 def buckets_now(optimizer, stepping=False):
-    """Every group's buckets, made anew for a group whose parameter list changed
-    (a parameter appended, as torch.optim allows) or whose parameters left the meta
-    device, with the state ``optimizer.state`` holds for them bound in. While a
-    parameter is still on meta, its group has none (stepping: an error if one of
-    them has a gradient)."""
-    for index, group in enumerate(optimizer.param_groups):
-        buckets, params = optimizer.buckets[index], group["params"]
-        if buckets is not None and buckets.still_match(params):
-            continue
-        check_params(params)
+    """Every group's buckets, made anew for a group appended to ``param_groups``
+    directly (checked and given the defaults as ``add_param_group`` would), a group
+    whose parameter list changed (a parameter appended, as torch.optim allows) or whose
+    parameters left the meta device, and for the groups after one remade that step
+    parameters of an earlier group; with the state ``optimizer.state`` holds for them
+    bound in. While a parameter is still on meta, its group has none (stepping: an error
+    if one of them has a gradient). Before anything is made, every new group is checked."""
+    groups, all_buckets = optimizer.param_groups, optimizer.buckets
+    del all_buckets[len(groups) :]  # groups deleted from param_groups directly
+    all_buckets.extend([None] * (len(groups) - len(all_buckets)))
+    remade = False
+    for index, group in enumerate(groups):
+        buckets = all_buckets[index]
+        if buckets is not None and buckets.still_match(group):
+            if not remade or _borrows_as_made(buckets, groups[:index]):
+                continue
+        if buckets is None or buckets.group is not group:
+            optimizer.check_appended_group(group)
+        else:
+            optimizer.check_group(group)
         made = make_buckets(optimizer, index)
+        remade = True
         if made is None:
+            all_buckets[index] = None
             if stepping:
-                refuse_meta_gradients(index, params)
+                refuse_meta_gradients(index, group["params"])
             continue
-        optimizer.buckets[index] = made
+        all_buckets[index] = made
         binding.bind_state(optimizer, [(group, bucket) for bucket in made])
-    return optimizer.buckets
+    return all_buckets
+
+
+def _borrows_as_made(buckets, earlier_groups):
+    """Whether the group's parameters that earlier groups hold are still those it was
+    made with (an earlier group remade may have gained or lost one)."""
+    earlier = {id(param) for group in earlier_groups for param in group["params"]}
+    held = [param for param in buckets.group["params"] if id(param) in earlier]
+    return len(held) == len(buckets.borrowed) and all(
+        a is b for a, b in zip(held, buckets.borrowed)
+    )
+
+
+def forget_changed(optimizer):
+    """Drop the buckets of every group with a parameter cast, moved or reshaped since
+    they were made (`buckets_now` makes them again)."""
+    for index, buckets in enumerate(optimizer.buckets):
+        if buckets and any(bucket.changed_params() for bucket in buckets):
+            optimizer.buckets[index] = None
+
+
+def stepped_units(all_buckets):
+    """Per group, what its step launches: ``(bucket, rows)`` pairs, ``rows`` the
+    parameters of ``bucket`` to step (``None``: every one with a gradient) once per
+    entry. A group's own buckets step their parameters once and those listed again
+    (`ParamBucket.repeats`) again; parameters an earlier group holds step in that
+    group's bucket, once per listing here."""
+    units = []
+    owners = None
+    for buckets in all_buckets:
+        group_units = [(bucket, [None, *bucket.repeats]) for bucket in buckets or ()]
+        if buckets is not None and buckets.borrowed:
+            owners = owners if owners is not None else _owners(all_buckets)
+            group_units.extend(_borrowed_units(buckets.borrowed, owners))
+        units.append(group_units)
+    return units
+
+
+def _owners(all_buckets):
+    """id(param) -> (bucket, row) over every group's own buckets."""
+    return {
+        id(param): (bucket, row)
+        for buckets in all_buckets
+        for bucket in buckets or ()
+        for row, param in enumerate(bucket.params)
+    }
+
+
+def _borrowed_units(borrowed, owners):
+    rows_by_bucket, listed = {}, {}
+    for param in borrowed:
+        if id(param) not in owners:
+            continue  # its group has no buckets yet (on meta): `refuse_meta_gradients`
+        bucket, row = owners[id(param)]
+        times = listed[id(param)] = listed.get(id(param), 0) + 1
+        passes = rows_by_bucket.setdefault(bucket, [])
+        if len(passes) < times:
+            passes.append([])
+        passes[times - 1].append(row)
+    return list(rows_by_bucket.items())
 
 
 class GroupBuckets(list):
-    """A param group's buckets, and the parameter list they were made from."""
+    """A param group's buckets, the group and parameter list they were made from, and
+    the parameters of the group that an earlier group holds (``borrowed``)."""
 
-    def made_from(self, params):
-        self._params, self._count = params, len(params)
+    borrowed = ()
 
-    def still_match(self, params):
-        """Whether ``params`` is still that list, of that length (an appended parameter
-        or a replaced list remakes the buckets)."""
-        return params is self._params and len(params) == self._count
+    def made_from(self, group, borrowed):
+        self.group, self.borrowed = group, borrowed
+        self._params, self._count = group["params"], len(group["params"])
+
+    def still_match(self, group):
+        """Whether ``group`` is still that group, with that parameter list, of that length
+        (an appended parameter or a replaced list remakes the buckets)."""
+        params = group["params"]
+        return group is self.group and params is self._params and len(params) == self._count
 
 
 def refuse_meta_gradients(group_index, params):

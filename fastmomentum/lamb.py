@@ -9,7 +9,7 @@ from fastmomentum.kernels import rules
 
 from .collectives import summed_over_shards
 from .optimizer import FlatOptimizer
-from .validation import host_float
+from .validation import check_tensor_hyperparameter, host_float
 
 
 class LAMB(FlatOptimizer):
@@ -61,7 +61,6 @@ class LAMB(FlatOptimizer):
             "bias_correction": bias_correction,
             "maximize": maximize,
         }
-        self.check_group(defaults)
         super().__init__(params, defaults, flat_gradients, None, fused_zero_grad)
 
     def state_names(self, group):
@@ -78,9 +77,11 @@ class LAMB(FlatOptimizer):
             bool(group["maximize"]),
         )
 
-    def check_settings(self, settings):
-        lr, betas, eps, weight_decay, *_ = settings
-        rules.lamb.check(lr, betas, eps, weight_decay)
+    def check_arguments(self, defaults):
+        """Adam's checks (torch has no LAMB), in torch.optim.Adam's order."""
+        check_tensor_hyperparameter(defaults["lr"], "lr")
+        betas = defaults["betas"]
+        rules.lamb.check(defaults["lr"], betas, defaults["eps"], defaults["weight_decay"])
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, eps, weight_decay, bias_correction, maximize = settings

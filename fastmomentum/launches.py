@@ -32,6 +32,11 @@ MASTER = "master_param"
 #: The `Layout` problem of a parameter cast, moved or reshaped while it had no state.
 REMAKE = "remake"
 
+#: The `Layout` problem of a parameter cast to another dtype after its first step, its
+#: state kept in the dtype it had: it steps as torch.optim's for-loop steps it
+#: (`StepPlan.cast_rows`, `FlatOptimizer.step_cast`), where the optimizer can.
+CAST = "cast"
+
 
 class Remake(Exception):
     """Raised by `StepPlanner.plan` (before anything changed) when a parameter with a
@@ -70,8 +75,8 @@ class StepPlanner:
         grads = bucket.local_grads()
         if only is not None:
             grads = [grads[row] if row in only else None for row in range(len(grads))]
-        rows, grads, staged_grads = self._read_grads(grads, problems)
-        if not rows:
+        rows, grads, staged_grads, cast_rows = self._read_grads(grads, problems)
+        if not rows and not cast_rows:
             return None
         params = seen[0] if len(rows) == len(tensors) else [seen[0][row] for row in rows]
         if layout.any_staged:
@@ -80,34 +85,41 @@ class StepPlanner:
                 if layout.staged[row]:
                     params[position] = tensors[row]
         staging = staged_grads or layout.any_staged
-        return StepPlan(self, seen if changed else None, layout, rows, params, grads, staging)
+        plan = StepPlan(self, seen if changed else None, layout, rows, params, grads, staging)
+        plan.cast_rows = cast_rows
+        return plan
 
     def _survey(self, tensors):
         """Check every parameter's place and layout again (see the module doc).
 
-        A parameter that cannot be stepped (cast, moved to another device or reshaped
-        after construction; elements that share memory) is an error only at a step where
-        it has a gradient, as in ``torch.optim``, which only touches those.
+        A parameter that cannot be stepped here (cast, moved to another device or
+        reshaped after construction; elements that share memory) is a problem only at a
+        step where it has a gradient, as in ``torch.optim``, which only touches those:
+        without state, its group's buckets are remade; cast with its state kept in
+        the bucket's dtype, it steps as torch's loop steps it (`CAST`); else an error.
         """
         bucket = self.bucket
         problems = [None] * len(tensors)
         for index, tensor in enumerate(tensors):
             expected = (bucket.dtype, bucket.device, bucket.shapes[index])
-            if (tensor.dtype, tensor.device, tensor.shape) != expected and not bucket.has_state_at(
-                index
-            ):
+            actual = (tensor.dtype, tensor.device, tensor.shape)
+            if actual == expected:
+                if has_internal_overlap(tensor):
+                    problems[index] = (
+                        f"{bucket.names[index]} has elements that share memory (e.g. an "
+                        "expanded tensor); more than one element of it refers to a single "
+                        "memory location"
+                    )
+            elif not bucket.has_state_at(index):
                 problems[index] = REMAKE  # no state to keep: its group's buckets are remade
-            elif (tensor.dtype, tensor.device, tensor.shape) != expected:
+            elif actual[1:] == expected[1:] and bucket.plain and tensor.dtype in CASTABLE:
+                problems[index] = CAST
+            else:
                 problems[index] = (
                     f"{bucket.names[index]} changed from {bucket.dtype} "
                     f"{tuple(bucket.shapes[index])} on {bucket.device} to {tensor.dtype} "
                     f"{tuple(tensor.shape)} on {tensor.device} after the optimizer was "
                     "created; create the optimizer after moving or casting the model"
-                )
-            elif has_internal_overlap(tensor):
-                problems[index] = (
-                    f"{bucket.names[index]} has elements that share memory (e.g. an expanded "
-                    "tensor); more than one element of it refers to a single memory location"
                 )
         sound = [t if problem is None else t[:0] for t, problem in zip(tensors, problems)]
         staged = [not _laid_out_as(t, strides) for t, strides in zip(sound, bucket.strides)]
@@ -115,24 +127,27 @@ class StepPlanner:
 
     def _read_grads(self, grads, problems=None):
         """The parameters that have a gradient, and where each gradient is read from: an
-        address, or a staged copy when it is not laid out like the parameter's state.
-        Raises for a gradient of a parameter with a problem (see `_survey`)."""
+        address, or a staged copy when it is not laid out like the parameter's state;
+        and the parameters with a gradient that were cast (`CAST`). Raises for a
+        gradient of a parameter with another problem (see `_survey`)."""
         bucket = self.bucket
         strides, numels, dtype = bucket.strides, bucket.numels, bucket.dtype
         device_index, strided = bucket.device_index, torch.strided
-        rows, sources, staged = [], [], False
+        rows, sources, staged, cast_rows = [], [], False, []
         for index, grad in enumerate(grads):
             if grad is None:
                 continue
             if problems is not None and problems[index] is not None:
                 if problems[index] is REMAKE:
                     raise Remake(bucket)
+                if problems[index] is CAST:
+                    if grad.layout is not strided:
+                        raise SparseGradient(bucket.names[index])
+                    cast_rows.append(index)
+                    continue
                 raise RuntimeError(problems[index])
             if grad.layout is not strided:
-                raise TypeError(
-                    f"{bucket.names[index]} has a sparse gradient; fastmomentum needs dense "
-                    "gradients"
-                )
+                raise SparseGradient(bucket.names[index])
             if grad.dtype != dtype or grad.get_device() != device_index:
                 raise ValueError(
                     f"{bucket.names[index]} has a gradient of {grad.dtype} on {grad.device}; "
@@ -149,7 +164,7 @@ class StepPlanner:
             else:
                 sources.append(grad)  # e.g. a transposed or channels_last gradient
                 staged = True
-        return rows, sources, staged
+        return rows, sources, staged, cast_rows
 
     def table(self, rows, columns, entry_width):
         """The launch table of parameters ``rows`` with state ``columns``."""
@@ -278,6 +293,24 @@ class StepPlan:
             if prepare is not None:
                 prepare(table)
             kernel(table, *args)
+
+
+#: The dtypes a parameter may be cast to and still step on state of another dtype.
+CASTABLE = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class SparseGradient(RuntimeError):
+    """A sparse gradient (``nn.Embedding(sparse=True)``), refused as torch's fused step
+    refuses it, with what to use instead."""
+
+    def __init__(self, name):
+        super().__init__(
+            f"{name} has a sparse gradient: fastmomentum, as torch.optim's fused "
+            "optimizers, steps dense gradients only. Use a dense embedding "
+            "(nn.Embedding(..., sparse=False)), or step that parameter with "
+            "torch.optim.SGD (for-loop or foreach) or torch.optim.SparseAdam in a "
+            "second optimizer"
+        )
 
 
 def _param_column(table):

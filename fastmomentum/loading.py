@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import binding, checkpoint
+from . import binding, checkpoint, grouping
 
 
 def load_state_dict(optimizer, state_dict):
@@ -23,7 +23,7 @@ def load_state_dict(optimizer, state_dict):
     params = [param for group in optimizer.param_groups for param in group["params"]]
     state_dict = checkpoint.in_state_format(state_dict, params, optimizer.quantized)
     checkpoint.check_loadable(optimizer, state_dict)
-    before = (optimizer.state, optimizer.param_groups)
+    before = (optimizer.state, optimizer.param_groups, list(optimizer.buckets))
     hooks = (
         optimizer._optimizer_load_state_dict_pre_hooks,
         optimizer._optimizer_load_state_dict_post_hooks,
@@ -36,9 +36,13 @@ def load_state_dict(optimizer, state_dict):
             _restore_saved_state(optimizer, state_dict)
         for group in optimizer.param_groups:
             optimizer.settings(group)  # raises for a setting the state cannot go with
+        # torch's load gave the state each parameter's dtype: a parameter cast since its
+        # bucket was made is bucketed again, its state in that dtype
+        grouping.forget_changed(optimizer)
+        optimizer._buckets_now()
         binding.bind_state(optimizer)
     except BaseException:
-        optimizer.state, optimizer.param_groups = before
+        optimizer.state, optimizer.param_groups, optimizer.buckets = before
         raise
     finally:
         pre, post = hooks

@@ -6,7 +6,7 @@ from torch.optim.optimizer import ParamsT
 from fastmomentum.kernels import rules
 
 from .optimizer import FlatOptimizer
-from .validation import host_float
+from .validation import check_tensor_hyperparameter, host_float
 
 
 class NAdam(FlatOptimizer):
@@ -71,7 +71,6 @@ class NAdam(FlatOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
         }
-        self.check_group(defaults)
         super().__init__(
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
@@ -91,9 +90,16 @@ class NAdam(FlatOptimizer):
             bool(group["maximize"]),
         )
 
-    def check_settings(self, settings):
-        lr, betas, eps, weight_decay, momentum_decay, *_ = settings
-        rules.nadam.check(lr, betas, eps, weight_decay, momentum_decay)
+    def check_arguments(self, defaults):
+        """``torch.optim.NAdam``'s checks, in its order."""
+        check_tensor_hyperparameter(defaults["lr"], "lr")
+        rules.nadam.check(
+            defaults["lr"],
+            defaults["betas"],
+            defaults["eps"],
+            defaults["weight_decay"],
+            defaults["momentum_decay"],
+        )
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, eps, weight_decay, momentum_decay, decoupled, maximize = settings

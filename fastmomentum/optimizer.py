@@ -19,6 +19,7 @@ from . import binding, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .quantized import INT8_BLOCKWISE
 from .validation import (
+    check_fused_flags,
     check_implementation_options,
     check_master_weights,
     check_params,
@@ -59,7 +60,28 @@ class FlatOptimizer(torch.optim.Optimizer):
         fused_zero_grad=False,
         master_weights=False,
     ):
-        check_implementation_options(defaults)
+        # torch's order: its checks of the hyperparameters, then the parameters read
+        # (its errors for them), then its checks of `fused`; ours come after, and all
+        # before a parameter is adopted.
+        self.check_arguments(defaults)
+        self._flat_gradients = flat_gradients
+        self._state_dtype = state_dtype
+        self._fused_zero_grad = bool(fused_zero_grad)
+        self._master_weights = bool(master_weights)
+        self.buckets = None  # per param group, its buckets (None: not made yet, see below)
+        self._constructing = True  # `add_param_group` leaves its checks to the end
+        super().__init__(params, defaults)
+        del self._constructing
+        check_fused_flags(defaults)
+        self._check_options(state_dtype, master_weights)
+        for group in self.param_groups:
+            self.check_group(group)
+            self.settings(group)  # e.g. a GPU tensor lr, AMSGrad with 8-bit state
+        self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
+        binding.track(self)
+
+    def _check_options(self, state_dtype, master_weights):
+        """Our own constructor options: implemented for this optimizer, and together."""
         check_state_dtype(state_dtype)
         if master_weights and not self.supports_master_weights:
             raise ValueError(f"master_weights=True is not implemented for {type(self).__name__}")
@@ -70,14 +92,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                 f"state_dtype={INT8_BLOCKWISE!r} is implemented for SGD, Adam and AdamW, "
                 f"not {type(self).__name__}"
             )
-        self._flat_gradients = flat_gradients
-        self._state_dtype = state_dtype
-        self._fused_zero_grad = bool(fused_zero_grad)
-        self._master_weights = bool(master_weights)
-        self.buckets = None  # per param group, its buckets (None: not made yet, see below)
-        super().__init__(params, defaults)
-        self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
-        binding.track(self)
 
     # --- what a subclass says ---------------------------------------------------------
 
@@ -114,17 +128,25 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The group's hyperparameters as a tuple of plain numbers and flags, read each step."""
         raise NotImplementedError
 
-    def check_settings(self, settings):
-        """Raise ``ValueError`` for invalid hyperparameters (torch's messages). Called
-        for the constructor's arguments only: torch.optim steps whatever values a
-        scheduler or user later puts in a param group, and so do we."""
-        raise NotImplementedError
-
     def update(self, group, bucket, settings, plan, grad_scale):
         """Step ``bucket``'s parameters as ``plan`` (a `launches.StepPlan`) lays them out.
 
         ``grad_scale`` is the AMP loss scale to divide gradients by, or ``None``.
         """
+        raise NotImplementedError
+
+    def steps_cast_params(self, settings):
+        """Whether torch.optim's for-loop steps a parameter cast to another dtype after its
+        first step, its state still of the old dtype (SGD and Adagrad do; Adam's ``lerp``
+        refuses the mixed dtypes, part-way through the parameters). Where it does,
+        `step_cast` steps such parameters; where not, the step raises before any
+        change."""
+        return False
+
+    def step_cast(self, group, settings, params, grads, state, steps):
+        """Step ``params`` (cast after their first step) as torch.optim's for-loop does:
+        ``grads`` their gradients (unscaled), ``state`` name -> their state tensors (the
+        old dtype), ``steps`` their step counts (0-dim tensors) or ``None``."""
         raise NotImplementedError
 
     def fresh_state(self, group, bucket):
@@ -136,8 +158,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         momentum keeps none, as in torch)."""
         return True
 
-    def check_group(self, group):
-        self.check_settings(self.settings(group))
+    def check_arguments(self, defaults):
+        """Raise for invalid constructor hyperparameters, before the parameters are read:
+        for an optimizer with a torch.optim namesake, its checks in its order with its
+        messages (Tensor hyperparameters included). Only the constructor's: torch.optim
+        steps whatever values a scheduler or user later puts in a param group, and so
+        do we."""
+        raise NotImplementedError
 
     # --- param groups -----------------------------------------------------------------
 
@@ -150,19 +177,40 @@ class FlatOptimizer(torch.optim.Optimizer):
             # torch.compile from tracing it, and nothing compiles before that import.
             add = add.__wrapped__
         add(self, param_group)
-        group = self.param_groups[-1]
+        if self.__dict__.get("_constructing"):
+            return  # checked with the others once torch has read them all
         try:
-            check_implementation_options(group)
-            check_params(group["params"])
-            check_state_dtype(self.__dict__.get("_state_dtype"), group["params"])
-            self._check_param_dtypes(group["params"])
-            if self.__dict__.get("_master_weights"):
-                check_master_weights(group["params"])
+            self.check_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()
             raise
         if self.buckets is not None:  # after construction; the constructor adds them all
             self.buckets.append(self._make_buckets(len(self.param_groups) - 1))
+
+    def check_appended_group(self, group):
+        """Take a group appended to ``param_groups`` directly (not through
+        ``add_param_group``), as torch.optim steps one: its parameters as a list, the
+        defaults it lacks filled in, and checked as ``add_param_group`` checks them
+        (a parameter in an earlier group too is allowed here: torch steps it once per
+        group). Raises before anything changes."""
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            group["params"] = [params]
+        elif not isinstance(params, list):
+            group["params"] = list(params)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        self.check_group(group)
+
+    def check_group(self, group):
+        """Raise unless the group's options and parameters are ones we step (torch's
+        `add_param_group` checks come first); hyperparameter values are not checked."""
+        check_implementation_options(group)
+        check_params(group["params"])
+        check_state_dtype(self.__dict__.get("_state_dtype"), group["params"])
+        self._check_param_dtypes(group["params"])
+        if self.__dict__.get("_master_weights"):
+            check_master_weights(group["params"])
 
     def _check_param_dtypes(self, params):
         if self.param_dtypes is None:
@@ -230,18 +278,21 @@ class FlatOptimizer(torch.optim.Optimizer):
         # Every tensor of every bucket is looked at and checked before any update. (No
         # torch op runs here that autograd could record: no_grad only where one does.)
         plans = self._plan_all(all_buckets)
-        for group, settings, buckets, group_plans in zip(
-            self.param_groups, all_settings, all_buckets, plans
-        ):
-            for bucket, bucket_plans in zip(buckets or (), group_plans):
+        self._check_cast_rows(all_settings, plans)
+        for group, settings, group_plans in zip(self.param_groups, all_settings, plans):
+            for bucket, bucket_plans in group_plans:
                 for plan in bucket_plans:
-                    if plan is not None:
-                        plan.commit()
+                    if plan is None:
+                        continue
+                    plan.commit()
+                    if plan.rows:
                         if bucket.master:
                             bucket.sync_masters(plan.rows)
                         self.update(group, bucket, settings, plan, grad_scale)
                         if bucket.master:
                             bucket.note_written(plan.rows)
+                    if plan.cast_rows:
+                        self._step_cast_rows(group, bucket, settings, plan.cast_rows, grad_scale)
                 first = bucket_plans[0]
                 if first is not None and self.creates_state(settings):
                     binding.expose_new_state(self, group, bucket, first.rows)
@@ -266,17 +317,57 @@ class FlatOptimizer(torch.optim.Optimizer):
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def _plan_all(self, all_buckets):
-        """Every bucket's plans; a group with a parameter cast, moved or reshaped before
-        it had state (``model.double()`` after the optimizer was made) is bucketed again
-        first, as torch.optim would simply step it."""
+        """Per group, ``(bucket, plans)`` for what it steps (`grouping.stepped_units`); a
+        group with a parameter cast, moved or reshaped before it had state
+        (``model.double()`` after the optimizer was made) is bucketed again first, as
+        torch.optim would simply step it."""
         for _ in range(len(all_buckets) + 1):
             try:
-                return [[_plan(bucket) for bucket in buckets or ()] for buckets in all_buckets]
+                return [
+                    [(bucket, _plan(bucket, passes)) for bucket, passes in units]
+                    for units in grouping.stepped_units(all_buckets)
+                ]
             except launches.Remake as remake:
                 index = next(i for i, b in enumerate(all_buckets) if remake.bucket in (b or ()))
                 self.buckets[index] = None  # made again, state bound, by `_buckets_now`
                 all_buckets = self._buckets_now(stepping=True)
         raise RuntimeError("parameters kept changing while their buckets were made")
+
+    def _check_cast_rows(self, all_settings, plans):
+        """Raise, before anything changes, for a parameter cast after its first step
+        that torch.optim's for-loop could not step either."""
+        for settings, group_plans in zip(all_settings, plans):
+            for bucket, bucket_plans in group_plans:
+                for plan in bucket_plans:
+                    if plan is not None and plan.cast_rows and not self.steps_cast_params(settings):
+                        row = plan.cast_rows[0]
+                        raise RuntimeError(
+                            f"{bucket.names[row]} was cast to {bucket.local_params()[row].dtype} "
+                            f"after its first step; its state is still {bucket.dtype}. "
+                            f"torch.optim.{type(self).__name__} fails part-way through the "
+                            "parameters there; fastmomentum refuses before any change. Cast "
+                            "the model before its first step, load a state dict after the "
+                            "cast (load_state_dict converts the state to each parameter's "
+                            "dtype), or clear the parameter's state"
+                        )
+
+    @torch.no_grad()
+    def _step_cast_rows(self, group, bucket, settings, rows, grad_scale):
+        """Step the parameters ``rows`` of ``bucket``, cast after their first step, with
+        `step_cast` on their state in the dtype it kept."""
+        params = [bucket.params[row] for row in rows]
+        grads = [param.grad for param in params]
+        if grad_scale is not None:  # unscaled copies: the gradients are unscaled after
+            grads = [grad * (1.0 / grad_scale) for grad in grads]
+        state = {
+            name: [bucket.state_piece(name, row) for row in rows]
+            for name in self.state_names(group)
+        }
+        steps = [bucket.scalar_piece("step", row) for row in rows] if self.counts_steps else None
+        self.step_cast(group, settings, params, grads, state, steps)
+        if bucket.clear_grads:
+            for param in params:
+                param.grad.zero_()
 
     @torch.no_grad()
     def _unscale_grads(self, grad_scale):
@@ -362,8 +453,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             binding.bind_state(self)
 
 
-def _plan(bucket):
-    """The plans of a step of ``bucket``: one for every parameter with a gradient, then
-    one per extra time parameters are listed in their group (torch's loop steps a
-    parameter listed twice twice, the second time from the first's result)."""
-    return [bucket.planner.plan()] + [bucket.planner.plan(rows) for rows in bucket.repeats]
+def _plan(bucket, passes):
+    """The plans of a step of ``bucket``: one per entry of ``passes``, the rows it steps
+    (``None``: every parameter with a gradient). torch's loop steps a parameter listed
+    twice twice, the second time from the first's result."""
+    return [bucket.planner.plan(rows) for rows in passes]

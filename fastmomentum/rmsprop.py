@@ -2,11 +2,12 @@
 
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.optim.rmsprop import rmsprop
 
 from fastmomentum.kernels import rules
 
 from .optimizer import FlatOptimizer
-from .validation import host_float
+from .validation import check_tensor_hyperparameter, host_float
 
 
 class RMSprop(FlatOptimizer):
@@ -69,7 +70,6 @@ class RMSprop(FlatOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        self.check_group(defaults)
         super().__init__(
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
@@ -94,9 +94,38 @@ class RMSprop(FlatOptimizer):
             bool(group["maximize"]),
         )
 
-    def check_settings(self, settings):
-        lr, alpha, eps, weight_decay, momentum, *_ = settings
-        rules.rmsprop.check(lr, alpha, eps, weight_decay, momentum)
+    def check_arguments(self, defaults):
+        """``torch.optim.RMSprop``'s checks, in its order."""
+        check_tensor_hyperparameter(defaults["lr"], "lr")
+        rules.rmsprop.check(
+            defaults["lr"],
+            defaults["alpha"],
+            defaults["eps"],
+            defaults["weight_decay"],
+            defaults["momentum"],
+        )
+
+    def steps_cast_params(self, settings):
+        return not settings[5]  # centered: torch's lerp of grad_avg refuses mixed dtypes
+
+    def step_cast(self, group, settings, params, grads, state, steps):
+        lr, alpha, eps, weight_decay, momentum, centered, maximize = settings
+        rmsprop(
+            params,
+            grads,
+            state["square_avg"],
+            [],
+            state.get("momentum_buffer", []),
+            steps,
+            foreach=False,
+            maximize=maximize,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+        )
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, alpha, eps, weight_decay, momentum, centered, maximize = settings

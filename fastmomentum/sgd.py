@@ -5,12 +5,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.optim.sgd import sgd
 
 from fastmomentum.kernels import rules
 
 from . import quantized
 from .optimizer import FlatOptimizer
-from .validation import host_float
+from .validation import check_tensor_hyperparameter, host_float
 
 
 class SGD(FlatOptimizer):
@@ -85,7 +86,6 @@ class SGD(FlatOptimizer):
             "fused": fused,
             "momentum_convention": momentum_convention,
         }
-        self.check_group(defaults)
         super().__init__(
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
@@ -130,12 +130,39 @@ class SGD(FlatOptimizer):
                 del group["momentum_convention"]
         return state_dict
 
+    def steps_cast_params(self, settings):
+        return settings[6] == "pytorch"  # torch has no lr-folded momentum to step with
+
+    def step_cast(self, group, settings, params, grads, state, steps):
+        lr, momentum, dampening, weight_decay, nesterov, maximize, _ = settings
+        sgd(
+            params,
+            grads,
+            state["momentum_buffer"],
+            foreach=False,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr=lr,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+
     def creates_state(self, settings):
         return settings[1] != 0  # momentum
 
-    def check_settings(self, settings):
-        lr, momentum, dampening, weight_decay, nesterov, _, convention = settings
-        rules.sgd.check(lr, momentum, dampening, weight_decay, nesterov, convention)
+    def check_arguments(self, defaults):
+        """``torch.optim.SGD``'s checks, in its order, then ours (a finite dampening, a
+        known momentum convention)."""
+        check_tensor_hyperparameter(defaults["lr"], "lr")
+        rules.sgd.check(
+            defaults["lr"],
+            defaults["momentum"],
+            defaults["dampening"],
+            defaults["weight_decay"],
+            defaults["nesterov"],
+            defaults["momentum_convention"],
+        )
 
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings

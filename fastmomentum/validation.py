@@ -27,14 +27,36 @@ def host_float(value, name):
     return float(value)
 
 
+def check_tensor_hyperparameter(value, name, foreach=False):
+    """torch's checks of a hyperparameter given as a Tensor (``lr``, a beta), with its
+    messages: refused with ``foreach`` (Adam's, unless capturable), one element."""
+    if isinstance(value, torch.Tensor):
+        if foreach:
+            raise ValueError(
+                f"{name} as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+
+
+def check_fused_flags(options):
+    """torch's checks of ``fused`` against the other switches (SGD, Adam, Adagrad), which
+    its constructors make after reading the parameters."""
+    if options.get("fused"):
+        if options.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if options.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
 def check_implementation_options(options):
-    """Accept torch's implementation switches only with values we honour."""
+    """Accept torch's implementation switches only with values we honour (torch's own
+    refusals first)."""
+    check_fused_flags(options)
     if options.get("differentiable"):
         raise ValueError("fastmomentum does not support differentiable=True")
     if options.get("capturable"):
         raise ValueError("fastmomentum does not support capturable=True (CUDA graph capture)")
-    if options.get("foreach") and options.get("fused"):
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def check_params(params):
@@ -66,8 +88,6 @@ def check_params(params):
                 raise ValueError(f"{name} is on {device}: {reason}")
         elif device.type not in ("cpu", "meta"):
             raise ValueError(f"{name} is on {device}; fastmomentum runs on CPU and CUDA")
-        if param.grad is not None and param.grad.is_sparse:
-            raise TypeError(f"{name} has a sparse gradient; fastmomentum needs dense gradients")
 
 
 #: What ``state_dtype`` may be: the parameters' own dtype (``None``), bfloat16 state for

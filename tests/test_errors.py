@@ -8,6 +8,7 @@ from torch import nn
 
 import fastmomentum
 
+from .cases import EVERY_RULE, torch_cases
 from .models import make_model
 
 
@@ -107,18 +108,25 @@ def test_unsupported_params_are_rejected_at_construction(make, error, message):
         fastmomentum.SGD(make(), lr=0.1)
 
 
-def test_sparse_gradient_fails_the_step_before_any_update():
+@torch_cases(*EVERY_RULE)
+def test_sparse_gradient_fails_the_step_before_any_update(name, options):
+    """As torch's fused steps: constructed, then a ``RuntimeError`` at the step (ours
+    before any update, and naming what to use instead)."""
     torch.manual_seed(0)
     dense, sparse = nn.Linear(3, 3), nn.Embedding(10, 3, sparse=True)
-    optimizer = fastmomentum.SGD([*dense.parameters(), *sparse.parameters()], lr=0.1, momentum=0.9)
-    before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
     dense(sparse(torch.tensor([1, 2]))).sum().backward()
     assert sparse.weight.grad.is_sparse
-    with pytest.raises(TypeError, match="parameter 2 of param group 0 has a sparse gradient"):
+    params = [*dense.parameters(), *sparse.parameters()]
+    optimizer = getattr(fastmomentum, name)(params, **options)
+    before = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+    state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match="parameter 2 of param group 0 has a sparse gradient"):
+        optimizer.step()
+    with pytest.raises(RuntimeError, match=r"sparse=False.*torch\.optim\.SGD.*SparseAdam"):
         optimizer.step()
     for param, was in zip(optimizer.param_groups[0]["params"], before):
         assert torch.equal(param, was)
-    assert len(optimizer.state) == 0
+    assert str(optimizer.state_dict()) == str(state)
 
 
 def test_add_param_group_with_bad_params_leaves_groups_as_they_were():
@@ -134,8 +142,9 @@ def test_add_param_group_with_bad_params_leaves_groups_as_they_were():
 
 
 def test_param_cast_after_it_has_state_is_reported():
-    """(torch.optim fails there too: its float32 state cannot take float64 updates. Cast
-    before the first step, it steps as torch does: test_fidelity.py.)"""
+    """(torch.optim.Adam fails there too, part-way: its float32 state cannot take float64
+    updates. Cast before the first step, it steps as torch does: test_fidelity.py; what
+    each optimizer does with a cast: test_casts.py.)"""
     model = make_model(torch.float32)
     optimizer = fastmomentum.Adam(model.parameters())
     for param in model.parameters():
@@ -144,7 +153,7 @@ def test_param_cast_after_it_has_state_is_reported():
     model.double()
     for param in model.parameters():
         param.grad = torch.ones_like(param)
-    with pytest.raises(RuntimeError, match="create the optimizer after moving or casting"):
+    with pytest.raises(RuntimeError, match="cast to torch.float64 after its first step"):
         optimizer.step()
 
 

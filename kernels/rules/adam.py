@@ -98,15 +98,16 @@ STEP = Step(
 
 
 def check(lr, betas, eps, weight_decay):
-    """Raise ``ValueError`` for Adam settings that ``torch.optim.Adam`` rejects."""
+    """Raise ``ValueError`` for Adam settings that ``torch.optim.Adam`` rejects, in its
+    order and with its messages (the values may be 1-element tensors)."""
     check_non_negative("learning rate", lr)
     check_non_negative("epsilon value", eps)
+    for index in (0, 1):
+        if not 0.0 <= betas[index] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
+    check_non_negative("weight_decay value", weight_decay)
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for index, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
-    check_non_negative("weight_decay value", weight_decay)
 
 
 def coefficients(dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale=None):

@@ -100,9 +100,9 @@ def check(lr, momentum, dampening, weight_decay, nesterov, momentum_convention):
     check_non_negative("learning rate", lr)
     check_non_negative("momentum value", momentum)
     check_non_negative("weight_decay value", weight_decay)
-    check_finite("dampening value", dampening)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    check_finite("dampening value", dampening)
     check_convention(momentum_convention)
 
 
