@@ -125,6 +125,7 @@ class ParamBucket:
         self.reset_scalars()
         self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
         self.all_initialized = False
+        self.settled_for = None  # see `binding.expose_new_state`
         # Optional state (Adam's ``max_exp_avg_sq``) per parameter: name -> whether each
         # parameter's state has it, and whether they all do (`holds_optional`).
         self._optional_rows = {}
@@ -226,11 +227,12 @@ class ParamBucket:
         """Mark optional state ``names`` present for the parameters ``rows`` (just
         stepped with it); return the rows that did not have one of them before."""
         gained = []
+        rows = np.asarray(rows, np.int64)
         for name in names:
             if name in self._optional_everywhere:
-                continue  # the common case: nothing to look at
+                continue  # nothing to look at
             holds = self.holds_optional(name)
-            gained.extend(row for row in rows if not holds[row])
+            gained.extend(rows[~holds[rows]].tolist())
             holds[rows] = True
             if holds.all():
                 self._optional_everywhere.add(name)
