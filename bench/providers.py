@@ -4,6 +4,9 @@ Each provider takes (optimizer name, params, hyperparameters) and returns an obj
 ``step()``; `None` means it does not implement that optimizer here.
 """
 
+import functools
+import os
+
 import torch
 
 import fastmomentum
@@ -77,21 +80,73 @@ def torch_fused(name, params, options):
     return getattr(torch.optim, name)(params, fused=True, **options)
 
 
-def deepspeed_cpu_adam(name, params, options):
-    """DeepSpeed's AVX C++ Adam (ZeRO-Offload's), when deepspeed is installed."""
-    if name not in ("Adam", "AdamW") or params[0].dtype == torch.float64:
-        return None  # it has no SGD, and no float64 ("not supported on current hardware")
+#: The one command that adds the DeepSpeed peer (the ``bench`` extra has deepspeed).
+DEEPSPEED_INSTALL = "pip install -e '.[bench]' (or pip install deepspeed beside your torch)"
+
+
+def deepspeed_applies(name, dtype):
+    """Whether DeepSpeedCPUAdam has a step for optimizer class ``name`` on ``dtype`` (a
+    torch dtype or its name): Adam and AdamW (it has no SGD), not float64 ("not supported
+    on current hardware")."""
+    return name in ("Adam", "AdamW") and str(dtype).removeprefix("torch.") != "float64"
+
+
+def _deepspeed_adam_class():
+    # DeepSpeed picks an accelerator at import; this report times CPU steps, so its CPU
+    # one (no CUDA toolkit needed, and no warning that none was found).
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    return DeepSpeedCPUAdam(params, adamw_mode=name == "AdamW", **options)
+    return DeepSpeedCPUAdam
 
 
-def deepspeed_available():
+def deepspeed_cpu_adam(name, params, options):
+    """DeepSpeed's AVX C++ Adam (ZeRO-Offload's), when deepspeed is installed.
+
+    Its defaults are torch's (betas, eps, ``bias_correction=True``); ``adamw_mode``
+    picks decoupled decay (``p *= 1 - lr·wd``, AdamW) or L2 added to the gradient
+    (Adam), as torch's two classes do. bench/NOTES.md, entry 20, compares its values.
+    """
+    if not deepspeed_applies(name, params[0].dtype):
+        return None
+    return _deepspeed_adam_class()(params, adamw_mode=name == "AdamW", **options)
+
+
+@functools.cache
+def deepspeed_status():
+    """``(True, None)`` when DeepSpeedCPUAdam steps here, else ``(False, why)``.
+
+    Its C++ op is compiled on first use (torch's cpp_extension, with ninja and the C++
+    compiler; minutes on 2 cores) and cached under ``TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions``); this builds it, so do it before anything is timed.
+    """
     try:
-        import deepspeed.ops.adam  # noqa: F401
-    except Exception:  # not installed, or its CPU op cannot build here
-        return False
-    return True
+        adam = _deepspeed_adam_class()
+    except ImportError as error:
+        if (error.name or "").split(".")[0] == "deepspeed":
+            return False, f"deepspeed is not installed ({error})"
+        return False, f"import deepspeed.ops.adam failed: {_reason(error)}"
+    except Exception as error:  # installed, but its import fails here
+        return False, f"import deepspeed.ops.adam failed: {_reason(error)}"
+    try:
+        param = torch.nn.Parameter(torch.ones(64))
+        param.grad = torch.ones(64)
+        adam([param], lr=1e-3).step()
+    except Exception as error:  # no C++ compiler, a failed build...
+        return False, f"its cpu_adam op did not build or step: {_reason(error)}"
+    if not torch.isfinite(param).all() or bool((param == 1).any()):
+        return False, "its cpu_adam op built but its step did not update the parameter"
+    return True, None
+
+
+def _reason(error):
+    """The error's message and its cause's (DeepSpeed wraps the build error)."""
+    parts = []
+    while error is not None and len(parts) < 3:
+        text = str(error).strip().splitlines()
+        parts.append(f"{type(error).__name__}: {text[-1] if text else ''}")
+        error = error.__cause__
+    return "; caused by ".join(parts)
 
 
 PROVIDERS = {

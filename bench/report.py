@@ -189,6 +189,18 @@ def health_summary(rows, retries, load_before):
     }
 
 
+def peer_notes(missing):
+    """A line for each peer that was not measured (name -> why), with how to add it."""
+    from .providers import DEEPSPEED_INSTALL
+
+    install = {"DeepSpeedCPUAdam": DEEPSPEED_INSTALL}
+    return [
+        f"! {name} not measured: {why}."
+        + (f" To compare against it: {install[name]}." if name in install else "")
+        for name, why in missing.items()
+    ]
+
+
 def health_notes(summary):
     """Footnote lines for the table: the rule, each retry, each group still unreliable."""
     limits = summary["limits"]
@@ -323,10 +335,14 @@ def _mark(row):
     return "" if row["health"]["ok"] else "!"
 
 
-def markdown_summary(rows, threads):
+def markdown_summary(rows, threads, missing=None):
     """One line per (optimizer, layout, dtype): ours (default mode and flat gradients)
     beside torch fused, DeepSpeed and the twin; "!" after an unreliable group's layout,
-    and its thread count when it is not ``threads``."""
+    and its thread count when it is not ``threads``. A peer named in ``missing`` (name ->
+    why it was not measured) reads "not run" where it has a step, never a silent "-"."""
+    from .providers import OPTIMIZERS, deepspeed_applies
+
+    missing = missing or {}
     groups = {}
     for row in rows:
         key = (row["optimizer"], row["layout"], row["dtype"])
@@ -342,6 +358,10 @@ def markdown_summary(rows, threads):
             row = by_provider.get(provider)
             return f"{row['median_s'] * 1e3:.3f}" if row else "-"
 
+        deepspeed = ms("DeepSpeedCPUAdam")
+        if "DeepSpeedCPUAdam" in missing and deepspeed_applies(OPTIMIZERS[optimizer][0], dtype):
+            deepspeed = "not run"
+
         def ratio(provider, key, by_provider=by_provider):
             row = by_provider.get(provider)
             return f"{row[key]:.2f}" if row and row[key] else "-"
@@ -353,12 +373,48 @@ def markdown_summary(rows, threads):
             layout += " !"
         lines.append(
             f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} "
-            f"| {ms('fastmomentum flat')} | {ms('torch fused')} | {ms('DeepSpeedCPUAdam')} "
+            f"| {ms('fastmomentum flat')} | {ms('torch fused')} | {deepspeed} "
             f"| {ms(TWIN)} | {ratio('fastmomentum', 'vs_torch_fused')} "
             f"| {ratio('fastmomentum flat', 'vs_torch_fused')} "
             f"| {ratio('fastmomentum', 'vs_twin')} |"
         )
-    return "\n".join(lines + _peer_lines(groups))
+    return "\n".join(lines + _deepspeed_lines(groups, threads) + _peer_lines(groups))
+
+
+def _deepspeed_lines(groups, threads):
+    """Adam and AdamW beside DeepSpeedCPUAdam, where it was measured: ours (default mode
+    and flat gradients) over its time, and its time over torch fused; the layout marked
+    as in the main table."""
+    lines = [
+        "",
+        "| optimizer | layout | dtype | ours ms | ours flat ms | DeepSpeedCPUAdam ms "
+        "| torch fused ms | ours / DeepSpeed | flat / DeepSpeed | DeepSpeed / fused |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (optimizer, layout, dtype), by_provider in groups.items():
+        peer = by_provider.get("DeepSpeedCPUAdam")
+        if not peer:
+            continue
+        seconds = {name: row["median_s"] for name, row in by_provider.items()}
+
+        def ms(name, seconds=seconds):
+            return f"{seconds[name] * 1e3:.3f}" if name in seconds else "-"
+
+        def over(name, base, seconds=seconds):
+            return f"{seconds[name] / seconds[base]:.2f}" if {name, base} <= set(seconds) else "-"
+
+        if peer["threads"] != threads:
+            layout += f" ({_threads_text(peer['threads'])})"
+        if not all(row["health"]["ok"] for row in by_provider.values()):
+            layout += " !"
+        lines.append(
+            f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} "
+            f"| {ms('fastmomentum flat')} | {ms('DeepSpeedCPUAdam')} | {ms('torch fused')} "
+            f"| {over('fastmomentum', 'DeepSpeedCPUAdam')} "
+            f"| {over('fastmomentum flat', 'DeepSpeedCPUAdam')} "
+            f"| {over('DeepSpeedCPUAdam', 'torch fused')} |"
+        )
+    return lines if len(lines) > 3 else []
 
 
 def _peer_lines(groups):
@@ -459,22 +515,37 @@ def main(argv=None):
     args = parse_arguments(argv)
     # Before torch, numba or deepspeed start their thread pools.
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from .providers import OPTIMIZERS, PROVIDERS, deepspeed_available
+    from .providers import OPTIMIZERS, PROVIDERS, deepspeed_applies, deepspeed_status
 
     unknown = sorted(set(args.optimizer or ()) - set(OPTIMIZERS))
     if unknown:  # checked here: the names are known once torch may be imported
         sys.exit(f"python -m bench: unknown --optimizer {unknown}; one of {list(OPTIMIZERS)}")
 
     set_threads(args.threads)
+    load_before = _load_average()  # before this process adds its own threads
+    plan = sweep_plan(args.quick, args.optimizer)
     providers = [p for p in PROVIDERS if p != "DeepSpeedCPUAdam"]
-    if not args.no_deepspeed and deepspeed_available():
-        providers.append("DeepSpeedCPUAdam")
+    missing = {}
+    if any(deepspeed_applies(OPTIMIZERS[group[0]][0], group[3]) for group in plan):
+        if args.no_deepspeed:
+            missing["DeepSpeedCPUAdam"] = "skipped with --no-deepspeed"
+        else:
+            print(
+                "DeepSpeedCPUAdam: loading its cpu_adam op (its first use compiles it: "
+                "minutes; cached in TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)",
+                file=sys.stderr,
+            )
+            ok, why = deepspeed_status()
+            if ok:
+                providers.append("DeepSpeedCPUAdam")
+            else:
+                missing["DeepSpeedCPUAdam"] = why
+        for line in peer_notes(missing):
+            print(line, file=sys.stderr)  # now, not only after the whole run
     if args.quick:
         providers = [p for p in providers if p != "torch for-loop"]
     repeats = args.repeats or (11 if args.quick else 21)
 
-    load_before = _load_average()  # before this process adds its own threads
-    plan = sweep_plan(args.quick, args.optimizer)
     rows, retries = [], {}
     for index, group in enumerate(plan):
         label = f"{group[0]} · {group[1]} · {str(group[3])[6:]}"
@@ -498,17 +569,18 @@ def main(argv=None):
         "mode": mode,
         "repeats": repeats,
         "health": summary,
+        "missing_peers": missing,
         "results": rows,
         "precision_modes": precision_rows,
     }
-    notes = health_notes(summary)
+    notes = peer_notes(missing) + health_notes(summary)
     args.output.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.output / f"{mode}.json", args.output / f"{mode}.png"
     json_path.write_text(json.dumps(report, indent=1))
     from .precision_speed import markdown as precision_markdown
 
     precision_table = precision_markdown(precision_rows, args.threads) if precision_rows else ""
-    markdown = [markdown_summary(rows, args.threads), "", *notes, "", precision_table]
+    markdown = [markdown_summary(rows, args.threads, missing), "", *notes, "", precision_table]
     (args.output / f"{mode}.md").write_text("\n".join(markdown) + "\n")
     plot(rows, png_path)
     print(format_table(rows))
@@ -521,6 +593,8 @@ def main(argv=None):
     )
     if not summary["ok"]:
         print(f"warning: {_warning(summary)}", file=sys.stderr)
+    for line in peer_notes(missing):
+        print(f"warning: {line.removeprefix('! ')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

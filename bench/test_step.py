@@ -12,7 +12,7 @@ import torch
 
 from .layouts import LAYOUTS, numel, single
 from .measure import optimizer_case, twin_case
-from .providers import OPTIMIZERS, PROVIDERS, deepspeed_available
+from .providers import OPTIMIZERS, PROVIDERS, deepspeed_status
 
 ROUNDS = 15
 LAYOUT_CASES = [(name, torch.float32) for name in LAYOUTS] + [("2^22 tensor", torch.float64)]
@@ -42,8 +42,8 @@ def test_step(benchmark, optimizer, provider, layout, dtype):
     if provider == "traffic twin":
         case = twin_case(optimizer, numel(shapes), dtype)
     else:
-        if provider == "DeepSpeedCPUAdam" and not deepspeed_available():
-            pytest.skip("deepspeed is not installed")
+        if provider == "DeepSpeedCPUAdam" and not deepspeed_status()[0]:
+            pytest.skip(f"DeepSpeedCPUAdam not measured: {deepspeed_status()[1]}")
         case = optimizer_case(optimizer, provider, shapes, dtype)
         if case is None:
             pytest.skip(f"{provider} does not run {optimizer} on {str(dtype)[6:]}")

@@ -238,3 +238,55 @@ def test_each_step_has_a_twin_moving_its_arrays(name):
     for _ in range(101):  # odd: x ← g − x returns to its start every second step
         kernel(*arrays)
     assert np.isfinite(arrays[0]).all() and not np.array_equal(arrays[0], start)
+
+
+def test_a_peer_that_is_not_installed_is_named_with_its_remedy_not_left_blank(monkeypatch):
+    """Without deepspeed the DeepSpeedCPUAdam column reads "not run" where it has a step
+    (Adam, AdamW in float32), and a note says why and how to install it."""
+    from bench import providers
+
+    for module in ("deepspeed", "deepspeed.ops", "deepspeed.ops.adam"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails, as when not installed
+    providers.deepspeed_status.cache_clear()
+    try:
+        ok, why = providers.deepspeed_status()
+    finally:
+        providers.deepspeed_status.cache_clear()
+    assert not ok and "deepspeed is not installed" in why
+
+    def result(optimizer, dtype, provider):
+        return {"optimizer": optimizer, "layout": "2^14 tensor", "dtype": dtype,
+                "provider": provider, "median_s": 1e-3, "vs_torch_fused": 1.0, "vs_twin": 1.0,
+                "threads": 2, "health": {"ok": True}}  # fmt: skip
+
+    groups = [("Adam", "float32"), ("SGD momentum", "float32"), ("AdamW", "float64")]
+    rows = [
+        result(optimizer, dtype, provider)
+        for optimizer, dtype in groups
+        for provider in ("fastmomentum", "torch fused", report.TWIN)
+    ]
+    table = report.markdown_summary(rows, 2, {"DeepSpeedCPUAdam": why}).splitlines()
+    deepspeed = table[0].split("|").index(" DeepSpeedCPUAdam ms ")
+    assert [line.split("|")[deepspeed].strip() for line in table[2:5]] == ["not run", "-", "-"]
+    (note,) = report.peer_notes({"DeepSpeedCPUAdam": why})
+    assert note.startswith("! DeepSpeedCPUAdam not measured: deepspeed is not installed")
+    assert providers.DEEPSPEED_INSTALL in note and "[bench]" in note
+
+
+def test_deepspeed_has_a_table_of_ratios_where_it_was_measured():
+    def result(provider, median_s):
+        return {"optimizer": "AdamW", "layout": "ResNet-50", "dtype": "float32",
+                "provider": provider, "median_s": median_s, "vs_torch_fused": 1.0,
+                "vs_twin": 1.0, "threads": 2, "health": {"ok": True}}  # fmt: skip
+
+    rows = [
+        result("fastmomentum", 16e-3),
+        result("fastmomentum flat", 15e-3),
+        result("torch fused", 18e-3),
+        result("DeepSpeedCPUAdam", 20e-3),
+        result(report.TWIN, 15e-3),
+    ]
+    table = report.markdown_summary(rows, 2)
+    assert "| 20.000 |" in table.splitlines()[2] and "not run" not in table
+    ratios = "| 16.000 | 15.000 | 20.000 | 18.000 | 0.80 | 0.75 | 1.11 |"  # ours/DS, DS/fused
+    assert f"| AdamW | ResNet-50 | float32 {ratios}" in table
