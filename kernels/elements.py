@@ -21,7 +21,7 @@ import functools
 from numba.extending import register_jitable
 
 from . import rules
-from .precision import load, store
+from .precision import load, store, stored_in_16_bits
 from .quantization import decode_signed, decode_unsigned
 
 
@@ -48,8 +48,9 @@ def element(step):
 
 @functools.cache
 def _generated(step):
-    namespace = {"__name__": __name__, "RULE": step.rule}
+    namespace = {"__name__": __name__, "RULE": step.rule, "FUSED_RULE": step.fused_rule}
     namespace.update(register_jitable=register_jitable, load=load, store=store)
+    namespace.update(stored_in_16_bits=stored_in_16_bits)
     namespace.update(store_param=_store_param)
     exec(compile(element_source(step), __file__, "exec"), namespace)
     return namespace[f"{step.name}_at"]
@@ -101,7 +102,12 @@ def element_source(step):
     written = [name for name in step.state if name not in step.read_only]
     results = (["new_param"] if step.updates_param else []) + [f"new_{n}" for n in written]
     results += [f"new_{name}" for name in step.computed]
-    lines.append(f"    {', '.join(results)} = RULE({', '.join(values)})")  # one: returned bare
+    call = f"{', '.join(results)} = {{}}({', '.join(values)})"  # one: returned bare
+    if step.fused_rule is None:
+        lines.append("    " + call.format("RULE"))
+    else:  # a constant condition where compiled: one of the two calls is left
+        lines += ["    if stored_in_16_bits(param):", "        " + call.format("FUSED_RULE")]
+        lines += ["    else:", "        " + call.format("RULE")]
     if step.updates_param:
         lines.append("    store_param(param, mirror, i, new_param, mirrored)")
     for name in written:

@@ -10,11 +10,20 @@ indexing, and compile to exactly that.
 
 In compiled code (`kernels.cpu`, `kernels.cuda`) the conversions are integer arithmetic
 on the bits; in Python (Numba's CUDA simulator, references in tests) NumPy does them.
+
+`stored_in_16_bits` tells a rule's element step, at compile time, that an array holds
+one of these formats, `fused_multiply_add` is ``a·b + c`` rounded once and
+`true_divide` a division that a loop's ``arcp`` flag cannot turn into a reciprocal:
+together they let a rule compute 16-bit parameters as torch's fused CPU step does
+(`steps.Step.fused_rule`).
 """
+
+from fractions import Fraction
 
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 #: The integer type that carries each 16-bit float format's bits.
@@ -46,6 +55,51 @@ def store(pointer, i, value):
             pointer[i] = np.asarray(np.float16(value)).view(FLOAT16_BITS)
     else:
         pointer[i] = value
+
+
+def stored_in_16_bits(pointer):
+    """Whether ``pointer`` (or array) holds bfloat16 or float16 bits: a constant in
+    compiled code, so a branch on it costs nothing there."""
+    return np.asarray(pointer).dtype in (BFLOAT16_BITS, FLOAT16_BITS)
+
+
+def fused_multiply_add(a, b, c):
+    """``a·b + c`` rounded once (IEEE fma), in the type ``a``, ``b`` and ``c`` promote to.
+
+    Compiled: ``llvm.fma`` on the CPU (one vfmadd per vector where the CPU has FMA),
+    ``cuda.fma`` on a GPU. In Python (the CUDA simulator) exactly, in rational
+    arithmetic: float64 arithmetic would round twice (once to float64, once to float32).
+    """
+    kind = np.result_type(a, b, c).type
+    a, b, c = kind(a), kind(b), kind(c)
+    if not (np.isfinite(a) and np.isfinite(b) and np.isfinite(c)):
+        with np.errstate(all="ignore"):
+            return kind(a * b + c)  # inf and NaN: as fma gives them
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    if exact == 0:  # the sign of a zero sum: as a·b + c in IEEE arithmetic
+        with np.errstate(all="ignore"):
+            return kind(a * b + c)
+    with np.errstate(over="ignore"):
+        nearest = kind(float(exact))  # float(Fraction) rounds once; to float32, twice
+    if not np.isfinite(nearest):
+        return nearest
+    best = None
+    below, above = np.nextafter(nearest, kind(-np.inf)), np.nextafter(nearest, kind(np.inf))
+    for candidate in (below, nearest, above):
+        if not np.isfinite(candidate):
+            continue
+        distance = abs(Fraction(float(candidate)) - exact)
+        even = int(np.asarray(candidate).view(f"u{np.dtype(kind).itemsize}")) % 2 == 0
+        if best is None or distance < best[0] or (distance == best[0] and even):
+            best = (distance, candidate)
+    return best[1]
+
+
+def true_divide(a, b):
+    """``a / b`` rounded once. Compiled for the CPU it is an ``fdiv`` that the loop's
+    fast-math flags do not reach (Numba adds them only to instructions that have none),
+    so ``arcp`` cannot make it a multiply by a hoisted reciprocal (≤ 1 ulp apart)."""
+    return a / b
 
 
 def bfloat16_bits_to_float32(bits):
@@ -198,6 +252,57 @@ def _float32_to_bfloat16_by_llvm(typingctx, value):
     return signature, codegen
 
 
+@intrinsic
+def _llvm_fma(typingctx, a, b, c):
+    """``llvm.fma`` of three values of one float type."""
+    signature = a(a, a, a)
+
+    def codegen(context, builder, signature, args):
+        value = context.get_value_type(signature.return_type)
+        name = "llvm.fma.f32" if value == ir.FloatType() else "llvm.fma.f64"
+        function_type = ir.FunctionType(value, [value, value, value])
+        function = cgutils.get_or_insert_function(builder.module, function_type, name)
+        return builder.call(function, args)
+
+    return signature, codegen
+
+
+@intrinsic
+def _fdiv_without_fast_math(typingctx, a, b):
+    """``fdiv`` carrying only ``contract`` (which no division contracts with), so that
+    Numba's fast-math pass, which flags only unflagged instructions, leaves it exact."""
+    signature = a(a, a)
+
+    def codegen(context, builder, signature, args):
+        return builder.fdiv(args[0], args[1], flags=("contract",))
+
+    return signature, codegen
+
+
+def _true_divide_implementation(a, b):
+    if a == b == types.float32:
+        return lambda a, b: _fdiv_without_fast_math(a, b)
+    return lambda a, b: _fdiv_without_fast_math(np.float64(a), np.float64(b))
+
+
+def _fused_multiply_add_implementation(fma):
+    """The `fused_multiply_add` overload over ``fma`` (one float type): float32 when all
+    three are float32, float64 otherwise, as ``a·b + c`` would promote."""
+
+    def implementation(a, b, c):
+        if a == b == c == types.float32:
+            return lambda a, b, c: fma(a, b, c)
+        return lambda a, b, c: fma(np.float64(a), np.float64(b), np.float64(c))
+
+    return implementation
+
+
+def _stored_in_16_bits_implementation(pointer):
+    if pointer.dtype in (types.uint16, types.int16):
+        return lambda pointer: True
+    return lambda pointer: False
+
+
 def _implementations(
     float16_to_float32,
     float32_to_float16,
@@ -245,13 +350,24 @@ _cpu_load, _cpu_store = _implementations(
 )
 overload(load)(_cpu_load)
 overload(store)(_cpu_store)
+overload(fused_multiply_add)(_fused_multiply_add_implementation(_llvm_fma))
+overload(stored_in_16_bits)(_stored_in_16_bits_implementation)
+overload(true_divide)(_true_divide_implementation)
 
 
 def register_cuda():
-    """Make `load` and `store` compile for the CUDA target too (needs numba-cuda); float16
-    by integer arithmetic there (checked to compile to PTX; not yet run on a GPU)."""
+    """Make `load`, `store`, `fused_multiply_add`, `stored_in_16_bits` and `true_divide`
+    compile for the CUDA target too (needs numba-cuda); float16 by integer arithmetic
+    there (checked to compile to PTX; not yet run on a GPU). `fused_multiply_add` is
+    ``cuda.fma`` there, not yet compiled to PTX (no NVVM where it was written)."""
+    from numba import cuda
     from numba.cuda.extending import overload as cuda_overload
 
     cuda_load, cuda_store = _implementations(_float16_to_float32, _float32_to_float16)
     cuda_overload(load, target="cuda")(cuda_load)
     cuda_overload(store, target="cuda")(cuda_store)
+
+    fma_implementation = _fused_multiply_add_implementation(cuda.fma)
+    cuda_overload(fused_multiply_add, target="cuda")(fma_implementation)
+    cuda_overload(stored_in_16_bits, target="cuda")(_stored_in_16_bits_implementation)
+    cuda_overload(true_divide, target="cuda")(lambda a, b: lambda a, b: a / b)

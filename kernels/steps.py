@@ -44,7 +44,12 @@ class Step(NamedTuple):
       keeps (LAMB's direction ``update``, whose squares a launch sums);
     - ``squares``: values (``"param"``, state or ``computed`` names) whose sums of
       squares after the step each launch returns per entry, in float64 (LAMB's norms,
-      in the same pass).
+      in the same pass);
+    - ``fused_rule``: the rule as torch's fused CPU step computes 16-bit parameters
+      (where it rounds some multiply-adds once), with ``rule``'s arguments; the element
+      step calls it instead of ``rule`` when the param array holds bfloat16 or float16
+      (`precision.stored_in_16_bits`, a compile-time constant), not for a float32 master
+      copy or float32 params with 16-bit state. ``None``: ``rule`` for every format.
     """
 
     name: str
@@ -61,6 +66,7 @@ class Step(NamedTuple):
     reads_grad: bool = True
     computed: tuple = ()
     squares: tuple = ()
+    fused_rule: object = None
 
     def optional_flag(self, name):
         """The flag state array ``name`` needs, or ``None`` if it is always used."""

@@ -2,7 +2,10 @@
 
 The conversions are checked against torch's own on every 16-bit pattern and on float32
 values of every magnitude. Adam and AdamW on bfloat16/float16 parameters are
-bit-identical to ``torch.optim.Adam(..., fused=True)``, which computes the same way.
+bit-identical to ``torch.optim.Adam(..., fused=True)`` on the CPU (its AVX2/AVX-512
+kernels: float32 arithmetic, three multiply-adds rounded once, `rules.adam.fused_update`)
+except in each tensor's last ``numel mod 16`` elements, whose exp_avg_sq torch computes
+in a scalar loop; tests/test_precision_rate.py measures both on 2²⁰ elements.
 torch 2.13's fused CPU SGD is no reference for these dtypes: in its vectorised body
 it leaves bfloat16 and float16 parameters unchanged (seen here: a 100-element
 bfloat16 parameter with lr 0.1 does not move). SGD is therefore checked bit for bit
@@ -21,6 +24,14 @@ from fastmomentum.kernels.precision import BFLOAT16_BITS, FLOAT16_BITS, load, st
 
 FORMATS = [(torch.bfloat16, BFLOAT16_BITS), (torch.float16, FLOAT16_BITS)]
 IDS = ["bfloat16", "float16"]
+
+#: Without AVX2 or AVX-512 (``ATEN_CPU_CAPABILITY=default``) torch's fused Adam rounds
+#: every product first, as our float32 rule does, not as `rules.adam.fused_update`.
+needs_vector_kernels = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="torch's fused CPU Adam fuses its multiply-adds only in its AVX2 and AVX-512 "
+    f"kernels; this torch runs {torch.backends.cpu.get_cpu_capability()}",
+)
 
 
 @njit(cache=True)
@@ -120,24 +131,25 @@ def _assert_close(actual, expected, bit_identical, name):
     assert error <= torch.finfo(torch.bfloat16).eps * scale, (name, float(error), float(scale))
 
 
+@needs_vector_kernels
 @pytest.mark.parametrize(("dtype", "carrier"), FORMATS, ids=IDS)
 @pytest.mark.parametrize(
     ("name", "options"), ADAMS, ids=["adam", "amsgrad", "adamw", "adamw-beta1-0.8"]
 )
 def test_adam_on_16_bit_params_is_bit_identical_to_torch_fused(name, options, dtype, carrier):
-    """Bit-identical after 20 steps with torch's default betas. With β1 = 0.8 an element
-    of exp_avg in some thousands differs: torch's vectorised lerp fuses its multiply-add
-    where we round the product first (seen: 0 against 1e-9 where m and g nearly cancel)."""
-    exact = options.get("betas", (0.9,))[0] == 0.9
+    """Bit-identical after 20 steps, odd sizes and a scalar included (each tensor's last
+    ``numel mod 16`` elements, which torch steps in a scalar loop, may differ in
+    exp_avg_sq: tests/test_precision_rate.py bounds that; these seeds show none). Too few
+    elements to show a rate: tests/test_precision_rate.py steps 2²⁰."""
     ours = _twins(dtype, fastmomentum, name, options)
     theirs = _twins(dtype, torch.optim, name, {**options, "fused": True})
     _step_both(ours, theirs, 20, dtype)
     for p, q in zip(ours[0], theirs[0]):
         assert p.dtype == dtype
-        _assert_close(p, q, exact, "param")
+        assert torch.equal(p, q)
         for key, value in theirs[1].state[q].items():
             assert ours[1].state[p][key].dtype == value.dtype
-            _assert_close(ours[1].state[p][key], value, exact or key == "step", key)
+            assert torch.equal(ours[1].state[p][key], value), key
 
 
 def _sgd_reference(param, grad, buffer, lr, momentum, dampening, weight_decay, nesterov):
@@ -554,6 +566,7 @@ def _as_torch(array):
     return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
 
 
+@needs_vector_kernels
 def test_low_level_steps_on_bfloat16_arrays_are_bit_identical_to_torch_fused_adam():
     from fastmomentum.kernels import adam_step
 

@@ -1,6 +1,10 @@
-"""What several rules share: the descent direction, torch's lerp, a NaN-keeping max."""
+"""What several rules share: the descent direction, torch's lerp, a NaN-keeping max,
+and the first two as torch's fused CPU step computes them for 16-bit parameters."""
 
+import numpy as np
 from numba.extending import register_jitable
+
+from ..precision import fused_multiply_add
 
 
 @register_jitable
@@ -24,6 +28,30 @@ def lerp(start, end, weight, weight_complement):
     if weight < weight_complement:
         return start + weight * (end - start)
     return end - (end - start) * weight_complement
+
+
+@register_jitable
+def fused_descent_direction(param, grad, grad_factor, weight_decay):
+    """`descent_direction` as torch's fused CPU step computes it: ``λ·p + f·g`` rounded
+    once (its ``grad += param * weight_decay`` compiles to one multiply-add)."""
+    direction = grad_factor * grad
+    if weight_decay != 0:
+        direction = fused_multiply_add(param, weight_decay, direction)
+    return direction
+
+
+@register_jitable
+def fused_lerp(start, end, weight, weight_complement):
+    """`lerp` as torch's vectorised kernels compute it: ``start + w·(end − start)``
+    for ``|w| < 0.5``, else ``end + (w − 1)·(end − start)``, each one multiply-add
+    rounded once (``vec::fmadd``). Where the CPU has no vector unit torch uses
+    (``ATEN_CPU_CAPABILITY=default``) its kernels round the product first, as `lerp`.
+    The two float32 constants are torch's; ``weight_complement`` is unused (kept for
+    `lerp`'s signature)."""
+    difference = end - start
+    if abs(weight) < np.float32(0.5):
+        return fused_multiply_add(weight, difference, start)
+    return fused_multiply_add(weight - np.float32(1), difference, end)
 
 
 @register_jitable
