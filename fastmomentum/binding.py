@@ -44,18 +44,22 @@ def expose_new_state(optimizer, group, bucket, rows):
     that gained optional state at this step (AMSGrad switched on). Marks ``rows`` as
     having state."""
     used = optimizer.state_names(group)
-    if bucket.settled_for == used:
+    kept = bucket.state_kept()  # a master copy made at the first step shows from then on
+    if bucket.settled_for == (used, kept):
         return  # the common case, every step: nothing new to show (≈3 µs less a step)
     optional = [name for name in used if name in optimizer.optional_state_keys]
     gained = bucket.gain_optional(optional, rows) if optional else ()
     rows = np.asarray(rows, np.int64)
     targets = set(rows[~bucket.initialized[rows]].tolist()).union(gained)
+    if bucket.exposed_kept != kept:  # e.g. a master copy since: every entry again
+        targets.update(bucket.initialized.nonzero()[0].tolist())
+        bucket.exposed_kept = kept
     bucket.initialized[rows] = True
     for index in sorted(targets):
         expose_state(optimizer, bucket, index, row_names(optimizer, used, bucket, index))
     bucket.all_initialized = bool(bucket.initialized.all())
     if bucket.all_initialized and all(bucket.holds_optional(name).all() for name in optional):
-        bucket.settled_for = used  # every parameter has state and all of it `used` names
+        bucket.settled_for = (used, kept)  # every parameter has state, all `used` names
 
 
 def expose_state(optimizer, bucket, index, names):
@@ -203,5 +207,5 @@ def _write_bucket(optimizer, group, bucket, saved):
     if bucket.master:
         expose_masters(optimizer, bucket, bucket.master_ready.nonzero()[0].tolist())
     bucket.all_initialized = bool(bucket.initialized.all())
-    bucket.settled_for = None
+    bucket.settled_for, bucket.exposed_kept = None, bucket.state_kept()
     bucket.coefficients = (None, None)

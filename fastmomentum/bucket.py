@@ -126,6 +126,7 @@ class ParamBucket:
         self.initialized = np.zeros(len(self.params), bool)  # has optimizer state
         self.all_initialized = False
         self.settled_for = None  # see `binding.expose_new_state`
+        self.exposed_kept = ()  # the state kept when ``state[p]`` entries were made
         # Optional state (Adam's ``max_exp_avg_sq``) per parameter: name -> whether each
         # parameter's state has it, and whether they all do (`holds_optional`).
         self._optional_rows = {}
