@@ -12,7 +12,7 @@ from torch import nn
 
 import fastmomentum
 
-from .cases import torch_cases
+from .cases import OPTIMIZERS, every_optimizer
 
 
 def _model(dtype, seed=0):
@@ -36,8 +36,9 @@ def _train(model, optimizer, steps, fused, dtype):
 
 
 @pytest.mark.parametrize("flat_gradients", [False, True], ids=["autograd's grads", "flat"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@torch_cases("nesterov-decay", "sgd-plain", "adam-amsgrad", "adamw")
+@every_optimizer(
+    cases={"SGD": ("nesterov-decay", "sgd-plain")}, dtypes=[torch.float32, torch.bfloat16]
+)  # LAMB: float32 only
 def test_the_fused_zero_grad_trains_as_step_then_zero_grad(name, options, dtype, flat_gradients):
     reference, fused = _model(dtype), _model(dtype)
     optimizers = [
@@ -56,20 +57,25 @@ def test_the_fused_zero_grad_trains_as_step_then_zero_grad(name, options, dtype,
         assert optimizers[1].buckets[0][0].gradients.all_ours()
 
 
-def test_a_step_gradscaler_skips_zeroes_the_gradients_too():
+@every_optimizer(cases={"SGD": ("sgd", "nesterov", "sgd-plain")})
+def test_a_step_gradscaler_skips_zeroes_the_gradients_too(name, options):
     param = nn.Parameter(torch.randn(4))
-    optimizer = fastmomentum.SGD([param], lr=0.1, fused_zero_grad=True)
+    optimizer = OPTIMIZERS[name].cls([param], **options, fused_zero_grad=True)
+    state = {key: value.clone() for key, value in optimizer.state[param].items()}
     param.grad = torch.tensor([1.0, float("inf"), 2.0, 3.0])
     before = param.detach().clone()
     optimizer.found_inf = torch.tensor(1.0)  # as GradScaler.step sets it
     optimizer.step()
     assert torch.equal(param.detach(), before)
     assert not param.grad.any()
+    assert optimizer.state[param].keys() == state.keys()  # no state made (Adagrad: kept)
+    assert all(torch.equal(optimizer.state[param][key], state[key]) for key in state)
 
 
-def test_without_the_option_a_step_never_writes_a_gradient():
+@every_optimizer(cases={"SGD": ("sgd", "nesterov", "sgd-plain")})
+def test_without_the_option_a_step_never_writes_a_gradient(name, options):
     param = nn.Parameter(torch.randn(4))
-    optimizer = fastmomentum.Adam([param])
+    optimizer = OPTIMIZERS[name].cls([param], **options)
     param.grad = torch.randn(4)
     kept = param.grad.clone()
     optimizer.step()
