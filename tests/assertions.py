@@ -38,6 +38,18 @@ def assert_relative_close(actual, expected, rtol, name="value"):
         )
 
 
+def join_within(process, deadline, what):
+    """Wait up to ``deadline`` seconds for a started ``multiprocessing`` process; one
+    still running then is killed and the test fails saying so; one that failed fails
+    the test with its exit code."""
+    process.join(timeout=deadline)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        pytest.fail(f"{what} was still running after {deadline} s (hung?): killed")
+    assert process.exitcode == 0, f"{what} exited with {process.exitcode}"
+
+
 #: Param-group keys that are implementation switches, not hyperparameters.
 IMPLEMENTATION_KEYS = {"foreach", "fused", "momentum_convention"}
 

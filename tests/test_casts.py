@@ -24,7 +24,11 @@ from .models import backward, make_model, train
 STEPS_CAST = ("sgd", "nesterov", "sgd-dampened", "adagrad", "rmsprop-momentum")
 #: Cases whose torch.optim for-loop raises there.
 REFUSES_CAST = ("adam-amsgrad", "adamw", "nadam", "rmsprop")
-CASTS = [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float32, torch.bfloat16)]
+CASTS = [
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float32, torch.bfloat16),
+]
 RMSPROP_MOMENTUM = ("RMSprop", {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-2})
 
 

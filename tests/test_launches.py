@@ -14,7 +14,7 @@ from fastmomentum.kernels import config, cpu, rules
 from fastmomentum.kernels.tables import TensorTable
 
 from . import reference
-from .assertions import RTOL, assert_relative_close
+from .assertions import RTOL, assert_relative_close, join_within
 from .models import make_model, train
 
 LENGTHS = [5000, 1, 0, 3, 17, 0, 64, 1, 999, 2]
@@ -216,11 +216,5 @@ def test_a_forked_child_steps_on_one_thread_instead_of_hanging():
     result = context.Value("d", 0.0)
     child = context.Process(target=_step_in_a_forked_child, args=(result,))
     child.start()
-    deadline = 60  # seconds; measured 0.7 s at a load average of 10 on 2 cores, unless it hangs
-    child.join(timeout=deadline)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-        pytest.fail(f"the forked child was still running after {deadline} s (hung?): killed")
-    assert child.exitcode == 0, f"the forked child exited with {child.exitcode}"
+    join_within(child, 60, "the forked child")  # 0.7 s at load 10 on 2 cores, unless it hangs
     assert result.value == pytest.approx(0.95 * (1 << 16))

@@ -17,7 +17,7 @@ from torch import nn
 
 import fastmomentum
 
-from .assertions import RTOL, assert_relative_close, assert_same_training
+from .assertions import RTOL, assert_relative_close, assert_same_training, join_within
 from .cases import EVERY_RULE, torch_cases
 from .models import backward, make_model, train, twins
 
@@ -78,13 +78,7 @@ def test_hogwild_worker_trains_the_shared_model():
     model.share_memory()
     worker = multiprocessing.get_context("fork").Process(target=_hogwild_worker, args=(model, 5))
     worker.start()
-    deadline = 120  # seconds; measured 3-8 s at a load average of 10 on 2 cores
-    worker.join(timeout=deadline)
-    if worker.exitcode is None:
-        worker.kill()
-        worker.join()
-        pytest.fail(f"the forked worker was still running after {deadline} s: killed")
-    assert worker.exitcode == 0, f"the forked worker exited with {worker.exitcode}"
+    join_within(worker, 120, "the forked worker")  # 3-8 s at load 10 on 2 cores
     reference = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9, foreach=False)
     train(ref_model, reference, 5)
     for p, q in zip(model.parameters(), ref_model.parameters()):
