@@ -15,7 +15,7 @@ import sys
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import binding, checkpoint, grouping, launches, loading
+from . import binding, casts, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .quantized import INT8_BLOCKWISE
 from .validation import (
@@ -278,7 +278,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         # Every tensor of every bucket is looked at and checked before any update. (No
         # torch op runs here that autograd could record: no_grad only where one does.)
         plans = self._plan_all(all_buckets)
-        self._check_cast_rows(all_settings, plans)
+        casts.refuse_unsteppable(self, all_settings, plans)
         for group, settings, group_plans in zip(self.param_groups, all_settings, plans):
             for bucket, bucket_plans in group_plans:
                 for plan in bucket_plans:
@@ -292,7 +292,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                         if bucket.master:
                             bucket.note_written(plan.rows)
                     if plan.cast_rows:
-                        self._step_cast_rows(group, bucket, settings, plan.cast_rows, grad_scale)
+                        casts.step_rows(self, group, bucket, settings, plan.cast_rows, grad_scale)
                 first = bucket_plans[0]
                 if first is not None and self.creates_state(settings):
                     binding.expose_new_state(self, group, bucket, first.rows)
@@ -332,42 +332,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self.buckets[index] = None  # made again, state bound, by `_buckets_now`
                 all_buckets = self._buckets_now(stepping=True)
         raise RuntimeError("parameters kept changing while their buckets were made")
-
-    def _check_cast_rows(self, all_settings, plans):
-        """Raise, before anything changes, for a parameter cast after its first step
-        that torch.optim's for-loop could not step either."""
-        for settings, group_plans in zip(all_settings, plans):
-            for bucket, bucket_plans in group_plans:
-                for plan in bucket_plans:
-                    if plan is not None and plan.cast_rows and not self.steps_cast_params(settings):
-                        row = plan.cast_rows[0]
-                        raise RuntimeError(
-                            f"{bucket.names[row]} was cast to {bucket.local_params()[row].dtype} "
-                            f"after its first step; its state is still {bucket.dtype}. "
-                            f"torch.optim.{type(self).__name__} fails part-way through the "
-                            "parameters there; fastmomentum refuses before any change. Cast "
-                            "the model before its first step, load a state dict after the "
-                            "cast (load_state_dict converts the state to each parameter's "
-                            "dtype), or clear the parameter's state"
-                        )
-
-    @torch.no_grad()
-    def _step_cast_rows(self, group, bucket, settings, rows, grad_scale):
-        """Step the parameters ``rows`` of ``bucket``, cast after their first step, with
-        `step_cast` on their state in the dtype it kept."""
-        params = [bucket.params[row] for row in rows]
-        grads = [param.grad for param in params]
-        if grad_scale is not None:  # unscaled copies: the gradients are unscaled after
-            grads = [grad * (1.0 / grad_scale) for grad in grads]
-        state = {
-            name: [bucket.state_piece(name, row) for row in rows]
-            for name in self.state_names(group)
-        }
-        steps = [bucket.scalar_piece("step", row) for row in rows] if self.counts_steps else None
-        self.step_cast(group, settings, params, grads, state, steps)
-        if bucket.clear_grads:
-            for param in params:
-                param.grad.zero_()
 
     @torch.no_grad()
     def _unscale_grads(self, grad_scale):
