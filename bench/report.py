@@ -381,6 +381,42 @@ def markdown_summary(rows, threads, missing=None):
     return "\n".join(lines + _deepspeed_lines(groups, threads) + _peer_lines(groups))
 
 
+def machine_line(report):
+    """Where and when a report was measured: CPU, threads, versions, load average."""
+    machine, versions = report["machine"], report["versions"]
+    load = report["health"]["load_average_1min"]
+    libraries = ", ".join(
+        f"{name} {versions[name]}"
+        for name in ("torch", "numba", "numpy", "deepspeed")
+        if name in versions
+    )
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, {report['threads']['torch']} threads; "
+        f"{libraries}; load average {load['before']:g} before, {load['after']:g} after; "
+        f"{report['timestamp']}"
+    )
+
+
+def markdown_report(report, threads):
+    """The markdown file of a report (its JSON): the machine, the summary tables, the
+    notes (missing peers, health) and the precision modes' table."""
+    from .precision_speed import markdown as precision_markdown
+
+    missing = report.get("missing_peers", {})
+    notes = peer_notes(missing) + health_notes(report["health"])
+    precision = report["precision_modes"]
+    parts = [
+        machine_line(report),
+        "",
+        markdown_summary(report["results"], threads, missing),
+        "",
+        *notes,
+        "",
+        precision_markdown(precision, threads) if precision else "",
+    ]
+    return "\n".join(parts) + "\n"
+
+
 def _deepspeed_lines(groups, threads):
     """Adam and AdamW beside DeepSpeedCPUAdam, where it was measured: ours (default mode
     and flat gradients) over its time, and its time over torch fused; the layout marked
@@ -577,16 +613,14 @@ def main(argv=None):
     args.output.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.output / f"{mode}.json", args.output / f"{mode}.png"
     json_path.write_text(json.dumps(report, indent=1))
-    from .precision_speed import markdown as precision_markdown
-
-    precision_table = precision_markdown(precision_rows, args.threads) if precision_rows else ""
-    markdown = [markdown_summary(rows, args.threads, missing), "", *notes, "", precision_table]
-    (args.output / f"{mode}.md").write_text("\n".join(markdown) + "\n")
+    (args.output / f"{mode}.md").write_text(markdown_report(report, args.threads))
     plot(rows, png_path)
     print(format_table(rows))
     print("\n" + "\n".join(notes))
     if precision_rows:
-        print("\nPrecision modes:\n" + precision_table)
+        from .precision_speed import markdown as precision_markdown
+
+        print("\nPrecision modes:\n" + precision_markdown(precision_rows, args.threads))
     print(
         f"\n{report['machine']['cpu']}, {args.threads} threads; results in {json_path}, "
         f"{png_path} and {mode}.md beside them"

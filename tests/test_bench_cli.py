@@ -272,6 +272,22 @@ def test_a_peer_that_is_not_installed_is_named_with_its_remedy_not_left_blank(mo
     assert note.startswith("! DeepSpeedCPUAdam not measured: deepspeed is not installed")
     assert providers.DEEPSPEED_INSTALL in note and "[bench]" in note
 
+    written = report.markdown_report(  # the markdown file: the machine, then the note
+        {
+            "machine": {"cpu": "AMD EPYC", "cores": 2},
+            "versions": {"torch": "2.13.0+cpu", "numba": "0.68.1"},
+            "threads": {"torch": 2},
+            "timestamp": "2026-12-03T07:17:08+00:00",
+            "health": report.health_summary(rows, {}, load_before=0.5),
+            "missing_peers": {"DeepSpeedCPUAdam": why},
+            "results": rows,
+            "precision_modes": [],
+        },
+        2,
+    )
+    assert written.startswith("AMD EPYC, 2 cores, 2 threads; torch 2.13.0+cpu, numba 0.68.1;")
+    assert f"\n{note}\n" in written and "| not run |" in written
+
 
 def test_deepspeed_has_a_table_of_ratios_where_it_was_measured():
     def result(provider, median_s):
