@@ -166,10 +166,15 @@ def test_help_prints_help_and_runs_nothing():
         )
         for module in ENTRY_POINTS
     }
-    for module, run in runs.items():
-        out, err = run.communicate(timeout=300)
-        assert run.returncode == 0, f"{module}: {err}"
-        assert out.startswith(f"usage: python -m {module}"), f"{module}: {out[:200]}"
+    try:
+        for module, run in runs.items():
+            out, err = run.communicate(timeout=300)
+            assert run.returncode == 0, f"{module}: {err}"
+            assert out.startswith(f"usage: python -m {module}"), f"{module}: {out[:200]}"
+    finally:  # none outlives the test, whatever failed or timed out
+        for run in runs.values():
+            run.kill()
+            run.wait()
     assert results_state() == before
 
 
