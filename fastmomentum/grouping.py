@@ -90,28 +90,29 @@ def buckets_now(optimizer, stepping=False):
     parameters left the meta device, and for the groups after one remade that step
     parameters of an earlier group; with the state ``optimizer.state`` holds for them
     bound in. While a parameter is still on meta, its group has none (stepping: an error
-    if one of them has a gradient). Before anything is made, every new group is checked."""
+    if one of them has a gradient). Every group to be made is checked before any is."""
     groups, all_buckets = optimizer.param_groups, optimizer.buckets
     del all_buckets[len(groups) :]  # groups deleted from param_groups directly
     all_buckets.extend([None] * (len(groups) - len(all_buckets)))
-    remade = False
+    to_make = []
     for index, group in enumerate(groups):
         buckets = all_buckets[index]
         if buckets is not None and buckets.still_match(group):
-            if not remade or _borrows_as_made(buckets, groups[:index]):
+            if not to_make or _borrows_as_made(buckets, groups[:index]):
                 continue
         if buckets is None or buckets.group is not group:
             optimizer.check_appended_group(group)
         else:
             optimizer.check_group(group)
+        to_make.append(index)
+    for index in to_make:
+        group = groups[index]
         made = make_buckets(optimizer, index)
-        remade = True
+        all_buckets[index] = made
         if made is None:
-            all_buckets[index] = None
             if stepping:
                 refuse_meta_gradients(index, group["params"])
             continue
-        all_buckets[index] = made
         binding.bind_state(optimizer, [(group, bucket) for bucket in made])
     return all_buckets
 
