@@ -85,9 +85,8 @@ class StepPlanner:
                 if layout.staged[row]:
                     params[position] = tensors[row]
         staging = staged_grads or layout.any_staged
-        plan = StepPlan(self, seen if changed else None, layout, rows, params, grads, staging)
-        plan.cast_rows = cast_rows
-        return plan
+        seen = seen if changed else None
+        return StepPlan(self, seen, layout, rows, params, grads, staging, cast_rows)
 
     def _survey(self, tensors):
         """Check every parameter's place and layout again (see the module doc).
@@ -212,14 +211,16 @@ class Layout:
 class StepPlan:
     """The launches of one step of one bucket (see `StepPlanner.plan`).
 
-    ``rows`` are the parameters that step; ``params`` and ``grads`` hold, per row, the
-    address to read or (``staging``) a tensor to stage first.
+    ``rows`` are the parameters the kernels step; ``params`` and ``grads`` hold, per
+    row, the address to read or (``staging``) a tensor to stage first. ``cast_rows``
+    are parameters with a gradient cast after their first step (`CAST`), which
+    `fastmomentum.casts` steps apart.
     """
 
-    def __init__(self, planner, seen, layout, rows, params, grads, staging):
+    def __init__(self, planner, seen, layout, rows, params, grads, staging, cast_rows=()):
         self._planner, self._layout = planner, layout
         self._seen = seen  # the parameters' new (addresses, strides, shapes), or None
-        self.rows = rows
+        self.rows, self.cast_rows = rows, cast_rows
         self._params, self._grads, self._staging = params, grads, staging
 
     def commit(self):
