@@ -7,7 +7,9 @@ listed twice is stepped twice (`ParamBucket.repeats`), as torch's loop steps it.
 parameter that an earlier group holds too (``param_groups.extend(param_groups)``) keeps
 its state in that group's bucket and is stepped again there with this group's
 hyperparameters (`GroupBuckets.borrowed`): torch steps it once per group, on one state.
-A group with a parameter on the ``meta`` device has no buckets until ``to_empty``.
+A parameter on the ``meta`` device is left out of its group's buckets
+(`GroupBuckets.meta`) until it is materialized (``to_empty``): the group is made again
+then, and its other parameters step meanwhile, as in torch.
 """
 
 from collections.abc import Mapping
@@ -22,15 +24,16 @@ from .validation import SUPPORTED_DTYPES
 
 def make_buckets(optimizer, group_index):
     """The group's buckets, their parameters adopted where nothing else sees them;
-    ``None`` while a parameter is on the ``meta`` device (made at the first step
-    after ``to_empty``, see `buckets_now`)."""
+    parameters still on the ``meta`` device are left out (made at the first step or
+    state dict after ``to_empty``, see `buckets_now`)."""
     group = optimizer.param_groups[group_index]
     params = group["params"]
-    if any(local(param).is_meta for param in params):
-        return None
     earlier = {id(p) for g in optimizer.param_groups[:group_index] for p in g["params"]}
-    members, listed, borrowed = {}, {}, []
+    members, listed, borrowed, meta = {}, {}, [], []
     for position, param in enumerate(params):
+        if local(param).is_meta:
+            meta.append(param)
+            continue
         if id(param) in earlier:
             borrowed.append(param)  # its state lives in an earlier group's bucket
             continue
@@ -61,7 +64,7 @@ def make_buckets(optimizer, group_index):
             ]
     for bucket in buckets:
         optimizer.fresh_state(group, bucket)
-    buckets.made_from(group, borrowed)
+    buckets.made_from(group, borrowed, meta)
     return buckets
 
 
@@ -89,8 +92,8 @@ def buckets_now(optimizer, stepping=False):
     whose parameter list changed (a parameter appended, as torch.optim allows) or whose
     parameters left the meta device, and for the groups after one remade that step
     parameters of an earlier group; with the state ``optimizer.state`` holds for them
-    bound in. While a parameter is still on meta, its group has none (stepping: an error
-    if one of them has a gradient). Every group to be made is checked before any is."""
+    bound in. A parameter still on meta is in no bucket (stepping: an error if it has a
+    gradient). Every group to be made is checked before any is."""
     groups, all_buckets = optimizer.param_groups, optimizer.buckets
     del all_buckets[len(groups) :]  # groups deleted from param_groups directly
     all_buckets.extend([None] * (len(groups) - len(all_buckets)))
@@ -107,13 +110,12 @@ def buckets_now(optimizer, stepping=False):
         to_make.append(index)
     for index in to_make:
         group = groups[index]
-        made = make_buckets(optimizer, index)
-        all_buckets[index] = made
-        if made is None:
-            if stepping:
-                refuse_meta_gradients(index, group["params"])
-            continue
+        made = all_buckets[index] = make_buckets(optimizer, index)
         binding.bind_state(optimizer, [(group, bucket) for bucket in made])
+    if stepping:
+        for index, buckets in enumerate(all_buckets):
+            if buckets.meta:
+                refuse_meta_gradients(index, groups[index]["params"])
     return all_buckets
 
 
@@ -166,7 +168,7 @@ def _borrowed_units(borrowed, owners):
     rows_by_bucket, listed = {}, {}
     for param in borrowed:
         if id(param) not in owners:
-            continue  # its group has no buckets yet (on meta): `refuse_meta_gradients`
+            continue  # still on meta: `refuse_meta_gradients`
         bucket, row = owners[id(param)]
         times = listed[id(param)] = listed.get(id(param), 0) + 1
         passes = rows_by_bucket.setdefault(bucket, [])
@@ -177,20 +179,24 @@ def _borrowed_units(borrowed, owners):
 
 
 class GroupBuckets(list):
-    """A param group's buckets, the group and parameter list they were made from, and
-    the parameters of the group that an earlier group holds (``borrowed``)."""
+    """A param group's buckets, the group and parameter list they were made from, the
+    parameters of the group that an earlier group holds (``borrowed``) and those that
+    were on the ``meta`` device (``meta``), in no bucket."""
 
-    borrowed = ()
+    borrowed = meta = ()
 
-    def made_from(self, group, borrowed):
-        self.group, self.borrowed = group, borrowed
+    def made_from(self, group, borrowed, meta):
+        self.group, self.borrowed, self.meta = group, borrowed, meta
         self._params, self._count = group["params"], len(group["params"])
 
     def still_match(self, group):
         """Whether ``group`` is still that group, with that parameter list, of that length
-        (an appended parameter or a replaced list remakes the buckets)."""
+        (an appended parameter or a replaced list remakes the buckets), and none of its
+        parameters left the meta device."""
         params = group["params"]
-        return group is self.group and params is self._params and len(params) == self._count
+        if group is not self.group or params is not self._params or len(params) != self._count:
+            return False
+        return not self.meta or all(local(param).is_meta for param in self.meta)
 
 
 def refuse_meta_gradients(group_index, params):

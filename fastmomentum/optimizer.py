@@ -379,8 +379,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Reset the gradients: to ``None`` (default) or to zero in place, as ``torch.optim``."""
         with torch.no_grad():
             for buckets in self._buckets_now():
-                for bucket in buckets or ():
+                for bucket in buckets:
                     bucket.gradients.zero(set_to_none)
+                for param in buckets.meta:  # not materialized yet: in no bucket
+                    if set_to_none:
+                        param.grad = None
+                    elif param.grad is not None:
+                        param.grad.zero_()
 
     # --- checkpoints ------------------------------------------------------------------
 

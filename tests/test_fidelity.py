@@ -400,6 +400,32 @@ def test_stepping_a_model_still_on_meta_names_the_parameter():
         optimizer.step()
 
 
+@pytest.mark.parametrize(("name", "options"), [SGD, ADAM])
+def test_a_group_with_a_parameter_still_on_meta_steps_and_zeroes_the_others(name, options):
+    """The materialized parameters of such a group step and have their gradients reset
+    as torch's do; the meta one joins the buckets once materialized (issue 18 review)."""
+    twins = Twins(name, options, shapes=((5, 3), (4,)))
+    meta = {}
+    for optimizer, _ in twins.pairs():
+        meta[optimizer] = nn.Parameter(torch.empty(3, dtype=torch.float64, device="meta"))
+        optimizer.param_groups[0]["params"].append(meta[optimizer])
+    twins.step()
+    for optimizer, params in twins.pairs():
+        meta[optimizer].grad = torch.empty_like(meta[optimizer])
+        optimizer.zero_grad()
+        assert meta[optimizer].grad is None and all(p.grad is None for p in params)
+    twins.step()
+    twins.assert_same()
+    for optimizer in meta:  # materialized as to_empty swaps it: stepped from then on
+        param = meta[optimizer]
+        torch.utils.swap_tensors(param, nn.Parameter(torch.linspace(-1, 1, 3).double()))
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    theirs, ours = meta.values()
+    assert not torch.equal(ours.detach(), torch.linspace(-1, 1, 3, dtype=torch.float64))
+    assert_relative_close(ours.detach(), theirs.detach(), TOLERANCE)
+
+
 # --- item 12: clipping ----------------------------------------------------------------
 
 
