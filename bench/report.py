@@ -250,6 +250,16 @@ def _attempt_text(attempt):
     return f"{_threads_text(attempt['threads'])}: {verdict}{kept}"
 
 
+def _layout_label(layout, row, threads, by_provider):
+    """A table's layout cell: the thread count ``row`` was measured on where it is not
+    the run's, and "!" after a group with an unhealthy row."""
+    if row["threads"] != threads:
+        layout += f" ({_threads_text(row['threads'])})"
+    if not all(entry["health"]["ok"] for entry in by_provider.values()):
+        layout += " !"
+    return layout
+
+
 def _threads_text(threads):
     return f"{threads} thread" + ("s" if threads > 1 else "")
 
@@ -366,11 +376,7 @@ def markdown_summary(rows, threads, missing=None):
             row = by_provider.get(provider)
             return f"{row[key]:.2f}" if row and row[key] else "-"
 
-        any_row = next(iter(by_provider.values()))
-        if any_row["threads"] != threads:
-            layout += f" ({_threads_text(any_row['threads'])})"
-        if not all(row["health"]["ok"] for row in by_provider.values()):
-            layout += " !"
+        layout = _layout_label(layout, next(iter(by_provider.values())), threads, by_provider)
         lines.append(
             f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} "
             f"| {ms('fastmomentum flat')} | {ms('torch fused')} | {deepspeed} "
@@ -439,10 +445,7 @@ def _deepspeed_lines(groups, threads):
         def over(name, base, seconds=seconds):
             return f"{seconds[name] / seconds[base]:.2f}" if {name, base} <= set(seconds) else "-"
 
-        if peer["threads"] != threads:
-            layout += f" ({_threads_text(peer['threads'])})"
-        if not all(row["health"]["ok"] for row in by_provider.values()):
-            layout += " !"
+        layout = _layout_label(layout, peer, threads, by_provider)
         lines.append(
             f"| {optimizer} | {layout} | {dtype} | {ms('fastmomentum')} "
             f"| {ms('fastmomentum flat')} | {ms('DeepSpeedCPUAdam')} | {ms('torch fused')} "
