@@ -50,7 +50,7 @@ from .quantization import (
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "ab2e770b5d3543a8"
+RULES_DIGEST = "eb7b749987d9d9f9"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.

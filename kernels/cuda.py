@@ -33,7 +33,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "ab2e770b5d3543a8"
+RULES_DIGEST = "eb7b749987d9d9f9"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).

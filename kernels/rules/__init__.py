@@ -4,7 +4,8 @@ Every rule works on scalars and returns the new values. ``register_jitable`` lea
 each one an ordinary Python function (usable as a float64 reference) that Numba
 compiles inline wherever a kernel calls it: the CPU loops of `kernels.cpu` and the CUDA
 kernels alike. Scalars arrive already in the arrays' dtype (`hyperparameters.in_dtype`);
-the rules contain no float literals, so float32 arithmetic stays float32.
+the rules contain no Python float literals (a float64 would widen float32 arithmetic);
+the two constants of `common.fused_lerp` are NumPy float32 ones, torch's.
 
 Beside each rule, in its module: a ``NamedTuple`` that names its coefficients in the
 rule's argument order (those after the per-element values; tests/test_kernels.py
