@@ -70,7 +70,7 @@ class Adagrad(FlatOptimizer):
             params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
         )
         for group, buckets in zip(self.param_groups, self.buckets):
-            for bucket in buckets or ():
+            for bucket in buckets:
                 binding.expose_new_state(self, group, bucket, list(range(len(bucket.params))))
 
     def fresh_state(self, group, bucket):

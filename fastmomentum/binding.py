@@ -136,7 +136,7 @@ def bind_state(optimizer, pairs=None):
         pairs = [
             (group, bucket)
             for group, buckets in zip(optimizer.param_groups, optimizer.buckets)
-            for bucket in buckets or ()
+            for bucket in buckets
         ]
     saved = [_read_bucket(optimizer, bucket) for _, bucket in pairs]
     for (group, bucket), entries in zip(pairs, saved):

@@ -146,8 +146,8 @@ def stepped_units(all_buckets):
     units = []
     owners = None
     for buckets in all_buckets:
-        group_units = [(bucket, [None, *bucket.repeats]) for bucket in buckets or ()]
-        if buckets is not None and buckets.borrowed:
+        group_units = [(bucket, [None, *bucket.repeats]) for bucket in buckets]
+        if buckets.borrowed:
             owners = owners if owners is not None else _owners(all_buckets)
             group_units.extend(_borrowed_units(buckets.borrowed, owners))
         units.append(group_units)
@@ -159,7 +159,7 @@ def _owners(all_buckets):
     return {
         id(param): (bucket, row)
         for buckets in all_buckets
-        for bucket in buckets or ()
+        for bucket in buckets
         for row, param in enumerate(bucket.params)
     }
 
@@ -182,8 +182,6 @@ class GroupBuckets(list):
     """A param group's buckets, the group and parameter list they were made from, the
     parameters of the group that an earlier group holds (``borrowed``) and those that
     were on the ``meta`` device (``meta``), in no bucket."""
-
-    borrowed = meta = ()
 
     def made_from(self, group, borrowed, meta):
         self.group, self.borrowed, self.meta = group, borrowed, meta

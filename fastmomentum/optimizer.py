@@ -310,7 +310,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         (autograd's first ones) become zeroed pieces, as ``zero_grad(set_to_none=False)``
         makes them; once they are, this is one check a step."""
         for buckets in all_buckets:
-            for bucket in buckets or ():
+            for bucket in buckets:
                 if not bucket.gradients.all_ours():
                     bucket.gradients.zero(set_to_none=False)
 
@@ -328,7 +328,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     for units in grouping.stepped_units(all_buckets)
                 ]
             except launches.Remake as remake:
-                index = next(i for i, b in enumerate(all_buckets) if remake.bucket in (b or ()))
+                index = next(i for i, b in enumerate(all_buckets) if remake.bucket in b)
                 self.buckets[index] = None  # made again, state bound, by `_buckets_now`
                 all_buckets = self._buckets_now(stepping=True)
         raise RuntimeError("parameters kept changing while their buckets were made")
@@ -349,7 +349,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         return [
             grad
             for buckets in self._buckets_now()
-            for bucket in buckets or ()
+            for bucket in buckets
             for grad in bucket.gradients.to_touch(whole)
         ]
 
