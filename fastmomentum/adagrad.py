@@ -54,6 +54,7 @@ class Adagrad(FlatOptimizer):
         state_dtype=None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -67,7 +68,13 @@ class Adagrad(FlatOptimizer):
             "fused": fused,
         }
         super().__init__(
-            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+            params,
+            defaults,
+            flat_gradients,
+            state_dtype,
+            fused_zero_grad,
+            master_weights,
+            step_in_backward,
         )
         for group, buckets in zip(self.param_groups, self.buckets):
             for bucket in buckets:

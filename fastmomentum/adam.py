@@ -67,6 +67,7 @@ class Adam(FlatOptimizer):
         state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -82,7 +83,13 @@ class Adam(FlatOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(
-            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+            params,
+            defaults,
+            flat_gradients,
+            state_dtype,
+            fused_zero_grad,
+            master_weights,
+            step_in_backward,
         )
 
     _full_precision_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
@@ -209,6 +216,7 @@ class AdamW(Adam):
         state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -227,6 +235,7 @@ class AdamW(Adam):
             state_dtype=state_dtype,
             fused_zero_grad=fused_zero_grad,
             master_weights=master_weights,
+            step_in_backward=step_in_backward,
         )
 
     def __setstate__(self, state):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import binding
+from . import backward, binding
 from .bucket import ParamBucket
 from .storage import is_dtensor, local
 from .validation import SUPPORTED_DTYPES
@@ -50,8 +50,9 @@ def make_buckets(optimizer, group_index):
     master = optimizer.__dict__.get("_master_weights", False)
     scalars = optimizer.scalar_state
     buckets = GroupBuckets(
-        ParamBucket(*zip(*pairs), flat, state_dtype, clear_grads, master, scalars, kind[1])
+        ParamBucket(*zip(*chunk), flat, state_dtype, clear_grads, master, scalars, kind[1])
         for kind, pairs in members.items()
+        for chunk in _in_buckets(optimizer, pairs)
     )
     with torch.no_grad():
         for bucket in buckets:
@@ -66,6 +67,14 @@ def make_buckets(optimizer, group_index):
         optimizer.fresh_state(group, bucket)
     buckets.made_from(group, borrowed, meta)
     return buckets
+
+
+def _in_buckets(optimizer, pairs):
+    """``(param, name)`` pairs of one kind as the pairs of each of their buckets: one
+    bucket, or (``step_in_backward``) buckets in the order gradients arrive, each
+    bounded in bytes (`backward.split_in_order`)."""
+    params = [param for param, _ in pairs]
+    return [[pairs[i] for i in chunk] for chunk in backward.split_in_order(optimizer, params)]
 
 
 def _kept_state_dtype(optimizer, param):

@@ -50,6 +50,7 @@ class LAMB(FlatOptimizer):
         maximize: bool = False,
         flat_gradients: bool = False,
         fused_zero_grad: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -61,7 +62,14 @@ class LAMB(FlatOptimizer):
             "bias_correction": bias_correction,
             "maximize": maximize,
         }
-        super().__init__(params, defaults, flat_gradients, None, fused_zero_grad)
+        super().__init__(
+            params,
+            defaults,
+            flat_gradients,
+            None,
+            fused_zero_grad,
+            step_in_backward=step_in_backward,
+        )
 
     def state_names(self, group):
         return self.state_keys

@@ -56,6 +56,7 @@ class NAdam(FlatOptimizer):
         state_dtype=None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -72,7 +73,13 @@ class NAdam(FlatOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(
-            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+            params,
+            defaults,
+            flat_gradients,
+            state_dtype,
+            fused_zero_grad,
+            master_weights,
+            step_in_backward,
         )
 
     def state_names(self, group):

@@ -9,13 +9,14 @@ with the checks and conversions of `checkpoint`), ``optimizer.state`` bound to o
 memory (`binding`).
 """
 
+import contextlib
 import math
 import sys
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import binding, casts, checkpoint, grouping, launches, loading
+from . import backward, binding, casts, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .quantized import INT8_BLOCKWISE
 from .validation import (
@@ -59,6 +60,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         state_dtype=None,
         fused_zero_grad=False,
         master_weights=False,
+        step_in_backward=False,
     ):
         # torch's order: its checks of the hyperparameters, then the parameters read
         # (its errors for them), then its checks of `fused`; ours come after, and all
@@ -68,6 +70,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._state_dtype = state_dtype
         self._fused_zero_grad = bool(fused_zero_grad)
         self._master_weights = bool(master_weights)
+        self._check_backward_options(step_in_backward, flat_gradients, fused_zero_grad)
+        # the steps inside backward (`backward`); its buckets follow gradients' order
+        self._backward = backward.BackwardSteps(self) if step_in_backward else None
         self.buckets = None  # per param group, its buckets (None: not made yet, see below)
         self._constructing = True  # `add_param_group` leaves its checks to the end
         super().__init__(params, defaults)
@@ -79,6 +84,41 @@ class FlatOptimizer(torch.optim.Optimizer):
             self.settings(group)  # e.g. a GPU tensor lr, AMSGrad with 8-bit state
         self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
         binding.track(self)
+        self._watch_gradients()
+
+    @staticmethod
+    def _check_backward_options(step_in_backward, flat_gradients, fused_zero_grad):
+        if step_in_backward not in (False, True):
+            raise TypeError(f"step_in_backward must be True or False, got {step_in_backward!r}")
+        if step_in_backward and (flat_gradients or fused_zero_grad):
+            option = "flat_gradients" if flat_gradients else "fused_zero_grad"
+            raise ValueError(
+                f"step_in_backward=True frees each gradient once its bucket has stepped; "
+                f"{option}=True keeps gradients to be zeroed and reused: use one or the other"
+            )
+
+    @property
+    def steps_in_backward(self):
+        """Whether the step runs inside backward (``step_in_backward=True``)."""
+        return self.__dict__.get("_backward") is not None
+
+    def no_step(self):
+        """A context in which backward passes accumulate gradients without stepping
+        (``step_in_backward=True``; as DDP's ``no_sync``). The first backward outside
+        it steps with the sum::
+
+            with optimizer.no_step():
+                loss_of(first_half).backward()
+            loss_of(second_half).backward()  # steps with both halves' gradients
+
+        Without ``step_in_backward`` backward never steps, and this does nothing."""
+        if not self.steps_in_backward:
+            return contextlib.nullcontext()
+        return self._backward.paused()
+
+    def _watch_gradients(self):
+        if self.steps_in_backward:
+            self._backward.watch(p for group in self.param_groups for p in group["params"])
 
     def _check_options(self, state_dtype, master_weights):
         """Our own constructor options: implemented for this optimizer, and together."""
@@ -186,6 +226,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise
         if self.buckets is not None:  # after construction; the constructor adds them all
             self.buckets.append(self._make_buckets(len(self.param_groups) - 1))
+            self._watch_gradients()
 
     def check_appended_group(self, group):
         """Take a group appended to ``param_groups`` directly (not through
@@ -211,6 +252,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._check_param_dtypes(group["params"])
         if self.__dict__.get("_master_weights"):
             check_master_weights(group["params"])
+        if self.steps_in_backward:
+            backward.check_params(self, group)
 
     def _check_param_dtypes(self, params):
         if self.param_dtypes is None:
@@ -240,6 +283,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         return self._eager_step(closure)
 
     def _eager_step(self, closure):
+        if self.steps_in_backward:
+            return self._step_left(closure)
         if type(self).step is FlatOptimizer.step and self._step_is_observed():
             return self._observed_step(closure)
         return self._step(closure)  # (a subclass's own step is wrapped by torch already)
@@ -249,6 +294,24 @@ class FlatOptimizer(torch.optim.Optimizer):
     # small model. Marked as hooked, our ``step`` is left alone and takes that same
     # wrapper only when a hook is registered or the profiler is running.
     step.hooked = True
+
+    def _step_left(self, closure):
+        """``step()`` with ``step_in_backward``: the backward (the closure's, if given)
+        stepped already and freed the gradients, so this steps only gradients left
+        over (those accumulated inside `no_step`), with the step hooks, then frees
+        them; with none left, it does nothing."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        backward.refuse_scaler(self)
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            if self._step_is_observed():
+                self._observed_step()
+            else:
+                self._step()
+            backward.free_gradients(self)
+        return loss
 
     def _step_is_observed(self):
         return bool(
@@ -281,28 +344,33 @@ class FlatOptimizer(torch.optim.Optimizer):
         casts.refuse_unsteppable(self, all_settings, plans)
         for group, settings, group_plans in zip(self.param_groups, all_settings, plans):
             for bucket, bucket_plans in group_plans:
-                for plan in bucket_plans:
-                    if plan is None:
-                        continue
-                    plan.commit()
-                    if plan.rows:
-                        if bucket.master:
-                            bucket.sync_masters(plan.rows)
-                        self.update(group, bucket, settings, plan, grad_scale)
-                        if bucket.master:
-                            bucket.note_written(plan.rows)
-                    if plan.cast_rows:
-                        casts.step_rows(self, group, bucket, settings, plan.cast_rows, grad_scale)
-                first = bucket_plans[0]
-                if first is not None and self.creates_state(settings):
-                    binding.expose_new_state(self, group, bucket, first.rows)
-                elif first is not None and bucket.master:
-                    binding.expose_masters(self, bucket, first.rows)
+                self._step_bucket(group, settings, bucket, bucket_plans, grad_scale)
         if grad_scale is not None and not self._fused_zero_grad:
             self._unscale_grads(grad_scale)
         if self._fused_zero_grad and self._flat_gradients:
             self._adopt_zeroed_grads(all_buckets)
         return loss
+
+    def _step_bucket(self, group, settings, bucket, bucket_plans, grad_scale=None):
+        """Carry out the plans of one bucket (checked already, with every other bucket's
+        of this step): one launch per plan, then its new state exposed."""
+        for plan in bucket_plans:
+            if plan is None:
+                continue
+            plan.commit()
+            if plan.rows:
+                if bucket.master:
+                    bucket.sync_masters(plan.rows)
+                self.update(group, bucket, settings, plan, grad_scale)
+                if bucket.master:
+                    bucket.note_written(plan.rows)
+            if plan.cast_rows:
+                casts.step_rows(self, group, bucket, settings, plan.cast_rows, grad_scale)
+        first = bucket_plans[0]
+        if first is not None and self.creates_state(settings):
+            binding.expose_new_state(self, group, bucket, first.rows)
+        elif first is not None and bucket.master:
+            binding.expose_masters(self, bucket, first.rows)
 
     @torch.no_grad()
     def _adopt_zeroed_grads(self, all_buckets):
@@ -369,6 +437,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         returns the total norm. Where a bucket's gradients are all pieces of its flat
         gradient allocation, the norm and the scaling each take one pass over it.
         """
+        if self.steps_in_backward:
+            raise RuntimeError(
+                "clip_grad_norm_ with step_in_backward=True: the norm over all gradients "
+                "exists only once backward is done, and by then every bucket has stepped "
+                "and freed its gradients (torch.nn.utils.clip_grad_norm_ would find none). "
+                "Use step_in_backward=False to clip by the global norm"
+            )
         # The infinity norm of an empty gradient is an error in torch, which a flat
         # allocation would hide: that norm goes gradient by gradient.
         whole = not math.isinf(float(norm_type))
@@ -408,6 +483,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             "_state_dtype": self._state_dtype,
             "_fused_zero_grad": self._fused_zero_grad,
             "_master_weights": self._master_weights,
+            "_step_in_backward": self.steps_in_backward,
         }
 
     def __setstate__(self, state):
@@ -418,8 +494,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_fused_zero_grad", False)
         self.__dict__.setdefault("_master_weights", False)
         if "buckets" not in self.__dict__:  # unpickled or deep-copied: rebuild the buckets
+            in_backward = self.__dict__.pop("_step_in_backward", False)
+            self._backward = backward.BackwardSteps(self) if in_backward else None
             self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
             binding.bind_state(self)
+            self._watch_gradients()
 
 
 def _plan(bucket, passes):

@@ -57,6 +57,7 @@ class RMSprop(FlatOptimizer):
         state_dtype=None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -71,7 +72,13 @@ class RMSprop(FlatOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(
-            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+            params,
+            defaults,
+            flat_gradients,
+            state_dtype,
+            fused_zero_grad,
+            master_weights,
+            step_in_backward,
         )
 
     def state_names(self, group):

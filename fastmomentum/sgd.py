@@ -73,6 +73,7 @@ class SGD(FlatOptimizer):
         state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
         master_weights: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -87,7 +88,13 @@ class SGD(FlatOptimizer):
             "momentum_convention": momentum_convention,
         }
         super().__init__(
-            params, defaults, flat_gradients, state_dtype, fused_zero_grad, master_weights
+            params,
+            defaults,
+            flat_gradients,
+            state_dtype,
+            fused_zero_grad,
+            master_weights,
+            step_in_backward,
         )
 
     _full_precision_keys = ("momentum_buffer", "master_param")

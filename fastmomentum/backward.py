@@ -1,0 +1,301 @@
+"""The step inside backward (``step_in_backward=True``): each bucket steps the moment its
+last gradient is accumulated, and those gradients are freed right after.
+
+A post-accumulate-grad hook on every parameter counts the gradients of its bucket as
+they arrive; the bucket that is complete is stepped in one launch, with its group's
+hyperparameters as they are at that moment, and its parameters' ``.grad`` set to
+``None``. So gradients live only while their bucket fills, and the step reads them
+while they are still in cache. At the end of backward (a callback autograd runs once
+the graph is done), buckets that got only some of their gradients step what they got,
+and anything the buckets cannot step at once (a parameter cast or moved since, a new
+group) steps through the ordinary `FlatOptimizer._step`. Numbers equal the ordinary
+loop's (``backward(); step(); zero_grad()``) bit for bit: the rules are per element,
+and each bucket steps exactly the parameters that have a gradient, as ``step`` would.
+
+Buckets follow the order in which gradients arrive and hold at most ``bucket_bytes``
+of parameters each, as DDP's do. The order is learned from the first backward, as
+DDP rebuilds its buckets after its first iteration: that backward steps nothing
+inside it; at its end the buckets are made in the order seen, then it steps as
+``step()`` would (so the state is made once, in its final place). Parameters that got
+no gradient in that backward go last.
+
+Inside ``with optimizer.no_step():`` a backward only accumulates (as DDP's
+``no_sync``); the first backward outside it steps with the sum.
+"""
+
+import contextlib
+import itertools
+import weakref
+
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from . import binding, casts, launches
+from .storage import is_dtensor
+
+#: The default bound of a bucket in this mode, as DDP's ``bucket_cap_mb=25``.
+BUCKET_BYTES = 25 * 2**20
+
+
+class BackwardSteps:
+    """Steps ``optimizer``'s buckets from its parameters' post-accumulate-grad hooks."""
+
+    def __init__(self, optimizer, bucket_bytes=BUCKET_BYTES):
+        self._optimizer = weakref.ref(optimizer)  # hooks must not keep it alive
+        self.bucket_bytes = bucket_bytes
+        #: id(param) -> its place in the order gradients arrived (None: not learned)
+        self.ranks = None
+        #: Whether a DDP communication hook steps the buckets (`fastmomentum.ddp`)
+        self.by_ddp = False
+        self._handles = {}  # id(param) -> hook handle
+        self._paused = 0  # depth of `no_step`
+        self._task = None  # id of the autograd graph task being stepped
+        self._stepping = False  # whether that backward steps (not inside `no_step`)
+        self._arrivals = None  # params in arrival order, in a backward that learns
+        self._made = None  # the GroupBuckets the maps below were made from
+        self._where = {}  # id(param) -> (group index, bucket)
+        self._expected = {}  # bucket -> (group index, gradients a backward brings)
+        self._left = {}  # bucket -> gradients still to arrive in this backward
+        self._elsewhere = False  # a gradient that no bucket of the maps steps
+        weakref.finalize(optimizer, _remove, self._handles)
+
+    # --- hooks ------------------------------------------------------------------------
+
+    def watch(self, params):
+        """Hook every parameter of ``params`` that takes gradients and has no hook yet."""
+        for param in params:
+            if param.requires_grad and id(param) not in self._handles:
+                self._handles[id(param)] = param.register_post_accumulate_grad_hook(self._arrived)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Backward passes inside only accumulate gradients."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def _arrived(self, param):
+        """Post-accumulate-grad hook: ``param.grad`` holds its gradient for this backward."""
+        optimizer = self._optimizer()
+        if optimizer is None:
+            return
+        task = torch._C._current_graph_task_id()
+        if task != self._task:  # the first gradient of this backward
+            self._begin(optimizer, task)
+        if self._arrivals is not None:
+            self._arrivals.append(param)
+        if not self._stepping or self.by_ddp or self.ranks is None:
+            return
+        where = self._where.get(id(param))
+        if where is None:
+            self._elsewhere = True  # e.g. a parameter of a group appended since
+            return
+        group_index, bucket = where
+        left = self._left[bucket] = self._left[bucket] - 1
+        if left == 0:
+            self._launch(optimizer, group_index, bucket)
+
+    def _begin(self, optimizer, task):
+        self._task = task
+        self._stepping = not self._paused
+        self._elsewhere = False
+        self._arrivals = [] if self.ranks is None else None
+        torch.autograd.Variable._execution_engine.queue_callback(self._end)
+        if not self._stepping:
+            return
+        refuse_scaler(optimizer)
+        if not self.by_ddp:
+            refuse_unreduced(optimizer)
+        all_buckets = optimizer._buckets_now(stepping=True)
+        if binding.state_changed(optimizer):
+            binding.bind_state(optimizer)
+        if self._made is None or any(a is not b for a, b in zip(all_buckets, self._made)):
+            self._map(all_buckets)
+        self._left = {bucket: expected for bucket, (_, expected) in self._expected.items()}
+        if self.ranks is not None and not self.by_ddp:
+            run_pre_hooks(optimizer)
+
+    def _map(self, all_buckets):
+        self._made = tuple(all_buckets)
+        self._where, self._expected = {}, {}
+        for index, buckets in enumerate(all_buckets):
+            for bucket in buckets:
+                for param in bucket.params:
+                    self._where[id(param)] = (index, bucket)
+                expected = sum(param.requires_grad for param in bucket.params)
+                self._expected[bucket] = (index, expected)
+
+    def _end(self):
+        """Autograd's callback once the backward is done."""
+        optimizer = self._optimizer()
+        self._task = None
+        if optimizer is None:
+            return
+        learned = self._arrivals is not None
+        if learned:
+            self.learn(optimizer, self._arrivals)
+            self._arrivals = None
+        self.watch(p for group in optimizer.param_groups for p in group["params"])
+        if not self._stepping or self.by_ddp:
+            return
+        if learned:
+            run_pre_hooks(optimizer)
+        else:
+            for bucket, left in self._left.items():
+                index, expected = self._expected[bucket]
+                if 0 < left < expected:  # some of its gradients came: step those
+                    self._launch(optimizer, index, bucket)
+        if learned or self._elsewhere:
+            optimizer._step()  # whatever still has a gradient, as `step()` steps it
+            free_gradients(optimizer)
+        optimizer._opt_called = True  # an optimizer step, for torch's LR schedulers
+        run_post_hooks(optimizer)
+
+    def _launch(self, optimizer, group_index, bucket):
+        """Step ``bucket`` now (its group's hyperparameters as they are) and free its
+        gradients; left to the end of backward when its parameters changed since it
+        was made."""
+        self._left[bucket] = 0
+        group = optimizer.param_groups[group_index]
+        settings = optimizer.settings(group)
+        try:
+            plans = [bucket.planner.plan(rows) for rows in [None, *bucket.repeats]]
+        except launches.Remake:
+            self._elsewhere = True  # made again by the ordinary step at the end
+            return
+        casts.refuse_unsteppable(optimizer, [settings], [[(bucket, plans)]])
+        optimizer._step_bucket(group, settings, bucket, plans)
+        for param in bucket.params:
+            param.grad = None
+
+    # --- the order of the buckets -----------------------------------------------------
+
+    def learn(self, optimizer, arrivals):
+        """Take the order of ``arrivals`` as the buckets' and make them again in it."""
+        ranks = {}
+        for param in arrivals:
+            ranks.setdefault(id(param), len(ranks))
+        self.ranks = ranks
+        optimizer.buckets[:] = [None] * len(optimizer.buckets)
+        optimizer._buckets_now()
+
+    def order(self, params):
+        """The positions of ``params`` (one group's, of one kind) in the order their
+        gradients arrive: as learned; else, and for parameters that got no gradient
+        then, last to first, as DDP assumes before it learns."""
+        ranks = self.ranks or {}
+        unseen = len(ranks) + len(params)
+        return sorted(
+            range(len(params)),
+            key=lambda position: ranks.get(id(params[position]), unseen - position),
+        )
+
+
+def split_in_order(optimizer, params):
+    """``params`` (one group's, of one device and dtype) as the lists of positions of
+    its buckets: in the order gradients arrive, each at most ``bucket_bytes`` (a larger
+    parameter alone); ``[all positions]`` when the optimizer steps after backward."""
+    steps = optimizer.__dict__.get("_backward")
+    if steps is None:
+        return [list(range(len(params)))]
+    chunks, chunk, size = [], [], 0
+    for position in steps.order(params):
+        local = params[position]
+        local = local.to_local() if hasattr(local, "to_local") else local
+        nbytes = local.numel() * local.element_size()
+        if chunk and size + nbytes > steps.bucket_bytes:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(position)
+        size += nbytes
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def check_params(optimizer, group):
+    """Refuse, before anything is made, parameters this mode cannot step: a DTensor
+    (FSDP2 writes its sharded gradient after its reduce-scatter, not through autograd's
+    accumulation, so no hook would ever see it), and a parameter listed twice, in this
+    group or in another (torch steps it once per listing from one gradient, which this
+    mode frees after the first)."""
+    seen = {
+        id(p) for other in optimizer.param_groups if other is not group for p in other["params"]
+    }
+    for position, param in enumerate(group["params"]):
+        if is_dtensor(param):
+            raise ValueError(
+                f"parameter {position} is a DTensor (FSDP2): step_in_backward=True does not "
+                "step sharded parameters, whose gradients FSDP2 assigns after its "
+                "reduce-scatter rather than through autograd's accumulation. Use "
+                "step_in_backward=False with FSDP2"
+            )
+        if id(param) in seen:
+            raise ValueError(
+                f"parameter {position} is listed more than once in the param groups: with "
+                "step_in_backward=True each parameter steps once per backward; list it once"
+            )
+        seen.add(id(param))
+
+
+def free_gradients(optimizer):
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
+def refuse_scaler(optimizer):
+    """A ``torch.amp.GradScaler`` cannot work with steps inside backward."""
+    if optimizer.__dict__.get("found_inf") is not None or (
+        optimizer.__dict__.get("grad_scale") is not None
+    ):
+        raise RuntimeError(
+            "step_in_backward=True cannot be used with torch.amp.GradScaler: each bucket "
+            "steps as soon as its gradients are ready, so an inf or NaN found in a later "
+            "bucket cannot undo the steps already taken, and the gradients reach the step "
+            "still scaled. Train with bfloat16 autocast "
+            "(torch.autocast(device_type, dtype=torch.bfloat16)), which needs no scaler, "
+            "or keep float16 and the scaler with step_in_backward=False"
+        )
+
+
+def refuse_unreduced(optimizer):
+    """Under DDP a post-accumulate hook sees this process's own, unreduced gradient."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"step_in_backward=True in a process group of {dist.get_world_size()} "
+            "processes: a gradient is stepped the moment backward accumulates it, before "
+            "DistributedDataParallel averages it over the processes. Register the step "
+            "as DDP's communication hook, so that each DDP bucket steps after its "
+            "all-reduce: fastmomentum.ddp.step_after_all_reduce(ddp_model, optimizer)"
+        )
+
+
+def run_pre_hooks(optimizer):
+    """The step's pre-hooks (``register_step_pre_hook``, global ones first), before the
+    first bucket of a backward steps. They are called with no arguments, and what they
+    return is not used: this step takes none."""
+    hooks = itertools.chain(
+        _global_optimizer_pre_hooks.values(), optimizer._optimizer_step_pre_hooks.values()
+    )
+    for hook in hooks:
+        hook(optimizer, (), {})
+
+
+def run_post_hooks(optimizer):
+    """The step's post-hooks, once the last bucket of a backward has stepped."""
+    optimizer._optimizer_step_code()
+    hooks = itertools.chain(
+        optimizer._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+    )
+    for hook in hooks:
+        hook(optimizer, (), {})
+
+
+def _remove(handles):
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()
