@@ -25,6 +25,7 @@ Inside ``with optimizer.no_step():`` a backward only accumulates (as DDP's
 
 import contextlib
 import itertools
+import threading
 import weakref
 
 import torch
@@ -47,13 +48,14 @@ class BackwardSteps:
         self.ranks = None
         #: Whether a DDP communication hook steps the buckets (`fastmomentum.ddp`)
         self.by_ddp = False
+        self.lock = threading.Lock()  # steps from DDP's communication threads
         self._handles = {}  # id(param) -> hook handle
         self._paused = 0  # depth of `no_step`
         self._task = None  # id of the autograd graph task being stepped
         self._stepping = False  # whether that backward steps (not inside `no_step`)
         self._arrivals = None  # params in arrival order, in a backward that learns
         self._made = None  # the GroupBuckets the maps below were made from
-        self._where = {}  # id(param) -> (group index, bucket)
+        self._where = {}  # id(param) -> (group index, bucket, row)
         self._expected = {}  # bucket -> (group index, gradients a backward brings)
         self._left = {}  # bucket -> gradients still to arrive in this backward
         self._elsewhere = False  # a gradient that no bucket of the maps steps
@@ -92,7 +94,7 @@ class BackwardSteps:
         if where is None:
             self._elsewhere = True  # e.g. a parameter of a group appended since
             return
-        group_index, bucket = where
+        group_index, bucket, _ = where
         left = self._left[bucket] = self._left[bucket] - 1
         if left == 0:
             self._launch(optimizer, group_index, bucket)
@@ -122,8 +124,8 @@ class BackwardSteps:
         self._where, self._expected = {}, {}
         for index, buckets in enumerate(all_buckets):
             for bucket in buckets:
-                for param in bucket.params:
-                    self._where[id(param)] = (index, bucket)
+                for row, param in enumerate(bucket.params):
+                    self._where[id(param)] = (index, bucket, row)
                 expected = sum(param.requires_grad for param in bucket.params)
                 self._expected[bucket] = (index, expected)
 
@@ -138,7 +140,10 @@ class BackwardSteps:
             self.learn(optimizer, self._arrivals)
             self._arrivals = None
         self.watch(p for group in optimizer.param_groups for p in group["params"])
-        if not self._stepping or self.by_ddp:
+        if not self._stepping:
+            return
+        if self.by_ddp:
+            optimizer._opt_called = True  # the DDP hook steps; see `step_params`
             return
         if learned:
             run_pre_hooks(optimizer)
@@ -169,6 +174,32 @@ class BackwardSteps:
         optimizer._step_bucket(group, settings, bucket, plans)
         for param in bucket.params:
             param.grad = None
+
+    def step_params(self, params):
+        """Step ``params`` now, from the gradients their ``.grad`` holds (a DDP
+        communication hook's, once their all-reduce is done: `fastmomentum.ddp`), each
+        in its bucket, with its group's hyperparameters as they are. Called from any
+        thread; steps never run two at a time."""
+        optimizer = self._optimizer()
+        if optimizer is None:
+            return
+        rows = {}
+        for param in params:
+            where = self._where.get(id(param))
+            if where is None:
+                raise RuntimeError(
+                    "a parameter of the DDP bucket is not among the optimizer's parameters "
+                    "that take gradients; give the optimizer every parameter of the model"
+                )
+            group_index, bucket, row = where
+            rows.setdefault((group_index, bucket), set()).add(row)
+        with self.lock:
+            for (group_index, bucket), only in rows.items():
+                group = optimizer.param_groups[group_index]
+                settings = optimizer.settings(group)
+                plans = [bucket.planner.plan(only)]
+                casts.refuse_unsteppable(optimizer, [settings], [[(bucket, plans)]])
+                optimizer._step_bucket(group, settings, bucket, plans)
 
     # --- the order of the buckets -----------------------------------------------------
 
