@@ -25,10 +25,10 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load on first
 
 
 def __getattr__(name):
-    if name == "kernels":
+    if name in ("kernels", "ddp"):
         import importlib
 
-        return importlib.import_module(".kernels", __name__)
+        return importlib.import_module(f".{name}", __name__)
     if name in __all__:
         try:
             from . import optim
@@ -47,4 +47,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted({*globals(), *__all__, "kernels"})
+    return sorted({*globals(), *__all__, "kernels", "ddp"})

@@ -32,7 +32,6 @@ import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import binding, casts, launches
-from .storage import is_dtensor
 
 #: The default bound of a bucket in this mode, as DDP's ``bucket_cap_mb=25``.
 BUCKET_BYTES = 25 * 2**20
@@ -41,9 +40,9 @@ BUCKET_BYTES = 25 * 2**20
 class BackwardSteps:
     """Steps ``optimizer``'s buckets from its parameters' post-accumulate-grad hooks."""
 
-    def __init__(self, optimizer, bucket_bytes=BUCKET_BYTES):
+    def __init__(self, optimizer, bucket_bytes=None):
         self._optimizer = weakref.ref(optimizer)  # hooks must not keep it alive
-        self.bucket_bytes = bucket_bytes
+        self.bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         #: id(param) -> its place in the order gradients arrived (None: not learned)
         self.ranks = None
         #: Whether a DDP communication hook steps the buckets (`fastmomentum.ddp`)
@@ -56,7 +55,8 @@ class BackwardSteps:
         self._arrivals = None  # params in arrival order, in a backward that learns
         self._made = None  # the GroupBuckets the maps below were made from
         self._where = {}  # id(param) -> (group index, bucket, row)
-        self._expected = {}  # bucket -> (group index, gradients a backward brings)
+        self._groups = {}  # bucket -> group index
+        self._expected = {}  # bucket -> gradients this backward brings (requires_grad)
         self._left = {}  # bucket -> gradients still to arrive in this backward
         self._elsewhere = False  # a gradient that no bucket of the maps steps
         weakref.finalize(optimizer, _remove, self._handles)
@@ -98,6 +98,8 @@ class BackwardSteps:
         left = self._left[bucket] = self._left[bucket] - 1
         if left == 0:
             self._launch(optimizer, group_index, bucket)
+        elif left < 0:  # its bucket stepped already (a hook added meanwhile): at the end
+            self._elsewhere = True
 
     def _begin(self, optimizer, task):
         self._task = task
@@ -108,26 +110,34 @@ class BackwardSteps:
         if not self._stepping:
             return
         refuse_scaler(optimizer)
-        if not self.by_ddp:
-            refuse_unreduced(optimizer)
         all_buckets = optimizer._buckets_now(stepping=True)
+        if not self.by_ddp and not all(b.distributed for bs in all_buckets for b in bs):
+            refuse_unreduced(optimizer)  # FSDP2 calls a DTensor's hooks once reduced
         if binding.state_changed(optimizer):
             binding.bind_state(optimizer)
         if self._made is None or any(a is not b for a, b in zip(all_buckets, self._made)):
             self._map(all_buckets)
-        self._left = {bucket: expected for bucket, (_, expected) in self._expected.items()}
+        # read each backward: user code may freeze or unfreeze parameters between them
+        self._expected = {
+            bucket: sum(param.requires_grad for param in bucket.params)
+            for buckets in all_buckets
+            for bucket in buckets
+        }
+        self._left = dict(self._expected)
         if self.ranks is not None and not self.by_ddp:
             run_pre_hooks(optimizer)
 
     def _map(self, all_buckets):
         self._made = tuple(all_buckets)
-        self._where, self._expected = {}, {}
-        for index, buckets in enumerate(all_buckets):
-            for bucket in buckets:
-                for row, param in enumerate(bucket.params):
-                    self._where[id(param)] = (index, bucket, row)
-                expected = sum(param.requires_grad for param in bucket.params)
-                self._expected[bucket] = (index, expected)
+        self._where = {
+            id(param): (index, bucket, row)
+            for index, buckets in enumerate(all_buckets)
+            for bucket in buckets
+            for row, param in enumerate(bucket.params)
+        }
+        self._groups = {
+            bucket: index for index, buckets in enumerate(all_buckets) for bucket in buckets
+        }
 
     def _end(self):
         """Autograd's callback once the backward is done."""
@@ -143,15 +153,13 @@ class BackwardSteps:
         if not self._stepping:
             return
         if self.by_ddp:
-            optimizer._opt_called = True  # the DDP hook steps; see `step_params`
-            return
+            return  # `fastmomentum.ddp` steps, once each bucket is all-reduced
         if learned:
             run_pre_hooks(optimizer)
         else:
             for bucket, left in self._left.items():
-                index, expected = self._expected[bucket]
-                if 0 < left < expected:  # some of its gradients came: step those
-                    self._launch(optimizer, index, bucket)
+                if 0 < left < self._expected[bucket]:  # some of its gradients came
+                    self._launch(optimizer, self._groups[bucket], bucket)
         if learned or self._elsewhere:
             optimizer._step()  # whatever still has a gradient, as `step()` steps it
             free_gradients(optimizer)
@@ -247,22 +255,13 @@ def split_in_order(optimizer, params):
 
 
 def check_params(optimizer, group):
-    """Refuse, before anything is made, parameters this mode cannot step: a DTensor
-    (FSDP2 writes its sharded gradient after its reduce-scatter, not through autograd's
-    accumulation, so no hook would ever see it), and a parameter listed twice, in this
-    group or in another (torch steps it once per listing from one gradient, which this
-    mode frees after the first)."""
+    """Refuse, before anything is made, a parameter listed twice, in this group or in
+    another: torch steps it once per listing from one gradient, which this mode frees
+    after the first."""
     seen = {
         id(p) for other in optimizer.param_groups if other is not group for p in other["params"]
     }
     for position, param in enumerate(group["params"]):
-        if is_dtensor(param):
-            raise ValueError(
-                f"parameter {position} is a DTensor (FSDP2): step_in_backward=True does not "
-                "step sharded parameters, whose gradients FSDP2 assigns after its "
-                "reduce-scatter rather than through autograd's accumulation. Use "
-                "step_in_backward=False with FSDP2"
-            )
         if id(param) in seen:
             raise ValueError(
                 f"parameter {position} is listed more than once in the param groups: with "

@@ -210,6 +210,7 @@ class _AfterAllReduce:
             if left:  # used in another process only (find_unused_parameters)
                 steps.step_params(left)
         backward.free_gradients(optimizer)
+        optimizer._opt_called = True  # an optimizer step, for torch's LR schedulers
         backward.run_post_hooks(optimizer)
 
 

@@ -88,7 +88,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_backward_options(step_in_backward, flat_gradients, fused_zero_grad):
-        if step_in_backward not in (False, True):
+        if not isinstance(step_in_backward, bool):
             raise TypeError(f"step_in_backward must be True or False, got {step_in_backward!r}")
         if step_in_backward and (flat_gradients or fused_zero_grad):
             option = "flat_gradients" if flat_gradients else "fused_zero_grad"
@@ -306,6 +306,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                 loss = closure()
         backward.refuse_scaler(self)
         if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            if self._backward.by_ddp:
+                raise RuntimeError(
+                    "step() found gradients left after a backward that did not step: with "
+                    "fastmomentum.ddp.step_after_all_reduce, those of a backward inside "
+                    "DDP's no_sync() are this process's own, never all-reduced. Run the "
+                    "next backward outside no_sync() (and optimizer.no_step()): it "
+                    "all-reduces the sum and steps it"
+                )
             if self._step_is_observed():
                 self._observed_step()
             else:

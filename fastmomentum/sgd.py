@@ -53,6 +53,11 @@ class SGD(FlatOptimizer):
     copy of each parameter, ``state[p]["master_param"]`` (with a float32 momentum buffer),
     from the 16-bit gradient and writes the parameter as that copy rounded, in one pass;
     see `fastmomentum.Adam` for when the copy is taken.
+
+    ``step_in_backward=True`` (every optimizer): ``loss.backward()`` steps each bucket
+    as soon as its gradients are accumulated and frees them (`fastmomentum.backward`);
+    ``optimizer.no_step()`` accumulates without stepping. Same numbers as the ordinary
+    loop; under DDP, see `fastmomentum.ddp`.
     """
 
     def __init__(

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 import fastmomentum
+from fastmomentum import backward as steps_in_backward
 
 from . import distributed_run
 
@@ -43,6 +44,10 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("adagrad-keep", "Adagrad", False),
     ("lamb-reshard", "LAMB", True),  # trust ratios of whole tensors: sums across ranks
 ]
+#: Cases trained once more with ``step_in_backward=True`` in the train phase: FSDP2 calls
+#: a sharded parameter's post-accumulate-grad hooks once its gradient is reduced, so the
+#: buckets step inside backward; the result must be the ordinary loop's bit for bit.
+IN_BACKWARD = ("sgd-reshard", "adamw-keep", "lamb-reshard")
 #: Cases on bfloat16 parameters, with these options on top of ``OPTIONS``.
 BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
 
@@ -111,9 +116,25 @@ def worker(rank, world, meeting, folder, phase):
             results[case + "-full-load"] = load_full_state(model, optimizer, name, options)
     if phase == "train":
         results["errors"] = bad_placements()
+        for case, name, reshard in CASES:
+            if case in IN_BACKWARD:
+                results[case + "-in-backward"] = in_backward(case, name, reshard, rank, world)
     if rank == 0:
         torch.save(results, os.path.join(folder, f"{phase}.pt"))
     distributed_run.leave(rank, meeting)
+
+
+def in_backward(case, name, reshard, rank, world):
+    """The case trained ``STEPS`` steps with ``step_in_backward=True`` and buckets of 256
+    bytes (one or two parameters each): its parameters, full, and whether the last
+    backward stepped every bucket inside it (no gradient left)."""
+    steps_in_backward.BUCKET_BYTES = 256
+    model = sharded(reshard, case_dtype(case))
+    options = {**case_options(case, name), "step_in_backward": True}
+    optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
+    train(model, optimizer, rank, world, range(STEPS))  # its step() and zero_grad(): no-ops
+    params = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return params, len(optimizer.buckets[0]), all(p.grad is None for p in model.parameters())
 
 
 def load_full_state(model, optimizer, name, options):
