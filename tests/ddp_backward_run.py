@@ -163,6 +163,26 @@ def refused(rank, world):
     return {"message": message, "unchanged": unchanged, "state": len(optimizer.state)}
 
 
+def step_after_no_sync(rank, world):
+    """``optimizer.step()`` after a backward inside DDP's ``no_sync()`` (gradients this
+    process's own, never all-reduced): refused, nothing moved."""
+    model = DistributedDataParallel(make_model(), bucket_cap_mb=BUCKET_CAP_MB)
+    optimizer = fastmomentum.AdamW(model.parameters(), step_in_backward=True, **ADAMW)
+    ddp.step_after_all_reduce(model, optimizer)
+    first, second = batches(rank, world, 2)
+    loss_of(model, first).backward()  # learns the order, steps
+    with model.no_sync():
+        loss_of(model, second).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        optimizer.step()
+        message = None
+    except RuntimeError as error:
+        message = str(error)
+    unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    return {"message": message, "unchanged": unchanged}
+
+
 def checks():
     """`step_after_all_reduce`'s ValueErrors, before anything is registered."""
     model = DistributedDataParallel(make_model())
@@ -208,5 +228,6 @@ def worker(rank, world, meeting, folder):
         results[case] = scenario(rank, world, name, options, accumulate, ddp_options, make)
     results["refused"] = refused(rank, world)
     results["checks"] = checks()
+    results["step-after-no-sync"] = step_after_no_sync(rank, world)
     torch.save(results, os.path.join(folder, f"ddp-backward-{rank}.pt"))
     distributed_run.leave(rank, meeting)

@@ -56,6 +56,13 @@ def test_without_the_hook_the_first_backward_raises_and_changes_nothing(ranks):
         assert refused["state"] == 0
 
 
+def test_a_step_after_a_no_sync_backward_is_refused(ranks):
+    for results in ranks:
+        refused = results["step-after-no-sync"]
+        assert "never all-reduced" in refused["message"]
+        assert refused["unchanged"]
+
+
 @pytest.mark.parametrize(
     ("case", "words"),
     [
