@@ -25,6 +25,7 @@ Inside ``with optimizer.no_step():`` a backward only accumulates (as DDP's
 
 import contextlib
 import itertools
+import operator
 import threading
 import weakref
 
@@ -56,7 +57,6 @@ class BackwardSteps:
         self._made = None  # the GroupBuckets the maps below were made from
         self._where = {}  # id(param) -> (group index, bucket, row)
         self._groups = {}  # bucket -> group index
-        self._expected = {}  # bucket -> gradients this backward brings (requires_grad)
         self._left = {}  # bucket -> gradients still to arrive in this backward
         self._elsewhere = False  # a gradient that no bucket of the maps steps
         weakref.finalize(optimizer, _remove, self._handles)
@@ -83,6 +83,10 @@ class BackwardSteps:
         optimizer = self._optimizer()
         if optimizer is None:
             return
+        with self.lock:  # CUDA parameters' hooks run on autograd's device threads
+            self._count(optimizer, param)
+
+    def _count(self, optimizer, param):
         task = torch._C._current_graph_task_id()
         if task != self._task:  # the first gradient of this backward
             self._begin(optimizer, task)
@@ -115,15 +119,19 @@ class BackwardSteps:
             refuse_unreduced(optimizer)  # FSDP2 calls a DTensor's hooks once reduced
         if binding.state_changed(optimizer):
             binding.bind_state(optimizer)
-        if self._made is None or any(a is not b for a, b in zip(all_buckets, self._made)):
+        made = self._made
+        if (
+            made is None
+            or len(made) != len(all_buckets)
+            or any(map(operator.is_not, all_buckets, made))
+        ):
             self._map(all_buckets)
         # read each backward: user code may freeze or unfreeze parameters between them
-        self._expected = {
+        self._left = {
             bucket: sum(param.requires_grad for param in bucket.params)
             for buckets in all_buckets
             for bucket in buckets
         }
-        self._left = dict(self._expected)
         if self.ranks is not None and not self.by_ddp:
             run_pre_hooks(optimizer)
 
@@ -143,8 +151,11 @@ class BackwardSteps:
         """Autograd's callback once the backward is done."""
         optimizer = self._optimizer()
         self._task = None
-        if optimizer is None:
-            return
+        if optimizer is not None:
+            with self.lock:
+                self._finish(optimizer)
+
+    def _finish(self, optimizer):
         learned = self._arrivals is not None
         if learned:
             self.learn(optimizer, self._arrivals)
@@ -156,9 +167,10 @@ class BackwardSteps:
             return  # `fastmomentum.ddp` steps, once each bucket is all-reduced
         if learned:
             run_pre_hooks(optimizer)
-        else:
+        else:  # buckets short of a gradient (a parameter unused in this backward), and
+            # gradients accumulated inside `no_step` of parameters this one did not reach
             for bucket, left in self._left.items():
-                if 0 < left < self._expected[bucket]:  # some of its gradients came
+                if left > 0 and any(param.grad is not None for param in bucket.params):
                     self._launch(optimizer, self._groups[bucket], bucket)
         if learned or self._elsewhere:
             optimizer._step()  # whatever still has a gradient, as `step()` steps it

@@ -275,6 +275,24 @@ def test_parameters_without_a_gradient_are_skipped():
     assert_same(model, ours, ref_model, theirs)
 
 
+def test_gradients_accumulated_for_parameters_the_stepping_backward_does_not_reach():
+    """A parameter used only in the backward inside `no_step`: the stepping backward
+    never calls its hook, yet it steps with what it accumulated, as ``step()`` would."""
+    model, ours, ref_model, theirs = twins("Adam", {"lr": 1e-2})
+    generator = torch.Generator().manual_seed(4)
+    for tokens, targets in batches(3, torch.float32):
+        features = torch.randn(3, 16, generator=generator)
+        with ours.no_step():
+            loss_of(model, tokens, targets).backward()
+        model.head(features).sum().backward()  # the head's gradients only
+        loss_of(ref_model, tokens, targets).backward()
+        ref_model.head(features).sum().backward()
+        theirs.step()
+        theirs.zero_grad()
+    assert_same(model, ours, ref_model, theirs)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_resume_from_a_state_dict_is_bit_identical():
     model, ours, ref_model, theirs = twins("AdamW", {"lr": 1e-2, "amsgrad": True})
     train(model, ours, 3, True)
