@@ -60,9 +60,9 @@ class Config:
         self.context, self.batch = (32, 8) if quick else (64, 16)
         self.steps = steps or (40 if quick else 400)
         self.characters = characters or (200_000 if quick else 2_000_000)
-        self.evaluate_every = max(1, self.steps // 20)
+        self.evaluate_every = max(1, self.steps // (5 if quick else 20))
         self.lr, self.weight_decay = 3e-3, 0.01
-        self.held_out_batches = 4 if quick else 16
+        self.held_out_batches = 2 if quick else 16
 
 
 def standard_library_text(characters):
