@@ -6,7 +6,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
-from . import binding
+from . import binding, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -26,16 +26,27 @@ class Adagrad(FlatOptimizer):
     group added later (or whose entry user code cleared) gets it at its first step.
     ``foreach`` and ``fused`` are accepted (the step is always one fused launch);
     ``differentiable=True`` is rejected. ``flat_gradients``, ``fused_zero_grad`` and
-    ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    ``state_dtype``: as in `fastmomentum.SGD` (``"int8_blockwise"``: ``sum`` as codes
+    and absmax, `fastmomentum.quantized`, starting as every element
+    ``initial_accumulator_value`` in float32: each block's absmax, and the top code).
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
     and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
     """
 
     scalar_state = {"step": 0.0}
-    state_keys = (*rules.adagrad.STEP.state, "master_param")
-    optional_state_keys = ("master_param",)
     supports_master_weights = True
+    supports_quantized_state = True
+
+    @property
+    def state_keys(self):
+        if self.quantized:
+            return quantized.keys(rules.adagrad.STEP.state)
+        return (*rules.adagrad.STEP.state, "master_param")
+
+    @property
+    def optional_state_keys(self):
+        return () if self.quantized else ("master_param",)
 
     def __init__(
         self,
@@ -83,10 +94,14 @@ class Adagrad(FlatOptimizer):
     def fresh_state(self, group, bucket):
         # torch starts every sum from the constructor's value, whatever a group says
         value = host_float(self.defaults["initial_accumulator_value"], "initial_accumulator_value")
-        bucket.state("sum").flat.fill_(value)
+        if bucket.quantized:
+            quantized.fill(bucket.state, "sum", value)
+        else:
+            bucket.state("sum").flat.fill_(value)
 
     def state_names(self, group):
-        return rules.adagrad.STEP.state
+        names = rules.adagrad.STEP.state
+        return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
         return (
@@ -142,7 +157,7 @@ class Adagrad(FlatOptimizer):
                 dtype, bucket.step_counts[table.rows], lr, lr_decay
             )
 
-        step = rules.adagrad.STEP
+        step, columns = quantized.launched(rules.adagrad.STEP, rules.adagrad.STEP.state, bucket)
         plan.launch(
-            step.state, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
+            columns, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
         )

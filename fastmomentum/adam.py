@@ -32,11 +32,12 @@ class Adam(FlatOptimizer):
     ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
     (bfloat16 ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
 
-    ``state_dtype="int8_blockwise"`` (float32, bfloat16 and float16 parameters; not with
-    AMSGrad): the moments are kept in 8 bits per element plus a float32 absmax per
-    block of 256 (`fastmomentum.quantized`), decoded, updated in float32 and encoded
-    again in the same pass; ``state[p]`` holds ``exp_avg_codes``, ``exp_avg_absmax``,
-    ``exp_avg_sq_codes`` and ``exp_avg_sq_absmax`` in place of the moments.
+    ``state_dtype="int8_blockwise"`` (float32, bfloat16 and float16 parameters): the
+    moments are kept in 8 bits per element plus a float32 absmax per block of 256
+    (`fastmomentum.quantized`), decoded, updated in float32 and encoded again in the
+    same pass; ``state[p]`` holds ``exp_avg_codes``, ``exp_avg_sq_codes``,
+    ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` in place of the moments (with AMSGrad
+    ``max_exp_avg_sq_codes`` and ``max_exp_avg_sq_absmax`` too).
 
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
@@ -92,34 +93,31 @@ class Adam(FlatOptimizer):
             step_in_backward,
         )
 
-    _full_precision_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-
     @property
     def state_keys(self):
-        return quantized.STATE_KEYS if self.quantized else self._full_precision_keys
+        if self.quantized:
+            return quantized.keys(rules.adam.STEP.state)
+        return (*rules.adam.STEP.state, "master_param")
 
     @property
     def optional_state_keys(self):
-        """``max_exp_avg_sq`` is kept, as torch keeps it, when AMSGrad is switched off,
-        and starts at zero for a parameter with state when it is switched on (where
-        torch raises KeyError). ``master_param`` (``master_weights=True``) starts as the
-        parameter when a checkpoint has none."""
-        return () if self.quantized else ("max_exp_avg_sq", "master_param")
+        """``max_exp_avg_sq`` (8-bit: its codes and absmax) is kept, as torch keeps it,
+        when AMSGrad is switched off, and starts at zero for a parameter with state when
+        it is switched on (where torch raises KeyError). ``master_param``
+        (``master_weights=True``) starts as the parameter when a checkpoint has none."""
+        if self.quantized:
+            return quantized.keys(("max_exp_avg_sq",))
+        return ("max_exp_avg_sq", "master_param")
 
     supports_master_weights = True
     supports_quantized_state = True
 
     def state_names(self, group):
-        if self.quantized:
-            return quantized.STATE_KEYS
-        return self.state_keys[:3] if group["amsgrad"] else self.state_keys[:2]
+        names = rules.adam.STEP.state if group["amsgrad"] else rules.adam.STEP.state[:2]
+        return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
-        if group["amsgrad"] and self.quantized:
-            raise ValueError(
-                f"amsgrad=True is not implemented with state_dtype={quantized.INT8_BLOCKWISE!r}"
-            )
         return (
             _as_torch_computes(group["lr"], "lr"),
             (_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),
@@ -159,12 +157,8 @@ class Adam(FlatOptimizer):
                 dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
             ),
         )
-        if bucket.quantized:
-            columns, kernel = quantized.STATE_KEYS, bucket.kernels.adam_blockwise
-            arguments = (coefficients,)
-        else:
-            columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
-            kernel, arguments = bucket.kernels.launch, (rules.adam.STEP, coefficients, (amsgrad,))
+        columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
+        step, columns = quantized.launched(rules.adam.STEP, columns, bucket)
 
         def count_step(table):  # each parameter's step count, and its bias corrections
             step = bucket.count_steps(table.rows)
@@ -177,7 +171,8 @@ class Adam(FlatOptimizer):
                 table.note = (step, lr, betas)
                 table.entry_values[:] = rules.adam.step_coefficients(dtype, step, lr, betas)
 
-        plan.launch(columns, rules.adam.STEP.entry_width, count_step, kernel, *arguments)
+        kernel = bucket.kernels.launch
+        plan.launch(columns, step.entry_width, count_step, kernel, step, coefficients, (amsgrad,))
 
 
 def _as_torch_computes(value, name):

@@ -7,6 +7,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
+from . import quantized
 from .collectives import summed_over_shards
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
@@ -29,14 +30,23 @@ class LAMB(FlatOptimizer):
     step) and how it differs from Apex's FusedLAMB and DeepSpeed's are in
     `fastmomentum.kernels.rules.lamb`. A step is two launches per bucket: the moments
     and the per-tensor norms (a segmented reduction in the same pass), then the update
-    (``u`` computed again from the new moments). float32 and float64 parameters; a
+    (``u`` computed again from the new moments). ``state_dtype="int8_blockwise"``
+    (float32 parameters) keeps the moments as codes and absmax
+    (`fastmomentum.quantized`): ``‖u‖`` is then that of ``u`` from the new moments
+    before they are encoded, the update applies ``u`` from their codes. float32 and
+    float64 parameters; a
     DTensor (FSDP2) parameter's norms are its whole tensor's (its shards' sums of
     squares added up across ranks, one ``all_reduce`` per mesh a step).
     """
 
     scalar_state = {"step": 0.0}
-    state_keys = ("exp_avg", "exp_avg_sq")
     param_dtypes = (torch.float32, torch.float64)
+    supports_quantized_state = True
+
+    @property
+    def state_keys(self):
+        names = rules.lamb.DIRECTION.state
+        return quantized.keys(names) if self.quantized else names
 
     def __init__(
         self,
@@ -49,11 +59,17 @@ class LAMB(FlatOptimizer):
         *,
         maximize: bool = False,
         flat_gradients: bool = False,
+        state_dtype: str | None = None,
         fused_zero_grad: bool = False,
         step_in_backward: bool = False,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
+        if state_dtype is torch.bfloat16:
+            raise ValueError(
+                "LAMB keeps its moments in the parameters' dtype (state_dtype=None) or in "
+                f"8 bits (state_dtype={quantized.INT8_BLOCKWISE!r}), not in bfloat16"
+            )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -66,7 +82,7 @@ class LAMB(FlatOptimizer):
             params,
             defaults,
             flat_gradients,
-            None,
+            state_dtype,
             fused_zero_grad,
             step_in_backward=step_in_backward,
         )
@@ -124,10 +140,12 @@ class LAMB(FlatOptimizer):
                 dtype, measured["corrections"], measured["norms"], lr
             )
 
-        direction, apply = rules.lamb.DIRECTION, rules.lamb.APPLY
+        moments = rules.lamb.DIRECTION.state  # the update pass reads what the first wrote
+        direction, columns = quantized.launched(rules.lamb.DIRECTION, moments, bucket)
+        apply, _ = quantized.launched(rules.lamb.APPLY, moments, bucket)
         plan.launch_passes(
             [
-                (direction.state, 2, count_step, direction_and_norms, (direction, coefficients)),
-                (apply.state, 3, trust, bucket.kernels.launch, (apply, apply_coefficients)),
+                (columns, 2, count_step, direction_and_norms, (direction, coefficients)),
+                (columns, 3, trust, bucket.kernels.launch, (apply, apply_coefficients)),
             ]
         )

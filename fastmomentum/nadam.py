@@ -5,6 +5,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
+from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -27,16 +28,26 @@ class NAdam(FlatOptimizer):
 
     ``foreach`` is accepted for compatibility; ``capturable=True`` and
     ``differentiable=True`` are rejected. ``flat_gradients``, ``fused_zero_grad`` and
-    ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    ``state_dtype``: as in `fastmomentum.SGD` (``"int8_blockwise"``: ``exp_avg`` and
+    ``exp_avg_sq`` as codes and absmax, `fastmomentum.quantized`).
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
     and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
     """
 
     scalar_state = {"step": 0.0, "mu_product": 1.0}
-    state_keys = (*rules.nadam.STEP.state, "master_param")
-    optional_state_keys = ("master_param",)
     supports_master_weights = True
+    supports_quantized_state = True
+
+    @property
+    def state_keys(self):
+        if self.quantized:
+            return quantized.keys(rules.nadam.STEP.state)
+        return (*rules.nadam.STEP.state, "master_param")
+
+    @property
+    def optional_state_keys(self):
+        return () if self.quantized else ("master_param",)
 
     def __init__(
         self,
@@ -83,7 +94,8 @@ class NAdam(FlatOptimizer):
         )
 
     def state_names(self, group):
-        return rules.nadam.STEP.state
+        names = rules.nadam.STEP.state
+        return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
@@ -131,7 +143,7 @@ class NAdam(FlatOptimizer):
             table.entry_values[:] = values
             table.note = None
 
-        step = rules.nadam.STEP
+        step, columns = quantized.launched(rules.nadam.STEP, rules.nadam.STEP.state, bucket)
         plan.launch(
-            step.state, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
+            columns, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
         )

@@ -129,8 +129,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError("master_weights=True keeps float32 state; leave state_dtype None")
         if state_dtype == INT8_BLOCKWISE and not self.supports_quantized_state:
             raise ValueError(
-                f"state_dtype={INT8_BLOCKWISE!r} is implemented for SGD, Adam and AdamW, "
-                f"not {type(self).__name__}"
+                f"state_dtype={INT8_BLOCKWISE!r} is not implemented for {type(self).__name__}: "
+                "its rules declare no 8-bit codes (fastmomentum.kernels.steps.Step.codes)"
             )
 
     # --- what a subclass says ---------------------------------------------------------

@@ -6,6 +6,7 @@ from torch.optim.rmsprop import rmsprop
 
 from fastmomentum.kernels import rules
 
+from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -28,16 +29,30 @@ class RMSprop(FlatOptimizer):
     parameter with state when momentum or centering is switched on later (torch
     raises ``KeyError`` there). ``foreach`` is accepted for compatibility;
     ``capturable=True`` and ``differentiable=True`` are rejected. ``flat_gradients``,
-    ``fused_zero_grad`` and ``state_dtype=torch.bfloat16``: as in `fastmomentum.SGD`.
+    ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
+    (``"int8_blockwise"``: ``square_avg`` and ``momentum_buffer`` as codes and absmax,
+    `fastmomentum.quantized`; not centered: 8-bit ``square_avg`` and ``grad_avg`` leave
+    their difference, the variance, too imprecise).
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
     and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
     """
 
     scalar_state = {"step": 0.0}
-    state_keys = (*rules.rmsprop.STEP.state, "master_param")
-    optional_state_keys = ("momentum_buffer", "grad_avg", "master_param")
     supports_master_weights = True
+    supports_quantized_state = True
+
+    @property
+    def state_keys(self):
+        if self.quantized:  # not centered (see `settings`): no grad_avg
+            return quantized.keys(("square_avg", "momentum_buffer"))
+        return (*rules.rmsprop.STEP.state, "master_param")
+
+    @property
+    def optional_state_keys(self):
+        if self.quantized:
+            return quantized.keys(("momentum_buffer",))
+        return ("momentum_buffer", "grad_avg", "master_param")
 
     def __init__(
         self,
@@ -88,9 +103,15 @@ class RMSprop(FlatOptimizer):
             names.append("momentum_buffer")
         if centered:
             names.append("grad_avg")
-        return tuple(names)
+        return quantized.keys(names) if self.quantized else tuple(names)
 
     def settings(self, group):
+        if group["centered"] and self.quantized:
+            raise ValueError(
+                f"centered=True is not implemented with state_dtype={quantized.INT8_BLOCKWISE!r}: "
+                "with square_avg s and grad_avg g each within 1/16 of its value, the variance "
+                "s - g^2 is off by up to 3/16 of s, negative (NaN) where it is smaller"
+            )
         return (
             host_float(group["lr"], "lr"),
             host_float(group["alpha"], "alpha"),
@@ -144,12 +165,12 @@ class RMSprop(FlatOptimizer):
                 dtype, lr, alpha, eps, weight_decay, momentum, maximize, grad_scale
             ),
         )
-        step = rules.rmsprop.STEP
         columns = (
             "square_avg",
             "momentum_buffer" if momentum > 0 else None,
             "grad_avg" if centered else None,
         )
+        step, columns = quantized.launched(rules.rmsprop.STEP, columns, bucket)
         flags = (momentum > 0, centered)
         plan.launch(
             columns,

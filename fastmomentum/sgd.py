@@ -106,7 +106,7 @@ class SGD(FlatOptimizer):
 
     @property
     def state_keys(self):
-        return quantized.SGD_STATE_KEYS if self.quantized else self._full_precision_keys
+        return quantized.keys(("momentum_buffer",)) if self.quantized else self._full_precision_keys
 
     @property
     def optional_state_keys(self):
@@ -203,10 +203,6 @@ class SGD(FlatOptimizer):
                 table.entry_values[:] = 0
                 table.note = "no first steps"
 
-        if bucket.quantized:
-            columns, kernel = quantized.SGD_STATE_KEYS, bucket.kernels.sgd_momentum_blockwise
-            arguments = (coefficients, nesterov)
-        else:
-            columns, kernel = rules.sgd.MOMENTUM.state, bucket.kernels.launch
-            arguments = (rules.sgd.MOMENTUM, coefficients, (nesterov,))
-        plan.launch(columns, 1, mark_first_steps, kernel, *arguments)
+        step, columns = quantized.launched(rules.sgd.MOMENTUM, rules.sgd.MOMENTUM.state, bucket)
+        kernel = bucket.kernels.launch
+        plan.launch(columns, 1, mark_first_steps, kernel, step, coefficients, (nesterov,))

@@ -28,16 +28,17 @@ import types
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange  # noqa: F401 (prange: the generated loops)
 from numba.np.ufunc import parallel
 
 from . import config, diskcache
-from .elements import adam_blockwise_at, element, segment_source, sgd_momentum_blockwise_at
-from .pointers import pointer_to, prefetch
-from .quantization import (
+from .elements import element, segment_source
+from .pointers import pointer_to, prefetch  # noqa: F401 (the generated loops)
+from .quantization import (  # noqa: F401 (the generated loops)
+    ABSMAX_ZERO,
     BLOCK,
-    SIGNED_CODE,
-    UNSIGNED_CODE,
+    SIGNED_CODE_ZERO,
+    UNSIGNED_CODE_ZERO,
     encode_signed,
     encode_unsigned,
     float_of_bits,
@@ -50,7 +51,7 @@ from .quantization import (
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "eb7b749987d9d9f9"
+RULES_DIGEST = "0d9a8f2e0499d88a"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -80,7 +81,9 @@ def loop(step):
     The loop walks its part's segments; per segment it makes a typed pointer per array
     and reads the entry's values and entry flags, then steps the elements, in chunks of
     `CHUNK` with a software prefetch `AHEAD` elements on when ``PREFETCH`` (else one
-    chunk), with one inner loop per combination of entry flags.
+    chunk), with one inner loop per combination of entry flags. Over block-wise 8-bit
+    state (`steps.int8_blockwise`) it steps one block of `BLOCK` elements at a time
+    (`_blockwise_loop_source`).
     """
     return _generated_loop(step)
 
@@ -94,22 +97,9 @@ def _generated_loop(step):
 
 def loop_source(step):
     """The source of `loop` (readable: ``print(loop_source(rules.adam.STEP))``)."""
-    partials = ", partials" if step.squares else ""
-    lines = [
-        f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, "
-        f"formats{partials}):",
-        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
-        "    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED",
-        "    for part in prange(part_starts.size - 1):",
-    ]
-    if step.squares:  # a zero in the computing dtype
-        lines.append("        zero = np.zeros(1, entry_values.dtype)[0]")
-    lines += [
-        "        for segment in range(part_starts[part], part_starts[part + 1]):",
-        "            entry, begin = segments[segment, 0], segments[segment, 1]",
-        "            end = segments[segment, 2]",
-        *segment_source(step, "            "),
-    ]
+    if step.blockwise:
+        return _blockwise_loop_source(step)
+    lines = _loop_head(step)
     whole = "SQUARES_CHUNK" if step.squares else "max(end - begin, 1)"
     lines += [
         f"            reach = CHUNK if PREFETCH else {whole}",
@@ -117,8 +107,7 @@ def loop_source(step):
         "                if PREFETCH:",
         "                    ahead = min(chunk + AHEAD, end - 1)",
     ]
-    always = [name for name in step.state if step.optional_flag(name) is None]
-    for name in ("param", "grad", *always):
+    for name in ("param", "grad", *_always(step)):
         lines.append(f"                    prefetch({name}, ahead)")
     lines.append("                stop = min(chunk + reach, end)")
     sums = range(len(step.squares))  # per chunk in the computing dtype (SQUARES_CHUNK)
@@ -127,6 +116,33 @@ def loop_source(step):
     lines += [f"                sum{k} += np.float64(chunk_sum{k})" for k in sums]
     lines += [f"            partials[segment, {k}] = sum{k}" for k in sums]
     return "\n".join(lines) + "\n"
+
+
+def _loop_head(step):
+    """A loop's lines down to its segment's set-up (`elements.segment_source`)."""
+    partials = ", partials" if step.squares else ""
+    lines = [
+        f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, "
+        f"formats{partials}):",
+        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
+        "    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED",
+        "    for part in prange(part_starts.size - 1):",
+    ]
+    if step.blockwise and step.written:  # one block's new state values, per state
+        lines.append(f"        new_values = np.empty(({len(step.written)}, BLOCK), np.float32)")
+    if step.squares:  # a zero in the computing dtype
+        lines.append("        zero = np.zeros(1, entry_values.dtype)[0]")
+    return lines + [
+        "        for segment in range(part_starts[part], part_starts[part + 1]):",
+        "            entry, begin = segments[segment, 0], segments[segment, 1]",
+        "            end = segments[segment, 2]",
+        *segment_source(step, "            "),
+    ]
+
+
+def _always(step):
+    """The state arrays a step always reads (not `steps.Step.optional`)."""
+    return [name for name in step.state if step.optional_flag(name) is None]
 
 
 def _cases(step, entry_flags, known, indent):
@@ -140,10 +156,13 @@ def _cases(step, entry_flags, known, indent):
             f"{indent}else:",
             *_cases(step, rest, (*known, "False"), indent + "    "),
         ]
-    arguments = ["i", "param", "grad", *step.state, "coefficients", "values"]
+    absmax = [f"{name}_before" for name in step.state if step.blockwise]
+    arguments = ["i", "param", "grad", *step.state, *absmax, "coefficients", "values"]
     arguments += [flag.upper() for flag in step.flags]
     arguments += [*known, "CLEAR_GRADS", "mirror", "MIRRORED"]
     call = f"ELEMENT({', '.join(arguments)})"
+    if step.blockwise:
+        return _blockwise_elements(step, call, indent)
     if not step.squares:
         return [f"{indent}for i in range(chunk, stop):", f"{indent}    {call}"]
     lines = [f"{indent}for i in range(chunk, stop):", f"{indent}    summed = {call}"]
@@ -152,102 +171,80 @@ def _cases(step, entry_flags, known, indent):
     return lines
 
 
-#: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
-_SIGNED_CODE, _UNSIGNED_CODE, _ABSMAX = SIGNED_CODE(0), UNSIGNED_CODE(0), np.float32(0)
+# --- block-wise 8-bit state -----------------------------------------------------------
 
 
-def _adam_blockwise(addresses, segments, part_starts, entry_values, coefficients, formats):
-    """`rules.adam` over (param, grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax,
-    exp_avg_sq absmax): block-wise 8-bit moments (`kernels.quantization`). Segments
-    start at block boundaries, so each block is one thread's, in two passes: the step,
-    keeping the new moments and their largest magnitudes, then their codes on the new
-    absmax."""
-    stored_param, stored_grad, _, _ = formats
-    for part in prange(part_starts.size - 1):
-        moments = np.empty((2, BLOCK), np.float32)  # one block's new exp_avg, exp_avg_sq
-        for segment in range(part_starts[part], part_starts[part + 1]):
-            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], stored_param)
-            grad = pointer_to(addresses[entry, 1], stored_grad)
-            exp_avg = pointer_to(addresses[entry, 2], _SIGNED_CODE)
-            exp_avg_sq = pointer_to(addresses[entry, 3], _UNSIGNED_CODE)
-            exp_avg_absmax = pointer_to(addresses[entry, 4], _ABSMAX)
-            exp_avg_sq_absmax = pointer_to(addresses[entry, 5], _ABSMAX)
-            step = (entry_values[entry, 0], entry_values[entry, 1])
-            for start in range(begin, end, BLOCK):
-                stop, block = min(start + BLOCK, end), start // BLOCK
-                ahead = min(start + AHEAD, end - 1)
-                for line in range(ahead, min(ahead + BLOCK, end), 16):  # 64-byte lines
-                    prefetch(param, line)
-                    prefetch(grad, line)
-                for line in range(ahead, min(ahead + BLOCK, end), 64):
-                    prefetch(exp_avg, line)
-                    prefetch(exp_avg_sq, line)
-                old_exp_avg_absmax = exp_avg_absmax[block]
-                old_exp_avg_sq_absmax = exp_avg_sq_absmax[block]
-                exp_avg_top, exp_avg_sq_top = np.int32(0), np.int32(0)
-                for i in range(start, stop):
-                    new_exp_avg, new_exp_avg_sq = adam_blockwise_at(
-                        i, param, grad, exp_avg, exp_avg_sq, old_exp_avg_absmax,
-                        old_exp_avg_sq_absmax, coefficients, step, CLEAR_GRADS,
-                    )  # fmt: skip
-                    moments[0, i - start] = new_exp_avg
-                    moments[1, i - start] = new_exp_avg_sq
-                    exp_avg_top = max(exp_avg_top, magnitude_bits(new_exp_avg))
-                    exp_avg_sq_top = max(exp_avg_sq_top, magnitude_bits(new_exp_avg_sq))
-                exp_avg_absmax[block] = float_of_bits(exp_avg_top)
-                exp_avg_sq_absmax[block] = float_of_bits(exp_avg_sq_top)
-                exp_avg_inverse = inverse(exp_avg_absmax[block])
-                exp_avg_sq_inverse = inverse(exp_avg_sq_absmax[block])
-                for i in range(start, stop):
-                    exp_avg[i] = encode_signed(moments[0, i - start], exp_avg_inverse)
-                    exp_avg_sq[i] = encode_unsigned(moments[1, i - start], exp_avg_sq_inverse)
+def _blockwise_loop_source(step):
+    """`loop_source` over block-wise 8-bit state (`steps.int8_blockwise`). Segments
+    start at block boundaries, so each block is one thread's, in two passes: the step
+    of its elements, keeping their new state values and each state's largest magnitude
+    (as integer bits: a running integer maximum vectorises), then their codes on the
+    new absmax. The codes of the block ``AHEAD`` elements on are prefetched."""
+    lines = _loop_head(step)
+    lines += [
+        "            for start in range(begin, end, BLOCK):",
+        "                stop, block = min(start + BLOCK, end), start // BLOCK",
+        "                ahead = min(start + AHEAD, end - 1)",
+        "                for line in range(ahead, min(ahead + BLOCK, end), 16):  # 64-byte lines",
+        "                    prefetch(param, line)",
+        "                    prefetch(grad, line)",
+        "                for line in range(ahead, min(ahead + BLOCK, end), 64):",
+        *[f"                    prefetch({name}, line)" for name in _always(step)],
+    ]
+    for name in step.state:  # the block's absmax before the step
+        before = f"{name}_absmax[block]"
+        flag = step.optional_flag(name)
+        if flag:
+            before = f"{before} if {flag.upper()} else ABSMAX_ZERO"
+        lines.append(f"                {name}_before = {before}")
+    lines += [f"                top{k} = np.int32(0)" for k in range(len(step.written))]
+    sums = range(len(step.squares))  # per block in the computing dtype
+    lines += [f"                chunk_sum{k} = zero" for k in sums]
+    lines += _cases(step, step.entry_flags, (), "                ")
+    lines += [f"                sum{k} += np.float64(chunk_sum{k})" for k in sums]
+    lines += _blockwise_codes(step, "                ")
+    lines += [f"            partials[segment, {k}] = sum{k}" for k in sums]
+    return "\n".join(lines) + "\n"
 
 
-def _sgd_momentum_blockwise(addresses, segments, part_starts, entry_values, coefficients, formats):
-    """`rules.sgd.momentum` over (param, grad, momentum_buffer codes, their absmax): an
-    8-bit buffer (`kernels.quantization`), each block in two passes as in
-    `_adam_blockwise`; ``entry_values[e, 0]`` is 1 on the entry's first step."""
-    stored_param, stored_grad, _, _ = formats
-    for part in prange(part_starts.size - 1):
-        velocities = np.empty(BLOCK, np.float32)  # one block's new momentum buffer
-        for segment in range(part_starts[part], part_starts[part + 1]):
-            entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-            param = pointer_to(addresses[entry, 0], stored_param)
-            grad = pointer_to(addresses[entry, 1], stored_grad)
-            velocity = pointer_to(addresses[entry, 2], _SIGNED_CODE)
-            velocity_absmax = pointer_to(addresses[entry, 3], _ABSMAX)
-            first_step = entry_values[entry, 0] != 0
-            for start in range(begin, end, BLOCK):
-                stop, block = min(start + BLOCK, end), start // BLOCK
-                ahead = min(start + AHEAD, end - 1)
-                for line in range(ahead, min(ahead + BLOCK, end), 16):  # 64-byte lines
-                    prefetch(param, line)
-                    prefetch(grad, line)
-                for line in range(ahead, min(ahead + BLOCK, end), 64):
-                    prefetch(velocity, line)
-                old_absmax = velocity_absmax[block]
-                top = np.int32(0)
-                if first_step:  # a loop per case keeps each vectorised
-                    for i in range(start, stop):
-                        new_velocity = sgd_momentum_blockwise_at(
-                            i, param, grad, velocity, old_absmax, coefficients, NESTEROV, True,
-                            CLEAR_GRADS,
-                        )  # fmt: skip
-                        velocities[i - start] = new_velocity
-                        top = max(top, magnitude_bits(new_velocity))
-                else:
-                    for i in range(start, stop):
-                        new_velocity = sgd_momentum_blockwise_at(
-                            i, param, grad, velocity, old_absmax, coefficients, NESTEROV, False,
-                            CLEAR_GRADS,
-                        )  # fmt: skip
-                        velocities[i - start] = new_velocity
-                        top = max(top, magnitude_bits(new_velocity))
-                velocity_absmax[block] = float_of_bits(top)
-                scale = inverse(velocity_absmax[block])
-                for i in range(start, stop):
-                    velocity[i] = encode_signed(velocities[i - start], scale)
+def _guarded(step, name, lines, indent):
+    """``lines`` at ``indent``, under ``if FLAG:`` for an optional state ``name``."""
+    flag = step.optional_flag(name)
+    if flag is None:
+        return [indent + line for line in lines]
+    return [f"{indent}if {flag.upper()}:", *(f"{indent}    {line}" for line in lines)]
+
+
+def _blockwise_elements(step, call, indent):
+    """A block's first pass: the element steps, their new state values and maxima."""
+    written = step.written
+    lines = [f"{indent}for i in range(start, stop):"]
+    lines.append(f"{indent}    new = {call}" if written or step.squares else f"{indent}    {call}")
+    for k, name in enumerate(written):
+        kept = [f"new_values[{k}, i - start] = new[{k}]"]
+        kept.append(f"top{k} = max(top{k}, magnitude_bits(new[{k}]))")
+        lines += _guarded(step, name, kept, indent + "    ")
+    for k in range(len(step.squares)):
+        j = len(written) + k
+        lines.append(f"{indent}    chunk_sum{k} += new[{j}] * new[{j}]")
+    return lines
+
+
+def _blockwise_codes(step, indent):
+    """A block's second pass: each written state's new absmax, then its codes."""
+    written = step.written
+    if not written:
+        return []
+    lines = []
+    for k, name in enumerate(written):
+        lines.append(f"{indent}absmax{k} = float_of_bits(top{k})")
+        lines += _guarded(step, name, [f"{name}_absmax[block] = absmax{k}"], indent)
+        lines.append(f"{indent}inverse{k} = inverse(absmax{k})")
+    lines.append(f"{indent}for i in range(start, stop):")
+    for k, name in enumerate(written):
+        code = f"{name}[i] = encode_{step.code_kind(name)}(new_values[{k}, i - start], inverse{k})"
+        lines += _guarded(step, name, [code], indent + "    ")
+    return lines
 
 
 @functools.cache
@@ -339,14 +336,16 @@ def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0
 
 def launch(table, step, coefficients, flags=()):
     """Apply ``step``'s rule (a `steps.Step`) in place over ``table``, whose columns are
-    param, grad and ``step.state``; ``coefficients``: its ``step.coefficients`` as a
+    param, grad and ``step.state`` (8-bit state: its codes, then its absmax, as
+    `steps.int8_blockwise` says); ``coefficients``: its ``step.coefficients`` as a
     plain tuple in the table's dtype (`kernels.hyperparameters`), ``flags`` the values
     of ``step.flags``, in order. Returns the per-entry sums of ``step.squares`` (a
     float64 array), or None."""
     variant = _variants.get((id(step), flags))
     if variant is None:  # once per rule and flags: a step's launch costs ≈1 µs less
         constants = tuple((name.upper(), bool(value)) for name, value in zip(step.flags, flags))
-        variant = (loop(step), constants, 1, tuple(sorted(step.fastmath)), len(step.squares))
+        block = BLOCK if step.blockwise else 1  # segments start at block boundaries
+        variant = (loop(step), constants, block, tuple(sorted(step.fastmath)), len(step.squares))
         _variants[(id(step), flags)] = variant
     return _launch(variant[0], table, coefficients, *variant[1:])
 
@@ -354,17 +353,3 @@ def launch(table, step, coefficients, flags=()):
 #: `launch`'s arguments of `_launch` per (rule's `Step`, flags): the steps are module
 #: constants of `kernels.rules`, so their ids are stable.
 _variants = {}
-
-
-def adam_blockwise(table, coefficients):
-    """Adam/AdamW (`rules.adam`, no AMSGrad) with block-wise 8-bit moments over a (param,
-    grad, exp_avg codes, exp_avg_sq codes, exp_avg absmax, exp_avg_sq absmax) table
-    (`kernels.quantization`); coefficients and entry values as `adam`'s."""
-    _launch(_adam_blockwise, table, coefficients, block=BLOCK, fastmath=("arcp",))
-
-
-def sgd_momentum_blockwise(table, coefficients, nesterov):
-    """SGD with momentum (`rules.sgd.momentum`) and an 8-bit momentum buffer over a
-    (param, grad, momentum_buffer codes, momentum_buffer absmax) table; coefficients and
-    entry values as `sgd_momentum`'s."""
-    _launch(_sgd_momentum_blockwise, table, coefficients, (("NESTEROV", bool(nesterov)),), BLOCK)

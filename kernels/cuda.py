@@ -2,7 +2,8 @@
 
 The same tables as the CPU kernels (`kernels.tables`): each block takes segments of at
 most ``config.cuda_chunk()`` elements (grid-stride over the segments) and its threads
-stride through the segment's elements. The functions at the bottom have the CPU
+stride through the segment's elements; over block-wise 8-bit state a segment is one
+block of state and a CUDA block has a thread per element. The functions at the bottom have the CPU
 kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the table's small
 host arrays reach the GPU; by default a Numba copy on ``stream``). Importing this module
 needs numba-cuda.
@@ -17,11 +18,19 @@ from numba import config as numba_config
 from numba import cuda, float32, float64  # noqa: F401 (float64: generated kernels)
 
 from . import config, diskcache, precision, quantization
-from .elements import adam_blockwise_at, element, segment_source, sgd_momentum_blockwise_at
+from .elements import element, segment_source
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
-from .quantization import BLOCK, encode_signed, encode_unsigned, inverse
-from .rules.common import nan_max
+from .quantization import (  # noqa: F401 (generated kernels)
+    ABSMAX_ZERO,
+    BLOCK,
+    SIGNED_CODE_ZERO,
+    UNSIGNED_CODE_ZERO,
+    encode_signed,
+    encode_unsigned,
+    inverse,
+)
+from .rules.common import nan_max  # noqa: F401 (generated kernels)
 
 # A small table gets a small grid on purpose; numba-cuda would warn about each launch.
 warnings.filterwarnings(
@@ -33,7 +42,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "eb7b749987d9d9f9"
+RULES_DIGEST = "0d9a8f2e0499d88a"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -62,17 +71,9 @@ def _generated_kernel(step):
 
 def kernel_source(step):
     """The source of `kernel` (readable: ``print(kernel_source(rules.adam.STEP))``)."""
-    flags = "".join(f", {flag}" for flag in step.flags)
-    partials = ", partials" if step.squares else ""
-    lines = [
-        f"def _{step.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"mirrored{flags}{partials}):",
-        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
-        "    last = addresses.shape[1] - 1  # the mirror column, when mirrored",
-        "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
-        "        entry = segments[segment, 0]",
-        *segment_source(step, "        "),
-    ]
+    if step.blockwise:
+        return _blockwise_kernel_source(step)
+    lines = _kernel_head(step)
     arguments = ["i", "param", "grad", *step.state, "coefficients", "values", *step.flags]
     arguments += [*step.entry_flags, "clear", "mirror", "mirrored"]
     call = f"ELEMENT({', '.join(arguments)})"
@@ -91,94 +92,97 @@ def kernel_source(step):
     return "\n".join(lines) + "\n"
 
 
-#: Element types of block-wise 8-bit state, as the zero scalars `pointer_to` types on.
-_SIGNED_CODE = quantization.SIGNED_CODE(0)
-_UNSIGNED_CODE = quantization.UNSIGNED_CODE(0)
-_ABSMAX = np.float32(0)
+def _kernel_head(step, shared=()):
+    """A kernel's lines down to its segment's set-up (`elements.segment_source`), with
+    the ``shared`` lines (shared arrays) before its grid-stride loop."""
+    flags = "".join(f", {flag}" for flag in step.flags)
+    partials = ", partials" if step.squares else ""
+    return [
+        f"def _{step.name}(addresses, segments, entry_values, coefficients, formats, clear, "
+        f"mirrored{flags}{partials}):",
+        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
+        "    last = addresses.shape[1] - 1  # the mirror column, when mirrored",
+        *shared,
+        "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
+        "        entry = segments[segment, 0]",
+        *segment_source(step, "        "),
+    ]
 
 
-@cuda.jit(cache=diskcache.available(__file__))
-def _adam_blockwise(addresses, segments, entry_values, coefficients, formats, clear, mirrored):
-    """Block-wise 8-bit Adam (`kernels.cpu._adam_blockwise`): a CUDA block of `BLOCK`
-    threads per block of state, one element each; the block's new absmax is a
-    reduction in shared memory between the step and the codes."""
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    exp_avg_top = cuda.shared.array(BLOCK, float32)
-    exp_avg_sq_top = cuda.shared.array(BLOCK, float32)
-    thread = cuda.threadIdx.x
-    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
-        entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-        param = pointer_to(addresses[entry, 0], stored_param)
-        grad = pointer_to(addresses[entry, 1], stored_grad)
-        exp_avg = pointer_to(addresses[entry, 2], _SIGNED_CODE)
-        exp_avg_sq = pointer_to(addresses[entry, 3], _UNSIGNED_CODE)
-        exp_avg_absmax = pointer_to(addresses[entry, 4], _ABSMAX)
-        exp_avg_sq_absmax = pointer_to(addresses[entry, 5], _ABSMAX)
-        step = (entry_values[entry, 0], entry_values[entry, 1])
-        block, i = begin // BLOCK, begin + thread
-        new_exp_avg, new_exp_avg_sq = _ABSMAX, _ABSMAX
-        if i < end:
-            new_exp_avg, new_exp_avg_sq = adam_blockwise_at(
-                i, param, grad, exp_avg, exp_avg_sq, exp_avg_absmax[block],
-                exp_avg_sq_absmax[block], coefficients, step, clear,
-            )  # fmt: skip
-        exp_avg_top[thread] = abs(new_exp_avg)
-        exp_avg_sq_top[thread] = new_exp_avg_sq
-        cuda.syncthreads()  # every thread has read the old absmax, and written its values
-        width = BLOCK // 2
-        while width > 0:
-            if thread < width:
-                exp_avg_top[thread] = nan_max(exp_avg_top[thread], exp_avg_top[thread + width])
-                exp_avg_sq_top[thread] = nan_max(
-                    exp_avg_sq_top[thread], exp_avg_sq_top[thread + width]
-                )
-            cuda.syncthreads()
-            width //= 2
-        if i < end:
-            exp_avg[i] = encode_signed(new_exp_avg, inverse(exp_avg_top[0]))
-            exp_avg_sq[i] = encode_unsigned(new_exp_avg_sq, inverse(exp_avg_sq_top[0]))
-        if thread == 0:
-            exp_avg_absmax[block] = exp_avg_top[0]
-            exp_avg_sq_absmax[block] = exp_avg_sq_top[0]
-        cuda.syncthreads()  # before the next segment overwrites the shared arrays
+def _blockwise_kernel_source(step):
+    """`kernel_source` over block-wise 8-bit state (`steps.int8_blockwise`): a CUDA
+    block of `BLOCK` threads per block of state, one element each. Each state's new
+    absmax, and the block's sums of squares, are reductions in shared memory between
+    the step and the codes."""
+    written, sums = range(len(step.written)), range(len(step.squares))
+    shared = [f"    top{k} = cuda.shared.array(BLOCK, float32)" for k in written]
+    shared += [f"    square{k} = cuda.shared.array(BLOCK, float64)" for k in sums]
+    shared.append("    thread = cuda.threadIdx.x")
+    lines = _kernel_head(step, shared)
+    lines.append("        begin, end = segments[segment, 1], segments[segment, 2]")
+    lines.append("        block, i = begin // BLOCK, begin + thread")
+    lines += [f"        new{k} = ABSMAX_ZERO" for k in written]
+    lines += _blockwise_step(step, "        ")
+    if not (step.written or step.squares):
+        return "\n".join(lines) + "\n"  # a pass that only reads its state
+    lines += [f"        top{k}[thread] = abs(new{k})" for k in written]
+    lines += [f"        square{k}[thread] = sum{k} * sum{k}" for k in sums]
+    lines += [
+        "        cuda.syncthreads()  # every thread has read the old absmax and kept its values",
+        "        width = BLOCK // 2",
+        "        while width > 0:",
+        "            if thread < width:",
+    ]
+    for k in written:
+        lines.append(
+            f"                top{k}[thread] = nan_max(top{k}[thread], top{k}[thread + width])"
+        )
+    lines += [f"                square{k}[thread] += square{k}[thread + width]" for k in sums]
+    lines += ["            cuda.syncthreads()", "            width //= 2"]
+    lines += _blockwise_codes(step, "        ")
+    lines.append(
+        "        cuda.syncthreads()  # before the next segment overwrites the shared arrays"
+    )
+    return "\n".join(lines) + "\n"
 
 
-@cuda.jit(cache=diskcache.available(__file__))
-def _sgd_momentum_blockwise(
-    addresses, segments, entry_values, coefficients, formats, clear, mirrored, nesterov
-):
-    """SGD momentum with an 8-bit buffer, a CUDA block per block of state, as
-    `_adam_blockwise`."""
-    stored_param, stored_grad, stored_state, stored_mirror = formats
-    top = cuda.shared.array(BLOCK, float32)
-    thread = cuda.threadIdx.x
-    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):
-        entry, begin, end = segments[segment, 0], segments[segment, 1], segments[segment, 2]
-        param = pointer_to(addresses[entry, 0], stored_param)
-        grad = pointer_to(addresses[entry, 1], stored_grad)
-        velocity = pointer_to(addresses[entry, 2], _SIGNED_CODE)
-        velocity_absmax = pointer_to(addresses[entry, 3], _ABSMAX)
-        first_step = entry_values[entry, 0] != 0
-        block, i = begin // BLOCK, begin + thread
-        new_velocity = _ABSMAX
-        if i < end:
-            new_velocity = sgd_momentum_blockwise_at(
-                i, param, grad, velocity, velocity_absmax[block], coefficients, nesterov,
-                first_step, clear,
-            )  # fmt: skip
-        top[thread] = abs(new_velocity)
-        cuda.syncthreads()
-        width = BLOCK // 2
-        while width > 0:
-            if thread < width:
-                top[thread] = nan_max(top[thread], top[thread + width])
-            cuda.syncthreads()
-            width //= 2
-        if i < end:
-            velocity[i] = encode_signed(new_velocity, inverse(top[0]))
-        if thread == 0:
-            velocity_absmax[block] = top[0]
-        cuda.syncthreads()
+def _blockwise_step(step, indent):
+    """The thread's element step, when it has an element: its new state values, and
+    its values to square (`steps.Step.squares`) as ``sum0``, … (0 without one)."""
+    before = []
+    for name in step.state:  # the absmax of the block, unread for a state not used
+        flag = step.optional_flag(name)
+        absmax = f"{name}_absmax[block]"
+        before.append(f"{absmax} if {flag} else ABSMAX_ZERO" if flag else absmax)
+    arguments = ["i", "param", "grad", *step.state, *before, "coefficients", "values"]
+    arguments += [*step.flags, *step.entry_flags, "clear", "mirror", "mirrored"]
+    call = f"ELEMENT({', '.join(arguments)})"
+    returned = len(step.written) + len(step.squares)
+    lines = [f"{indent}if i < end:", f"{indent}    {'new = ' if returned else ''}{call}"]
+    lines += [f"{indent}    new{k} = new[{k}]" for k in range(len(step.written))]
+    for k in range(len(step.squares)):
+        lines.append(f"{indent}    sum{k} = float64(new[{len(step.written) + k}])")
+    return lines
+
+
+def _blockwise_codes(step, indent):
+    """Each written state's code of the thread's element, and (thread 0) the block's
+    new absmax and sums of squares."""
+    codes, stores = [f"{indent}if i < end:"], [f"{indent}if thread == 0:"]
+    for k, name in enumerate(step.written):
+        code = f"{name}[i] = encode_{step.code_kind(name)}(new{k}, inverse(top{k}[0]))"
+        absmax = f"{name}_absmax[block] = top{k}[0]"
+        flag = step.optional_flag(name)
+        if flag:
+            codes += [f"{indent}    if {flag}:", f"{indent}        {code}"]
+            stores += [f"{indent}    if {flag}:", f"{indent}        {absmax}"]
+        else:
+            codes.append(f"{indent}    {code}")
+            stores.append(f"{indent}    {absmax}")
+    stores += [
+        f"{indent}    partials[segment, {k}] = square{k}[0]" for k in range(len(step.squares))
+    ]
+    return (codes if step.written else []) + stores
 
 
 def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0):
@@ -215,19 +219,8 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
 def launch(table, step, coefficients, flags=(), stream=None, device=None, upload=None):
     """`kernels.cpu.launch` on GPU ``device`` (default: the current one), queued on
     ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
-    ``upload(array)`` returns a device copy of a small host array, queued on ``stream``."""
+    ``upload(array)`` returns a device copy of a small host array, queued on ``stream``.
+    Over block-wise 8-bit state, a segment is a block, and a CUDA block its threads."""
     flags = tuple(bool(flag) for flag in flags)
-    squares = len(step.squares)
-    return _launch(kernel(step), table, coefficients, flags, stream, device, upload, None, squares)
-
-
-def adam_blockwise(table, coefficients, stream=None, device=None, upload=None):
-    """`kernels.cpu.adam_blockwise` on the GPU; the other arguments as `launch`'s."""
-    _launch(_adam_blockwise, table, coefficients, (), stream, device, upload, BLOCK)
-
-
-def sgd_momentum_blockwise(table, coefficients, nesterov, stream=None, device=None, upload=None):
-    """`kernels.cpu.sgd_momentum_blockwise` on the GPU; the other arguments as `launch`'s."""
-    _launch(
-        _sgd_momentum_blockwise, table, coefficients, (nesterov,), stream, device, upload, BLOCK
-    )
+    squares, block = len(step.squares), BLOCK if step.blockwise else None
+    return _launch(kernel(step), table, coefficients, flags, stream, device, upload, block, squares)

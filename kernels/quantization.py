@@ -42,6 +42,11 @@ BLOCK = 256
 SIGNED_CODE = np.int8
 UNSIGNED_CODE = np.uint8
 
+#: Zeros of the codes' and the absmax's element types, on which `pointers.pointer_to`
+#: types the pointers of the generated loops and kernels (`elements.segment_source`).
+SIGNED_CODE_ZERO, UNSIGNED_CODE_ZERO = SIGNED_CODE(0), UNSIGNED_CODE(0)
+ABSMAX_ZERO = np.float32(0)
+
 #: ``|x| / a`` rounded to 3 mantissa bits is ``(float32 bits + 2¹⁹) >> 20``: 1016 for
 #: 1.0, each binade below 8 less. The code is that minus the format's offset, so that
 #: 1.0 is the top code (127, 255).

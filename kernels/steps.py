@@ -13,10 +13,16 @@ states it only reads; a single value is returned bare, not as a 1-tuple).
 From a `Step` alone the element step (`kernels.elements.element`), the CPU loops
 (`kernels.cpu`) and the CUDA kernels (`kernels.cuda`) are generated, and launched
 through one function each (`cpu.launch`, `cuda.launch`): adding a rule adds no loop,
-kernel or launcher.
+kernel or launcher. So are those over block-wise 8-bit state (`int8_blockwise`), from
+the `Step.codes` it declares.
 """
 
+import functools
 from typing import NamedTuple
+
+#: The kinds of 8-bit codes a state array may be kept in (`kernels.quantization`):
+#: int8 for values of both signs, uint8 for non-negative ones.
+SIGNED, UNSIGNED = "signed", "unsigned"
 
 
 class Step(NamedTuple):
@@ -50,6 +56,11 @@ class Step(NamedTuple):
       step calls it instead of ``rule`` when the param array holds bfloat16 or float16
       (`precision.stored_in_16_bits`, a compile-time constant), not for a float32 master
       copy or float32 params with 16-bit state. ``None``: ``rule`` for every format.
+    - ``codes``: how each state array may be kept in 8 bits, ``(state array, kind)``
+      pairs, kind `SIGNED` (a moment of both signs: ``exp_avg``) or `UNSIGNED` (a
+      non-negative one: ``exp_avg_sq``); every state array or none;
+    - ``blockwise``: the state arrays hold block-wise 8-bit codes, each with its array
+      of absmax after them (the variant `int8_blockwise` makes).
     """
 
     name: str
@@ -67,6 +78,8 @@ class Step(NamedTuple):
     computed: tuple = ()
     squares: tuple = ()
     fused_rule: object = None
+    codes: tuple = ()
+    blockwise: bool = False
 
     def optional_flag(self, name):
         """The flag state array ``name`` needs, or ``None`` if it is always used."""
@@ -81,3 +94,34 @@ class Step(NamedTuple):
     def entry_width(self):
         """Values per entry in a launch table: the entry coefficients, then entry flags."""
         return self.entry_coefficient_count + len(self.entry_flags)
+
+    def code_kind(self, name):
+        """`SIGNED` or `UNSIGNED`: the codes state array ``name`` is kept in (8 bits)."""
+        return dict(self.codes)[name]
+
+    @property
+    def written(self):
+        """The state arrays the rule returns new values for (those it does not only read)."""
+        return tuple(name for name in self.state if name not in self.read_only)
+
+
+@functools.cache
+def int8_blockwise(step):
+    """``step`` over block-wise 8-bit state (`kernels.quantization`): a launch table's
+    columns are param, grad, the codes of each state array (int8 or uint8, laid out
+    like the parameter, as `Step.codes` says), then the absmax of each (float32, one
+    per block of 256 elements counted from the entry's first element). A block is one
+    thread's: it decodes each element's state, calls the rule, and encodes the new
+    values on the block's new absmax. The rule is ``rule`` for every parameter format
+    (no `Step.fused_rule`: torch has no 8-bit state to agree with). One object per
+    ``step``, as the launchers key their variants on it. Raises ``ValueError`` for a
+    step whose codes do not cover its state, or whose optional state hangs on an entry
+    flag (the loops leave a state out at compile time)."""
+    kinds = dict(step.codes)
+    if not step.state or set(kinds) != set(step.state):
+        raise ValueError(f"{step.name}: codes {step.codes} do not cover its state {step.state}")
+    if set(kinds.values()) - {SIGNED, UNSIGNED}:
+        raise ValueError(f"{step.name}: codes are {SIGNED!r} or {UNSIGNED!r}, got {step.codes}")
+    if any(flag not in step.flags for _, flag in step.optional):  # the loops branch on it
+        raise ValueError(f"{step.name}: 8-bit optional state needs flags, not entry flags")
+    return step._replace(name=f"{step.name}_int8", blockwise=True, fused_rule=None)

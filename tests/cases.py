@@ -147,7 +147,10 @@ OPTIMIZERS = {
         OptimizerInfo(
             "RMSprop",
             torch_peer="RMSprop",
-            cases={"rmsprop": {"lr": 1e-3, "momentum": 0.9, "centered": True}},
+            cases={
+                "rmsprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
+                "rmsprop-momentum": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-2},
+            },
             kernel="rmsprop_step",
             kernel_options={"lr": 1e-3, "momentum": 0.9, "centered": True},
         ),

@@ -269,6 +269,46 @@ def test_each_rule_takes_what_its_step_says_in_order(step):
     assert all(step.optional_flag(name) in step.flags for name, _ in step.optional)
 
 
+@pytest.mark.parametrize("step", rules.STEPS, ids=[step.name for step in rules.STEPS])
+def test_each_rule_with_state_declares_its_8bit_codes_and_its_loops_print(step):
+    """Every rule with state says how each state array is kept in 8 bits (signed codes
+    for a moment of both signs, unsigned for a non-negative one), so its 8-bit loop
+    and kernel are generated like the others, readable as source."""
+    from fastmomentum.kernels import cpu, elements, steps
+
+    cuda = pytest.importorskip("fastmomentum.kernels.cuda")
+    if not step.state:
+        assert step.codes == ()
+        with pytest.raises(ValueError, match="do not cover its state"):
+            steps.int8_blockwise(step)
+        return
+    signed = {"exp_avg", "momentum_buffer", "grad_avg"}
+    assert dict(step.codes) == {
+        name: steps.SIGNED if name in signed else steps.UNSIGNED for name in step.state
+    }
+    blockwise = steps.int8_blockwise(step)
+    assert steps.int8_blockwise(step) is blockwise  # the launchers key on the object
+    element = elements.element_source(blockwise)
+    loops = [cpu.loop_source(blockwise), cuda.kernel_source(blockwise)]
+    for source in (element, *loops):
+        compile(source, blockwise.name, "exec")
+    for name, kind in step.codes:  # decoded in the element step, encoded by the loops
+        assert f"decode_{kind}({name}[i], {name}_absmax)" in element
+        encoded = f"{name}[i] = encode_{kind}("
+        assert all((encoded in loop) == (name in step.written) for loop in loops)
+
+
+def test_a_step_whose_codes_do_not_cover_its_state_has_no_8bit_loop():
+    from fastmomentum.kernels import steps
+
+    half = rules.adam.STEP._replace(codes=rules.adam.STEP.codes[:2])
+    with pytest.raises(ValueError, match="do not cover its state"):
+        steps.int8_blockwise(half)
+    odd = rules.sgd.MOMENTUM._replace(codes=(("momentum_buffer", "int4"),))
+    with pytest.raises(ValueError, match="'signed' or 'unsigned'"):
+        steps.int8_blockwise(odd)
+
+
 NADAM_CASES = [
     {},
     {"weight_decay": 0.1},

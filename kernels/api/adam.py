@@ -6,6 +6,7 @@ from typing import Literal
 import numpy as np
 
 from .. import hyperparameters, rules
+from ..steps import int8_blockwise
 from .calls import as_flags, compute_dtype, dispatch, one_entry, real_numbers
 
 
@@ -170,4 +171,7 @@ def adam_8bit_step(
         dtype, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
     )
     step_coefficients = rules.adam.step_coefficients(dtype, step, lr, betas)
-    kernels.adam_blockwise(one_entry(arrays, step_coefficients, codes=True), coefficients, **launch)
+    param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax = arrays
+    columns = [param, grad, exp_avg, exp_avg_sq, None, exp_avg_absmax, exp_avg_sq_absmax, None]
+    table = one_entry(columns, step_coefficients, codes=True)  # no max_exp_avg_sq
+    kernels.launch(table, int8_blockwise(rules.adam.STEP), coefficients, (False,), **launch)

@@ -6,6 +6,7 @@ from typing import Literal
 import numpy as np
 
 from .. import rules
+from ..steps import int8_blockwise
 from .calls import as_flags, compute_dtype, dispatch, one_entry, real_numbers
 
 
@@ -117,4 +118,4 @@ def sgd_8bit_step(
         np.dtype(np.float32), lr, momentum, dampening, weight_decay, maximize, momentum_convention
     )
     table = one_entry(arrays, [1.0 if first_step else 0.0], codes=True)
-    kernels.sgd_momentum_blockwise(table, coefficients, nesterov, **launch)
+    kernels.launch(table, int8_blockwise(rules.sgd.MOMENTUM), coefficients, (nesterov,), **launch)

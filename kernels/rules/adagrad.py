@@ -7,7 +7,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ..hyperparameters import check_non_negative, grad_factor, in_dtype
-from ..steps import Step
+from ..steps import UNSIGNED, Step
 from .common import descent_direction
 
 
@@ -41,7 +41,7 @@ def update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size
     return param + neg_step_size * grad / std, state_sum
 
 
-STEP = Step("adagrad", update, ("sum",), Coefficients, StepCoefficients)
+STEP = Step("adagrad", update, ("sum",), Coefficients, StepCoefficients, codes=(("sum", UNSIGNED),))
 
 
 def check(lr, lr_decay, weight_decay, initial_accumulator_value, eps):

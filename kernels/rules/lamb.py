@@ -31,7 +31,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ..hyperparameters import grad_factor, in_dtype
-from ..steps import Step
+from ..steps import SIGNED, UNSIGNED, Step
 from . import adam
 from .common import lerp
 
@@ -89,6 +89,9 @@ def direction(
     return exp_avg, exp_avg_sq, update
 
 
+#: 8-bit state (`steps.int8_blockwise`): both passes read the codes the first writes.
+MOMENT_CODES = (("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED))
+
 DIRECTION = Step(
     "lamb_direction",
     direction,
@@ -101,6 +104,7 @@ DIRECTION = Step(
     updates_param=False,
     computed=("update",),
     squares=("param", "update"),
+    codes=MOMENT_CODES,
 )
 
 
@@ -140,6 +144,7 @@ APPLY = Step(
     fastmath=frozenset({"arcp"}),
     read_only=("exp_avg", "exp_avg_sq"),
     reads_grad=False,
+    codes=MOMENT_CODES,
 )
 
 

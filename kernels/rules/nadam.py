@@ -13,7 +13,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ..hyperparameters import check_non_negative, in_dtype
-from ..steps import Step
+from ..steps import SIGNED, UNSIGNED, Step
 from . import adam
 from .common import descent_direction, lerp
 
@@ -78,6 +78,7 @@ STEP = Step(
     ("exp_avg", "exp_avg_sq"),
     Coefficients,
     StepCoefficients,
+    codes=(("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)),
 )
 
 

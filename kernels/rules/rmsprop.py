@@ -7,7 +7,7 @@ from typing import NamedTuple
 from numba.extending import register_jitable
 
 from ..hyperparameters import check_non_negative, grad_factor, in_dtype
-from ..steps import Step
+from ..steps import SIGNED, UNSIGNED, Step
 from .common import descent_direction, lerp
 
 
@@ -74,6 +74,7 @@ STEP = Step(
     Coefficients,
     flags=("has_momentum", "centered"),
     optional=(("momentum_buffer", "has_momentum"), ("grad_avg", "centered")),
+    codes=(("square_avg", UNSIGNED), ("momentum_buffer", SIGNED), ("grad_avg", SIGNED)),
 )
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 from numba.extending import register_jitable
 
 from ..hyperparameters import check_finite, check_non_negative, grad_factor, in_dtype
-from ..steps import Step
+from ..steps import SIGNED, Step
 from .common import descent_direction
 
 #: The momentum conventions: torch's (lr applied at the update) and lr folded into the
@@ -92,6 +92,7 @@ MOMENTUM = Step(
     MomentumCoefficients,
     flags=("nesterov",),
     entry_flags=("first_step",),
+    codes=(("momentum_buffer", SIGNED),),
 )
 
 
