@@ -35,12 +35,6 @@ class TorchStreamKernels:
     def launch(self, table, step, coefficients, flags=()):
         return self._cuda.launch(table, step, coefficients, flags, **self._placement())
 
-    def sgd_momentum_blockwise(self, table, coefficients, nesterov):
-        self._cuda.sgd_momentum_blockwise(table, coefficients, nesterov, **self._placement())
-
-    def adam_blockwise(self, table, coefficients):
-        self._cuda.adam_blockwise(table, coefficients, **self._placement())
-
     def _placement(self):
         if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)
             return {}
