@@ -17,7 +17,14 @@ from fastmomentum.kernels import precision
 from .devices import kernels_for
 from .gradients import Gradients
 from .launches import MASTER, StepPlanner
-from .quantized import INT8_BLOCKWISE, allocation_dtype, block_counts, is_absmax
+from .quantized import (
+    INT8_BLOCKWISE,
+    absmax_placed_like,
+    absmax_shard_like,
+    allocation_dtype,
+    block_counts,
+    is_absmax,
+)
 from .storage import (
     Allocation,
     dense_strides,
@@ -72,7 +79,8 @@ class ParamBucket:
     local shard; its state is exposed as DTensors placed like the parameter. Block-wise
     8-bit state (``state_dtype="int8_blockwise"``) keeps codes laid out like the
     parameters and a 1-D absmax allocation, parameter ``i``'s blocks from
-    ``block_offsets[i]`` on.
+    ``block_offsets[i]`` on (a DTensor's: its shard's blocks, as many as the largest
+    shard has, exposed as `quantized.absmax_placed_like` says).
     """
 
     def __init__(
@@ -110,7 +118,8 @@ class ParamBucket:
         self.strides = [dense_strides(t) for t in tensors]
         self.offsets = np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64).tolist()
         self.size = self.offsets.pop()
-        self.block_counts, self.block_offsets = block_counts(self.numels)
+        dtensors = self.params if self.quantized and self.distributed else None
+        self.block_counts, self.block_offsets = block_counts(self.numels, dtensors)
         self.blocks = self.block_offsets.pop()
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
@@ -250,7 +259,10 @@ class ParamBucket:
     def state_piece(self, name, index):
         """Parameter ``index``'s state ``name`` as a tensor (a DTensor for a DTensor)."""
         piece = self.state(name).piece(*self._layout(name, index))
-        return placed_like(piece, self.params[index]) if self.distributed else piece
+        if not self.distributed:
+            return piece
+        placed = absmax_placed_like if is_absmax(name) else placed_like
+        return placed(piece, self.params[index])
 
     def count_steps(self, rows):
         """Advance the step counts of parameters ``rows``; return the common count if
@@ -318,7 +330,8 @@ class ParamBucket:
         """Copy a loaded state tensor in (for a DTensor parameter: a DTensor placed like
         it, or a full tensor, of which this rank takes its shard)."""
         if self.distributed:
-            value = shard_like(value, self.params[index])
+            shard = absmax_shard_like if is_absmax(name) else shard_like
+            value = shard(value, self.params[index])
         self.state_piece_local(name, index).copy_(value)
         if name == MASTER:
             self.master_ready[index] = True

@@ -3,7 +3,7 @@
 import torch
 
 from .devices import cuda_unavailable_reason
-from .quantized import INT8_BLOCKWISE
+from .quantized import INT8_BLOCKWISE, check_dtensor
 from .storage import is_dtensor, local
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -92,7 +92,7 @@ def check_params(params):
 
 #: What ``state_dtype`` may be: the parameters' own dtype (``None``), bfloat16 state for
 #: float32 parameters (half the state's bytes, computed in float32), or block-wise 8-bit
-#: moments (`fastmomentum.quantized`; Adam and AdamW).
+#: state (`fastmomentum.quantized`).
 STATE_DTYPES = (None, torch.bfloat16, INT8_BLOCKWISE)
 
 #: The parameter dtypes each low-precision state format goes with.
@@ -105,7 +105,7 @@ _STATE_PARAMS = {
 def check_state_dtype(state_dtype, params=()):
     """Raise ``ValueError`` for a ``state_dtype`` we do not implement, or for parameters
     it cannot go with (bfloat16 state is for float32 parameters; 8-bit state for
-    float32, bfloat16 and float16 parameters that are not DTensors)."""
+    float32, bfloat16 and float16 parameters, DTensors placed as Shard and Replicate)."""
     if not any(state_dtype is kind or state_dtype == kind for kind in STATE_DTYPES):
         raise ValueError(
             "state_dtype must be None (the parameters' dtype), torch.bfloat16 or "
@@ -122,11 +122,7 @@ def check_state_dtype(state_dtype, params=()):
                 f"{names} parameters"
             )
         if state_dtype == INT8_BLOCKWISE and is_dtensor(param):
-            raise ValueError(
-                f"parameter {position} is a DTensor; state_dtype={INT8_BLOCKWISE!r} is not "
-                "implemented for DTensor (FSDP2) parameters, whose blocks would follow the "
-                "shards"
-            )
+            check_dtensor(param, f"parameter {position}")
 
 
 def check_master_weights(params):

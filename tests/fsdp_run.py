@@ -4,8 +4,10 @@
 optimizer, each rank on its half of every batch; halfway it saves model and optimizer
 with ``torch.distributed.checkpoint``. ``resume`` phase, in a fresh process group:
 each case loads that checkpoint into a new model and optimizer and trains the second
-half. Rank 0 saves what the test compares, then every rank leaves without tearing gloo
-down (torch 2.13's gloo teardown aborts now and then, even with torch.optim alone).
+half. Two cases keep 8-bit state (blocks within each shard; a wider hidden layer gives
+its weight's shards 2 and 1 blocks). Rank 0 saves what the test compares, then every
+rank leaves without tearing gloo down (torch 2.13's gloo teardown aborts now and then,
+even with torch.optim alone).
 Each phase is one ``distributed_run.launch``: a rendezvous file, a deadline.
 """
 
@@ -20,6 +22,8 @@ from torch.distributed.fsdp import fully_shard
 
 import fastmomentum
 from fastmomentum import backward as steps_in_backward
+from fastmomentum import quantized
+from fastmomentum.kernels import quantization
 
 from . import distributed_run
 
@@ -43,28 +47,43 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("rmsprop-reshard", "RMSprop", True),
     ("adagrad-keep", "Adagrad", False),
     ("lamb-reshard", "LAMB", True),  # trust ratios of whole tensors: sums across ranks
+    ("adamw-int8-reshard", "AdamW", True),
+    ("adagrad-int8-keep", "Adagrad", False),
 ]
 #: Cases trained once more with ``step_in_backward=True`` in the train phase: FSDP2 calls
 #: a sharded parameter's post-accumulate-grad hooks once its gradient is reduced, so the
 #: buckets step inside backward; the result must be the ordinary loop's bit for bit.
-IN_BACKWARD = ("sgd-reshard", "adamw-keep", "lamb-reshard")
+IN_BACKWARD = ("sgd-reshard", "adamw-keep", "lamb-reshard", "adamw-int8-reshard")
 #: Cases on bfloat16 parameters, with these options on top of ``OPTIONS``.
 BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
+#: Cases on float32 parameters with 8-bit state, on a model with a hidden layer of 33.
+INT8_CASES = ("adamw-int8-reshard", "adagrad-int8-keep")
 
 
 def case_options(case, name):
+    if case in INT8_CASES:
+        return {**OPTIONS[name], "state_dtype": "int8_blockwise"}
     return {**OPTIONS[name], **BFLOAT16_CASES.get(case, {})}
 
 
 def case_dtype(case):
+    if case in INT8_CASES:
+        return torch.float32
     return torch.bfloat16 if case in BFLOAT16_CASES else torch.float64
 
 
-def make_model(dtype=torch.float64):
-    """Uneven shards on purpose: the last weight has 5 rows for 2 ranks."""
+def case_model(case):
+    """The model a case trains (before sharding), the same in every process."""
+    return make_model(case_dtype(case), hidden=33 if case in INT8_CASES else 16)
+
+
+def make_model(dtype=torch.float64, hidden=16):
+    """Uneven shards on purpose: the last weight has 5 rows for 2 ranks (with
+    ``hidden=33`` the middle one 33 rows of 16: 17 rows for rank 0, 2 blocks of 256
+    elements, and 16 for rank 1, one block)."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, hidden), nn.Tanh(), nn.Linear(hidden, 5)
     ).to(dtype)
 
 
@@ -73,8 +92,8 @@ def train(model, optimizer, rank, world, steps):
     distributed_run.train(model, optimizer, rank, world, steps=steps, outputs=5)
 
 
-def sharded(reshard, dtype=torch.float64):
-    model = make_model(dtype)
+def sharded(case, reshard):
+    model = case_model(case)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, reshard_after_forward=reshard)
@@ -85,7 +104,7 @@ def worker(rank, world, meeting, folder, phase):
     distributed_run.join_group(rank, world, meeting)
     results = {}
     for case, name, reshard in CASES:
-        model = sharded(reshard, case_dtype(case))
+        model = sharded(case, reshard)
         local_memory = [p.to_local().data_ptr() for p in model.parameters()]
         options = case_options(case, name)
         optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
@@ -114,6 +133,8 @@ def worker(rank, world, meeting, folder, phase):
         )
         if phase == "train":
             results[case + "-full-load"] = load_full_state(model, optimizer, name, options)
+        if case in INT8_CASES:
+            results[case + "-decoded"] = decoded_state(model, optimizer, name)
     if phase == "train":
         results["errors"] = bad_placements()
         for case, name, reshard in CASES:
@@ -129,7 +150,7 @@ def in_backward(case, name, reshard, rank, world):
     bytes (one or two parameters each): its parameters, full, and whether the last
     backward stepped every bucket inside it (no gradient left)."""
     steps_in_backward.BUCKET_BYTES = 256
-    model = sharded(reshard, case_dtype(case))
+    model = sharded(case, reshard)
     options = {**case_options(case, name), "step_in_backward": True}
     optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
     train(model, optimizer, rank, world, range(STEPS))  # its step() and zero_grad(): no-ops
@@ -154,6 +175,28 @@ def load_full_state(model, optimizer, name, options):
         for key, value in optimizer.state[p].items()
         if key not in scalars
     )
+
+
+def decoded_state(model, optimizer, name):
+    """Whether an 8-bit state dict decoded (`fastmomentum.dequantized_state_dict`: each
+    shard's codes on that shard's absmax) loads into float32 state, each state tensor
+    the float32 values of this rank's codes; and whether each absmax has as many values
+    as the largest shard has blocks, 0 past this shard's own."""
+    decoded = fastmomentum.dequantized_state_dict(optimizer.state_dict())
+    full = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+    full.load_state_dict(decoded)
+    right = True
+    for param in model.parameters():
+        state, here = optimizer.state[param], param.to_local().numel()
+        for moment in (m for m in quantized.MOMENTS if f"{m}_codes" in state):
+            codes, absmax = state[f"{moment}_codes"], state[f"{moment}_absmax"]
+            blocks = quantization.blocks(here)
+            values = quantized.dequantize_moment(codes.to_local(), absmax.to_local()[:blocks])
+            right &= torch.equal(full.state[param][moment].to_local(), values)
+            right &= absmax.shape == (dist.get_world_size() * quantized.absmax_length(param),)
+            right &= bool((absmax.to_local()[blocks:] == 0).all())
+            right &= absmax.to_local().numel() == quantized.absmax_length(param)
+    return right
 
 
 def bad_placements():
