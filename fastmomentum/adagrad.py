@@ -41,12 +41,12 @@ class Adagrad(FlatOptimizer):
     @property
     def state_keys(self):
         if self.quantized:
-            return quantized.keys(rules.adagrad.STEP.state)
-        return (*rules.adagrad.STEP.state, "master_param")
+            return (*quantized.keys(rules.adagrad.STEP.state), *self.companion_keys)
+        return (*rules.adagrad.STEP.state, "master_param", *self.companion_keys)
 
     @property
     def optional_state_keys(self):
-        return () if self.quantized else ("master_param",)
+        return self.companion_keys if self.quantized else ("master_param", *self.companion_keys)
 
     def __init__(
         self,
@@ -66,6 +66,9 @@ class Adagrad(FlatOptimizer):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -86,6 +89,9 @@ class Adagrad(FlatOptimizer):
             fused_zero_grad,
             master_weights,
             step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
         for group, buckets in zip(self.param_groups, self.buckets):
             for bucket in buckets:

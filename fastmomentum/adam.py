@@ -69,6 +69,9 @@ class Adam(FlatOptimizer):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -91,13 +94,16 @@ class Adam(FlatOptimizer):
             fused_zero_grad,
             master_weights,
             step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
 
     @property
     def state_keys(self):
         if self.quantized:
-            return quantized.keys(rules.adam.STEP.state)
-        return (*rules.adam.STEP.state, "master_param")
+            return (*quantized.keys(rules.adam.STEP.state), *self.companion_keys)
+        return (*rules.adam.STEP.state, "master_param", *self.companion_keys)
 
     @property
     def optional_state_keys(self):
@@ -106,8 +112,8 @@ class Adam(FlatOptimizer):
         it is switched on (where torch raises KeyError). ``master_param``
         (``master_weights=True``) starts as the parameter when a checkpoint has none."""
         if self.quantized:
-            return quantized.keys(("max_exp_avg_sq",))
-        return ("max_exp_avg_sq", "master_param")
+            return (*quantized.keys(("max_exp_avg_sq",)), *self.companion_keys)
+        return ("max_exp_avg_sq", "master_param", *self.companion_keys)
 
     supports_master_weights = True
     supports_quantized_state = True
@@ -212,6 +218,9 @@ class AdamW(Adam):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -231,6 +240,9 @@ class AdamW(Adam):
             fused_zero_grad=fused_zero_grad,
             master_weights=master_weights,
             step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
 
     def __setstate__(self, state):

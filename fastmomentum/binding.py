@@ -18,22 +18,26 @@ import numpy as np
 import torch
 
 from .checkpoint import mismatch
-from .launches import MASTER
+from .launches import KAHAN_COMP, MASTER
 from .tracked import StateEntry, StateMap
+
+#: State of a 16-bit parameter that goes with its value rather than with the rule: its
+#: float32 master copy, or its Kahan compensation. Either may be the only state.
+COMPANIONS = (MASTER, KAHAN_COMP)
 
 
 def row_names(optimizer, used, bucket, index):
     """The state keys ``state[p]`` shows for ``bucket``'s parameter ``index``: the
     required keys (those the group's step ``used``, or the bucket keeps), the optional
     keys that parameter holds (``max_exp_avg_sq`` only where AMSGrad stepped it, as in
-    torch) and its master copy."""
+    torch) and its companions (master copy, compensation) the bucket keeps."""
     optional = optimizer.optional_state_keys
     return tuple(
         name
         for name in optimizer.state_keys
         if (
             bucket.holds_optional(name)[index]
-            if name in optional and name != MASTER
+            if name in optional and name not in COMPANIONS
             else name in used or bucket.has_state(name)
         )
     )
@@ -84,21 +88,22 @@ def expose_state(optimizer, bucket, index, names):
         state[param] = values
 
 
-def expose_masters(optimizer, bucket, rows):
-    """``state[p]`` of the parameters of ``rows`` that have no other state: their master
-    copy alone (SGD without momentum, master weights). Marks nothing as having state."""
+def expose_masters(optimizer, bucket, rows, name=MASTER):
+    """``state[p]`` of the parameters of ``rows`` that have no other state: their
+    companion ``name`` alone (SGD without momentum: a master copy, or a compensation
+    loaded). Marks nothing as having state."""
     state = optimizer.state
     for row in rows:
         if bucket.initialized[row]:
             continue
-        param, master = bucket.params[row], bucket.state_piece(MASTER, row)
+        param, master = bucket.params[row], bucket.state_piece(name, row)
         entry = dict.get(state, param)
         if type(entry) is StateEntry and entry._owner is state:
-            dict.__setitem__(entry, MASTER, master)
+            dict.__setitem__(entry, name, master)
         elif type(state) is StateMap:
-            state.put(param, StateEntry(state, {MASTER: master}))
+            state.put(param, StateEntry(state, {name: master}))
         else:
-            state[param] = {MASTER: master}
+            state[param] = {name: master}
 
 
 def state_changed(optimizer):
@@ -145,10 +150,13 @@ def bind_state(optimizer, pairs=None):
 
 
 def _read_bucket(optimizer, bucket):
-    """Per parameter ``(step, {name: copy}, complete)``, or ``None`` when it has no state
-    (copies: the entries may be pieces of the bucket itself). An incomplete entry keeps
-    only a master copy (SGD without momentum keeps no other state)."""
+    """Per parameter ``(scalars, {name: copy}, complete)``, or ``None`` when it has no
+    state (copies: the entries may be pieces of the bucket itself). An incomplete entry
+    keeps only its companions (SGD without momentum keeps no other state), and with
+    stochastic rounding its step count (the random bits' key)."""
     required = optimizer.required_state_keys
+    kept = {MASTER: bucket.master, KAHAN_COMP: optimizer._kahan_sum}
+    counted = optimizer._stochastic_rounding
     saved = []
     for index, param in enumerate(bucket.params):
         entry = optimizer.state.get(param, {})
@@ -159,10 +167,13 @@ def _read_bucket(optimizer, bucket):
         complete = all(entry.get(name) is not None for name in required)
         present = [
             name
-            for name in (optimizer.state_keys if complete else (MASTER,))
-            if entry.get(name) is not None and (name != MASTER or bucket.master)
-        ]  # a master copy is kept only with master weights (else: dropped)
-        if not present and not complete:
+            for name in (optimizer.state_keys if complete else COMPANIONS)
+            if entry.get(name) is not None and kept.get(name, True)
+        ]  # a companion is kept only with its option (else: dropped)
+        scalars = {}
+        if complete or counted:  # a checkpoint of torch's SGD has no step: 0
+            scalars = {name: float(entry[name]) for name in optimizer.scalar_state if name in entry}
+        if not present and not complete and not scalars:
             saved.append(None)
             continue
         for name in present:
@@ -172,7 +183,6 @@ def _read_bucket(optimizer, bucket):
                     f"state {name!r} of {bucket.names[index]} is {wrong}; the parameter "
                     f"has shape {tuple(param.shape)}"
                 )
-        scalars = {name: float(entry[name]) for name in optimizer.scalar_state} if complete else {}
         copies = {name: entry[name].detach().clone() for name in present}
         saved.append((scalars, copies, complete))
     return saved
@@ -188,7 +198,7 @@ def _write_bucket(optimizer, group, bucket, saved):
     bucket.initialized[:] = False
     bucket.master_ready[:] = False  # a master copy not in the state is taken from p
     bucket.forget_optional()
-    optional = set(optimizer.optional_state_keys) - {MASTER}
+    optional = set(optimizer.optional_state_keys) - set(COMPANIONS)
     for index, entry in enumerate(saved):
         if entry is None:
             continue
@@ -197,15 +207,18 @@ def _write_bucket(optimizer, group, bucket, saved):
             bucket.load_state_value(name, index, value)
             if name in optional:
                 bucket.holds_optional(name)[index] = True
+        for name, value in scalars.items():
+            bucket.scalar_values(name)[index] = value
         if complete:
-            for name, value in scalars.items():
-                bucket.scalar_values(name)[index] = value
             bucket.initialized[index] = True
     used = optimizer.state_names(group)
     for index in bucket.initialized.nonzero()[0].tolist():
         expose_state(optimizer, bucket, index, row_names(optimizer, used, bucket, index))
     if bucket.master:
         expose_masters(optimizer, bucket, bucket.master_ready.nonzero()[0].tolist())
+    if optimizer._kahan_sum:  # a compensation loaded for a parameter without other state
+        compensated = [i for i, entry in enumerate(saved) if entry and KAHAN_COMP in entry[1]]
+        expose_masters(optimizer, bucket, compensated, KAHAN_COMP)
     bucket.all_initialized = bool(bucket.initialized.all())
     bucket.settled_for, bucket.exposed_kept = None, bucket.state_kept()
     bucket.coefficients = (None, None)

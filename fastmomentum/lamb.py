@@ -62,6 +62,9 @@ class LAMB(FlatOptimizer):
         state_dtype: str | None = None,
         fused_zero_grad: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -85,6 +88,9 @@ class LAMB(FlatOptimizer):
             state_dtype,
             fused_zero_grad,
             step_in_backward=step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
 
     def state_names(self, group):

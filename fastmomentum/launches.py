@@ -22,12 +22,23 @@ Then:
 import numpy as np
 import torch
 
-from fastmomentum.kernels.tables import TensorTable
+from fastmomentum.kernels.tables import (
+    KAHAN,
+    MIRRORED,
+    NEAREST,
+    STOCHASTIC,
+    TensorTable,
+    random_keys,
+)
 
 from .storage import has_internal_overlap, is_dense, share_elements, span
 
 #: The state key of a 16-bit parameter's float32 master copy (``master_weights=True``).
 MASTER = "master_param"
+
+#: The state key of a 16-bit parameter's 16-bit compensation (``kahan_sum=True``): what
+#: rounding the parameter to 16 bits lost, itself rounded; the step computes on p + c.
+KAHAN_COMP = "kahan_comp"
 
 #: The `Layout` problem of a parameter cast, moved or reshaped while it had no state.
 REMAKE = "remake"
@@ -173,14 +184,17 @@ class StepPlanner:
         if table is None:
             bucket = self.bucket
             lengths = [bucket.numels[i] for i in rows]
-            width = 2 + len(columns) + bucket.master
+            store = param_store(bucket)
+            width = 2 + len(columns) + (store != NEAREST)
             table = TensorTable(lengths, width, bucket.dtype_numpy, entry_width, bucket.formats)
             for column, name in enumerate(columns, start=2):
                 if name is not None:
                     table.addresses[:, column] = [bucket.state_address(name, i) for i in rows]
-            if bucket.master:  # the kernel steps the master copy and rounds into the param
+            table.param_store = store
+            if store == MIRRORED:  # the kernel steps the master copy and rounds into the param
                 table.addresses[:, 0] = [bucket.state_address(MASTER, i) for i in rows]
-                table.mirrored = True
+            elif store == KAHAN:
+                table.addresses[:, -1] = [bucket.state_address(KAHAN_COMP, i) for i in rows]
             table.rows = np.array(rows, np.int64)
             table.clear_grads = bucket.clear_grads
             table.sources = None  # the (param, grad) addresses the table holds
@@ -293,6 +307,11 @@ class StepPlan:
                 table.sources = sources
             if prepare is not None:
                 prepare(table)
+            if table.param_store == STOCHASTIC:  # after ``prepare`` counted the step
+                bucket = self._planner.bucket
+                steps = bucket.step_counts[table.rows]
+                keys = bucket.rounding_keys[table.rows]
+                table.addresses[:, -1] = random_keys(bucket.rounding_seed, keys, steps)
             kernel(table, *args)
 
 
@@ -312,6 +331,15 @@ class SparseGradient(RuntimeError):
             "torch.optim.SGD (for-loop or foreach) or torch.optim.SparseAdam in a "
             "second optimizer"
         )
+
+
+def param_store(bucket):
+    """How ``bucket``'s steps store parameters (`kernels.tables`): `MIRRORED` with
+    master weights, else the bucket's ``param_store`` (`KAHAN`, `STOCHASTIC`), set by
+    its optimizer before its first step, or `NEAREST`."""
+    if bucket.master:
+        return MIRRORED
+    return bucket.__dict__.get("param_store", NEAREST)
 
 
 def _param_column(table):

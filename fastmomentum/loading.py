@@ -32,8 +32,7 @@ def load_state_dict(optimizer, state_dict):
     optimizer._optimizer_load_state_dict_post_hooks = OrderedDict()  # below, once bound
     try:
         torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
-        if optimizer._master_weights or optimizer.quantized:
-            _restore_saved_state(optimizer, state_dict)
+        _restore_saved_state(optimizer, state_dict)
         for group in optimizer.param_groups:
             optimizer.settings(group)  # raises for a setting the state cannot go with
         # torch's load gave the state each parameter's dtype: a parameter cast since its
@@ -56,7 +55,14 @@ def _restore_saved_state(optimizer, state_dict):
     """Put back the state values torch's load cast to the parameters' dtype: with
     master weights the state (and the master copy) of a 16-bit parameter is float32,
     and rounding it to 16 bits would lose what the master copy is for; 8-bit codes
-    and their float32 absmax are not the parameters' dtype either."""
+    and their float32 absmax are not the parameters' dtype either; nor are scalar
+    states other than ``step`` (NAdam's ``mu_product``: rounded to bfloat16, a resume
+    would no longer be exact)."""
+    keys = [name for name in optimizer.scalar_state if name != "step"]
+    if optimizer._master_weights or optimizer.quantized:
+        keys += optimizer.state_keys
+    if not keys:
+        return
     saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for param_id, param in zip(saved_ids, params):
@@ -64,6 +70,6 @@ def _restore_saved_state(optimizer, state_dict):
         entry = optimizer.state.get(param)
         if not isinstance(saved, Mapping) or not isinstance(entry, Mapping):
             continue
-        for key in optimizer.state_keys:
+        for key in keys:
             if torch.is_tensor(saved.get(key)):
                 entry[key] = saved[key]

@@ -42,12 +42,12 @@ class NAdam(FlatOptimizer):
     @property
     def state_keys(self):
         if self.quantized:
-            return quantized.keys(rules.nadam.STEP.state)
-        return (*rules.nadam.STEP.state, "master_param")
+            return (*quantized.keys(rules.nadam.STEP.state), *self.companion_keys)
+        return (*rules.nadam.STEP.state, "master_param", *self.companion_keys)
 
     @property
     def optional_state_keys(self):
-        return () if self.quantized else ("master_param",)
+        return self.companion_keys if self.quantized else ("master_param", *self.companion_keys)
 
     def __init__(
         self,
@@ -68,6 +68,9 @@ class NAdam(FlatOptimizer):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
@@ -91,6 +94,9 @@ class NAdam(FlatOptimizer):
             fused_zero_grad,
             master_weights,
             step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
 
     def state_names(self, group):

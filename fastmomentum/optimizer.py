@@ -13,19 +13,25 @@ import contextlib
 import math
 import sys
 
+import numpy as np
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backward, binding, casts, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
+from .kernels.tables import KAHAN, NEAREST, STOCHASTIC
 from .quantized import INT8_BLOCKWISE
 from .validation import (
     check_fused_flags,
     check_implementation_options,
     check_master_weights,
     check_params,
+    check_rounding_options,
     check_state_dtype,
 )
+
+#: The ``param_groups`` key of the seed of stochastic rounding (``rounding_seed``).
+ROUNDING_SEED = "rounding_seed"
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -61,11 +67,18 @@ class FlatOptimizer(torch.optim.Optimizer):
         fused_zero_grad=False,
         master_weights=False,
         step_in_backward=False,
+        stochastic_rounding=False,
+        kahan_sum=False,
+        rounding_seed=None,
     ):
         # torch's order: its checks of the hyperparameters, then the parameters read
         # (its errors for them), then its checks of `fused`; ours come after, and all
         # before a parameter is adopted.
         self.check_arguments(defaults)
+        check_rounding_options(stochastic_rounding, kahan_sum, master_weights, rounding_seed)
+        self._stochastic_rounding, self._kahan_sum = stochastic_rounding, kahan_sum
+        if stochastic_rounding:  # a group hyperparameter, so a state dict carries it
+            defaults = {**defaults, ROUNDING_SEED: _seed(rounding_seed)}
         self._flat_gradients = flat_gradients
         self._state_dtype = state_dtype
         self._fused_zero_grad = bool(fused_zero_grad)
@@ -154,6 +167,12 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     #: Keys of ``state_keys`` a parameter's state may lack (``max_exp_avg_sq``).
     optional_state_keys = ()
+
+    @property
+    def companion_keys(self):
+        """State keys of a 16-bit parameter's companion besides ``master_param``:
+        ``kahan_comp`` with ``kahan_sum=True`` (`launches.KAHAN_COMP`)."""
+        return (launches.KAHAN_COMP,) if self.__dict__.get("_kahan_sum") else ()
 
     @property
     def required_state_keys(self):
@@ -252,6 +271,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._check_param_dtypes(group["params"])
         if self.__dict__.get("_master_weights"):
             check_master_weights(group["params"])
+        for option in ("stochastic_rounding", "kahan_sum"):
+            if self.__dict__.get(f"_{option}"):
+                check_master_weights(group["params"], f"{option}=True")
         if self.steps_in_backward:
             backward.check_params(self, group)
 
@@ -367,6 +389,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             plan.commit()
             if plan.rows:
+                if self._param_store != NEAREST:
+                    self._prepare_rounding(group, bucket)
                 if bucket.master:
                     bucket.sync_masters(plan.rows)
                 self.update(group, bucket, settings, plan, grad_scale)
@@ -375,10 +399,35 @@ class FlatOptimizer(torch.optim.Optimizer):
             if plan.cast_rows:
                 casts.step_rows(self, group, bucket, settings, plan.cast_rows, grad_scale)
         first = bucket_plans[0]
-        if first is not None and self.creates_state(settings):
+        if first is not None and (self.creates_state(settings) or self._kahan_sum):
             binding.expose_new_state(self, group, bucket, first.rows)
         elif first is not None and bucket.master:
             binding.expose_masters(self, bucket, first.rows)
+
+    @property
+    def _param_store(self):
+        """How the kernels store new parameters (`kernels.tables`): `STOCHASTIC` with
+        ``stochastic_rounding``, `KAHAN` with ``kahan_sum``, else `NEAREST` (master
+        weights: the bucket says, `launches.param_store`)."""
+        if self.__dict__.get("_stochastic_rounding"):
+            return STOCHASTIC
+        return KAHAN if self.__dict__.get("_kahan_sum") else NEAREST
+
+    def _prepare_rounding(self, group, bucket):
+        """Tell ``bucket`` how its parameters are stored and, for stochastic rounding,
+        the group's seed and each parameter's key: its position among all parameters
+        of all groups (as a state dict numbers them), so that the random bits do not
+        depend on which bucket a parameter is in (``step_in_backward`` makes others)."""
+        bucket.param_store = self._param_store
+        if bucket.param_store != STOCHASTIC:
+            return
+        # a torch.optim checkpoint loaded has no seed in its groups: the constructor's
+        bucket.rounding_seed = int(group.setdefault(ROUNDING_SEED, self.defaults[ROUNDING_SEED]))
+        if bucket.__dict__.get("rounding_keys") is None:
+            positions = {}
+            for param in (p for g in self.param_groups for p in g["params"]):
+                positions.setdefault(param, len(positions))
+            bucket.rounding_keys = np.array([positions[p] for p in bucket.params], np.uint64)
 
     @torch.no_grad()
     def _adopt_zeroed_grads(self, all_buckets):
@@ -492,6 +541,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             "_fused_zero_grad": self._fused_zero_grad,
             "_master_weights": self._master_weights,
             "_step_in_backward": self.steps_in_backward,
+            "_stochastic_rounding": self._stochastic_rounding,
+            "_kahan_sum": self._kahan_sum,
         }
 
     def __setstate__(self, state):
@@ -501,12 +552,22 @@ class FlatOptimizer(torch.optim.Optimizer):
                 group.setdefault(name, default)
         self.__dict__.setdefault("_fused_zero_grad", False)
         self.__dict__.setdefault("_master_weights", False)
+        self.__dict__.setdefault("_stochastic_rounding", False)
+        self.__dict__.setdefault("_kahan_sum", False)
         if "buckets" not in self.__dict__:  # unpickled or deep-copied: rebuild the buckets
             in_backward = self.__dict__.pop("_step_in_backward", False)
             self._backward = backward.BackwardSteps(self) if in_backward else None
             self.buckets = [self._make_buckets(i) for i in range(len(self.param_groups))]
             binding.bind_state(self)
             self._watch_gradients()
+
+
+def _seed(rounding_seed):
+    """The seed of stochastic rounding: ``rounding_seed``, or by default 62 bits drawn
+    from torch's default generator (``torch.manual_seed`` makes it reproducible)."""
+    if rounding_seed is not None:
+        return int(rounding_seed)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
 def _plan(bucket, passes):

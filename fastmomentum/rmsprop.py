@@ -45,14 +45,14 @@ class RMSprop(FlatOptimizer):
     @property
     def state_keys(self):
         if self.quantized:  # not centered (see `settings`): no grad_avg
-            return quantized.keys(("square_avg", "momentum_buffer"))
-        return (*rules.rmsprop.STEP.state, "master_param")
+            return (*quantized.keys(("square_avg", "momentum_buffer")), *self.companion_keys)
+        return (*rules.rmsprop.STEP.state, "master_param", *self.companion_keys)
 
     @property
     def optional_state_keys(self):
         if self.quantized:
-            return quantized.keys(("momentum_buffer",))
-        return ("momentum_buffer", "grad_avg", "master_param")
+            return (*quantized.keys(("momentum_buffer",)), *self.companion_keys)
+        return ("momentum_buffer", "grad_avg", "master_param", *self.companion_keys)
 
     def __init__(
         self,
@@ -73,6 +73,9 @@ class RMSprop(FlatOptimizer):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -94,6 +97,9 @@ class RMSprop(FlatOptimizer):
             fused_zero_grad,
             master_weights,
             step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
 
     def state_names(self, group):

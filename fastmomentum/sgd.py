@@ -79,6 +79,9 @@ class SGD(FlatOptimizer):
         fused_zero_grad: bool = False,
         master_weights: bool = False,
         step_in_backward: bool = False,
+        stochastic_rounding: bool = False,
+        kahan_sum: bool = False,
+        rounding_seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -92,6 +95,8 @@ class SGD(FlatOptimizer):
             "fused": fused,
             "momentum_convention": momentum_convention,
         }
+        if stochastic_rounding:  # the count that keys each step's random bits
+            self.scalar_state = {"step": 0.0}
         super().__init__(
             params,
             defaults,
@@ -100,24 +105,29 @@ class SGD(FlatOptimizer):
             fused_zero_grad,
             master_weights,
             step_in_backward,
+            stochastic_rounding=stochastic_rounding,
+            kahan_sum=kahan_sum,
+            rounding_seed=rounding_seed,
         )
-
-    _full_precision_keys = ("momentum_buffer", "master_param")
 
     @property
     def state_keys(self):
-        return quantized.keys(("momentum_buffer",)) if self.quantized else self._full_precision_keys
+        if self.quantized:
+            return (*quantized.keys(("momentum_buffer",)), *self.companion_keys)
+        return ("momentum_buffer", "master_param", *self.companion_keys)
 
     @property
     def optional_state_keys(self):
         """``master_param``: the float32 copy of a 16-bit parameter (``master_weights``)."""
-        return () if self.quantized else ("master_param",)
+        return self.companion_keys if self.quantized else ("master_param", *self.companion_keys)
 
     supports_master_weights = True
     supports_quantized_state = True
 
     def state_names(self, group):
-        return self.state_keys if self.quantized else self.state_keys[:1]
+        if group["momentum"] == 0:  # state only for its step count or compensation
+            return ()
+        return quantized.keys(("momentum_buffer",)) if self.quantized else ("momentum_buffer",)
 
     def settings(self, group):
         convention = group["momentum_convention"]
@@ -161,7 +171,8 @@ class SGD(FlatOptimizer):
         )
 
     def creates_state(self, settings):
-        return settings[1] != 0  # momentum
+        """With momentum; with stochastic rounding always (its step count is state)."""
+        return settings[1] != 0 or self._stochastic_rounding
 
     def check_arguments(self, defaults):
         """``torch.optim.SGD``'s checks, in its order, then ours (a finite dampening, a
@@ -185,7 +196,8 @@ class SGD(FlatOptimizer):
                 (settings, grad_scale),
                 lambda: rules.sgd.plain_coefficients(dtype, lr, weight_decay, maximize, grad_scale),
             )
-            plan.launch((), 0, None, bucket.kernels.launch, rules.sgd.PLAIN, coefficients)
+            count = self._counted(bucket, None)
+            plan.launch((), 0, count, bucket.kernels.launch, rules.sgd.PLAIN, coefficients)
             return
         coefficients = self.cached_coefficients(
             bucket,
@@ -205,4 +217,18 @@ class SGD(FlatOptimizer):
 
         step, columns = quantized.launched(rules.sgd.MOMENTUM, rules.sgd.MOMENTUM.state, bucket)
         kernel = bucket.kernels.launch
-        plan.launch(columns, 1, mark_first_steps, kernel, step, coefficients, (nesterov,))
+        prepare = self._counted(bucket, mark_first_steps)
+        plan.launch(columns, 1, prepare, kernel, step, coefficients, (nesterov,))
+
+    def _counted(self, bucket, prepare):
+        """``prepare`` (a table's, or None) that also counts each parameter's steps, with
+        stochastic rounding: torch's SGD has no ``step``, but the random bits need one."""
+        if not self._stochastic_rounding:
+            return prepare
+
+        def count_then_prepare(table):
+            bucket.count_steps(table.rows)
+            if prepare is not None:
+                prepare(table)
+
+        return count_then_prepare

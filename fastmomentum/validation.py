@@ -125,15 +125,48 @@ def check_state_dtype(state_dtype, params=()):
             check_dtensor(param, f"parameter {position}")
 
 
-def check_master_weights(params):
-    """Raise ``ValueError`` unless every parameter is 16-bit (``master_weights=True``
-    keeps a float32 copy of bfloat16 and float16 parameters)."""
+def check_master_weights(params, option="master_weights=True"):
+    """Raise ``ValueError`` unless every parameter is 16-bit: ``option``
+    (``master_weights=True``, ``stochastic_rounding=True``, ``kahan_sum=True``) is for
+    bfloat16 and float16 parameters, which lose small updates to rounding."""
     for position, param in enumerate(params):
         if param.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
-                f"parameter {position} is {param.dtype}; master_weights=True is for "
+                f"parameter {position} is {param.dtype}; {option} is for "
                 "bfloat16 and float16 parameters"
             )
+
+
+def check_rounding_options(stochastic_rounding, kahan_sum, master_weights, rounding_seed):
+    """Raise for ``stochastic_rounding`` / ``kahan_sum`` / ``rounding_seed`` values that
+    are not ours, or that make no sense together: each is another answer to what
+    ``master_weights`` answers (16-bit parameters that lose small updates), so at most
+    one of the three; ``rounding_seed`` is for stochastic rounding."""
+    for name, value in (("stochastic_rounding", stochastic_rounding), ("kahan_sum", kahan_sum)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    chosen = [
+        name
+        for name, value in (
+            ("master_weights", master_weights),
+            ("stochastic_rounding", stochastic_rounding),
+            ("kahan_sum", kahan_sum),
+        )
+        if value
+    ]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"{' and '.join(f'{name}=True' for name in chosen)}: each keeps 16-bit "
+            "parameters from losing small updates in its own way (a float32 copy, "
+            "unbiased rounding, a compensation buffer); choose one"
+        )
+    if rounding_seed is not None:
+        if not stochastic_rounding:
+            raise ValueError("rounding_seed is the seed of stochastic_rounding=True")
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+            raise TypeError(f"rounding_seed must be an int, got {rounding_seed!r}")
+        if not 0 <= rounding_seed < 2**64:
+            raise ValueError(f"rounding_seed must be in [0, 2**64), got {rounding_seed}")
 
 
 def _check_placements(name, param):

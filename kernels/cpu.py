@@ -8,8 +8,8 @@ one huge tensor and many small ones both use every thread. Tables shorter than
 tuple in the arrays' dtype (built by `kernels.hyperparameters`).
 
 Each loop is compiled in variants (`_compiled`): threaded or serial, and with the flags
-that shape its inner loop (``AMSGRAD``, ``NESTEROV``; ``CLEAR_GRADS`` and ``MIRRORED``,
-the table's ``clear_grads`` and ``mirrored``) as compile-time constants, and SGD's
+that shape its inner loop (``AMSGRAD``, ``NESTEROV``; ``CLEAR_GRADS`` and ``PARAM_STORE``,
+the table's ``clear_grads`` and ``param_store``) as compile-time constants, and SGD's
 per-entry first step as one loop per case, so that LLVM vectorises every loop. Given
 as runtime values, such flags stay inside the loop once 16-bit conversions make it too
 big to split on them (one thread, 4M elements, bfloat16 Adam: 21 ms against 2.5 ms; 2
@@ -45,18 +45,19 @@ from .quantization import (  # noqa: F401 (the generated loops)
     inverse,
     magnitude_bits,
 )
+from .tables import KAHAN, NEAREST  # noqa: F401 (KAHAN: the generated loops)
 
 # Numba invalidates a cached kernel only when this file changes, not when a rule, an
 # element step, the pointer intrinsic, a 16-bit conversion or an 8-bit code it inlines
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "0d9a8f2e0499d88a"
+RULES_DIGEST = "593b2dffbbc421db"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
 CLEAR_GRADS = False
-MIRRORED = False
+PARAM_STORE = NEAREST
 NESTEROV = False
 PREFETCH = False
 
@@ -109,6 +110,10 @@ def loop_source(step):
     ]
     for name in ("param", "grad", *_always(step)):
         lines.append(f"                    prefetch({name}, ahead)")
+    lines += [
+        "                    if PARAM_STORE == KAHAN:",
+        "                        prefetch(companion, ahead)",
+    ]
     lines.append("                stop = min(chunk + reach, end)")
     sums = range(len(step.squares))  # per chunk in the computing dtype (SQUARES_CHUNK)
     lines += [f"                chunk_sum{k} = zero" for k in sums]
@@ -124,8 +129,8 @@ def _loop_head(step):
     lines = [
         f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, "
         f"formats{partials}):",
-        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
-        "    last = addresses.shape[1] - 1  # the mirror column, when MIRRORED",
+        "    stored_param, stored_grad, stored_state, stored_companion = formats",
+        "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
         "    for part in prange(part_starts.size - 1):",
     ]
     if step.blockwise and step.written:  # one block's new state values, per state
@@ -159,7 +164,7 @@ def _cases(step, entry_flags, known, indent):
     absmax = [f"{name}_before" for name in step.state if step.blockwise]
     arguments = ["i", "param", "grad", *step.state, *absmax, "coefficients", "values"]
     arguments += [flag.upper() for flag in step.flags]
-    arguments += [*known, "CLEAR_GRADS", "mirror", "MIRRORED"]
+    arguments += [*known, "CLEAR_GRADS", "companion", "PARAM_STORE", "key"]
     call = f"ELEMENT({', '.join(arguments)})"
     if step.blockwise:
         return _blockwise_elements(step, call, indent)
@@ -248,9 +253,11 @@ def _blockwise_codes(step, indent):
 
 
 @functools.cache
-def _compiled(loop, threaded, clear_grads, mirrored, flags=(), prefetch_ahead=False, fastmath=()):
+def _compiled(
+    loop, threaded, clear_grads, param_store, flags=(), prefetch_ahead=False, fastmath=()
+):
     """``loop`` compiled threaded or not, with its flags as constants, under a cache name
-    of its own (`CLEAR_GRADS`, `MIRRORED`, and ``flags``: ``(NAME, value)`` pairs such as
+    of its own (`CLEAR_GRADS`, `PARAM_STORE`, and ``flags``: ``(NAME, value)`` pairs such as
     ``("AMSGRAD", True)``).
 
     Serial variants exist because waking the thread pool costs more than short arrays
@@ -265,9 +272,10 @@ def _compiled(loop, threaded, clear_grads, mirrored, flags=(), prefetch_ahead=Fa
     the variant's constants themselves: a helper function would see this module's (the
     first version chunked nothing that way).
     """
-    name = f"{loop.__name__}_clear{int(clear_grads)}_mirrored{int(mirrored)}"
+    name = f"{loop.__name__}_clear{int(clear_grads)}_store{int(param_store)}"
     name += f"_prefetch{int(prefetch_ahead)}"
-    constants = {"CLEAR_GRADS": clear_grads, "MIRRORED": mirrored, "PREFETCH": prefetch_ahead}
+    constants = {"CLEAR_GRADS": clear_grads, "PARAM_STORE": param_store}
+    constants["PREFETCH"] = prefetch_ahead
     for flag, value in flags:
         name += f"_{flag.lower()}{int(value)}"
         constants[flag] = value
@@ -316,7 +324,7 @@ def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0
     threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
     prefetch_ahead = _sixteen_bits(table.formats)
     kernel = _compiled(
-        loop, threaded, table.clear_grads, table.mirrored, flags, prefetch_ahead, fastmath
+        loop, threaded, table.clear_grads, table.param_store, flags, prefetch_ahead, fastmath
     )
     segments, part_starts = table.cpu_schedule(_threads() if threaded else 1, block)
     if not squares:

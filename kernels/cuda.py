@@ -42,7 +42,7 @@ warnings.filterwarnings(
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "0d9a8f2e0499d88a"
+RULES_DIGEST = "593b2dffbbc421db"
 
 # The simulator runs kernels as Python, where an intrinsic cannot run (and `load` and
 # `store` run as the Python functions they are).
@@ -75,7 +75,7 @@ def kernel_source(step):
         return _blockwise_kernel_source(step)
     lines = _kernel_head(step)
     arguments = ["i", "param", "grad", *step.state, "coefficients", "values", *step.flags]
-    arguments += [*step.entry_flags, "clear", "mirror", "mirrored"]
+    arguments += [*step.entry_flags, "clear", "companion", "param_store", "key"]
     call = f"ELEMENT({', '.join(arguments)})"
     lines += [
         "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]",
@@ -99,9 +99,9 @@ def _kernel_head(step, shared=()):
     partials = ", partials" if step.squares else ""
     return [
         f"def _{step.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"mirrored{flags}{partials}):",
-        "    stored_param, stored_grad, stored_state, stored_mirror = formats",
-        "    last = addresses.shape[1] - 1  # the mirror column, when mirrored",
+        f"param_store{flags}{partials}):",
+        "    stored_param, stored_grad, stored_state, stored_companion = formats",
+        "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
         *shared,
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
@@ -155,7 +155,7 @@ def _blockwise_step(step, indent):
         absmax = f"{name}_absmax[block]"
         before.append(f"{absmax} if {flag} else ABSMAX_ZERO" if flag else absmax)
     arguments = ["i", "param", "grad", *step.state, *before, "coefficients", "values"]
-    arguments += [*step.flags, *step.entry_flags, "clear", "mirror", "mirrored"]
+    arguments += [*step.flags, *step.entry_flags, "clear", "companion", "param_store", "key"]
     call = f"ELEMENT({', '.join(arguments)})"
     returned = len(step.written) + len(step.squares)
     lines = [f"{indent}if i < end:", f"{indent}    {'new = ' if returned else ''}{call}"]
@@ -205,7 +205,7 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
             extra = (cuda.to_device(np.zeros((len(segments), squares)), stream=stream),)
         kernel[blocks, threads, stream](
             upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, table.formats, table.clear_grads, table.mirrored, *flags, *extra,
+            coefficients, table.formats, table.clear_grads, table.param_store, *flags, *extra,
         )  # fmt: skip
         if not squares:
             return None

@@ -8,9 +8,14 @@ from its `steps.Step`. The arrays are whatever indexes elements: typed pointers
 Elements are read as the coefficients' type and written back in their own format
 (`kernels.precision`: bfloat16 and float16 arrays compute in float32, one rounding per
 stored value). With ``clear_grad`` the gradient element is zeroed once read (zero is
-all-zero bits in every format), in the same pass as the update. With ``mirrored`` the
-param array is a float32 master copy and each new value is also stored, rounded, into
-``mirror`` (the 16-bit parameter itself: master weights). Block-wise 8-bit state
+all-zero bits in every format), in the same pass as the update. ``param_store`` (a
+`kernels.tables` constant) says how the new parameter is stored and what ``companion``
+and ``key`` are: `MIRRORED`, the param array is a float32 master copy and each new
+value is also stored, rounded, into ``companion`` (the 16-bit parameter itself: master
+weights); `KAHAN`, the rule computes on ``p + c`` (``c``: the element of the
+compensation array ``companion``) and stores ``p ← round(y)``, ``c ← round(y − p)``;
+`STOCHASTIC`, the new value is rounded stochastically with the random bits of element
+``i`` under the entry's ``key`` (`precision.random_bits`). Block-wise 8-bit state
 (`kernels.quantization`) is decoded here and returned, not stored: its codes need the
 new absmax of their whole block.
 """
@@ -19,22 +24,37 @@ import functools
 
 from numba.extending import register_jitable
 
-from .precision import load, store, stored_in_16_bits
+from .precision import load, random_bits, store, store_stochastically, stored_in_16_bits
 from .quantization import decode_signed, decode_unsigned
+from .tables import KAHAN, MIRRORED, STOCHASTIC
 
 
 @register_jitable
-def _store_param(param, mirror, i, value, mirrored):
-    store(param, i, value)
-    if mirrored:
-        store(mirror, i, value)
+def load_param(param, companion, i, like, param_store):
+    """The parameter's value at ``i``: with `KAHAN`, ``p + c`` in the compute type."""
+    if param_store == KAHAN:
+        return load(param, i, like) + load(companion, i, like)
+    return load(param, i, like)
+
+
+@register_jitable
+def store_param(param, companion, i, value, param_store, key):
+    """Store the new parameter ``value`` at ``i`` as ``param_store`` says (module doc)."""
+    if param_store == STOCHASTIC:
+        store_stochastically(param, i, value, random_bits(key, i))
+    else:
+        store(param, i, value)
+    if param_store == MIRRORED:
+        store(companion, i, value)
+    elif param_store == KAHAN:  # what rounding p lost, itself rounded
+        store(companion, i, value - load(param, i, value))
 
 
 def element(step):
     """The element step of ``step`` (a `steps.Step`), generated from it once::
 
         <name>_at(i, param, grad, *state, coefficients, entry, *flags, *entry_flags,
-                  clear_grad, mirror, mirrored)
+                  clear_grad, companion, param_store, key)
 
     loads element ``i`` of param, grad and each state array, calls the rule with them,
     the coefficients, the entry's values (a tuple) and the flags, and stores what it
@@ -55,7 +75,7 @@ def _generated(step):
     namespace = {"__name__": __name__, "RULE": step.rule, "FUSED_RULE": step.fused_rule}
     namespace.update(register_jitable=register_jitable, load=load, store=store)
     namespace.update(stored_in_16_bits=stored_in_16_bits)
-    namespace.update(store_param=_store_param)
+    namespace.update(load_param=load_param, store_param=store_param)
     namespace.update(decode_signed=decode_signed, decode_unsigned=decode_unsigned)
     exec(compile(element_source(step), __file__, "exec"), namespace)
     return namespace[f"{step.name}_at"]
@@ -79,7 +99,8 @@ def segment_source(step, indent):
     if step.blockwise:  # each state's absmax, after every state's codes
         for column, name in enumerate(step.state, start=2 + len(step.state)):
             lines.append(f"{name}_absmax = pointer_to(addresses[entry, {column}], ABSMAX_ZERO)")
-    lines.append("mirror = pointer_to(addresses[entry, last], stored_mirror)")
+    lines.append("companion = pointer_to(addresses[entry, last], stored_companion)")
+    lines.append("key = addresses[entry, last]  # the random key, when STOCHASTIC")
     lines.append(f"values = ({values})")
     for offset, flag in enumerate(step.entry_flags, start=width):
         lines.append(f"{flag} = entry_values[entry, {offset}] != 0")
@@ -93,13 +114,13 @@ def element_source(step):
     arguments = ["i", "param", "grad", *step.state]
     arguments += [f"{name}_absmax" for name in step.state if step.blockwise]
     arguments += ["coefficients", "entry", *step.flags, *step.entry_flags]
-    arguments += ["clear_grad", "mirror", "mirrored"]
+    arguments += ["clear_grad", "companion", "param_store", "key"]
     lines = [
         "@register_jitable",
         f"def {step.name}_at({', '.join(arguments)}):",
         "    like = coefficients[0]",
     ]
-    values = ["load(param, i, like)", "load(grad, i, like)"]
+    values = ["load_param(param, companion, i, like, param_store)", "load(grad, i, like)"]
     for position, name in enumerate(step.state):
         flag = step.optional_flag(name)
         if flag:  # when the flag is off, the rule gets (and ignores) a state always read
@@ -122,7 +143,7 @@ def element_source(step):
         lines += ["    if stored_in_16_bits(param):", "        " + call.format("FUSED_RULE")]
         lines += ["    else:", "        " + call.format("RULE")]
     if step.updates_param:
-        lines.append("    store_param(param, mirror, i, new_param, mirrored)")
+        lines.append("    store_param(param, companion, i, new_param, param_store, key)")
     if not step.blockwise:  # 8-bit state is encoded by the caller, block by block
         for name in step.written:
             flag = step.optional_flag(name)
@@ -135,7 +156,8 @@ def element_source(step):
         lines += ["    if clear_grad:", "        grad[i] = 0"]
     returned = [f"new_{name}" for name in step.written] if step.blockwise else []
     if step.squares:  # the values the loop sums the squares of, after the step
-        after = {"param": "new_param" if step.updates_param else "load(param, i, like)"}
+        current = "load_param(param, companion, i, like, param_store)"
+        after = {"param": "new_param" if step.updates_param else current}
         after.update((name, f"new_{name}") for name in (*step.written, *step.computed))
         returned += [after[name] for name in step.squares]
     if returned:

@@ -11,6 +11,13 @@ indexing, and compile to exactly that.
 In compiled code (`kernels.cpu`, `kernels.cuda`) the conversions are integer arithmetic
 on the bits; in Python (Numba's CUDA simulator, references in tests) NumPy does them.
 
+`store_stochastically` writes a computed value rounded *stochastically* to its 16-bit
+format: up (away from zero) with probability equal to the fraction of the gap between
+the two neighbouring representable values that the value has covered, down otherwise,
+so that the stored value is unbiased (``E[stored] = value``). The random bits come from
+`random_bits`, a pure integer hash of an entry's key and the element's index: the CPU
+loops, the CUDA kernels and the simulator draw the same bits.
+
 `stored_in_16_bits` tells a rule's element step, at compile time, that an array holds
 one of these formats, `fused_multiply_add` is ``a·b + c`` rounded once and
 `true_divide` a division that a loop's ``arcp`` flag cannot turn into a reciprocal:
@@ -114,6 +121,87 @@ def float32_to_bfloat16_bits(value):
         return BFLOAT16_BITS(0x7FC0)
     bits = int(np.asarray(value).view(np.uint32))
     return BFLOAT16_BITS((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+
+
+#: 2³²/φ, odd: consecutive element indices times it are far apart modulo 2³² (Weyl).
+GOLDEN = 0x9E3779B9
+_WORD = 0xFFFFFFFF
+
+
+def random_bits(key, i):
+    """32 random bits of element ``i`` under the entry's ``key`` (below 2³²): MurmurHash3's
+    32-bit finalizer ``fmix32`` of ``key + i·0x9E3779B9 mod 2³²``::
+
+        x ← x ⊕ (x ≫ 16);  x ← x·0x85EBCA6B;  x ← x ⊕ (x ≫ 13);  x ← x·0xC2B2AE35;  x ⊕ (x ≫ 16)
+
+    (all modulo 2³²). An index repeats its bits 2³² elements on."""
+    x = (int(key) + (int(i) & _WORD) * GOLDEN) & _WORD
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _WORD
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _WORD
+    return np.uint32(x ^ (x >> 16))
+
+
+def store_stochastically(pointer, i, value, bits):
+    """Write ``value`` to element ``i`` of a 16-bit ``pointer`` rounded stochastically
+    with the 32 random ``bits`` (`float32_to_bfloat16_bits_stochastically`,
+    `float32_to_float16_bits_stochastically`); other formats: as `store`."""
+    kind = np.asarray(pointer).dtype
+    if kind == BFLOAT16_BITS:
+        pointer[i] = float32_to_bfloat16_bits_stochastically(value, bits)
+    elif kind == FLOAT16_BITS:
+        pointer[i] = float32_to_float16_bits_stochastically(value, bits)
+    else:
+        pointer[i] = value
+
+
+def float32_to_bfloat16_bits_stochastically(value, bits):
+    """``value`` rounded to bfloat16 stochastically, as bits: the top 16 of the 32 random
+    ``bits`` added to the float32 bits, then the low 16 bits dropped (as torchao's
+    ``_fp32_to_bf16_sr``): the magnitude rounds up with probability (low 16 bits)/2¹⁶.
+    NaN gives torch's 0x7FC0, ±inf stays ±inf; a value beyond bfloat16's largest finite
+    one rounds to inf with the probability its fraction says."""
+    value = np.float32(value)
+    if value != value:
+        return BFLOAT16_BITS(0x7FC0)
+    word = int(np.asarray(value).view(np.uint32))
+    return BFLOAT16_BITS((word + (int(bits) >> 16)) >> 16)
+
+
+def float32_to_float16_bits_stochastically(value, bits):
+    """``value`` rounded to float16 stochastically, as bits, with the 32 random ``bits``
+    ``r``. Normal range: the 13 dropped mantissa bits ``rest`` round the magnitude up
+    when ``r ≫ 19 < rest`` (probability rest/2¹³). Subnormal range (below 2⁻¹⁴), where
+    ``s ≥ 14`` bits of the 24-bit significand are dropped: up when ``r ≫ (32 − s) < rest``
+    for ``s ≤ 32`` (exact), when ``r·2^(s−32) < rest`` beyond (probability off by less
+    than 2⁻³²); below 2⁻⁴⁹ (``s > 55``) always to zero. NaN stays NaN (quiet), ±inf
+    ±inf, and a magnitude that rounds up past 65504 becomes inf."""
+    word = int(np.asarray(np.float32(value)).view(np.uint32))
+    return np.asarray(_float16_stochastic_word(word, int(bits)), np.uint16).view(FLOAT16_BITS)[()]
+
+
+def _float16_stochastic_word(word, r):
+    """`float32_to_float16_bits_stochastically` on Python integers (float32 bits ``word``)."""
+    sign = (word >> 16) & 0x8000
+    exponent = (word >> 23) & 0xFF
+    mantissa = word & 0x7FFFFF
+    if exponent == 0xFF:  # inf, NaN (kept quiet)
+        return sign | 0x7C00 | (0x200 if mantissa else 0) | (mantissa >> 13)
+    exponent -= 112
+    if exponent >= 0x1F:
+        return sign | 0x7C00
+    if exponent > 0:
+        half = (exponent << 10) | (mantissa >> 13)
+        return sign | (half + ((r >> 19) < (mantissa & 0x1FFF)))
+    shift = 14 - exponent
+    if shift > 55:
+        return sign
+    significand = mantissa | 0x800000
+    half = significand >> shift if shift < 24 else 0
+    rest = significand & ((1 << shift) - 1)
+    up = (r >> (32 - shift)) < rest if shift <= 32 else (r << (shift - 32)) < rest
+    return sign | (half + up)
 
 
 # --- compiled code --------------------------------------------------------------------
@@ -253,6 +341,81 @@ def _float32_to_bfloat16_by_llvm(typingctx, value):
 
 
 @intrinsic
+def _random_bits_by_llvm(typingctx, key, i):
+    """`random_bits` in 32-bit integer lanes (Numba widens integer arithmetic to 64 bits,
+    which halves the vector width of a loop and needs 64-bit multiplies)."""
+    signature = types.uint32(key, i)
+
+    def codegen(context, builder, signature, args):
+        word = ir.IntType(32)
+
+        def constant(value):
+            return ir.Constant(word, value)
+
+        def shifted_xor(x, shift):
+            return builder.xor(x, builder.lshr(x, constant(shift)))
+
+        key_word = builder.trunc(args[0], word) if args[0].type.width > 32 else args[0]
+        index_word = builder.trunc(args[1], word) if args[1].type.width > 32 else args[1]
+        x = builder.add(key_word, builder.mul(index_word, constant(GOLDEN)))
+        x = builder.mul(shifted_xor(x, 16), constant(0x85EBCA6B))
+        x = builder.mul(shifted_xor(x, 13), constant(0xC2B2AE35))
+        return shifted_xor(x, 16)
+
+    return signature, codegen
+
+
+@intrinsic
+def _float32_to_bfloat16_stochastically_by_llvm(typingctx, value, bits):
+    """`float32_to_bfloat16_bits_stochastically` in 32-bit lanes, the NaN test a select."""
+    signature = types.uint16(types.float32, types.uint32)
+
+    def codegen(context, builder, signature, args):
+        word, half = ir.IntType(32), ir.IntType(16)
+        sixteen = ir.Constant(word, 16)
+        raised = builder.add(builder.bitcast(args[0], word), builder.lshr(args[1], sixteen))
+        high = builder.trunc(builder.lshr(raised, sixteen), half)
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, ir.Constant(half, 0x7FC0), high)
+
+    return signature, codegen
+
+
+@register_jitable
+def _float32_to_float16_stochastically(value, bits):
+    """`float32_to_float16_bits_stochastically` (see there) on the bits, compiled."""
+    word = _bits_of_float32(value)
+    r = np.uint64(bits)
+    sign = np.uint32((word >> np.uint32(16)) & np.uint32(0x8000))
+    exponent = np.int32((word >> np.uint32(23)) & np.uint32(0xFF))
+    mantissa = word & np.uint32(0x7FFFFF)
+    if exponent == 0xFF:  # inf, NaN (kept quiet)
+        quiet = np.uint32(0x200) if mantissa else np.uint32(0)
+        return np.int16(sign | np.uint32(0x7C00) | quiet | (mantissa >> np.uint32(13)))
+    exponent = exponent - 112
+    if exponent >= 0x1F:
+        return np.int16(sign | np.uint32(0x7C00))
+    if exponent > 0:
+        half = (np.uint32(exponent) << np.uint32(10)) | (mantissa >> np.uint32(13))
+        if (r >> np.uint64(19)) < np.uint64(mantissa & np.uint32(0x1FFF)):
+            half = half + np.uint32(1)
+        return np.int16(sign | half)
+    shift = 14 - exponent
+    if shift > 55:
+        return np.int16(sign)
+    significand = np.uint64(mantissa | np.uint32(0x800000))
+    half = significand >> np.uint64(shift) if shift < 24 else np.uint64(0)
+    rest = significand & ((np.uint64(1) << np.uint64(shift)) - np.uint64(1))
+    if shift <= 32:
+        up = (r >> np.uint64(32 - shift)) < rest
+    else:
+        up = (r << np.uint64(shift - 32)) < rest
+    if up:
+        half = half + np.uint64(1)
+    return np.int16(np.uint64(sign) | half)
+
+
+@intrinsic
 def _llvm_fma(typingctx, a, b, c):
     """``llvm.fma`` of three values of one float type."""
     signature = a(a, a, a)
@@ -342,6 +505,31 @@ def _implementations(
     return load_implementation, store_implementation
 
 
+def _store_stochastically_implementation(pointer, i, value, bits):
+    element = pointer.dtype
+    if element == types.uint16:
+
+        def store_bfloat16(pointer, i, value, bits):
+            pointer[i] = _float32_to_bfloat16_stochastically_by_llvm(value, bits)
+
+        return store_bfloat16
+    if element == types.int16:
+
+        def store_float16(pointer, i, value, bits):
+            pointer[i] = _float32_to_float16_stochastically(value, bits)
+
+        return store_float16
+
+    def store_native(pointer, i, value, bits):
+        pointer[i] = value
+
+    return store_native
+
+
+def _random_bits_implementation(key, i):
+    return lambda key, i: _random_bits_by_llvm(key, i)
+
+
 _cpu_load, _cpu_store = _implementations(
     _float16_to_float32_by_llvm,
     _float32_to_float16_by_llvm,
@@ -353,13 +541,16 @@ overload(store)(_cpu_store)
 overload(fused_multiply_add)(_fused_multiply_add_implementation(_llvm_fma))
 overload(stored_in_16_bits)(_stored_in_16_bits_implementation)
 overload(true_divide)(_true_divide_implementation)
+overload(store_stochastically)(_store_stochastically_implementation)
+overload(random_bits)(_random_bits_implementation)
 
 
 def register_cuda():
-    """Make `load`, `store`, `fused_multiply_add`, `stored_in_16_bits` and `true_divide`
-    compile for the CUDA target too (needs numba-cuda); float16 by integer arithmetic
-    there (checked to compile to PTX; not yet run on a GPU). `fused_multiply_add` is
-    ``cuda.fma`` there, not yet compiled to PTX (no NVVM where it was written)."""
+    """Make `load`, `store`, `fused_multiply_add`, `stored_in_16_bits`, `true_divide`,
+    `store_stochastically` and `random_bits` compile for the CUDA target too (needs
+    numba-cuda); float16 by integer arithmetic there (checked to compile to PTX; not yet
+    run on a GPU). `fused_multiply_add` is ``cuda.fma`` there, not yet compiled to PTX
+    (no NVVM where it was written)."""
     from numba import cuda
     from numba.cuda.extending import overload as cuda_overload
 
@@ -371,3 +562,5 @@ def register_cuda():
     cuda_overload(fused_multiply_add, target="cuda")(fma_implementation)
     cuda_overload(stored_in_16_bits, target="cuda")(_stored_in_16_bits_implementation)
     cuda_overload(true_divide, target="cuda")(lambda a, b: lambda a, b: a / b)
+    cuda_overload(store_stochastically, target="cuda")(_store_stochastically_implementation)
+    cuda_overload(random_bits, target="cuda")(_random_bits_implementation)

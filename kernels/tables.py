@@ -7,10 +7,20 @@ are laid out alike: element ``k`` of each belongs to the same parameter element.
 ``entry_values[e]`` holds coefficients of that entry alone (e.g. its bias corrections
 at its own step count); the coefficients all entries share are passed to the launch.
 ``formats`` gives the element type of the params, the grads, the state arrays and the
-mirror (one zero scalar each): the compute ``dtype`` by default, or the 16-bit carriers
-of `kernels.precision` for bfloat16 and float16 arrays. A ``mirrored`` table has one
-more column, last: where each new param value is also stored, rounded to the mirror's
-format (16-bit parameters whose float32 master copy is the param column).
+companion (one zero scalar each): the compute ``dtype`` by default, or the 16-bit
+carriers of `kernels.precision` for bfloat16 and float16 arrays. ``param_store`` says
+how each new param value is stored; all but `NEAREST` add one column, last, the
+entry's *companion*:
+
+- `NEAREST`: rounded to the param's format, to nearest (no companion);
+- `MIRRORED`: the param column is a float32 master copy; each new value is also stored,
+  rounded, at the companion's address (the 16-bit parameter: master weights);
+- `KAHAN`: the companion is the address of a compensation array of the param's
+  format: the step computes on ``p + c`` and stores ``p = round(y)``,
+  ``c = round(y − p)`` (Kahan-compensated summation);
+- `STOCHASTIC`: the companion is not an address but the entry's random key (a
+  non-negative integer below 2³²), from which each element's random bits are drawn
+  (`kernels.precision.random_bits`); the new value is rounded stochastically.
 
 Work is split by elements, not by tensor, into segments ``(entry, begin, end)``:
 
@@ -25,6 +35,9 @@ the lengths only and are kept; addresses and entry values may change before each
 import functools
 
 import numpy as np
+
+#: How a step stores each new parameter value (`TensorTable.param_store`, see above).
+NEAREST, MIRRORED, KAHAN, STOCHASTIC = 0, 1, 2, 3
 
 
 class TensorTable:
@@ -42,7 +55,7 @@ class TensorTable:
         self.entry_values = np.zeros((self.lengths.size, entry_width), self.dtype)
         self.formats = _formats(formats, self.dtype)
         self.clear_grads = False  # zero each gradient element once read (fused zero_grad)
-        self.mirrored = False  # the last column is the param the master column rounds to
+        self.param_store = NEAREST  # what the last column is (see the module doc)
         self._schedules = {}
         self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
         self.note = None  # the caller's record of what entry_values hold
@@ -59,10 +72,19 @@ class TensorTable:
         table.addresses = np.array([addresses], np.int64)
         table.entry_values = np.array([entry_values], table.dtype).reshape(1, len(entry_values))
         table.formats = _formats(formats, table.dtype)
-        table.clear_grads = table.mirrored = False
+        table.clear_grads, table.param_store = False, NEAREST
         table._schedules = {}
         table.rows = table.note = None
         return table
+
+    @property
+    def mirrored(self):
+        """Whether the param column is a master copy rounded into the last (`MIRRORED`)."""
+        return self.param_store == MIRRORED
+
+    @mirrored.setter
+    def mirrored(self, value):
+        self.param_store = MIRRORED if value else NEAREST
 
     def __len__(self):
         return self.lengths.size
@@ -93,9 +115,34 @@ class TensorTable:
         return self._schedules[key]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    """SplitMix64's finalizer (Stafford's variant 13) of a ``np.uint64`` array."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def random_keys(seed, param_keys, steps):
+    """The `STOCHASTIC` companion column: per entry, a key below 2³² from the seed, the
+    entry's parameter key and its step count (each an integer below 2⁶⁴)::
+
+        key = mix(mix(mix(seed) ⊕ param_key) ⊕ step) ≫ 32
+
+    with ``mix`` SplitMix64's finalizer (all modulo 2⁶⁴), as ``np.int64``. The bits of
+    element ``i`` are then `precision.random_bits` of ``(key, i)``."""
+    with np.errstate(over="ignore"):
+        seed = _splitmix64(np.array([int(seed) & _MASK64], np.uint64))
+        x = _splitmix64(seed ^ np.asarray(param_keys, np.uint64))
+        x = _splitmix64(x ^ np.asarray(steps, np.uint64))
+    return (x >> np.uint64(32)).astype(np.int64)
+
+
 @functools.lru_cache(maxsize=64)
 def _formats(formats, dtype):
-    """(param, grad, state, mirror) element types as zero scalars, which kernels type on."""
+    """(param, grad, state, companion) element types as zero scalars, which kernels type on."""
     formats = (dtype,) * 4 if formats is None else formats
     return tuple(np.dtype(kind).type(0) for kind in formats)
 
