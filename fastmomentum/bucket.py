@@ -16,7 +16,7 @@ from fastmomentum.kernels import precision
 
 from .devices import kernels_for
 from .gradients import Gradients
-from .launches import MASTER, StepPlanner
+from .launches import KAHAN_COMP, MASTER, StepPlanner
 from .quantized import (
     INT8_BLOCKWISE,
     absmax_placed_like,
@@ -207,7 +207,8 @@ class ParamBucket:
         """The allocation of state ``name`` (e.g. ``"exp_avg"``), zero-filled when made."""
         if name not in self._state:
             size = self.blocks if is_absmax(name) else self.size
-            dtype = allocation_dtype(name, self.state_dtype)
+            # a compensation is in the parameters' own format, whatever the state's
+            dtype = self.dtype if name == KAHAN_COMP else allocation_dtype(name, self.state_dtype)
             self._state[name] = Allocation(size, dtype, self.device)
         return self._state[name]
 
