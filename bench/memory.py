@@ -474,7 +474,7 @@ def memory_child_row(args, models, name):
     mode, (kind, settings) = MODES[name], models[MEMORY_MODEL]
     row = {}
     try:
-        if args.child == "code" or args.quick:
+        if args.child in ("code", "warm") or args.quick:
             row |= measure_code(mode)
         if args.child == "memory":
             row["run"] = measure_memory(mode, kind, settings, args.warmup, args.iterations)
@@ -505,17 +505,20 @@ def collect(process, what):
 
 
 def children(args):
-    """What each child measures, ``(child, models, modes)``, in order. A real run: each
-    mode's code cost, then ``--repeats`` rounds of each mode's memory (every run a fresh
-    process), then each model's iteration times. ``--quick``: two children."""
+    """What each child measures, ``(child, models, modes)``, in order. A real run: one
+    child that fills Numba's cache (its numbers are dropped: no measured process should
+    compile), each mode's code cost, then ``--repeats`` rounds of each mode's memory
+    (every run a fresh process), then each model's iteration times. ``--quick``: two
+    children."""
     timed = [name for name in TIMED_MODES if name in args.modes]
     if args.quick:
         timing = [("time", list(MODELS), timed)]
         return [("memory", [MEMORY_MODEL], args.modes)] + timing * bool(timed)
     timing = [("time", [model], timed) for model in MODELS if timed]
+    warm = [("warm", [MEMORY_MODEL], args.modes)]
     code = [("code", [MEMORY_MODEL], [name]) for name in args.modes]
     memory = [("memory", [MEMORY_MODEL], [name]) for name in args.modes] * args.repeats
-    return (code + memory) * (not args.no_memory) + timing * (not args.no_timing)
+    return warm + (code + memory) * (not args.no_memory) + timing * (not args.no_timing)
 
 
 def start_children(args):
@@ -531,6 +534,8 @@ def collect_children(args, started):
     rows, timings = {}, {}
     for (child, models, modes), process in started:
         result = collect(process or spawn(args, child, models, modes), f"{child} of {modes}")
+        if child == "warm":
+            continue
         if child == "time":
             timings |= result
             for model, got in result.items():
@@ -704,7 +709,9 @@ def parse(argv):
     parser.add_argument("--rounds", type=cli.positive_int, default=None, help="timed turns")
     parser.add_argument("--no-timing", action="store_true", help="memory only")
     parser.add_argument("--no-memory", action="store_true", help="iteration times only")
-    parser.add_argument("--child", choices=["memory", "code", "time"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["warm", "memory", "code", "time"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--model", nargs="+", choices=list(MODELS), help=argparse.SUPPRESS)
     cli.add_threads(parser, os.cpu_count())
     cli.add_output(parser, "memory.{json,md,png}")
