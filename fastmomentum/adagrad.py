@@ -38,15 +38,7 @@ class Adagrad(FlatOptimizer):
     supports_master_weights = True
     supports_quantized_state = True
 
-    @property
-    def state_keys(self):
-        if self.quantized:
-            return (*quantized.keys(rules.adagrad.STEP.state), *self.companion_keys)
-        return (*rules.adagrad.STEP.state, "master_param", *self.companion_keys)
-
-    @property
-    def optional_state_keys(self):
-        return self.companion_keys if self.quantized else ("master_param", *self.companion_keys)
+    rule_state = rules.adagrad.STEP.state
 
     def __init__(
         self,

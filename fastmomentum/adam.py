@@ -99,21 +99,10 @@ class Adam(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    @property
-    def state_keys(self):
-        if self.quantized:
-            return (*quantized.keys(rules.adam.STEP.state), *self.companion_keys)
-        return (*rules.adam.STEP.state, "master_param", *self.companion_keys)
-
-    @property
-    def optional_state_keys(self):
-        """``max_exp_avg_sq`` (8-bit: its codes and absmax) is kept, as torch keeps it,
-        when AMSGrad is switched off, and starts at zero for a parameter with state when
-        it is switched on (where torch raises KeyError). ``master_param``
-        (``master_weights=True``) starts as the parameter when a checkpoint has none."""
-        if self.quantized:
-            return (*quantized.keys(("max_exp_avg_sq",)), *self.companion_keys)
-        return ("max_exp_avg_sq", "master_param", *self.companion_keys)
+    rule_state = rules.adam.STEP.state
+    #: ``max_exp_avg_sq`` (8-bit: its codes and absmax) starts at zero for a parameter
+    #: with state when AMSGrad is switched on, where torch raises KeyError.
+    optional_rule_state = ("max_exp_avg_sq",)
 
     supports_master_weights = True
     supports_quantized_state = True

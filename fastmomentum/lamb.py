@@ -43,10 +43,7 @@ class LAMB(FlatOptimizer):
     param_dtypes = (torch.float32, torch.float64)
     supports_quantized_state = True
 
-    @property
-    def state_keys(self):
-        names = rules.lamb.DIRECTION.state
-        return quantized.keys(names) if self.quantized else names
+    rule_state = rules.lamb.DIRECTION.state
 
     def __init__(
         self,

@@ -39,15 +39,7 @@ class NAdam(FlatOptimizer):
     supports_master_weights = True
     supports_quantized_state = True
 
-    @property
-    def state_keys(self):
-        if self.quantized:
-            return (*quantized.keys(rules.nadam.STEP.state), *self.companion_keys)
-        return (*rules.nadam.STEP.state, "master_param", *self.companion_keys)
-
-    @property
-    def optional_state_keys(self):
-        return self.companion_keys if self.quantized else ("master_param", *self.companion_keys)
+    rule_state = rules.nadam.STEP.state
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from . import backward, binding, casts, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .kernels.tables import KAHAN, NEAREST, STOCHASTIC
 from .quantized import INT8_BLOCKWISE
+from .quantized import keys as quantized_keys
 from .validation import (
     check_fused_flags,
     check_implementation_options,
@@ -162,11 +163,38 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Whether the moments are block-wise 8-bit (``state_dtype="int8_blockwise"``)."""
         return self.__dict__.get("_state_dtype") == INT8_BLOCKWISE
 
-    #: Every per-parameter state tensor's key, in torch's order.
-    state_keys = ()
+    #: The update rule's per-parameter state tensors, in torch's order (Adam's
+    #: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``).
+    rule_state = ()
 
-    #: Keys of ``state_keys`` a parameter's state may lack (``max_exp_avg_sq``).
-    optional_state_keys = ()
+    #: Those of `rule_state` kept with ``state_dtype="int8_blockwise"`` (``None``: all).
+    quantized_rule_state = None
+
+    #: Those of `rule_state` a parameter's state may lack (``max_exp_avg_sq``, kept as
+    #: torch keeps it when AMSGrad is switched off, zero when it is switched on).
+    optional_rule_state = ()
+
+    @property
+    def state_keys(self):
+        """Every per-parameter state tensor's key, in torch's order: the rule's state
+        (8-bit: every one's codes, then every one's absmax), ``master_param`` where
+        master weights are implemented, then the 16-bit parameter's companions."""
+        return self._keys(self.rule_state)
+
+    @property
+    def optional_state_keys(self):
+        """Keys of `state_keys` a parameter's state may lack: `optional_rule_state`, and
+        ``master_param`` (it starts as the parameter when a checkpoint has none) and the
+        companions."""
+        return self._keys(self.optional_rule_state)
+
+    def _keys(self, names):
+        if self.quantized:
+            kept = self.quantized_rule_state
+            names = names if kept is None else tuple(n for n in names if n in kept)
+            return (*quantized_keys(names), *self.companion_keys)
+        master = (launches.MASTER,) if self.supports_master_weights else ()
+        return (*names, *master, *self.companion_keys)
 
     @property
     def companion_keys(self):

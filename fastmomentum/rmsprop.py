@@ -42,17 +42,9 @@ class RMSprop(FlatOptimizer):
     supports_master_weights = True
     supports_quantized_state = True
 
-    @property
-    def state_keys(self):
-        if self.quantized:  # not centered (see `settings`): no grad_avg
-            return (*quantized.keys(("square_avg", "momentum_buffer")), *self.companion_keys)
-        return (*rules.rmsprop.STEP.state, "master_param", *self.companion_keys)
-
-    @property
-    def optional_state_keys(self):
-        if self.quantized:
-            return (*quantized.keys(("momentum_buffer",)), *self.companion_keys)
-        return ("momentum_buffer", "grad_avg", "master_param", *self.companion_keys)
+    rule_state = rules.rmsprop.STEP.state
+    quantized_rule_state = ("square_avg", "momentum_buffer")  # not centered: no grad_avg
+    optional_rule_state = ("momentum_buffer", "grad_avg")
 
     def __init__(
         self,

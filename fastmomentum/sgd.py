@@ -110,16 +110,7 @@ class SGD(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    @property
-    def state_keys(self):
-        if self.quantized:
-            return (*quantized.keys(("momentum_buffer",)), *self.companion_keys)
-        return ("momentum_buffer", "master_param", *self.companion_keys)
-
-    @property
-    def optional_state_keys(self):
-        """``master_param``: the float32 copy of a 16-bit parameter (``master_weights``)."""
-        return self.companion_keys if self.quantized else ("master_param", *self.companion_keys)
+    rule_state = ("momentum_buffer",)
 
     supports_master_weights = True
     supports_quantized_state = True
