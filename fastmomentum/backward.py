@@ -286,6 +286,7 @@ def free_gradients(optimizer):
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
+    optimizer._first_iteration.gradients_freed()
 
 
 def refuse_scaler(optimizer):

@@ -145,6 +145,7 @@ class ParamBucket:
         self.repeats = []  # per extra listing of parameters in their group, their rows
         self.gradients = Gradients(self, flat_gradients)
         self.planner = StepPlanner(self)
+        self.adopted = False  # `adopt` ran (after the bucket's first step)
 
     # --- where the parameters and gradients are ---------------------------------------
 
@@ -186,7 +187,14 @@ class ParamBucket:
         Each keeps a storage of its own (a piece of the allocation) and its strides;
         ``param.data`` is re-pointed there. Parameters that share a storage, live in
         shared memory, are pinned or are DTensors stay where they are.
+
+        Called once, after the bucket's first step (`FlatOptimizer._step_bucket`), not
+        when the bucket is made: freeing the parameters' old storages before the first
+        iteration (blocks glibc mapped, up to 32 MiB) raises glibc's mmap threshold to
+        the largest of them, and that iteration's activations and gradients then come
+        from the heap, among the memory the first step keeps (bench/NOTES.md, entry 21).
         """
+        self.adopted = True
         movable = [
             i
             for i, param in enumerate(self.params)
@@ -200,6 +208,8 @@ class ParamBucket:
             piece = values.piece(self.offsets[index], self.shapes[index], self.strides[index])
             piece.copy_(param.data)
             param.data = piece
+        if self.master:  # same values: the master copies stay (see `sync_masters`)
+            self.note_written([i for i in movable if self.master_ready[i]])
 
     # --- state ------------------------------------------------------------------------
 

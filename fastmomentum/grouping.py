@@ -23,9 +23,9 @@ from .validation import SUPPORTED_DTYPES
 
 
 def make_buckets(optimizer, group_index):
-    """The group's buckets, their parameters adopted where nothing else sees them;
-    parameters still on the ``meta`` device are left out (made at the first step or
-    state dict after ``to_empty``, see `buckets_now`)."""
+    """The group's buckets (each adopts its parameters after its first step,
+    `bucket.ParamBucket.adopt`); parameters still on the ``meta`` device are left out
+    (made at the first step or state dict after ``to_empty``, see `buckets_now`)."""
     group = optimizer.param_groups[group_index]
     params = group["params"]
     earlier = {id(p) for g in optimizer.param_groups[:group_index] for p in g["params"]}
@@ -56,7 +56,6 @@ def make_buckets(optimizer, group_index):
     )
     with torch.no_grad():
         for bucket in buckets:
-            bucket.adopt()
             if flat:
                 bucket.gradients.adopt()
             times = [listed[id(param)] for param in bucket.params]

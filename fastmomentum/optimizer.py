@@ -22,6 +22,7 @@ from .clipping import clip_grad_norm
 from .kernels.tables import KAHAN, NEAREST, STOCHASTIC
 from .quantized import INT8_BLOCKWISE
 from .quantized import keys as quantized_keys
+from .storage import FirstIteration
 from .validation import (
     check_fused_flags,
     check_implementation_options,
@@ -91,6 +92,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._constructing = True  # `add_param_group` leaves its checks to the end
         super().__init__(params, defaults)
         del self._constructing
+        self._first_iteration = FirstIteration(self._all_params())  # see storage
         check_fused_flags(defaults)
         self._check_options(state_dtype, master_weights)
         for group in self.param_groups:
@@ -407,6 +409,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._unscale_grads(grad_scale)
         if self._fused_zero_grad and self._flat_gradients:
             self._adopt_zeroed_grads(all_buckets)
+        self._first_iteration.stepped = True
         return loss
 
     def _step_bucket(self, group, settings, bucket, bucket_plans, grad_scale=None):
@@ -431,6 +434,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             binding.expose_new_state(self, group, bucket, first.rows)
         elif first is not None and bucket.master:
             binding.expose_masters(self, bucket, first.rows)
+        if not bucket.adopted:
+            with torch.no_grad():
+                bucket.adopt()
+
+    def _all_params(self):
+        return [param for group in self.param_groups for param in group["params"]]
 
     @property
     def _param_store(self):
@@ -546,6 +555,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                         param.grad = None
                     elif param.grad is not None:
                         param.grad.zero_()
+        if set_to_none:
+            self._first_iteration.gradients_freed()
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -582,6 +593,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_master_weights", False)
         self.__dict__.setdefault("_stochastic_rounding", False)
         self.__dict__.setdefault("_kahan_sum", False)
+        self.__dict__.setdefault("_first_iteration", FirstIteration(self._all_params()))
         if "buckets" not in self.__dict__:  # unpickled or deep-copied: rebuild the buckets
             in_backward = self.__dict__.pop("_step_in_backward", False)
             self._backward = backward.BackwardSteps(self) if in_backward else None

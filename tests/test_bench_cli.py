@@ -24,6 +24,8 @@ ENTRY_POINTS = [
     "bench.gpu_check",
     "bench.precision",
     "bench.precision_speed",
+    "bench.memory",
+    "bench.accuracy",
 ]
 
 

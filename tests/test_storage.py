@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fastmomentum
+from fastmomentum import storage
 
 from .assertions import RTOL, assert_relative_close, assert_same_training, join_within
 from .cases import EVERY_RULE, torch_cases
@@ -46,6 +47,46 @@ def test_every_parameter_and_state_keeps_a_storage_of_its_own(name, options):
     # The values still lie in one allocation: one launch covers them (see test_launches).
     first, *_, last = sorted(p.data_ptr() for p in model.parameters())
     assert last - first < sum(p.numel() for p in model.parameters()) * 8
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_parameters_move_into_one_allocation_at_their_first_step_not_before(in_backward):
+    """Adoption waits for the bucket's first step (freeing the old storages before the
+    first iteration would raise glibc's mmap threshold, bench/NOTES.md entry 21)."""
+    model = make_model()
+    before = storages(model)
+    optimizer = fastmomentum.AdamW(model.parameters(), lr=1e-2, step_in_backward=in_backward)
+    optimizer.state_dict()  # makes the buckets
+    assert storages(model) == before
+    backward(model, seed=3)
+    optimizer.step()
+    assert all(pointer not in dict(before) for pointer, _ in storages(model))
+    first, *_, last = sorted(p.data_ptr() for p in model.parameters())
+    assert last - first < sum(p.numel() for p in model.parameters()) * 8
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_the_heap_is_trimmed_once_after_the_first_step_has_freed_its_gradients(
+    monkeypatch, in_backward
+):
+    calls = []
+    monkeypatch.setattr(storage.FirstIteration, "RELEASE_FROM", 0)
+    monkeypatch.setattr(storage, "release_free_heap", lambda: calls.append(1))
+    model = make_model()
+    optimizer = fastmomentum.Adam(model.parameters(), step_in_backward=in_backward)
+    optimizer.zero_grad()
+    assert calls == []  # nothing stepped yet
+    for seed in range(3):
+        backward(model, seed)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert calls == [1]
+
+
+def test_the_heap_of_a_small_model_is_left_alone():
+    optimizer = fastmomentum.Adam(make_model().parameters())
+    assert optimizer._first_iteration.done  # below FirstIteration.RELEASE_FROM (64 MiB)
+    storage.release_free_heap()  # runs: glibc's malloc_trim(0), elsewhere nothing
 
 
 @torch_cases(*EVERY_RULE)
