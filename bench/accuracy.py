@@ -17,6 +17,8 @@ mode's dtype) and sees the same batches; each trains with `fastmomentum.AdamW`:
 - ``bf16-master``: bfloat16 parameters with a float32 master copy;
 - ``bf16-stochastic`` / ``bf16-kahan``: bfloat16 parameters stored with stochastic
   rounding / with a Kahan compensation buffer, when the optimizer has those options;
+- ``bf16-stochastic-int8``: both savings at once, the fewest bytes (about 4 a
+  parameter of model state with the step in backward);
 - each again with ``step_in_backward=True`` (``…+backward``), which must be the same
   numbers as without.
 
@@ -47,6 +49,10 @@ MODES = {
     "bf16-master": (torch.bfloat16, {"master_weights": True}),
     "bf16-stochastic": (torch.bfloat16, {"stochastic_rounding": True}),
     "bf16-kahan": (torch.bfloat16, {"kahan_sum": True}),
+    "bf16-stochastic-int8": (
+        torch.bfloat16,
+        {"stochastic_rounding": True, "state_dtype": "int8_blockwise"},
+    ),
 }
 #: The mode whose failure the others fix: not held to float32's quality.
 UNCOMPENSATED = "bf16"

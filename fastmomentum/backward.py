@@ -12,12 +12,12 @@ group) steps through the ordinary `FlatOptimizer._step`. Numbers equal the ordin
 loop's (``backward(); step(); zero_grad()``) bit for bit: the rules are per element,
 and each bucket steps exactly the parameters that have a gradient, as ``step`` would.
 
-Buckets follow the order in which gradients arrive and hold at most ``bucket_bytes``
-of parameters each, as DDP's do. The order is learned from the first backward, as
-DDP rebuilds its buckets after its first iteration: that backward steps nothing
-inside it; at its end the buckets are made in the order seen, then it steps as
-``step()`` would (so the state is made once, in its final place). Parameters that got
-no gradient in that backward go last.
+Buckets follow the order in which gradients arrive and hold at most
+``bucket_elements`` elements each (DDP bounds its buckets in bytes). The order is
+learned from the first backward, as DDP rebuilds its buckets after its first
+iteration: that backward steps nothing inside it; at its end the buckets are made in
+the order seen, then it steps as ``step()`` would (so the state is made once, in its
+final place). Parameters that got no gradient in that backward go last.
 
 Inside ``with optimizer.no_step():`` a backward only accumulates (as DDP's
 ``no_sync``); the first backward outside it steps with the sum.
@@ -34,20 +34,21 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from . import binding, casts, launches
 
-#: The default bound of a bucket in this mode (DDP's is 25 MB). Its gradients are alive
-#: at once: 25 MiB of them cost a bfloat16 model of 97.7M parameters 0.27 bytes a
-#: parameter, 8 MiB 0.13, where its largest tensor, the floor, sets it (bench/NOTES.md,
-#: entry 21); and 8 MiB of gradients still lie in the last-level cache as their bucket
-#: steps.
-BUCKET_BYTES = 8 * 2**20
+#: The default bound of a bucket in this mode, in elements: 16 MiB of float32 gradients,
+#: 8 MiB of 16-bit ones (DDP's buckets are 25 MB). A bucket's gradients are alive at
+#: once: on the GPT-like 97.7M model (bench/NOTES.md, entry 21) this keeps bfloat16's
+#: at its largest tensor's, 0.13 bytes a parameter (25 MiB of them: 0.25), and float32's
+#: peak as low as with 25 MiB buckets (8 MiB ones measured 0.2-0.3 B/param more, the
+#: allocator's). Gradients of that size still lie in the last-level cache as they step.
+BUCKET_ELEMENTS = 4 * 2**20
 
 
 class BackwardSteps:
     """Steps ``optimizer``'s buckets from its parameters' post-accumulate-grad hooks."""
 
-    def __init__(self, optimizer, bucket_bytes=None):
+    def __init__(self, optimizer, bucket_elements=None):
         self._optimizer = weakref.ref(optimizer)  # hooks must not keep it alive
-        self.bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+        self.bucket_elements = BUCKET_ELEMENTS if bucket_elements is None else bucket_elements
         #: id(param) -> its place in the order gradients arrived (None: not learned)
         self.ranks = None
         #: Whether a DDP communication hook steps the buckets (`fastmomentum.ddp`)
@@ -250,7 +251,7 @@ class BackwardSteps:
 
 def split_in_order(optimizer, params):
     """``params`` (one group's, of one device and dtype) as the lists of positions of
-    its buckets: in the order gradients arrive, each at most ``bucket_bytes`` (a larger
+    its buckets: in the order gradients arrive, each at most ``bucket_elements`` (a larger
     parameter alone); ``[all positions]`` when the optimizer steps after backward."""
     steps = optimizer.__dict__.get("_backward")
     if steps is None:
@@ -259,12 +260,11 @@ def split_in_order(optimizer, params):
     for position in steps.order(params):
         local = params[position]
         local = local.to_local() if hasattr(local, "to_local") else local
-        nbytes = local.numel() * local.element_size()
-        if chunk and size + nbytes > steps.bucket_bytes:
+        if chunk and size + local.numel() > steps.bucket_elements:
             chunks.append(chunk)
             chunk, size = [], 0
         chunk.append(position)
-        size += nbytes
+        size += local.numel()
     if chunk:
         chunks.append(chunk)
     return chunks

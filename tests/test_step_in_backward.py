@@ -1,7 +1,7 @@
 """``step_in_backward=True``: each bucket steps inside backward, the numbers those of the
 ordinary loop (``backward(); step(); zero_grad()``) bit for bit.
 
-Buckets are made small (``BUCKET_BYTES`` patched) so every model here has several, and
+Buckets are made small (``BUCKET_ELEMENTS`` patched) so every model here has several, and
 each backward after the first steps some of them while others still wait for their
 gradients.
 """
@@ -25,7 +25,7 @@ STEPS = 5
 
 @pytest.fixture(autouse=True)
 def small_buckets(monkeypatch):
-    monkeypatch.setattr(in_backward, "BUCKET_BYTES", 256)  # SmallNet: 4 to 9 buckets
+    monkeypatch.setattr(in_backward, "BUCKET_ELEMENTS", 32)  # SmallNet: 4 to 9 buckets
 
 
 def loss_of(model, tokens, targets):
@@ -139,7 +139,7 @@ def test_at_the_size_of_a_layer(case, monkeypatch):
     """Parameters of 2^18 elements, 1 MiB buckets: the kernels split each bucket's work
     among threads by elements, so a parameter's chunks differ from the ordinary loop's
     bucket; LAMB's per-parameter norms are sums over those chunks."""
-    monkeypatch.setattr(in_backward, "BUCKET_BYTES", 2**20)
+    monkeypatch.setattr(in_backward, "BUCKET_ELEMENTS", 2**18)
     name, options = CASES[case]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512), nn.Linear(512, 8))
