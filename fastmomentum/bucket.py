@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastmomentum.kernels import precision
+from fastmomentum.kernels.tables import random_keys
 
 from .devices import kernels_for
 from .gradients import Gradients
@@ -70,6 +71,57 @@ def step_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def shard_rounding_shifts(params):
+    """Per DTensor parameter, what its local shard adds to its random key under
+    stochastic rounding (a NumPy ``int64`` array, each below 2³²).
+
+    Element ``i`` of an entry gets the bits ``fmix32(key + i·G)`` (`precision.random_bits`,
+    ``G`` = `precision.GOLDEN`, modulo 2³²), ``i`` counted in the tensor the step writes:
+    for a DTensor, its local shard. When the shard is one run of consecutive elements of
+    the whole (row-major) tensor, from element ``start`` on (FSDP2's ``Shard(0)``,
+    uneven or not, and any placement whose shard is whole rows; ``Replicate``: start 0),
+    adding ``start·G`` to the key gives its element ``i`` the bits of element
+    ``start + i`` of the whole tensor: the bits of an unsharded run, whatever the number
+    of ranks. Any other shard (``Shard(1)``, a strided shard, a shard that is not laid
+    out row-major) cannot be written as ``start + i``; it adds a 32-bit hash of where it
+    starts and of its coordinates on the mesh dimensions that shard it: bits that differ
+    from shard to shard and are the same on its replicas and at a resume on the same
+    mesh and placements, but are not the unsharded run's."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shifts = np.zeros(len(params), np.int64)
+    for index, param in enumerate(params):
+        whole = tuple(param.shape)
+        shape, offset = compute_local_shape_and_global_offset(
+            whole, param.device_mesh, param.placements
+        )
+        start, stride = 0, 1
+        for size, first in zip(reversed(whole), reversed(offset)):
+            start, stride = start + first * stride, stride * size
+        plain = all(type(p) is Shard or not isinstance(p, Shard) for p in param.placements)
+        if plain and _one_run(tuple(shape), whole) and local(param).is_contiguous():
+            shifts[index] = (start * precision.GOLDEN) & 0xFFFFFFFF
+        else:
+            coordinate = param.device_mesh.get_coordinate() or ()
+            place = 0
+            for dim, placement in enumerate(param.placements):
+                if isinstance(placement, Shard):
+                    place = place * param.device_mesh.size(dim) + coordinate[dim]
+            shifts[index] = random_keys(start, [place], [len(param.placements)])[0]
+    return shifts
+
+
+def _one_run(shape, whole):
+    """Whether a block of ``shape`` (its offsets anywhere) in a row-major tensor of
+    shape ``whole`` is one run of consecutive elements: past the first dimension it
+    splits, every dimension whole; before it, one index each."""
+    split = next((d for d, (a, b) in enumerate(zip(shape, whole)) if a != b), None)
+    if split is None:  # the whole tensor
+        return True
+    return all(size == 1 for size in shape[:split]) and shape[split + 1 :] == whole[split + 1 :]
+
+
 class ParamBucket:
     """Layouts, state and step counts of some parameters of one device and dtype.
 
@@ -121,6 +173,7 @@ class ParamBucket:
         dtensors = self.params if self.quantized and self.distributed else None
         self.block_counts, self.block_offsets = block_counts(self.numels, dtensors)
         self.blocks = self.block_offsets.pop()
+        self._rounding_shifts = None  # see `rounding_shifts`
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
         self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
@@ -210,6 +263,13 @@ class ParamBucket:
             param.data = piece
         if self.master:  # same values: the master copies stay (see `sync_masters`)
             self.note_written([i for i in movable if self.master_ready[i]])
+
+    def rounding_shifts(self):
+        """What each DTensor parameter's shard adds to its random key under stochastic
+        rounding (`shard_rounding_shifts`; made at the first step that needs it)."""
+        if self._rounding_shifts is None:
+            self._rounding_shifts = shard_rounding_shifts(self.params)
+        return self._rounding_shifts
 
     # --- state ------------------------------------------------------------------------
 

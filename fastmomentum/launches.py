@@ -311,7 +311,10 @@ class StepPlan:
                 bucket = self._planner.bucket
                 steps = bucket.step_counts[table.rows]
                 keys = bucket.rounding_keys[table.rows]
-                table.addresses[:, -1] = random_keys(bucket.rounding_seed, keys, steps)
+                keys = random_keys(bucket.rounding_seed, keys, steps)
+                if bucket.distributed:  # a shard's element i: the whole tensor's start + i
+                    keys = (keys + bucket.rounding_shifts()[table.rows]) & 0xFFFFFFFF
+                table.addresses[:, -1] = keys
             kernel(table, *args)
 
 

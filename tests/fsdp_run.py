@@ -5,9 +5,12 @@ optimizer, each rank on its half of every batch; halfway it saves model and opti
 with ``torch.distributed.checkpoint``. ``resume`` phase, in a fresh process group:
 each case loads that checkpoint into a new model and optimizer and trains the second
 half. Two cases keep 8-bit state (blocks within each shard; a wider hidden layer gives
-its weight's shards 2 and 1 blocks). Rank 0 saves what the test compares, then every
-rank leaves without tearing gloo down (torch 2.13's gloo teardown aborts now and then,
-even with torch.optim alone).
+its weight's shards 2 and 1 blocks). The rounding cases train bfloat16 parameters with
+stochastic rounding or Kahan summation, record the whole gradients of every step (for
+the test to step the unsharded model with) and what each shard adds to its random key;
+the resume phase makes their optimizers with another seed than the checkpoint's. Rank
+0 saves what the test compares, then every rank leaves without tearing gloo down (torch
+2.13's gloo teardown aborts now and then, even with torch.optim alone).
 Each phase is one ``distributed_run.launch``: a rendezvous file, a deadline.
 """
 
@@ -59,22 +62,71 @@ BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
 #: Cases on float32 parameters with 8-bit state, on a model with a hidden layer of 33.
 INT8_CASES = ("adamw-int8-reshard", "adagrad-int8-keep")
 
+STOCHASTIC = {"stochastic_rounding": True, "rounding_seed": 7}
+KAHAN = {"kahan_sum": True}
+#: bfloat16 parameters with stochastic rounding or Kahan summation, their state in
+#: bfloat16 (the parameters' dtype) or 8 bits: (name, optimizer, reshard_after_forward).
+#: Each is also trained with ``step_in_backward=True``, and the train phase records the
+#: whole gradients of every step for the test to step the unsharded model with.
+#: (LAMB steps float32 and float64 parameters only, so neither option applies to it.)
+ROUNDING_CASES = [
+    ("sgd-stochastic-reshard", "SGD", True),
+    ("sgd-kahan-keep", "SGD", False),
+    ("sgd-stochastic-int8-keep", "SGD", False),
+    ("sgd-kahan-int8-reshard", "SGD", True),
+    ("adamw-stochastic-keep", "AdamW", False),
+    ("adamw-kahan-reshard", "AdamW", True),
+    ("adamw-stochastic-int8-reshard", "AdamW", True),
+    ("adamw-kahan-int8-keep", "AdamW", False),
+    ("nadam-stochastic-int8-keep", "NAdam", False),
+    ("nadam-kahan-reshard", "NAdam", True),
+    ("adamw-stochastic-dim1-keep", "AdamW", False),  # Shard(1): see `sharded`
+]
+#: The rounding cases sharded on dimension 1 (``shard_placement_fn``): their shards are
+#: not runs of whole rows, so their random bits are not the unsharded run's (see
+#: `fastmomentum.bucket.shard_rounding_shifts`).
+DIM1_CASES = ("adamw-stochastic-dim1-keep",)
+#: The seed the resume phase gives stochastic-rounding optimizers: the checkpoint's wins.
+OTHER_SEED = 99
+
+
+def rounding(case):
+    """A rounding case's options on top of ``OPTIONS`` (``{}`` for the other cases)."""
+    if not any(case == c for c, _, _ in ROUNDING_CASES):
+        return {}
+    options = STOCHASTIC if "-stochastic" in case else KAHAN
+    return {**options, "state_dtype": "int8_blockwise" if "-int8" in case else None}
+
 
 def case_options(case, name):
     if case in INT8_CASES:
         return {**OPTIONS[name], "state_dtype": "int8_blockwise"}
-    return {**OPTIONS[name], **BFLOAT16_CASES.get(case, {})}
+    return {**OPTIONS[name], **BFLOAT16_CASES.get(case, {}), **rounding(case)}
 
 
 def case_dtype(case):
     if case in INT8_CASES:
         return torch.float32
-    return torch.bfloat16 if case in BFLOAT16_CASES else torch.float64
+    return torch.bfloat16 if case in BFLOAT16_CASES or rounding(case) else torch.float64
 
 
 def case_model(case):
     """The model a case trains (before sharding), the same in every process."""
-    return make_model(case_dtype(case), hidden=33 if case in INT8_CASES else 16)
+    if rounding(case).get("state_dtype"):
+        return block_aligned_model()
+    wide = case in INT8_CASES or rounding(case)
+    return make_model(case_dtype(case), hidden=33 if wide else 16)
+
+
+def block_aligned_model():
+    """A bfloat16 model whose shards on 2 ranks are whole 8-bit blocks of the whole
+    tensors (no biases; rank 0's shard of each weight is a multiple of 256 elements): its
+    8-bit state then has the unsharded run's blocks, so its numbers can be compared bit
+    for bit. The last weight has 5 rows of 256: 3 for rank 0, 2 for rank 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 256, bias=False), nn.Tanh(), nn.Linear(256, 5, bias=False)
+    ).to(torch.bfloat16)
 
 
 def make_model(dtype=torch.float64, hidden=16):
@@ -93,22 +145,42 @@ def train(model, optimizer, rank, world, steps):
 
 
 def sharded(case, reshard):
+    from torch.distributed.tensor import Shard
+
     model = case_model(case)
+    options = {"reshard_after_forward": reshard}
+    if case in DIM1_CASES:  # weights on dimension 1 where even (FSDP2 wants it even)
+        options["shard_placement_fn"] = lambda p: Shard(int(p.dim() == 2 and p.shape[1] % 2 == 0))
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, reshard_after_forward=reshard)
-    return fully_shard(model, reshard_after_forward=reshard)
+            fully_shard(layer, **options)
+    return fully_shard(model, **options)
+
+
+def record_gradients(model, optimizer):
+    """A list that gains, at each step of ``optimizer``, the whole gradient of every
+    parameter (``full_tensor()``, on every rank: a collective), before the step."""
+    recorded = []
+
+    def record(*_):
+        recorded.append([p.grad.full_tensor().clone() for p in model.parameters()])
+
+    return recorded, optimizer.register_step_pre_hook(record)
 
 
 def worker(rank, world, meeting, folder, phase):
     distributed_run.join_group(rank, world, meeting)
     results = {}
-    for case, name, reshard in CASES:
+    for case, name, reshard in CASES + ROUNDING_CASES:
         model = sharded(case, reshard)
         local_memory = [p.to_local().data_ptr() for p in model.parameters()]
         options = case_options(case, name)
+        if phase == "resume" and "rounding_seed" in options:
+            options = {**options, "rounding_seed": OTHER_SEED}
         optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
         checkpoint = os.path.join(folder, case)
+        if phase == "train" and rounding(case):
+            results[case + "-gradients"], hook = record_gradients(model, optimizer)
         if phase == "train":
             train(model, optimizer, rank, world, range(RESUME_AT))
             model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -120,7 +192,13 @@ def worker(rank, world, meeting, folder, phase):
                 model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
             )
         train(model, optimizer, rank, world, range(RESUME_AT, STEPS))
+        if phase == "train" and rounding(case):
+            hook.remove()
         results[case] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        if rounding(case):
+            results[case + "-seed"] = optimizer.param_groups[0].get("rounding_seed")
+            results[case + "-state"] = whole_state(model, optimizer)
+            results[case + "-shifts"] = gathered_shifts(optimizer)
         # FSDP's own shard storage was stepped in place, never re-pointed
         results[case + "-in-place"] = local_memory == [
             p.to_local().data_ptr() for p in model.parameters()
@@ -137,8 +215,8 @@ def worker(rank, world, meeting, folder, phase):
             results[case + "-decoded"] = decoded_state(model, optimizer, name)
     if phase == "train":
         results["errors"] = bad_placements()
-        for case, name, reshard in CASES:
-            if case in IN_BACKWARD:
+        for case, name, reshard in CASES + ROUNDING_CASES:
+            if case in IN_BACKWARD or rounding(case):
                 results[case + "-in-backward"] = in_backward(case, name, reshard, rank, world)
     if rank == 0:
         torch.save(results, os.path.join(folder, f"{phase}.pt"))
@@ -146,16 +224,38 @@ def worker(rank, world, meeting, folder, phase):
 
 
 def in_backward(case, name, reshard, rank, world):
-    """The case trained ``STEPS`` steps with ``step_in_backward=True`` and buckets of 256
-    bytes (one or two parameters each): its parameters, full, and whether the last
+    """The case trained ``STEPS`` steps with ``step_in_backward=True`` and buckets of 32
+    elements (one or two parameters each): its parameters, full, and whether the last
     backward stepped every bucket inside it (no gradient left)."""
-    steps_in_backward.BUCKET_BYTES = 256
+    steps_in_backward.BUCKET_ELEMENTS = 32
     model = sharded(case, reshard)
     options = {**case_options(case, name), "step_in_backward": True}
     optimizer = getattr(fastmomentum, name)(model.parameters(), **options)
     train(model, optimizer, rank, world, range(STEPS))  # its step() and zero_grad(): no-ops
     params = [p.full_tensor().detach().clone() for p in model.parameters()]
     return params, len(optimizer.buckets[0]), all(p.grad is None for p in model.parameters())
+
+
+def whole_state(model, optimizer):
+    """Each parameter's state tensors, whole (``full_tensor()``), but 8-bit absmax (its
+    pieces are padded to the largest shard's blocks) and the step counts."""
+    return [
+        {
+            key: value.full_tensor().clone()
+            for key, value in sorted(optimizer.state[param].items())
+            if key not in optimizer.scalar_state and not quantized.is_absmax(key)
+        }
+        for param in model.parameters()
+    ]
+
+
+def gathered_shifts(optimizer):
+    """Every rank's `ParamBucket.rounding_shifts` of the optimizer's first bucket (what
+    each shard adds to its parameter's random key), rank by rank."""
+    shifts = torch.from_numpy(optimizer.buckets[0][0].rounding_shifts().copy())
+    every = [torch.empty_like(shifts) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, shifts)
+    return [s.tolist() for s in every]
 
 
 def load_full_state(model, optimizer, name, options):
