@@ -1,7 +1,7 @@
 """Does low-precision training keep float32's quality? A character-level language model
 trained on Python's own standard library, in every precision mode, from one start.
 
-    python -m bench.accuracy                           # a few minutes on 2 cores
+    python -m bench.accuracy                           # peak lr 3e-3 and 3e-4: ~10 min, 2 cores
     python -m bench.accuracy --output bench/results    # replace the committed results
     python -m bench.accuracy --quick                   # a tiny run, seconds (the test)
 
@@ -29,6 +29,7 @@ each mode's final held-out loss relative to float32's. Results go to
 
 import json
 import math
+import platform
 import sysconfig
 import time
 from pathlib import Path
@@ -61,13 +62,13 @@ UNCOMPENSATED = "bf16"
 class Config:
     """The size of a run."""
 
-    def __init__(self, quick=False, steps=None, characters=None):
+    def __init__(self, quick=False, steps=None, characters=None, lr=3e-3):
         self.width, self.layers, self.heads = (32, 1, 2) if quick else (128, 2, 4)
         self.context, self.batch = (32, 8) if quick else (64, 16)
         self.steps = steps or (40 if quick else 400)
         self.characters = characters or (200_000 if quick else 2_000_000)
         self.evaluate_every = max(1, self.steps // (5 if quick else 20))
-        self.lr, self.weight_decay = 3e-3, 0.01
+        self.lr, self.weight_decay = lr, 0.01
         self.held_out_batches = 2 if quick else 16
 
 
@@ -214,10 +215,22 @@ def study(config):
     return report
 
 
-def markdown(report):
-    config = report["config"]
+def markdown(reports, machine):
+    """The tables of the studies ``reports`` (one per peak learning rate)."""
     lines = [
         "# Accuracy: a byte-level transformer on the standard library's source",
+        "",
+        f"Measured on {machine} (the seconds are whole runs, 2 threads, a shared machine).",
+    ]
+    for report in reports:
+        lines += ["", *study_table(report)]
+    return "\n".join(lines) + "\n"
+
+
+def study_table(report):
+    config = report["config"]
+    lines = [
+        f"## Peak learning rate {config['lr']:g}",
         "",
         f"{config['steps']} AdamW steps (lr {config['lr']}, one-cycle), width {config['width']}, "
         f"{config['layers']} layers, context {config['context']}, batch {config['batch']}; "
@@ -236,47 +249,79 @@ def markdown(report):
             f"| {name} | {mode['final']:.4f} | {100 * mode['relative']:+.2f}% | {same} "
             f"| {mode['seconds']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(report, path):
+def plot(reports, path):
+    """Per peak learning rate: the held-out loss of each mode along the run, and below
+    it each mode's difference from float32's, in percent."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(8, 5))
-    for name, mode in report["modes"].items():
-        if "curve" not in mode or name.endswith("+backward"):
-            continue  # the same numbers as without
-        steps, losses = zip(*mode["curve"])
-        axes.plot(steps, losses, label=name, linestyle="--" if name == UNCOMPENSATED else "-")
-    axes.set_xlabel("step")
-    axes.set_ylabel("held-out loss (nats per byte)")
-    axes.set_title("AdamW precision modes, byte-level transformer on the stdlib")
-    axes.legend()
+    figure, axes = pyplot.subplots(
+        2, len(reports), figsize=(7 * len(reports), 8), squeeze=False, sharex="col"
+    )
+    for column, report in enumerate(reports):
+        losses_axis, relative_axis = axes[0][column], axes[1][column]
+        reference = dict(report["modes"]["float32"]["curve"])
+        for name, mode in report["modes"].items():
+            if "curve" not in mode or name.endswith("+backward"):
+                continue  # the same numbers as without
+            steps, losses = zip(*mode["curve"])
+            style = {"linestyle": "--" if name == UNCOMPENSATED else "-", "label": name}
+            losses_axis.plot(steps, losses, **style)
+            relative = [100 * (loss / reference[step] - 1) for step, loss in mode["curve"]]
+            relative_axis.plot(steps, relative, **style)
+        losses_axis.set_ylabel("held-out loss (nats per byte)")
+        losses_axis.set_title(f"peak lr {report['config']['lr']:g}")
+        relative_axis.axhline(2, color="grey", linewidth=0.8, linestyle=":")
+        relative_axis.axhline(-2, color="grey", linewidth=0.8, linestyle=":")
+        relative_axis.set_ylabel("held-out loss vs float32 (%)")
+        relative_axis.set_xlabel("step")
+        losses_axis.legend(fontsize=8)
+    figure.suptitle("AdamW precision modes, byte-level transformer on the stdlib")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     pyplot.close(figure)
+
+
+def cpu_name():
+    """The CPU's model name (Linux), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "an unknown CPU"
 
 
 def main(argv=None):
     parser = cli.parser("bench.accuracy", __doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny model and run")
     parser.add_argument("--steps", type=cli.positive_int, default=None)
+    parser.add_argument(
+        "--lr", type=float, nargs="+", default=None,
+        help="peak learning rates, one study each (default 3e-3 and 3e-4; --quick: 3e-3)",
+    )  # fmt: skip
     cli.add_output(parser, "accuracy.{json,md,png}")
     arguments = parser.parse_args(argv)
-    config = Config(arguments.quick, arguments.steps)
-    report = study(config)
+    rates = arguments.lr or ([3e-3] if arguments.quick else [3e-3, 3e-4])
+    reports = [study(Config(arguments.quick, arguments.steps, lr=lr)) for lr in rates]
+    machine = cpu_name()
     arguments.output.mkdir(parents=True, exist_ok=True)
-    (arguments.output / "accuracy.json").write_text(json.dumps(report, indent=1))
-    (arguments.output / "accuracy.md").write_text(markdown(report))
+    document = {"machine": machine, "studies": reports}
+    (arguments.output / "accuracy.json").write_text(json.dumps(document, indent=1))
+    (arguments.output / "accuracy.md").write_text(markdown(reports, machine))
     try:
-        plot(report, arguments.output / "accuracy.png")
+        plot(reports, arguments.output / "accuracy.png")
     except ImportError:
         print("matplotlib is not installed: no plot")
-    print(markdown(report))
-    finite = all(math.isfinite(m.get("final", 0.0)) for m in report["modes"].values())
+    print(markdown(reports, machine))
+    finite = all(math.isfinite(m.get("final", 0.0)) for r in reports for m in r["modes"].values())
     return 0 if finite else 1
 
 
