@@ -409,7 +409,6 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._unscale_grads(grad_scale)
         if self._fused_zero_grad and self._flat_gradients:
             self._adopt_zeroed_grads(all_buckets)
-        self._first_iteration.stepped = True
         return loss
 
     def _step_bucket(self, group, settings, bucket, bucket_plans, grad_scale=None):
@@ -437,6 +436,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not bucket.adopted:
             with torch.no_grad():
                 bucket.adopt()
+        self._first_iteration.stepped = True  # every way to step comes here (DDP's too)
 
     def _all_params(self):
         return [param for group in self.param_groups for param in group["params"]]
