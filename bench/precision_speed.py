@@ -1,6 +1,9 @@
-"""What each precision mode's step costs: Adam and SGD momentum timed against torch's
-fused step on float32 and on bfloat16 parameters, and against a traffic twin that moves
-the mode's own bytes.
+"""What each precision mode's step costs: every mode of issue 20 (float32; bfloat16 and
+8-bit state; bfloat16 parameters alone, with master weights, with stochastic rounding,
+with Kahan summation, with stochastic rounding and 8-bit state) for Adam and SGD
+momentum, and 8-bit state for AdamW and Adagrad, timed against torch's fused step on
+float32 and on bfloat16 parameters and against a traffic twin that moves the mode's own
+bytes.
 
 Rows: per layout and mode, the bytes a step moves per parameter, the median step time,
 and the ratios to torch fused on float32 parameters, to torch fused on bfloat16
@@ -9,7 +12,7 @@ widths; 16-bit arrays as their int16 bits). All cases of a layout take turns in 
 run (`measure.time_cases`), and every row gets the report's health check
 (`bench/health.py`): as in the report, a layout with an unhealthy row is measured again
 with fewer threads (`measure_with_retries`), and a row still unhealthy is marked "!"
-with its problems.
+with its problems. Each row names the CPU it ran on.
 
     python -m bench.precision_speed [--quick] [--repeats N] [--threads N] [--output DIR]
 
@@ -18,7 +21,11 @@ the committed run).
 """
 
 import json
+import os
+import platform
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,25 +37,59 @@ from . import cli, health, twin
 from .layouts import LAYOUTS, numel
 from .measure import Case, make_params, median, time_cases
 
-#: mode -> (param dtype, options, bytes per parameter of an Adam step, of an SGD step)
+INT8 = "int8_blockwise"
+
+#: mode -> (param dtype, options)
 MODES = {
-    "torch fused fp32": (torch.float32, {"fused": True}, 28, 20),
-    "torch fused bf16": (torch.bfloat16, {"fused": True}, 14, 10),
-    "ours fp32": (torch.float32, {}, 28, 20),
-    "ours fp32, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}, 20, 16),
-    # codes: 1 byte each read and written; absmax: 16 bytes per 256 parameters, not counted
-    "ours fp32, 8-bit state": (torch.float32, {"state_dtype": "int8_blockwise"}, 16, 14),
-    "ours bf16": (torch.bfloat16, {}, 14, 10),
-    "ours bf16, fp32 master": (torch.bfloat16, {"master_weights": True}, 28, None),
+    "torch fused fp32": (torch.float32, {"fused": True}),
+    "torch fused bf16": (torch.bfloat16, {"fused": True}),
+    "ours fp32": (torch.float32, {}),
+    "ours fp32, bf16 state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "ours fp32, 8-bit state": (torch.float32, {"state_dtype": INT8}),
+    "ours bf16": (torch.bfloat16, {}),
+    "ours bf16, fp32 master": (torch.bfloat16, {"master_weights": True}),
+    "ours bf16, stochastic rounding": (torch.bfloat16, {"stochastic_rounding": True}),
+    "ours bf16, Kahan": (torch.bfloat16, {"kahan_sum": True}),
+    "ours bf16, stochastic rounding, 8-bit state": (
+        torch.bfloat16,
+        {"stochastic_rounding": True, "state_dtype": INT8},
+    ),
 }
-OPTIMIZERS = {"Adam": {"lr": 1e-3}, "SGD": {"lr": 1e-3, "momentum": 0.9}}
+#: The modes of the optimizers that get only the 8-bit rows (and the rows they need).
+INT8_MODES = ("torch fused fp32", "torch fused bf16", "ours fp32", "ours fp32, 8-bit state")
+
+#: optimizer -> (hyperparameters, state arrays per parameter, modes)
+OPTIMIZER_CASES = {
+    "Adam": ({"lr": 1e-3}, 2, tuple(MODES)),
+    "SGD": ({"lr": 1e-3, "momentum": 0.9}, 1, tuple(MODES)),
+    "AdamW": ({"lr": 1e-3}, 2, INT8_MODES),
+    "Adagrad": ({"lr": 1e-2}, 1, INT8_MODES),
+}
+OPTIMIZERS = {name: options for name, (options, _, _) in OPTIMIZER_CASES.items()}
+
+
+def bytes_moved(name, mode):
+    """Bytes a step of optimizer ``name`` in ``mode`` reads and writes per parameter: the
+    param read and written (with master weights: the float32 copy read and written and
+    the param written), the gradient read, each state array read and written (8-bit
+    codes: 1 byte; their absmax, 8 bytes per 256 parameters, is not counted), and a
+    Kahan compensation read and written."""
+    dtype, options = MODES[mode]
+    width = torch.finfo(dtype).bits // 8
+    state = options.get("state_dtype")
+    if state == INT8:
+        state_width = 1
+    elif options.get("master_weights"):
+        state_width = 4
+    else:
+        state_width = torch.finfo(state or dtype).bits // 8
+    param = 4 + 4 + width if options.get("master_weights") else 2 * width
+    kahan = 2 * width if options.get("kahan_sum") else 0
+    return param + width + kahan + 2 * state_width * OPTIMIZER_CASES[name][1]
 
 
 def optimizer_case(name, mode, shapes):
-    dtype, options, adam_bytes, sgd_bytes = MODES[mode]
-    moved = adam_bytes if name == "Adam" else sgd_bytes
-    if moved is None:
-        return None
+    dtype, options = MODES[mode]
     library = torch.optim if mode.startswith("torch") else fastmomentum
     params = make_params(shapes, dtype)
     optimizer = getattr(library, name)(params, **OPTIMIZERS[name], **options)
@@ -67,34 +108,49 @@ def optimizer_case(name, mode, shapes):
             pass
 
     count = numel(shapes)
-    return Case(optimizer.step, reset, count, len(params), moved * count)
+    return Case(optimizer.step, reset, count, len(params), bytes_moved(name, mode) * count)
 
 
 def twin_case(name, mode, count):
     """The traffic twin of ``mode``: its arrays in the widths the mode stores."""
-    dtype, options, adam_bytes, sgd_bytes = MODES[mode]
+    dtype, options = MODES[mode]
     wide, narrow = np.float32, np.int16  # a 16-bit array is moved as int16
     param = narrow if dtype == torch.bfloat16 else wide
     state = narrow if dtype == torch.bfloat16 or options.get("state_dtype") else wide
-    if options.get("state_dtype") == "int8_blockwise":
+    if options.get("state_dtype") == INT8:
         state = np.int8
     generator = np.random.default_rng(0)
 
     def array(kind):
         return (generator.standard_normal(count) * 100).astype(kind)
 
-    if options.get("master_weights"):
-        arrays = [array(wide), array(narrow), array(wide), array(wide), array(narrow)]
-        kernel = twin.adam_master_twin
-    elif name == "Adam":
-        arrays = [array(param), array(param), array(state), array(state)]
-        kernel = twin.adam_twin
+    moments = OPTIMIZER_CASES[name][1]
+    if options.get("master_weights"):  # master copy, grad, float32 state, param
+        arrays = [array(wide), array(narrow), *(array(wide) for _ in range(moments))]
+        arrays.append(array(narrow))
+        kernel = twin.adam_master_twin if moments == 2 else twin.sgd_momentum_master_twin
+    elif options.get("kahan_sum"):  # param, grad, compensation, state
+        arrays = [array(param), array(param), array(param)]
+        arrays += [array(state) for _ in range(moments)]
+        # SGD's four arrays (one read only) move what Adam's twin moves
+        kernel = twin.adam_kahan_twin if moments == 2 else twin.adam_twin
     else:
-        arrays = [array(param), array(param), array(state)]
-        kernel = twin.sgd_momentum_twin
+        arrays = [array(param), array(param), *(array(state) for _ in range(moments))]
+        kernel = twin.adam_twin if moments == 2 else twin.sgd_momentum_twin
     start = arrays[0].copy()
-    moved = (adam_bytes if name == "Adam" else sgd_bytes) * count
+    moved = bytes_moved(name, mode) * count
     return Case(lambda: kernel(*arrays), lambda: np.copyto(arrays[0], start), count, 1, moved)
+
+
+def cpu_model():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def calibrated_twin_s(name, count, repeats=5):
@@ -118,12 +174,10 @@ def measure(name, layout, repeats):
     calibration_s = calibrated_twin_s(name, numel(shapes))
     before = health.thread_cpu_times()
     cases, twins = {}, {}
-    for mode in MODES:
-        case = optimizer_case(name, mode, shapes)
-        if case is not None:
-            cases[mode] = case
-            if mode.startswith("ours"):
-                twins[mode] = twin_case(name, mode, case.numel)
+    for mode in OPTIMIZER_CASES[name][2]:
+        cases[mode] = optimizer_case(name, mode, shapes)
+        if mode.startswith("ours"):
+            twins[mode] = twin_case(name, mode, cases[mode].numel)
     times = time_cases({**cases, **{f"twin: {m}": c for m, c in twins.items()}}, repeats)
     conditions = health.GroupConditions(
         median(times["twin: ours fp32"]),
@@ -131,7 +185,7 @@ def measure(name, layout, repeats):
         health.cpu_wait_share(before, health.thread_cpu_times()),
     )
     fused32, fused16 = median(times["torch fused fp32"]), median(times["torch fused bf16"])
-    rows = []
+    rows, cpu = [], cpu_model()
     for mode, case in cases.items():
         seconds = median(times[mode])
         twin_seconds = median(times[f"twin: {mode}"]) if mode in twins else None
@@ -147,6 +201,7 @@ def measure(name, layout, repeats):
                 "vs_twin": seconds / twin_seconds if twin_seconds else None,
                 "twin_s": twin_seconds,
                 "times_s": times[mode],
+                "cpu": cpu,
             }
         )
         rows[-1]["health"] = health.assess(rows[-1], conditions).to_json()
@@ -183,10 +238,15 @@ def _set_threads(threads):
     numba.set_num_threads(threads)
 
 
-def markdown(rows, threads):
+def markdown(rows, threads, machine=None):
+    """The table of ``rows``, under a line naming the CPU they ran on (``machine``: that
+    line's start, else the rows' ``cpu``)."""
+    if machine is None:
+        machine = rows[0].get("cpu", "CPU not recorded") if rows else "no rows"
     lines = [
-        f"Median step times, {threads} threads (a layout measured again on fewer after an "
-        "unhealthy row says so after its name); each layout's cases interleaved in one run.",
+        f"{machine}. Median step times, {threads} threads (a layout measured again on "
+        "fewer after an unhealthy row says so after its name); each layout's cases "
+        "interleaved in one run.",
         "",
         "| optimizer | layout | mode | bytes/param | ms "
         "| × fused fp32 | × fused bf16 | × its twin | ! |",
@@ -216,12 +276,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _set_threads(args.threads)
     layouts = ["16M tensor"] if args.quick else ["16M tensor", "ResNet-50", "GPT-2 x4 blocks"]
-    rows = []
+    load_before, rows = os.getloadavg()[0], []
     for name in OPTIMIZERS:
         for layout in layouts:
             print(f"{name} · {layout} …", file=sys.stderr)
             rows += measure_with_retries(name, layout, args.repeats, args.threads)
-    table = markdown(rows, args.threads)
+    machine = (
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    table = markdown(rows, args.threads, machine)
     print(table)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "precision_speed.json").write_text(json.dumps(rows, indent=2) + "\n")

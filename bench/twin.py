@@ -54,3 +54,26 @@ def adam_master_twin(master, grad, exp_avg, exp_avg_sq, param):
         exp_avg[i] = g - exp_avg[i]
         exp_avg_sq[i] = g - exp_avg_sq[i]
         param[i] = value
+
+
+@njit(parallel=True, cache=True)
+def sgd_momentum_master_twin(master, grad, velocity, param):
+    """SGD momentum with master weights: read and write the master copy and the
+    buffer, read the gradient, write the parameter."""
+    for i in prange(master.size):
+        g = grad[i]
+        value = g - master[i]
+        master[i] = value
+        velocity[i] = g - velocity[i]
+        param[i] = value
+
+
+@njit(parallel=True, cache=True)
+def adam_kahan_twin(param, grad, compensation, exp_avg, exp_avg_sq):
+    """Adam with Kahan summation: Adam's arrays and a compensation read and written."""
+    for i in prange(param.size):
+        g = grad[i]
+        param[i] = g - param[i]
+        compensation[i] = g - compensation[i]
+        exp_avg[i] = g - exp_avg[i]
+        exp_avg_sq[i] = g - exp_avg_sq[i]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from . import binding, checkpoint, grouping
+from . import binding, checkpoint, grouping, quantized
 
 
 def load_state_dict(optimizer, state_dict):
@@ -20,6 +20,7 @@ def load_state_dict(optimizer, state_dict):
         result = hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
+    quantized.check_code_maps(state_dict)  # before the codes are read
     params = [param for group in optimizer.param_groups for param in group["params"]]
     state_dict = checkpoint.in_state_format(state_dict, params, optimizer.quantized)
     checkpoint.check_loadable(optimizer, state_dict)

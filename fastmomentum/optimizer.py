@@ -20,7 +20,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from . import backward, binding, casts, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .kernels.tables import KAHAN, NEAREST, STOCHASTIC
-from .quantized import INT8_BLOCKWISE
+from .quantized import INT8_BLOCKWISE, with_code_maps
 from .quantized import keys as quantized_keys
 from .storage import FirstIteration
 from .validation import (
@@ -566,7 +566,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if binding.state_changed(self):
             binding.bind_state(self)  # e.g. an entry cleared since the last step: as in
             # torch, the checkpoint shows what the next step would start from
-        return checkpoint.copy_state(super().state_dict())
+        saved = checkpoint.copy_state(super().state_dict())
+        return with_code_maps(saved) if self.quantized else saved
 
     def load_state_dict(self, state_dict):
         """Load a ``torch.optim`` or fastmomentum state dict (`loading.load_state_dict`)."""

@@ -29,6 +29,8 @@ does not reshard (DCP refuses an absmax of another length); decode it first
 longer knows its shards' blocks).
 """
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -60,6 +62,45 @@ _CODE_DTYPES = {
     codes: torch.int8 if signed else torch.uint8 for codes, _, signed in MOMENTS.values()
 }
 _ABSMAX_KEYS = frozenset(absmax for _, absmax, _ in MOMENTS.values())
+
+
+#: The param group key under which an 8-bit optimizer's state dict names its code maps
+#: (`kernels.quantization`), and their name. State dicts saved before the key existed
+#: hold signed codes in a tiny float, which the linear map would misread.
+CODE_MAPS_KEY = "int8_code_maps"
+CODE_MAPS = "signed linear, unsigned 3-bit-mantissa float"
+
+_SIGNED_CODES = frozenset(codes for codes, _, signed in MOMENTS.values() if signed)
+
+
+def with_code_maps(state_dict):
+    """``state_dict`` (an 8-bit optimizer's, a fresh copy) with its groups naming the
+    code maps its codes are in."""
+    for group in state_dict["param_groups"]:
+        group[CODE_MAPS_KEY] = CODE_MAPS
+    return state_dict
+
+
+def check_code_maps(state_dict):
+    """Raise ``ValueError`` for a state dict whose signed 8-bit codes (``exp_avg_codes``,
+    ``momentum_buffer_codes``) were saved in other code maps than this version's: the
+    tiny float of fastmomentum before the linear map, whose groups do not name theirs."""
+    state = state_dict.get("state", {})
+    for index, group in enumerate(state_dict.get("param_groups", ())):
+        maps = group.get(CODE_MAPS_KEY)
+        if maps == CODE_MAPS:
+            continue
+        for param_id in group.get("params", ()):
+            entry = state.get(param_id)
+            found = sorted(_SIGNED_CODES & set(entry)) if isinstance(entry, Mapping) else []
+            if found:
+                saved = repr(maps) if maps else "the tiny float used before the linear map"
+                raise ValueError(
+                    f"param group {index} has 8-bit state ({found[0]}) in the code maps "
+                    f"{saved}; this version reads {CODE_MAPS!r}. Load the checkpoint with "
+                    "the version that saved it and save fastmomentum.dequantized_state_dict"
+                    "(optimizer.state_dict()) instead, which every version loads"
+                )
 
 
 def keys(names):
@@ -284,6 +325,7 @@ def dequantized_state_dict(state_dict):
 
         torch_adam.load_state_dict(fastmomentum.dequantized_state_dict(adam8.state_dict()))
     """
+    check_code_maps(state_dict)
     converted = {key: value for key, value in state_dict.items() if key != "state"}
     converted["state"] = {}
     for param_id, entry in state_dict["state"].items():

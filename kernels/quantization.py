@@ -2,26 +2,35 @@
 
 A state tensor is cut into blocks of `BLOCK` consecutive elements, counted from the
 tensor's first element (its last block may be shorter). A block keeps the largest
-magnitude ``a`` of its values (float32) and one code per element: ``|x| / a``, a
-number in [0, 1], as a tiny float of 3 mantissa bits (rounded to nearest, ties away
-from zero) whose exponent is the code's high bits. So every code has the same relative
-precision (±1/16 at worst, as far as 8 bits allow), over a range of magnitudes that
-suits each moment:
+magnitude ``a`` of its values (float32) and one code per element, in one of two maps:
 
-- signed values (Adam's ``exp_avg``): ``c ∈ [−127, 127]`` (int8), sign and 7 bits,
-  16 binades below ``a``: the smallest nonzero magnitude is ``1.25·2⁻¹⁶·a`` (1.9e-5·a);
-- non-negative values (``exp_avg_sq``): ``c ∈ [0, 255]`` (uint8), 32 binades below
-  ``a``, so that ``√x``, what Adam divides by, spans the same range as ``exp_avg``;
-  a nonzero ``x`` never gets code 0 (which would make a step of ``m / ε``).
+- signed values (Adam's ``exp_avg``, SGD's ``momentum_buffer``): ``c = round(127·x/a)``
+  (int8 in [−127, 127], ties to even), decoded as ``c · (a · (1/127))``: a linear map,
+  every value within ``a/254`` of its code, magnitudes below ``a/254`` rounding to zero;
+- non-negative values (``exp_avg_sq``): ``x / a``, a number in [0, 1], as a tiny float
+  of 3 mantissa bits (rounded to nearest, ties away from zero) whose exponent is the
+  code's high bits, ``c ∈ [0, 255]`` (uint8): every code within 1/16 of its value,
+  over 32 binades below ``a``, so that ``√x``, what Adam divides by, spans 16; a nonzero
+  ``x`` never gets code 0 (which would make a step of ``m / ε``), and magnitudes below
+  the range round up to the smallest code (a smaller step, never a larger one).
 
-Magnitudes below the range round to zero (``exp_avg``) or up to the smallest code
-(``exp_avg_sq``: a smaller step, never a larger one). Decoding then encoding gives the
-same codes and absmax back. A NaN in a block makes its absmax NaN, and the whole block
-with it.
+Decoding then encoding gives the same codes back. A NaN in a block makes its absmax
+NaN, and the whole block with it.
+
+Why two maps. The first moment is what a step moves by, the second what it divides by:
+an error relative to the block's largest first moment costs a step as much as it costs
+that element, while a second moment too small by a factor blows the step up by its
+root. The linear map is a multiply, a rounding and a narrowing each way, which a CPU
+vector loop does in 3 instructions where the tiny float's sign and zero take 10
+(bench/NOTES.md entry 22: on 2 AMD EPYC cores, where the 8-bit step is bound by its
+instructions, the tiny float for both made it slower than torch's fused float32 step).
+State dicts saved before the linear map hold signed codes in the tiny float, and do
+not name their maps (``int8_code_maps`` in their groups): `fastmomentum.quantized`
+refuses them.
 
 bitsandbytes' 8-bit optimizers (Dettmers et al., 2022) scale blocks by their absmax
 too, with a "dynamic" table of 256 values searched per element; codes that are the
-bits of a small float are integer arithmetic per element, which vectorises.
+bits of a small float, or a linear map, are arithmetic per element, which vectorises.
 
 The functions here compile inline (``register_jitable``) in the CPU loops and CUDA
 kernels, and run as Python in Numba's CUDA simulator; `quantize` and `dequantize`
@@ -47,13 +56,19 @@ UNSIGNED_CODE = np.uint8
 SIGNED_CODE_ZERO, UNSIGNED_CODE_ZERO = SIGNED_CODE(0), UNSIGNED_CODE(0)
 ABSMAX_ZERO = np.float32(0)
 
-#: ``|x| / a`` rounded to 3 mantissa bits is ``(float32 bits + 2¹⁹) >> 20``: 1016 for
-#: 1.0, each binade below 8 less. The code is that minus the format's offset, so that
-#: 1.0 is the top code (127, 255).
+#: Signed codes: ``x`` is ``c`` steps of ``a / 127``.
+_SIGNED_STEPS = np.float32(127)
+_SIGNED_STEP = np.float32(1 / 127)
+#: Adding 1.5·2²³ to a float32 of magnitude below 2²² rounds it to an integer (ties to
+#: even) held in the low bits of the sum's bits: the code is their low byte.
+_ROUNDER = np.float32(1.5 * 2**23)
+_ROUNDER_BITS = np.int32(0x4B400000)
+
+#: ``x / a`` rounded to 3 mantissa bits is ``(float32 bits + 2¹⁹) >> 20``: 1016 for
+#: 1.0, each binade below 8 less. The unsigned code is that minus an offset, so that
+#: 1.0 is the top code (255).
 _MANTISSA_SHIFT = 20
-_SIGNED_OFFSET = np.int32(1016 - 127)
 _UNSIGNED_OFFSET = np.int32(1016 - 255)
-_SIGNED_TOP = np.int32(127)
 _UNSIGNED_TOP = np.int32(255)
 _NO_LEVEL = np.int32(0)
 _LOWEST_LEVEL = np.int32(1)
@@ -74,6 +89,13 @@ def rounded_level(fraction, offset):
     of its float32 bits less ``offset`` (int32; ≤ 0 below the format's range)."""
     bits = int(np.asarray(np.float32(fraction)).view(np.uint32))
     return np.int32(((bits + (1 << 19)) >> _MANTISSA_SHIFT) - int(offset))
+
+
+def rounded_integer(value):
+    """``value`` (float32, magnitude below 2²²) rounded to an integer, ties to even
+    (int32)."""
+    total = np.asarray(np.float32(value) + _ROUNDER).view(np.int32)
+    return np.int32(int(total) - int(_ROUNDER_BITS))
 
 
 def level_fraction(level, offset):
@@ -109,6 +131,22 @@ def _level_fraction(typingctx, level, offset):
     return signature, codegen
 
 
+@intrinsic
+def _rounded_integer(typingctx, value):
+    signature = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        word = ir.IntType(32)
+        total = builder.fadd(args[0], ir.Constant(ir.FloatType(), float(_ROUNDER)))
+        return builder.sub(builder.bitcast(total, word), ir.Constant(word, int(_ROUNDER_BITS)))
+
+    return signature, codegen
+
+
+def _compiled_rounded_integer(value):
+    return lambda value: _rounded_integer(value)
+
+
 def _compiled_rounded_level(fraction, offset):
     return lambda fraction, offset: _rounded_level(fraction, offset)
 
@@ -117,6 +155,7 @@ def _compiled_level_fraction(level, offset):
     return lambda level, offset: _level_fraction(level, offset)
 
 
+overload(rounded_integer)(_compiled_rounded_integer)
 overload(rounded_level)(_compiled_rounded_level)
 overload(level_fraction)(_compiled_level_fraction)
 
@@ -125,6 +164,7 @@ def register_cuda():
     """Make the codes compile for the CUDA target too (needs numba-cuda)."""
     from numba.cuda.extending import overload as cuda_overload
 
+    cuda_overload(rounded_integer, target="cuda")(_compiled_rounded_integer)
     cuda_overload(rounded_level, target="cuda")(_compiled_rounded_level)
     cuda_overload(level_fraction, target="cuda")(_compiled_level_fraction)
 
@@ -141,9 +181,7 @@ def inverse(absmax):
 @register_jitable
 def encode_signed(value, inverse_absmax):
     """The signed code of ``value`` in a block of absmax ``1 / inverse_absmax``."""
-    level = rounded_level(abs(value) * inverse_absmax, _SIGNED_OFFSET)
-    level = min(max(level, _NO_LEVEL), _SIGNED_TOP)
-    return SIGNED_CODE(-level if value < _ZERO else level)
+    return SIGNED_CODE(rounded_integer(value * (inverse_absmax * _SIGNED_STEPS)))
 
 
 @register_jitable
@@ -157,11 +195,7 @@ def encode_unsigned(value, inverse_absmax):
 @register_jitable
 def decode_signed(code, absmax):
     """The value of signed ``code`` in a block of absmax ``absmax``."""
-    level = np.int32(code)
-    magnitude = level_fraction(abs(level), _SIGNED_OFFSET) * absmax
-    if level == _NO_LEVEL:
-        magnitude = _ZERO
-    return -magnitude if level < _NO_LEVEL else magnitude
+    return np.float32(np.int32(code)) * (absmax * _SIGNED_STEP)
 
 
 @register_jitable
