@@ -29,7 +29,6 @@ each mode's final held-out loss relative to float32's. Results go to
 
 import json
 import math
-import platform
 import sysconfig
 import time
 from pathlib import Path
@@ -287,18 +286,6 @@ def plot(reports, path):
     pyplot.close(figure)
 
 
-def cpu_name():
-    """The CPU's model name (Linux), else the platform's word for it."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "an unknown CPU"
-
-
 def main(argv=None):
     parser = cli.parser("bench.accuracy", __doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny model and run")
@@ -311,7 +298,7 @@ def main(argv=None):
     arguments = parser.parse_args(argv)
     rates = arguments.lr or ([3e-3] if arguments.quick else [3e-3, 3e-4])
     reports = [study(Config(arguments.quick, arguments.steps, lr=lr)) for lr in rates]
-    machine = cpu_name()
+    machine = cli.cpu_model()
     arguments.output.mkdir(parents=True, exist_ok=True)
     document = {"machine": machine, "studies": reports}
     (arguments.output / "accuracy.json").write_text(json.dumps(document, indent=1))

@@ -5,6 +5,7 @@ change only when a run is given ``--output bench/results``.
 """
 
 import argparse
+import platform
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -49,3 +50,15 @@ def add_output(parser, what):
         help=f"folder for {what} (default: bench/out, untracked; "
         "--output bench/results replaces the committed results)",
     )
+
+
+def cpu_model():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows: every
+    report names the machine it was measured on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -22,10 +22,8 @@ the committed run).
 
 import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,17 +140,6 @@ def twin_case(name, mode, count):
     return Case(lambda: kernel(*arrays), lambda: np.copyto(arrays[0], start), count, 1, moved)
 
 
-def cpu_model():
-    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def calibrated_twin_s(name, count, repeats=5):
     """The fp32 twin's best step on one thread (`health`: what its bytes cost with no
     worker thread to wait for)."""
@@ -185,7 +172,7 @@ def measure(name, layout, repeats):
         health.cpu_wait_share(before, health.thread_cpu_times()),
     )
     fused32, fused16 = median(times["torch fused fp32"]), median(times["torch fused bf16"])
-    rows, cpu = [], cpu_model()
+    rows, cpu = [], cli.cpu_model()
     for mode, case in cases.items():
         seconds = median(times[mode])
         twin_seconds = median(times[f"twin: {mode}"]) if mode in twins else None
@@ -282,7 +269,7 @@ def main(argv=None):
             print(f"{name} · {layout} …", file=sys.stderr)
             rows += measure_with_retries(name, layout, args.repeats, args.threads)
     machine = (
-        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
+        f"{cli.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
         f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )

@@ -271,14 +271,7 @@ def machine_facts(threads):
 
     import fastmomentum
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cli.cpu_model()
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
