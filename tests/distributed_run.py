@@ -54,12 +54,26 @@ DEADLINE = 600
 GRACE = 20
 
 STEPS, BATCH = 12, 16
+#: The optimizers of the ZeRO runs, and of the DDP runs with the others below.
 OPTIONS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adam": {"lr": 1e-2, "amsgrad": True}}
+#: Every other optimizer under DDP (`fastmomentum.capabilities` claims each).
+DDP_OPTIONS = OPTIONS | {
+    "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
+    "NAdam": {"lr": 1e-2, "weight_decay": 1e-2},
+    "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
+    "Adagrad": {"lr": 0.05, "lr_decay": 1e-3},
+    "LAMB": {"lr": 1e-2, "weight_decay": 1e-2},
+}
 CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
     ("ddp-sgd", "SGD", False, True),
     ("ddp-sgd-bucket-view", "SGD", True, False),
     ("ddp-adam-bucket-view", "Adam", True, True),
     ("ddp-adam", "Adam", False, False),
+    ("ddp-adamw-bucket-view", "AdamW", True, True),
+    ("ddp-nadam", "NAdam", False, True),
+    ("ddp-rmsprop", "RMSprop", False, True),
+    ("ddp-adagrad-bucket-view", "Adagrad", True, False),
+    ("ddp-lamb", "LAMB", False, True),
 ]
 
 
@@ -95,7 +109,7 @@ def worker(rank, world, meeting, folder):
     results = {}
     for case, name, bucket_view, set_to_none in CASES:
         model = DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
-        optimizer = getattr(fastmomentum, name)(model.parameters(), **OPTIONS[name])
+        optimizer = getattr(fastmomentum, name)(model.parameters(), **DDP_OPTIONS[name])
         train(model, optimizer, rank, world, set_to_none)
         results[case] = [p.detach().clone() for p in model.parameters()]
     for name in OPTIONS:

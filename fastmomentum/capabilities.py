@@ -1,0 +1,114 @@
+"""What each optimizer supports: one row per optimizer.
+
+The README's support matrix is generated from this table (``python -m
+fastmomentum.capabilities`` prints it) and `tests/test_capabilities.py` holds every cell
+to the code: each combination a row claims constructs and steps, each one it does not
+claim is refused before anything changes, the README shows `support_matrix()`, and the
+distributed, simulator and step-in-backward suites run every optimizer that claims them.
+"""
+
+from typing import NamedTuple
+
+#: Parameter dtypes, in the matrix's order.
+PARAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: State kinds: ``"param"`` the parameters' dtype (the default), ``"bfloat16"``
+#: (``state_dtype=torch.bfloat16`` on float32 parameters), ``"int8_blockwise"``.
+STATE_DTYPES = ("param", "bfloat16", "int8_blockwise")
+#: Options of 16-bit parameters: a float32 copy, or rounding that needs none.
+SIXTEEN_BIT_OPTIONS = ("master_weights", "stochastic_rounding", "kahan_sum")
+
+
+class Capabilities(NamedTuple):
+    """One optimizer's row: what it steps, how it keeps state, where it runs."""
+
+    #: The ``torch.optim`` class it is a drop-in for (None: torch has none).
+    torch_peer: str | None
+    #: The parameter dtypes it steps (of `PARAM_DTYPES`).
+    param_dtypes: tuple
+    #: How it can keep its state (of `STATE_DTYPES`).
+    state_dtypes: tuple
+    #: Options for 16-bit parameters it implements (of `SIXTEEN_BIT_OPTIONS`).
+    sixteen_bit_options: tuple
+    #: ``step_in_backward=True``.
+    step_in_backward: bool = True
+    #: Under DistributedDataParallel (its step in backward as DDP's communication hook).
+    ddp: bool = True
+    #: Under FSDP2 (``fully_shard``: DTensor parameters stepped through their shards).
+    fsdp2: bool = True
+    #: CUDA tensors (kernels checked in Numba's simulator; never yet run on a GPU).
+    cuda: bool = True
+    #: What the cells do not say (a limit of one option).
+    note: str = ""
+
+
+_EVERY_DTYPE = PARAM_DTYPES
+_EVERY_STATE = STATE_DTYPES
+_EVERY_OPTION = SIXTEEN_BIT_OPTIONS
+
+#: Class name -> `Capabilities`, in the order of the README's matrix.
+CAPABILITIES = {
+    "SGD": Capabilities("SGD", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
+    "Adam": Capabilities("Adam", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
+    "AdamW": Capabilities("AdamW", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
+    "NAdam": Capabilities("NAdam", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
+    "RMSprop": Capabilities(
+        "RMSprop",
+        _EVERY_DTYPE,
+        _EVERY_STATE,
+        _EVERY_OPTION,
+        note="8-bit state not with `centered=True`",
+    ),
+    "Adagrad": Capabilities("Adagrad", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
+    "LAMB": Capabilities(
+        None,
+        ("float32", "float64"),
+        ("param", "int8_blockwise"),
+        (),
+        note="no bfloat16 state; no 16-bit parameters",
+    ),
+}
+
+_SHORT = {
+    "float32": "fp32",
+    "float64": "fp64",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "param": "as params",
+    "int8_blockwise": "int8",
+    "master_weights": "master",
+    "stochastic_rounding": "SR",
+    "kahan_sum": "Kahan",
+}
+
+
+def _cell(claimed):
+    return "✓" if claimed else "–"
+
+
+def support_matrix():
+    """The README's support matrix (markdown), from `CAPABILITIES`."""
+    head = (
+        "| optimizer | drop-in for | parameters | state | 16-bit options | "
+        "step in backward | DDP | FSDP2 | CUDA¹ | limits |"
+    )
+    lines = [head, "| --- | --- | --- | --- | --- | :-: | :-: | :-: | :-: | --- |"]
+    for name, row in CAPABILITIES.items():
+        peer = f"`torch.optim.{row.torch_peer}`" if row.torch_peer else "– (torch has none)"
+        cells = [
+            f"`{name}`",
+            peer,
+            " ".join(_SHORT[d] for d in row.param_dtypes),
+            ", ".join(_SHORT[s] for s in row.state_dtypes),
+            ", ".join(_SHORT[o] for o in row.sixteen_bit_options) or "–",
+            _cell(row.step_in_backward),
+            _cell(row.ddp),
+            _cell(row.fsdp2),
+            _cell(row.cuda),
+            row.note or "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(support_matrix(), end="")
