@@ -1,5 +1,7 @@
 """``fastmomentum.Adagrad``: drop-in ``torch.optim.Adagrad``, one fused launch per bucket."""
 
+from typing import NamedTuple
+
 from torch import Tensor
 from torch.optim.adagrad import adagrad
 from torch.optim.optimizer import ParamsT
@@ -9,6 +11,17 @@ from fastmomentum.kernels import rules
 from . import binding, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
+
+
+class Settings(NamedTuple):
+    """A group's hyperparameters as one step reads them."""
+
+    lr: float
+    lr_decay: float
+    weight_decay: float
+    initial_accumulator_value: float
+    eps: float
+    maximize: bool
 
 
 class Adagrad(FlatOptimizer):
@@ -102,13 +115,15 @@ class Adagrad(FlatOptimizer):
         return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
-        return (
-            host_float(group["lr"], "lr"),
-            host_float(group["lr_decay"], "lr_decay"),
-            host_float(group["weight_decay"], "weight_decay"),
-            host_float(group["initial_accumulator_value"], "initial_accumulator_value"),
-            host_float(group["eps"], "eps"),
-            bool(group["maximize"]),
+        return Settings(
+            lr=host_float(group["lr"], "lr"),
+            lr_decay=host_float(group["lr_decay"], "lr_decay"),
+            weight_decay=host_float(group["weight_decay"], "weight_decay"),
+            initial_accumulator_value=host_float(
+                group["initial_accumulator_value"], "initial_accumulator_value"
+            ),
+            eps=host_float(group["eps"], "eps"),
+            maximize=bool(group["maximize"]),
         )
 
     def check_arguments(self, defaults):
@@ -126,33 +141,33 @@ class Adagrad(FlatOptimizer):
         return True
 
     def step_cast(self, group, settings, params, grads, state, steps):
-        lr, lr_decay, weight_decay, _, eps, maximize = settings
         adagrad(
             params,
             grads,
             state["sum"],
             steps,
             foreach=False,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_decay=lr_decay,
-            eps=eps,
-            maximize=maximize,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            lr_decay=settings.lr_decay,
+            eps=settings.eps,
+            maximize=settings.maximize,
         )
 
     def update(self, group, bucket, settings, plan, grad_scale):
-        lr, lr_decay, weight_decay, _, eps, maximize = settings
         dtype = bucket.dtype_numpy
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
-            lambda: rules.adagrad.coefficients(dtype, eps, weight_decay, maximize, grad_scale),
+            lambda: rules.adagrad.coefficients(
+                dtype, settings.eps, settings.weight_decay, settings.maximize, grad_scale
+            ),
         )
 
         def count_step(table):  # each parameter's t, and its step size
             bucket.count_steps(table.rows)
             table.entry_values[:] = rules.adagrad.step_coefficients_per_entry(
-                dtype, bucket.step_counts[table.rows], lr, lr_decay
+                dtype, bucket.step_counts[table.rows], settings.lr, settings.lr_decay
             )
 
         step, columns = quantized.launched(rules.adagrad.STEP, rules.adagrad.STEP.state, bucket)

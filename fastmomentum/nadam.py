@@ -1,5 +1,7 @@
 """``fastmomentum.NAdam``: drop-in ``torch.optim.NAdam``, one fused launch per bucket."""
 
+from typing import NamedTuple
+
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
@@ -8,6 +10,18 @@ from fastmomentum.kernels import rules
 from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
+
+
+class Settings(NamedTuple):
+    """A group's hyperparameters as one step reads them."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    momentum_decay: float
+    decoupled_weight_decay: bool
+    maximize: bool
 
 
 class NAdam(FlatOptimizer):
@@ -97,14 +111,14 @@ class NAdam(FlatOptimizer):
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
-        return (
-            host_float(group["lr"], "lr"),
-            (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
-            host_float(group["eps"], "eps"),
-            host_float(group["weight_decay"], "weight_decay"),
-            host_float(group["momentum_decay"], "momentum_decay"),
-            bool(group["decoupled_weight_decay"]),
-            bool(group["maximize"]),
+        return Settings(
+            lr=host_float(group["lr"], "lr"),
+            betas=(host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
+            eps=host_float(group["eps"], "eps"),
+            weight_decay=host_float(group["weight_decay"], "weight_decay"),
+            momentum_decay=host_float(group["momentum_decay"], "momentum_decay"),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            maximize=bool(group["maximize"]),
         )
 
     def check_arguments(self, defaults):
@@ -119,13 +133,19 @@ class NAdam(FlatOptimizer):
         )
 
     def update(self, group, bucket, settings, plan, grad_scale):
-        lr, betas, eps, weight_decay, momentum_decay, decoupled, maximize = settings
         dtype = bucket.dtype_numpy
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
             lambda: rules.nadam.coefficients(
-                dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
+                dtype,
+                settings.lr,
+                settings.betas,
+                settings.eps,
+                settings.weight_decay,
+                settings.decoupled_weight_decay,
+                settings.maximize,
+                grad_scale,
             ),
         )
         products = bucket.scalar_values("mu_product")
@@ -134,8 +154,8 @@ class NAdam(FlatOptimizer):
             rows = table.rows
             bucket.count_steps(rows)
             new, values = rules.nadam.step_values(
-                bucket.step_counts[rows], products[rows], lr, betas, momentum_decay,
-                products.dtype,
+                bucket.step_counts[rows], products[rows], settings.lr, settings.betas,
+                settings.momentum_decay, products.dtype,
             )  # fmt: skip
             products[rows] = new
             table.entry_values[:] = values

@@ -1,5 +1,7 @@
 """``fastmomentum.RMSprop``: drop-in ``torch.optim.RMSprop``, one fused launch per bucket."""
 
+from typing import NamedTuple
+
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 from torch.optim.rmsprop import rmsprop
@@ -9,6 +11,18 @@ from fastmomentum.kernels import rules
 from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
+
+
+class Settings(NamedTuple):
+    """A group's hyperparameters as one step reads them."""
+
+    lr: float
+    alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    centered: bool
+    maximize: bool
 
 
 class RMSprop(FlatOptimizer):
@@ -110,14 +124,14 @@ class RMSprop(FlatOptimizer):
                 "with square_avg s and grad_avg g each within 1/16 of its value, the variance "
                 "s - g^2 is off by up to 3/16 of s, negative (NaN) where it is smaller"
             )
-        return (
-            host_float(group["lr"], "lr"),
-            host_float(group["alpha"], "alpha"),
-            host_float(group["eps"], "eps"),
-            host_float(group["weight_decay"], "weight_decay"),
-            host_float(group["momentum"], "momentum"),
-            bool(group["centered"]),
-            bool(group["maximize"]),
+        return Settings(
+            lr=host_float(group["lr"], "lr"),
+            alpha=host_float(group["alpha"], "alpha"),
+            eps=host_float(group["eps"], "eps"),
+            weight_decay=host_float(group["weight_decay"], "weight_decay"),
+            momentum=host_float(group["momentum"], "momentum"),
+            centered=bool(group["centered"]),
+            maximize=bool(group["maximize"]),
         )
 
     def check_arguments(self, defaults):
@@ -132,10 +146,9 @@ class RMSprop(FlatOptimizer):
         )
 
     def steps_cast_params(self, settings):
-        return not settings[5]  # centered: torch's lerp of grad_avg refuses mixed dtypes
+        return not settings.centered  # torch's lerp of grad_avg refuses mixed dtypes
 
     def step_cast(self, group, settings, params, grads, state, steps):
-        lr, alpha, eps, weight_decay, momentum, centered, maximize = settings
         rmsprop(
             params,
             grads,
@@ -144,23 +157,30 @@ class RMSprop(FlatOptimizer):
             state.get("momentum_buffer", []),
             steps,
             foreach=False,
-            maximize=maximize,
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
+            maximize=settings.maximize,
+            lr=settings.lr,
+            alpha=settings.alpha,
+            eps=settings.eps,
+            weight_decay=settings.weight_decay,
+            momentum=settings.momentum,
+            centered=settings.centered,
         )
 
     def update(self, group, bucket, settings, plan, grad_scale):
-        lr, alpha, eps, weight_decay, momentum, centered, maximize = settings
         dtype = bucket.dtype_numpy
+        momentum, centered = settings.momentum, settings.centered
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
             lambda: rules.rmsprop.coefficients(
-                dtype, lr, alpha, eps, weight_decay, momentum, maximize, grad_scale
+                dtype,
+                settings.lr,
+                settings.alpha,
+                settings.eps,
+                settings.weight_decay,
+                momentum,
+                settings.maximize,
+                grad_scale,
             ),
         )
         columns = (

@@ -1,6 +1,6 @@
 """``fastmomentum.SGD``: drop-in ``torch.optim.SGD``, one fused launch per bucket."""
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -12,6 +12,18 @@ from fastmomentum.kernels import rules
 from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
+
+
+class Settings(NamedTuple):
+    """A group's hyperparameters as one step reads them."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+    momentum_convention: str
 
 
 class SGD(FlatOptimizer):
@@ -124,14 +136,14 @@ class SGD(FlatOptimizer):
         convention = group["momentum_convention"]
         if convention not in rules.sgd.CONVENTIONS:
             rules.sgd.check_convention(convention)
-        return (
-            host_float(group["lr"], "lr"),
-            host_float(group["momentum"], "momentum"),
-            host_float(group["dampening"], "dampening"),
-            host_float(group["weight_decay"], "weight_decay"),
-            bool(group["nesterov"]),
-            bool(group["maximize"]),
-            convention,
+        return Settings(
+            lr=host_float(group["lr"], "lr"),
+            momentum=host_float(group["momentum"], "momentum"),
+            dampening=host_float(group["dampening"], "dampening"),
+            weight_decay=host_float(group["weight_decay"], "weight_decay"),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+            momentum_convention=convention,
         )
 
     def state_dict(self):
@@ -144,26 +156,25 @@ class SGD(FlatOptimizer):
         return state_dict
 
     def steps_cast_params(self, settings):
-        return settings[6] == "pytorch"  # torch has no lr-folded momentum to step with
+        return settings.momentum_convention == "pytorch"  # torch has no lr-folded one
 
     def step_cast(self, group, settings, params, grads, state, steps):
-        lr, momentum, dampening, weight_decay, nesterov, maximize, _ = settings
         sgd(
             params,
             grads,
             state["momentum_buffer"],
             foreach=False,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            lr=lr,
-            dampening=dampening,
-            nesterov=nesterov,
-            maximize=maximize,
+            weight_decay=settings.weight_decay,
+            momentum=settings.momentum,
+            lr=settings.lr,
+            dampening=settings.dampening,
+            nesterov=settings.nesterov,
+            maximize=settings.maximize,
         )
 
     def creates_state(self, settings):
         """With momentum; with stochastic rounding always (its step count is state)."""
-        return settings[1] != 0 or self._stochastic_rounding
+        return settings.momentum != 0 or self._stochastic_rounding
 
     def check_arguments(self, defaults):
         """``torch.optim.SGD``'s checks, in its order, then ours (a finite dampening, a
@@ -179,13 +190,14 @@ class SGD(FlatOptimizer):
         )
 
     def update(self, group, bucket, settings, plan, grad_scale):
-        lr, momentum, dampening, weight_decay, nesterov, maximize, convention = settings
         dtype = bucket.dtype_numpy
-        if momentum == 0:
+        if settings.momentum == 0:
             coefficients = self.cached_coefficients(
                 bucket,
                 (settings, grad_scale),
-                lambda: rules.sgd.plain_coefficients(dtype, lr, weight_decay, maximize, grad_scale),
+                lambda: rules.sgd.plain_coefficients(
+                    dtype, settings.lr, settings.weight_decay, settings.maximize, grad_scale
+                ),
             )
             count = self._counted(bucket, None)
             plan.launch((), 0, count, bucket.kernels.launch, rules.sgd.PLAIN, coefficients)
@@ -194,7 +206,14 @@ class SGD(FlatOptimizer):
             bucket,
             (settings, grad_scale),
             lambda: rules.sgd.momentum_coefficients(
-                dtype, lr, momentum, dampening, weight_decay, maximize, convention, grad_scale
+                dtype,
+                settings.lr,
+                settings.momentum,
+                settings.dampening,
+                settings.weight_decay,
+                settings.maximize,
+                settings.momentum_convention,
+                grad_scale,
             ),
         )
 
@@ -209,7 +228,7 @@ class SGD(FlatOptimizer):
         step, columns = quantized.launched(rules.sgd.MOMENTUM, rules.sgd.MOMENTUM.state, bucket)
         kernel = bucket.kernels.launch
         prepare = self._counted(bucket, mark_first_steps)
-        plan.launch(columns, 1, prepare, kernel, step, coefficients, (nesterov,))
+        plan.launch(columns, 1, prepare, kernel, step, coefficients, (settings.nesterov,))
 
     def _counted(self, bucket, prepare):
         """``prepare`` (a table's, or None) that also counts each parameter's steps, with
