@@ -33,7 +33,7 @@ from numba.np.ufunc import parallel
 
 from . import config, diskcache
 from .elements import element, segment_source
-from .pointers import pointer_to, prefetch  # noqa: F401 (the generated loops)
+from .pointers import pointer_to, prefetch, prefetch_to_l2  # noqa: F401 (the generated loops)
 from .quantization import (  # noqa: F401 (the generated loops)
     ABSMAX_ZERO,
     BLOCK,
@@ -52,7 +52,7 @@ from .tables import KAHAN, NEAREST  # noqa: F401 (KAHAN: the generated loops)
 # does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
 # quantization.py makes every edit there change this file too; tests/test_kernels.py
 # fails until it is updated.
-RULES_DIGEST = "2d17d45d81bc3411"
+RULES_DIGEST = "b796f9479972232f"
 
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
 #: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
@@ -184,17 +184,20 @@ def _blockwise_loop_source(step):
     start at block boundaries, so each block is one thread's, in two passes: the step
     of its elements, keeping their new state values and each state's largest magnitude
     (as integer bits: a running integer maximum vectorises), then their codes on the
-    new absmax. The codes of the block ``AHEAD`` elements on are prefetched."""
+    new absmax. The block ``AHEAD`` elements on is prefetched into the second-level
+    cache (`pointers.prefetch_to_l2`), whatever ``PREFETCH`` says: worth 40% on the
+    Xeon (bench/NOTES.md entry 17); into the first level it cost 15-25% on AMD EPYC
+    (entry 23)."""
     lines = _loop_head(step)
     lines += [
         "            for start in range(begin, end, BLOCK):",
         "                stop, block = min(start + BLOCK, end), start // BLOCK",
         "                ahead = min(start + AHEAD, end - 1)",
         "                for line in range(ahead, min(ahead + BLOCK, end), 16):  # 64-byte lines",
-        "                    prefetch(param, line)",
-        "                    prefetch(grad, line)",
+        "                    prefetch_to_l2(param, line)",
+        "                    prefetch_to_l2(grad, line)",
         "                for line in range(ahead, min(ahead + BLOCK, end), 64):",
-        *[f"                    prefetch({name}, line)" for name in _always(step)],
+        *[f"                    prefetch_to_l2({name}, line)" for name in _always(step)],
     ]
     for name in step.state:  # the block's absmax before the step
         before = f"{name}_absmax[block]"
@@ -352,7 +355,10 @@ def launch(table, step, coefficients, flags=()):
     variant = _variants.get((id(step), flags))
     if variant is None:  # once per rule and flags: a step's launch costs ≈1 µs less
         constants = tuple((name.upper(), bool(value)) for name, value in zip(step.flags, flags))
-        block = BLOCK if step.blockwise else 1  # segments start at block boundaries
+        # segments start at block boundaries; a sum of squares at a chunk boundary, so
+        # that its chunks, and their float32 sums, do not depend on how the table is
+        # split among threads (a bucket of the step in backward, a shard: the same sums)
+        block = BLOCK if step.blockwise else SQUARES_CHUNK if step.squares else 1
         variant = (loop(step), constants, block, tuple(sorted(step.fastmath)), len(step.squares))
         _variants[(id(step), flags)] = variant
     return _launch(variant[0], table, coefficients, *variant[1:])

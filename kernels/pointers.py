@@ -42,11 +42,8 @@ def simulated_pointer_to(address, like):
     return np.ctypeslib.as_array(pointer, (_SIMULATED_SPAN,))
 
 
-@intrinsic
-def prefetch(typingctx, pointer, index):
-    """Ask the CPU to start loading the cache line of ``pointer[index]`` (``llvm.prefetch``:
-    a read, kept in every cache level); a hint, never a fault, whatever the address."""
-    signature = types.void(pointer, index)
+def _prefetch_codegen(locality):
+    """The codegen of ``llvm.prefetch`` (a read) of ``pointer[index]`` at ``locality``."""
 
     def codegen(context, builder, signature, args):
         byte_pointer = ir.IntType(8).as_pointer()
@@ -57,8 +54,24 @@ def prefetch(typingctx, pointer, index):
             builder.module, function_type, "llvm.prefetch.p0i8"
         )
         address = builder.bitcast(builder.gep(args[0], [args[1]]), byte_pointer)
-        flags = [ir.Constant(ir.IntType(32), value) for value in (0, 3, 1)]
+        flags = [ir.Constant(ir.IntType(32), value) for value in (0, locality, 1)]
         builder.call(function, [address, *flags])
         return context.get_dummy_value()
 
-    return signature, codegen
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, pointer, index):
+    """Ask the CPU to start loading the cache line of ``pointer[index]`` (``llvm.prefetch``:
+    a read, kept in every cache level); a hint, never a fault, whatever the address."""
+    return types.void(pointer, index), _prefetch_codegen(3)
+
+
+@intrinsic
+def prefetch_to_l2(typingctx, pointer, index):
+    """`prefetch` into the second-level cache, not the first (locality 2: x86's
+    ``prefetcht1``): what the 8-bit loops use, which ask for 40 lines at once per block
+    (into the first level, on AMD EPYC, that made the step 15-25% slower than no
+    prefetch at all; bench/NOTES.md entry 23)."""
+    return types.void(pointer, index), _prefetch_codegen(2)

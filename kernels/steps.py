@@ -56,6 +56,11 @@ class Step(NamedTuple):
       step calls it instead of ``rule`` when the param array holds bfloat16 or float16
       (`precision.stored_in_16_bits`, a compile-time constant), not for a float32 master
       copy or float32 params with 16-bit state. ``None``: ``rule`` for every format.
+    - ``blockwise_rule``: the rule as the 8-bit loops compute it (`int8_blockwise`
+      makes it the rule), with ``rule``'s arguments: where no torch bits are to be
+      matched, a division by a loop invariant may become a multiply by its reciprocal,
+      and tests of coefficients (which LLVM leaves inside a vector loop) arithmetic.
+      ``None``: ``rule``.
     - ``codes``: how each state array may be kept in 8 bits, ``(state array, kind)``
       pairs, kind `SIGNED` (a moment of both signs: ``exp_avg``) or `UNSIGNED` (a
       non-negative one: ``exp_avg_sq``); every state array or none;
@@ -78,6 +83,7 @@ class Step(NamedTuple):
     computed: tuple = ()
     squares: tuple = ()
     fused_rule: object = None
+    blockwise_rule: object = None
     codes: tuple = ()
     blockwise: bool = False
 
@@ -112,11 +118,12 @@ def int8_blockwise(step):
     like the parameter, as `Step.codes` says), then the absmax of each (float32, one
     per block of 256 elements counted from the entry's first element). A block is one
     thread's: it decodes each element's state, calls the rule, and encodes the new
-    values on the block's new absmax. The rule is ``rule`` for every parameter format
-    (no `Step.fused_rule`: torch has no 8-bit state to agree with). One object per
-    ``step``, as the launchers key their variants on it. Raises ``ValueError`` for a
-    step whose codes do not cover its state, or whose optional state hangs on an entry
-    flag (the loops leave a state out at compile time)."""
+    values on the block's new absmax. The rule is `Step.blockwise_rule` (else ``rule``)
+    for every parameter format (no `Step.fused_rule`: torch has no 8-bit state to
+    agree with). One object per ``step``, as the launchers key their variants on it.
+    Raises ``ValueError`` for a step whose codes do not cover its state, or whose
+    optional state hangs on an entry flag (the loops leave a state out at compile
+    time)."""
     kinds = dict(step.codes)
     if not step.state or set(kinds) != set(step.state):
         raise ValueError(f"{step.name}: codes {step.codes} do not cover its state {step.state}")
@@ -124,4 +131,5 @@ def int8_blockwise(step):
         raise ValueError(f"{step.name}: codes are {SIGNED!r} or {UNSIGNED!r}, got {step.codes}")
     if any(flag not in step.flags for _, flag in step.optional):  # the loops branch on it
         raise ValueError(f"{step.name}: 8-bit optional state needs flags, not entry flags")
-    return step._replace(name=f"{step.name}_int8", blockwise=True, fused_rule=None)
+    rule = step.blockwise_rule or step.rule
+    return step._replace(name=f"{step.name}_int8", rule=rule, blockwise=True, fused_rule=None)

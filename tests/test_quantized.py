@@ -9,6 +9,7 @@ optimizers also against a NumPy float32 reference, step by step from their own s
 rounding boundary by one code). Every optimizer with 8-bit state against itself with
 float32 state over many steps, and through checkpoints in every direction."""
 
+import functools
 import io
 
 import numpy as np
@@ -362,6 +363,16 @@ def _run_rule(kernels, case, params, state, grads, step_count):
     return kernels.launch(table, int8_blockwise(step), coefficients, flags)
 
 
+@functools.cache
+def _float32_twin(step):
+    """The float32 `steps.Step` of the rule ``step``'s 8-bit loop runs
+    (`steps.Step.blockwise_rule`, else its rule); one object per step, kept alive, as
+    `cpu.launch` keys its variants on the step's id."""
+    if step.blockwise_rule is None:
+        return step
+    return step._replace(name=f"{step.name}_blockwise", rule=step.blockwise_rule)
+
+
 @pytest.mark.parametrize("threading", ["serial", "threaded"])
 @pytest.mark.parametrize("case", list(RULE_CASES))
 def test_each_8bit_loop_is_the_float32_loop_on_the_decoded_state(case, threading, monkeypatch):
@@ -369,11 +380,13 @@ def test_each_8bit_loop_is_the_float32_loop_on_the_decoded_state(case, threading
     generated float32 loop (tested against torch and float64 references elsewhere) run
     on the 8-bit state decoded: the same params and sums of squares, and the codes and
     absmax of the same new state encoded block by block, exactly: both run one rule on
-    the same float32 values. The sums of squares (LAMB's norms) add float32 squares in
+    the same float32 values (the 8-bit loops' rule, `steps.Step.blockwise_rule` where a
+    step has one). The sums of squares (LAMB's norms) add float32 squares in
     float32 chunks of 256 elements (a block) against 2048 (`cpu.SQUARES_CHUNK`), so
     they differ by float32 roundings: 1e-6 relative (measured: 1.2e-7)."""
     monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 62 if threading == "serial" else 0)
     step, coefficients, flags, entry_row = RULE_CASES[case]
+    float32_step = _float32_twin(step)
     sizes = [1000, BLOCK, 3, 0, 5 * BLOCK + 1]
     params = [_awkward(n, seed=60 + n) for n in sizes]
     used = _used(step, flags)
@@ -385,7 +398,7 @@ def test_each_8bit_loop_is_the_float32_loop_on_the_decoded_state(case, threading
         twins = [p.copy() for p in params]
         columns = [decoded.get(name) for name in step.state]
         table = _tables(step, twins, grads, columns, entry_row(count), step.entry_width)
-        sums = cpu.launch(table, step, coefficients, flags)
+        sums = cpu.launch(table, float32_step, coefficients, flags)
         sums_8bit = _run_rule(cpu, case, params, state, grads, count)
         for param, twin in zip(params, twins):
             np.testing.assert_array_equal(param, twin)

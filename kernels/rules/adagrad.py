@@ -35,13 +35,34 @@ def update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size
 
     Returns ``(param, s)``.
     """
-    grad = descent_direction(param, grad, grad_factor, weight_decay)
+    return _update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size, False)
+
+
+@register_jitable
+def blockwise_update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size):
+    """`update` as the 8-bit loops compute it (`steps.Step.blockwise_rule`): with no test
+    of λ inside the loop (`common.descent_direction` unbranched)."""
+    return _update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size, True)
+
+
+@register_jitable
+def _update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size, unbranched):
+    """`update`, or `blockwise_update` with ``unbranched`` (a constant where compiled)."""
+    grad = descent_direction(param, grad, grad_factor, weight_decay, unbranched)
     state_sum = state_sum + grad * grad
     std = math.sqrt(state_sum) + eps
     return param + neg_step_size * grad / std, state_sum
 
 
-STEP = Step("adagrad", update, ("sum",), Coefficients, StepCoefficients, codes=(("sum", UNSIGNED),))
+STEP = Step(
+    "adagrad",
+    update,
+    ("sum",),
+    Coefficients,
+    StepCoefficients,
+    blockwise_rule=blockwise_update,
+    codes=(("sum", UNSIGNED),),
+)
 
 
 def check(lr, lr_decay, weight_decay, initial_accumulator_value, eps):

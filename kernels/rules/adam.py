@@ -73,7 +73,40 @@ def update(
     return _update(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta1_complement, beta2,
         beta2_complement, eps, grad_factor, weight_decay, param_decay, neg_step_size,
-        bias_correction2_sqrt, amsgrad, False,
+        bias_correction2_sqrt, amsgrad, False, False,
+    )  # fmt: skip
+
+
+@register_jitable
+def blockwise_update(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    beta1,
+    beta1_complement,
+    beta2,
+    beta2_complement,
+    eps,
+    grad_factor,
+    weight_decay,
+    param_decay,
+    neg_step_size,
+    bias_correction2_sqrt,
+    amsgrad,
+):
+    """`update` as the 8-bit loops compute it (`steps.Step.blockwise_rule`), where no
+    torch bits are to be matched (the codes keep 1/254 of a block's range): no test of
+    λ or of the lerp's weight (`common.descent_direction`, `common.lerp` unbranched),
+    and ``√v̂ · (1/√(1 − β2ᵗ))``, whose reciprocal is computed once per loop, in place of
+    a division per element. Each differs from `update` by at most an ulp or two, or the
+    sign of a zero. On 2 AMD EPYC cores the 8-bit step took 5-10% less time
+    (bench/NOTES.md entry 23)."""
+    return _update(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta1_complement, beta2,
+        beta2_complement, eps, grad_factor, weight_decay, param_decay, neg_step_size,
+        bias_correction2_sqrt, amsgrad, False, True,
     )  # fmt: skip
 
 
@@ -106,7 +139,7 @@ def fused_update(
     return _update(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta1_complement, beta2,
         beta2_complement, eps, grad_factor, weight_decay, param_decay, neg_step_size,
-        bias_correction2_sqrt, amsgrad, True,
+        bias_correction2_sqrt, amsgrad, True, False,
     )  # fmt: skip
 
 
@@ -114,27 +147,31 @@ def fused_update(
 def _update(
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1, beta1_complement, beta2,
     beta2_complement, eps, grad_factor, weight_decay, param_decay, neg_step_size,
-    bias_correction2_sqrt, amsgrad, fused,
+    bias_correction2_sqrt, amsgrad, fused, blockwise,
 ):  # fmt: skip
-    """`update` (``fused`` False) or `fused_update` (True, a constant where compiled)."""
+    """`update` (``fused`` and ``blockwise`` False), `fused_update` (``fused``) or
+    `blockwise_update` (``blockwise``); both constants where compiled."""
     param = param * param_decay
     if fused:
         grad = fused_descent_direction(param, grad, grad_factor, weight_decay)
         exp_avg = fused_lerp(exp_avg, grad, beta1_complement, beta1)
         exp_avg_sq = fused_multiply_add(beta2_complement * grad, grad, exp_avg_sq * beta2)
     else:
-        grad = descent_direction(param, grad, grad_factor, weight_decay)
-        exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
+        grad = descent_direction(param, grad, grad_factor, weight_decay, blockwise)
+        exp_avg = lerp(exp_avg, grad, beta1_complement, beta1, blockwise)
         exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
     second_moment = exp_avg_sq
     if amsgrad:
         max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq)
         second_moment = max_exp_avg_sq
-    if fused:  # torch divides; with the loop's arcp (STEP) we would multiply by 1/√(1 − β2ᵗ)
+    if fused:  # torch divides, rounding each quotient
         denom = true_divide(math.sqrt(second_moment), bias_correction2_sqrt) + eps
         update = true_divide(neg_step_size * exp_avg, denom)
-    else:
-        denom = math.sqrt(second_moment) / bias_correction2_sqrt + eps
+    elif blockwise:  # a loop invariant's reciprocal: hoisted out of the loop
+        denom = math.sqrt(second_moment) * (np.float32(1) / bias_correction2_sqrt) + eps
+        update = neg_step_size * exp_avg / denom
+    else:  # an exact division, whatever the loop's arcp (see STEP)
+        denom = true_divide(math.sqrt(second_moment), bias_correction2_sqrt) + eps
         update = neg_step_size * exp_avg / denom
     return param + update, exp_avg, exp_avg_sq, max_exp_avg_sq
 
@@ -148,11 +185,14 @@ STEP = Step(
     flags=("amsgrad",),
     optional=(("max_exp_avg_sq", "amsgrad"),),
     fused_rule=fused_update,
+    blockwise_rule=blockwise_update,
     codes=(("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED), ("max_exp_avg_sq", UNSIGNED)),
-    # arcp lets LLVM replace the division by the loop-invariant √(1 − β2ᵗ) with one
-    # reciprocal and a multiply (≤1 ulp apart); Adam is compute-bound on division and
-    # square root while the arrays sit in cache: 49 → 40 µs on the 784-256-10 MLP's 203k
-    # float32 params.
+    # arcp was meant to let LLVM replace the division by the loop-invariant √(1 − β2ᵗ)
+    # with one reciprocal and a multiply; in the loops as compiled up to 5fb2c0c it
+    # never did (2 vdivps per vector loop, every variant: bench/NOTES.md entry 23), and
+    # whether it does turned on unrelated edits of `_update`: `update` now divides
+    # exactly there (`precision.true_divide`), keeping those bits, and
+    # `blockwise_update` multiplies by the reciprocal itself.
     fastmath=frozenset({"arcp"}),
 )
 

@@ -8,24 +8,29 @@ from ..precision import fused_multiply_add
 
 
 @register_jitable
-def descent_direction(param, grad, grad_factor, weight_decay):
+def descent_direction(param, grad, grad_factor, weight_decay, unbranched=False):
     """``d = f·g + λ·p``; ``f`` is ±1 (−1 when maximizing), divided by the AMP loss scale
-    when the step unscales the gradient itself. L2 decay only if λ ≠ 0."""
+    when the step unscales the gradient itself. L2 decay only if λ ≠ 0, as torch; with
+    ``unbranched`` (a constant where compiled) whatever λ, so that no test of λ stays
+    inside a vector loop (the 8-bit rules, `steps.Step.blockwise_rule`: ``0·p`` changes
+    only the sign of a zero gradient, and a non-finite ``p``)."""
     direction = grad_factor * grad
-    if weight_decay != 0:
+    if unbranched or weight_decay != 0:
         direction = direction + weight_decay * param
     return direction
 
 
 @register_jitable
-def lerp(start, end, weight, weight_complement):
+def lerp(start, end, weight, weight_complement, unbranched=False):
     """``start + w·(end − start)`` for ``w ∈ [0, 1]``, evaluated as torch's ``lerp`` does.
 
     ``w_c = 1 − w``. Torch picks the formula by ``|w| < 0.5``; for ``w ∈ [0, 1]`` that is
     ``w < w_c``, which compares two values of the arrays' dtype (a 0.5 literal would be
-    float64 and cost a double-precision compare per element on a GPU).
+    float64 and cost a double-precision compare per element on a GPU). With
+    ``unbranched`` (a constant where compiled) the first formula for every ``w``: no
+    test inside a vector loop (the 8-bit rules, `steps.Step.blockwise_rule`).
     """
-    if weight < weight_complement:
+    if unbranched or weight < weight_complement:
         return start + weight * (end - start)
     return end - (end - start) * weight_complement
 

@@ -73,7 +73,43 @@ def momentum(
     (Polyak, Sutskever et al., Keras) passes ``s = lr, update_scale = 1``, so the velocity
     carries the learning rate. Returns ``(param, velocity)``.
     """
-    direction = velocity_scale * descent_direction(param, grad, grad_factor, weight_decay)
+    return _momentum(
+        param, grad, velocity, momentum, dampening_complement, grad_factor, weight_decay,
+        velocity_scale, update_scale, nesterov, first_step, False,
+    )  # fmt: skip
+
+
+@register_jitable
+def blockwise_momentum(
+    param,
+    grad,
+    velocity,
+    momentum,
+    dampening_complement,
+    grad_factor,
+    weight_decay,
+    velocity_scale,
+    update_scale,
+    nesterov,
+    first_step,
+):
+    """`momentum` as the 8-bit loops compute it (`steps.Step.blockwise_rule`): with no
+    test of λ inside the loop (`common.descent_direction` unbranched)."""
+    return _momentum(
+        param, grad, velocity, momentum, dampening_complement, grad_factor, weight_decay,
+        velocity_scale, update_scale, nesterov, first_step, True,
+    )  # fmt: skip
+
+
+@register_jitable
+def _momentum(
+    param, grad, velocity, momentum, dampening_complement, grad_factor, weight_decay,
+    velocity_scale, update_scale, nesterov, first_step, unbranched,
+):  # fmt: skip
+    """`momentum`, or `blockwise_momentum` with ``unbranched`` (a constant where compiled)."""
+    direction = velocity_scale * descent_direction(
+        param, grad, grad_factor, weight_decay, unbranched
+    )
     if first_step:
         velocity = direction
     else:
@@ -92,6 +128,7 @@ MOMENTUM = Step(
     MomentumCoefficients,
     flags=("nesterov",),
     entry_flags=("first_step",),
+    blockwise_rule=blockwise_momentum,
     codes=(("momentum_buffer", SIGNED),),
 )
 
