@@ -59,13 +59,7 @@ CAPABILITIES = {
         note="8-bit state not with `centered=True`",
     ),
     "Adagrad": Capabilities("Adagrad", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
-    "LAMB": Capabilities(
-        None,
-        ("float32", "float64"),
-        ("param", "int8_blockwise"),
-        (),
-        note="no bfloat16 state; no 16-bit parameters",
-    ),
+    "LAMB": Capabilities(None, _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
 }
 
 _SHORT = {

@@ -18,6 +18,10 @@ so that the stored value is unbiased (``E[stored] = value``). The random bits co
 `random_bits`, a pure integer hash of an entry's key and the element's index: the CPU
 loops, the CUDA kernels and the simulator draw the same bits.
 
+`as_bfloat16` and `as_float16` give a computed value as a 16-bit array keeps it
+(rounded as `store` rounds, read back): for a rule that computes with its new state as
+it will be stored (LAMB's direction, whose norm must be that of the update applied).
+
 `stored_in_16_bits` tells a rule's element step, at compile time, that an array holds
 one of these formats, `fused_multiply_add` is ``a·b + c`` rounded once and
 `true_divide` a division that a loop's ``arcp`` flag cannot turn into a reciprocal:
@@ -121,6 +125,18 @@ def float32_to_bfloat16_bits(value):
         return BFLOAT16_BITS(0x7FC0)
     bits = int(np.asarray(value).view(np.uint32))
     return BFLOAT16_BITS((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+
+
+def as_bfloat16(value):
+    """``value`` rounded to bfloat16 as `store` rounds it, read back as float32: what a
+    bfloat16 array keeps of it (a rule that must compute with its state as stored)."""
+    return bfloat16_bits_to_float32(float32_to_bfloat16_bits(value))
+
+
+def as_float16(value):
+    """``value`` rounded to float16 as `store` rounds it, read back as float32."""
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, as `store`
+        return np.float32(np.float16(np.float32(value)))
 
 
 #: 2³²/φ, odd: consecutive element indices times it are far apart modulo 2³² (Weyl).
@@ -543,14 +559,20 @@ overload(stored_in_16_bits)(_stored_in_16_bits_implementation)
 overload(true_divide)(_true_divide_implementation)
 overload(store_stochastically)(_store_stochastically_implementation)
 overload(random_bits)(_random_bits_implementation)
+overload(as_bfloat16)(
+    lambda value: lambda value: _bfloat16_to_float32_by_llvm(_float32_to_bfloat16_by_llvm(value))
+)
+overload(as_float16)(
+    lambda value: lambda value: _float16_to_float32_by_llvm(_float32_to_float16_by_llvm(value))
+)
 
 
 def register_cuda():
     """Make `load`, `store`, `fused_multiply_add`, `stored_in_16_bits`, `true_divide`,
-    `store_stochastically` and `random_bits` compile for the CUDA target too (needs
-    numba-cuda); float16 by integer arithmetic there (checked to compile to PTX; not yet
-    run on a GPU). `fused_multiply_add` is ``cuda.fma`` there, not yet compiled to PTX
-    (no NVVM where it was written)."""
+    `store_stochastically`, `random_bits`, `as_bfloat16` and `as_float16` compile for
+    the CUDA target too (needs numba-cuda); float16 by integer arithmetic there
+    (checked to compile to PTX; not yet run on a GPU). `fused_multiply_add` is
+    ``cuda.fma`` there, not yet compiled to PTX (no NVVM where it was written)."""
     from numba import cuda
     from numba.cuda.extending import overload as cuda_overload
 
@@ -564,3 +586,9 @@ def register_cuda():
     cuda_overload(true_divide, target="cuda")(lambda a, b: lambda a, b: a / b)
     cuda_overload(store_stochastically, target="cuda")(_store_stochastically_implementation)
     cuda_overload(random_bits, target="cuda")(_random_bits_implementation)
+    cuda_overload(as_bfloat16, target="cuda")(
+        lambda value: lambda value: _bfloat16_to_float32(_float32_to_bfloat16(value))
+    )
+    cuda_overload(as_float16, target="cuda")(
+        lambda value: lambda value: _float16_to_float32(_float32_to_float16(value))
+    )

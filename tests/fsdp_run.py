@@ -68,7 +68,6 @@ KAHAN = {"kahan_sum": True}
 #: bfloat16 (the parameters' dtype) or 8 bits: (name, optimizer, reshard_after_forward).
 #: Each is also trained with ``step_in_backward=True``, and the train phase records the
 #: whole gradients of every step for the test to step the unsharded model with.
-#: (LAMB steps float32 and float64 parameters only, so neither option applies to it.)
 ROUNDING_CASES = [
     ("sgd-stochastic-reshard", "SGD", True),
     ("sgd-kahan-keep", "SGD", False),
@@ -80,6 +79,8 @@ ROUNDING_CASES = [
     ("adamw-kahan-int8-keep", "AdamW", False),
     ("nadam-stochastic-int8-keep", "NAdam", False),
     ("nadam-kahan-reshard", "NAdam", True),
+    ("lamb-stochastic-reshard", "LAMB", True),  # trust ratios: sums across ranks
+    ("lamb-kahan-int8-keep", "LAMB", False),
     ("adamw-stochastic-dim1-keep", "AdamW", False),  # Shard(1): see `sharded`
 ]
 #: The rounding cases sharded on dimension 1 (``shard_placement_fn``): their shards are
@@ -112,7 +113,7 @@ def case_dtype(case):
 
 def case_model(case):
     """The model a case trains (before sharding), the same in every process."""
-    if rounding(case).get("state_dtype"):
+    if rounding(case).get("state_dtype") or (rounding(case) and case.startswith("lamb-")):
         return block_aligned_model()
     wide = case in INT8_CASES or rounding(case)
     return make_model(case_dtype(case), hidden=33 if wide else 16)
@@ -122,7 +123,15 @@ def block_aligned_model():
     """A bfloat16 model whose shards on 2 ranks are whole 8-bit blocks of the whole
     tensors (no biases; rank 0's shard of each weight is a multiple of 256 elements): its
     8-bit state then has the unsharded run's blocks, so its numbers can be compared bit
-    for bit. The last weight has 5 rows of 256: 3 for rank 0, 2 for rank 1."""
+    for bit. The last weight has 5 rows of 256: 3 for rank 0, 2 for rank 1.
+
+    The LAMB rounding cases train it too, whatever their state: LAMB's trust ratio
+    needs each tensor's ‖p‖² and ‖u‖², which the direction pass sums in float32 over
+    chunks of its arrays (64 elements for 16-bit ones, a block of 256 for 8-bit state:
+    `kernels.cpu`), each chunk's sum added up in float64; a shard that is whole chunks
+    of its tensor sums the unsharded run's chunks, and the ranks' float64 sums add up
+    to the unsharded sum (exactly here: float64 adds a few float32 sums of like
+    magnitude without rounding). Other shards may put an ulp of float32 into ``r``."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(8, 256, bias=False), nn.Tanh(), nn.Linear(256, 5, bias=False)

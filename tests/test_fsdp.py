@@ -6,9 +6,11 @@ result must equal one process training the whole model on the whole batch with
 fresh process group, to the same parameters. One case trains bfloat16 parameters with
 float32 master weights (DTensors too, placed like the parameters); two keep 8-bit state,
 its blocks within each shard. bfloat16 parameters with stochastic rounding or Kahan
-summation (SGD with momentum, AdamW, NAdam; bfloat16 or 8-bit state; ordinary and in
-backward) equal, bit for bit, the unsharded model stepped by ours in one process with
-the same gradients, and the 2-rank checkpoint resumes bit for bit in one process too.
+summation (SGD with momentum, AdamW, NAdam, LAMB; bfloat16 or 8-bit state; ordinary
+and in backward) equal, bit for bit, the unsharded model stepped by ours in one process
+with the same gradients, and the 2-rank checkpoint resumes bit for bit in one process
+too (LAMB: its trust ratios' sums of squares added across ranks, on a model whose shards
+are whole chunks of those sums, `fsdp_run.block_aligned_model`).
 """
 
 import pytest

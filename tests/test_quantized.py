@@ -307,7 +307,7 @@ RULE_CASES = {
     "lamb-direction": (
         rules.lamb.DIRECTION,
         rules.lamb.coefficients(F32, (0.9, 0.999), 1e-6, 0.01, False),
-        (),
+        (False, False),  # the moments are codes, not 16-bit values
         _lamb_corrections,
     ),
     "lamb-apply": (
@@ -701,12 +701,14 @@ def test_8bit_adagrad_starts_every_sum_at_the_initial_value():
         (lambda p: fastmomentum.LAMB([torch.zeros(3, dtype=torch.float64, requires_grad=True)],
                                      state_dtype="int8_blockwise"),
          "is for float32, bfloat16, float16 parameters"),
-        (lambda p: fastmomentum.LAMB(p, state_dtype=torch.bfloat16), "not in bfloat16"),
+        (lambda p: fastmomentum.LAMB([p[0].detach().bfloat16().requires_grad_()],
+                                     master_weights=True, state_dtype="int8_blockwise"),
+         "master_weights"),
         (lambda p: fastmomentum.Adam(p, master_weights=True, state_dtype="int8_blockwise"),
          "master_weights"),
         (lambda p: fastmomentum.Adam(p, state_dtype="int4"), "state_dtype must be None"),
     ],
-    ids=["rmsprop-centered", "float64", "lamb-float64", "lamb-bfloat16", "master", "int4"],
+    ids=["rmsprop-centered", "float64", "lamb-float64", "lamb-master", "master", "int4"],
 )  # fmt: skip
 def test_what_8bit_state_cannot_do_is_refused_before_anything_moves(make, message):
     params = [torch.randn(5, 3).requires_grad_()]

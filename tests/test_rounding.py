@@ -203,7 +203,7 @@ def test_with_every_state_dtype(name, options, rounding, state_dtype):
 @pytest.mark.cudasim
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "LAMB"])
 def test_cuda_kernels_give_the_cpu_loops_bits(monkeypatch, name, rounding, dtype):
     """The CUDA kernels (in the simulator, on CPU tensors) against the CPU loops: the
     same random bits and the same rounding. The float32 arithmetic before the rounding
@@ -214,7 +214,8 @@ def test_cuda_kernels_give_the_cpu_loops_bits(monkeypatch, name, rounding, dtype
     monkeypatch.setattr(config, "THREADS_PER_BLOCK", 8)
     monkeypatch.setattr(config, "BLOCKS_PER_SM", 2)
     monkeypatch.setattr(config, "multiprocessors", lambda: 2)
-    options = {"lr": 0.05, "momentum": 0.9} if name == "SGD" else {"lr": 1e-2}
+    options = {"SGD": {"lr": 0.05, "momentum": 0.9}, "LAMB": {"lr": 1e-2, "weight_decay": 0.01}}
+    options = options.get(name, {"lr": 1e-2})
     monkeypatch.setattr(config, "FORCE_CUDA", True)
     model, ours, ref_model, theirs = bfloat16_twins(name, options, rounding, dtype, (False,) * 2)
     monkeypatch.setattr(config, "FORCE_CUDA", False)
@@ -337,16 +338,16 @@ def test_a_group_added_later_is_checked():
 # --- what it is for -------------------------------------------------------------------
 
 
-def teacher_student(dtype, options, steps=300, lr=1e-4):
+def teacher_student(dtype, options, steps=300, lr=1e-4, name="AdamW"):
     """Held-out loss of a linear student fitted to a linear teacher's noisy outputs by
-    AdamW at a small learning rate, the student's parameters in ``dtype``."""
+    ``name`` (AdamW) at a small learning rate, the student's parameters in ``dtype``."""
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(64, 16, generator=generator) / 8
     inputs = torch.randn(4096, 64, generator=generator)
     targets = inputs @ teacher + 0.01 * torch.randn(4096, 16, generator=generator)
     start = teacher + 0.05 * torch.randn(64, 16, generator=generator)
     weight = torch.nn.Parameter(start.to(dtype))
-    optimizer = fastmomentum.AdamW([weight], lr=lr, weight_decay=0.0, **options)
+    optimizer = getattr(fastmomentum, name)([weight], lr=lr, weight_decay=0.0, **options)
     for step in range(steps):
         batch = slice((step * 64) % 3584, (step * 64) % 3584 + 64)
         loss = torch.nn.functional.mse_loss(inputs[batch] @ weight.float(), targets[batch])
@@ -357,15 +358,22 @@ def teacher_student(dtype, options, steps=300, lr=1e-4):
         return float(torch.nn.functional.mse_loss(inputs[3584:] @ weight.float(), targets[3584:]))
 
 
-def test_bfloat16_with_either_option_tracks_float32_where_bfloat16_alone_stalls():
+@pytest.mark.parametrize(("name", "lr"), [("AdamW", 1e-4), ("LAMB", 3e-4)], ids=["adamw", "lamb"])
+def test_bfloat16_with_either_option_tracks_float32_where_bfloat16_alone_stalls(name, lr):
     """At lr 1e-4 most AdamW updates are below half a bfloat16 step and round away:
     bfloat16 alone stalls far above float32's loss; stochastic rounding and Kahan
     summation end within 2% of it (measured: float32 8.628e-2, bfloat16 alone
-    1.634e-1 (+89%), stochastic 8.707e-2 (+0.9%), Kahan 8.620e-2 (−0.1%))."""
-    reference = teacher_student(torch.float32, {})
-    alone = teacher_student(torch.bfloat16, {})
-    stochastic = teacher_student(torch.bfloat16, {"stochastic_rounding": True, "rounding_seed": 1})
-    kahan = teacher_student(torch.bfloat16, {"kahan_sum": True})
+    1.634e-1 (+89%), stochastic 8.707e-2 (+0.9%), Kahan 8.620e-2 (−0.1%)). LAMB moves
+    the weight by lr·‖p‖ a step (all its elements about 1e-4 of ‖p‖ apart): at lr 3e-4
+    (measured: float32 1.064e-1, bfloat16 alone 1.684e-1 (+58%), stochastic +0.3%,
+    Kahan −0.1%); at 1e-3 the float32 loss falls to 1.6e-2, where bfloat16's own
+    resolution costs stochastic rounding +3% (Kahan −0.6%, bfloat16 alone +723%)."""
+    reference = teacher_student(torch.float32, {}, lr=lr, name=name)
+    alone = teacher_student(torch.bfloat16, {}, lr=lr, name=name)
+    stochastic = teacher_student(
+        torch.bfloat16, {"stochastic_rounding": True, "rounding_seed": 1}, lr=lr, name=name
+    )
+    kahan = teacher_student(torch.bfloat16, {"kahan_sum": True}, lr=lr, name=name)
     print(f"float32 {reference:.3e} bf16 {alone:.3e} stochastic {stochastic:.3e} kahan {kahan:.3e}")
     assert alone > 1.5 * reference
     assert abs(stochastic / reference - 1) < 0.02

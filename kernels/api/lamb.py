@@ -4,7 +4,7 @@
 import numpy as np
 
 from .. import hyperparameters, rules
-from .calls import as_flags, dispatch, one_entry, real_numbers
+from .calls import as_flags, carrier_of, compute_dtype, dispatch, one_entry, real_numbers
 
 
 def lamb_step(
@@ -31,7 +31,8 @@ def lamb_step(
         r = ‖p‖ / ‖u‖, or 1 when either norm is 0
         p ← p − lr·r·u
 
-    float32 and float64 arrays (see `kernels.rules.lamb` for the variant).
+    float32 and float64 arrays, and float16 and bfloat16 (ml_dtypes) ones computed in
+    float32, each stored value rounded once (see `kernels.rules.lamb` for the variant).
     """
     lr, eps, weight_decay = real_numbers(lr=lr, eps=eps, weight_decay=weight_decay)
     betas = hyperparameters.as_betas(betas)
@@ -47,13 +48,12 @@ def lamb_step(
         },
         stream,
     )
-    dtype = np.dtype(arrays[0].dtype)
-    if dtype.itemsize == 2:
-        raise TypeError(f"lamb_step takes float32 and float64 arrays, got {dtype}")
+    dtype = compute_dtype(arrays)
     coefficients = rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize)
     corrections = rules.lamb.bias_corrections(dtype, [step], betas, bias_correction)[0]
+    flags = rules.lamb.state_flags(carrier_of(arrays[2].dtype))
     norms = kernels.launch(
-        one_entry(arrays, tuple(corrections)), rules.lamb.DIRECTION, coefficients, **launch
+        one_entry(arrays, tuple(corrections)), rules.lamb.DIRECTION, coefficients, flags, **launch
     )
     entry = rules.lamb.apply_step_coefficients(dtype, corrections, norms, lr)[0]
     kernels.launch(

@@ -12,6 +12,15 @@ the new moments and moves each tensor by its own trust ratio::
     r = ‖p‖ / ‖u‖, or 1 when either norm is 0
     p ← p − lr·r·u
 
+Both passes compute ``u`` from the moments as stored: with 16-bit state (the flags of
+`DIRECTION`) the direction pass rounds the new moments to bfloat16 or float16 before
+it computes ``u``, so that the ``‖u‖`` of the trust ratio is that of the ``u`` `APPLY`
+reads back and applies (8-bit codes need their block's new absmax, known only after the
+block: there the norm is that of ``u`` before encoding). ``p`` is the float32 value the
+step moves: the 16-bit parameter, its float32 master copy, or ``p + c`` with Kahan
+summation (`kernels.elements`); the new parameter is stored, rounded to nearest,
+stochastically or compensated, by `APPLY` alone.
+
 Computing ``u`` twice costs no more time than keeping it (measured: the same within
 noise): the second pass reads p, m and v (12 bytes a float32 element) where a kept
 ``u`` costs its write, the read of its cache line before that write, and its read (12
@@ -31,6 +40,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ..hyperparameters import grad_factor, in_dtype
+from ..precision import BFLOAT16_BITS, FLOAT16_BITS, as_bfloat16, as_float16
 from ..steps import SIGNED, UNSIGNED, Step
 from . import adam
 from .common import lerp
@@ -63,6 +73,17 @@ def _direction(param, exp_avg, exp_avg_sq, eps, weight_decay, bias_correction1, 
 
 
 @register_jitable
+def as_stored(value, bfloat16_state, float16_state):
+    """A new moment as its state array will keep it: rounded to bfloat16 or float16
+    (`precision.as_bfloat16`, `precision.as_float16`) when the state is stored so."""
+    if bfloat16_state:
+        return as_bfloat16(value)
+    if float16_state:
+        return as_float16(value)
+    return value
+
+
+@register_jitable
 def direction(
     param,
     grad,
@@ -77,12 +98,18 @@ def direction(
     weight_decay,
     bias_correction1,
     bias_correction2,
+    bfloat16_state,
+    float16_state,
 ):
     """The moments and the update direction ``u`` of one element (see the module doc);
-    returns ``(m, v, u)``, the parameter unchanged."""
+    returns ``(m, v, u)``, the parameter unchanged. With 16-bit state (the flags) the
+    moments are rounded as they will be stored before ``u`` is computed from them, so
+    that ``u`` is the one `apply` computes from the stored moments."""
     grad = grad_factor * grad
     exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
     exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
+    exp_avg = as_stored(exp_avg, bfloat16_state, float16_state)
+    exp_avg_sq = as_stored(exp_avg_sq, bfloat16_state, float16_state)
     update = _direction(
         param, exp_avg, exp_avg_sq, eps, weight_decay, bias_correction1, bias_correction2
     )
@@ -98,6 +125,7 @@ DIRECTION = Step(
     ("exp_avg", "exp_avg_sq"),
     Coefficients,
     StepCoefficients,
+    flags=("bfloat16_state", "float16_state"),
     # reassociation lets the sums of squares vectorise; arcp turns the divisions by
     # the bias corrections into products
     fastmath=frozenset({"reassoc", "nsz", "arcp"}),
@@ -146,6 +174,13 @@ APPLY = Step(
     reads_grad=False,
     codes=MOMENT_CODES,
 )
+
+
+def state_flags(state_format):
+    """`DIRECTION`'s flags for state kept as ``state_format`` (the type of its elements
+    in a launch table, `kernels.tables`): whether it is bfloat16, whether float16."""
+    kind = np.dtype(state_format)
+    return kind == np.dtype(BFLOAT16_BITS), kind == np.dtype(FLOAT16_BITS)
 
 
 def apply_coefficients(dtype, eps, weight_decay):
