@@ -324,7 +324,10 @@ def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0
     entry (float64, shape ``(entries, squares)``)."""
     if table.size == 0:
         return np.zeros((len(table), squares)) if squares else None
-    threaded = table.size >= config.CPU_SERIAL_BELOW and not _forked
+    # A sum of squares always runs threaded: the serial loop vectorises its float32 chunk
+    # sums in another order, so LAMB's norms (and trust ratios) of a small bucket of the
+    # step in backward would differ in the last bit from the ordinary step's large one.
+    threaded = (table.size >= config.CPU_SERIAL_BELOW or squares > 0) and not _forked
     prefetch_ahead = _sixteen_bits(table.formats)
     kernel = _compiled(
         loop, threaded, table.clear_grads, table.param_store, flags, prefetch_ahead, fastmath

@@ -139,13 +139,10 @@ def test_at_the_size_of_a_layer(case, monkeypatch):
     """Parameters of 2^18 elements, 1 MiB buckets: the kernels split each bucket's work
     among threads by elements, so a parameter's chunks differ from the ordinary loop's
     bucket; LAMB's per-parameter norms are sums over those chunks, each summed from a
-    chunk boundary of its tensor whatever the split. Every launch runs the threaded
-    loop here: the serial one (tables below 2^14 elements, such as a bias alone in its
-    bucket) vectorises its float32 sums apart, and its LAMB norms may differ from the
-    threaded loop's in the last bit, its trust ratio by a float32 ulp."""
+    chunk boundary of its tensor whatever the split and whichever loop runs it (a bias
+    alone in its bucket runs the serial loop, the ordinary step's bucket the threaded
+    one)."""
     monkeypatch.setattr(in_backward, "BUCKET_ELEMENTS", 2**18)
-    if case == "lamb":
-        monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 0)
     name, options = CASES[case]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 512), nn.Linear(512, 8))
