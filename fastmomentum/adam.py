@@ -1,6 +1,8 @@
 """``fastmomentum.Adam`` and ``AdamW``: drop-in ``torch.optim`` replacements, one fused
 launch per bucket."""
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -11,6 +13,19 @@ from fastmomentum.kernels import rules
 from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
+
+
+class Settings(NamedTuple):
+    """A group's hyperparameters as one step reads them (lr and betas as torch computes
+    them: `_as_torch_computes`)."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    maximize: bool
+    amsgrad: bool
 
 
 class Adam(FlatOptimizer):
@@ -113,14 +128,14 @@ class Adam(FlatOptimizer):
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
-        return (
-            _as_torch_computes(group["lr"], "lr"),
-            (_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),
-            host_float(group["eps"], "eps"),
-            host_float(group["weight_decay"], "weight_decay"),
-            bool(group["decoupled_weight_decay"]),
-            bool(group["maximize"]),
-            bool(group["amsgrad"]),
+        return Settings(
+            lr=_as_torch_computes(group["lr"], "lr"),
+            betas=(_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),
+            eps=host_float(group["eps"], "eps"),
+            weight_decay=host_float(group["weight_decay"], "weight_decay"),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            maximize=bool(group["maximize"]),
+            amsgrad=bool(group["amsgrad"]),
         )
 
     def check_arguments(self, defaults):
@@ -142,14 +157,21 @@ class Adam(FlatOptimizer):
         )
 
     def update(self, group, bucket, settings, plan, grad_scale):
-        lr, betas, eps, weight_decay, decoupled, maximize, amsgrad = settings
+        lr, betas, amsgrad = settings.lr, settings.betas, settings.amsgrad
         dtype = bucket.dtype_numpy
         steps = bucket.step_counts
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
             lambda: rules.adam.coefficients(
-                dtype, lr, betas, eps, weight_decay, decoupled, maximize, grad_scale
+                dtype,
+                lr,
+                betas,
+                settings.eps,
+                settings.weight_decay,
+                settings.decoupled_weight_decay,
+                settings.maximize,
+                grad_scale,
             ),
         )
         columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)

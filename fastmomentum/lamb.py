@@ -1,6 +1,8 @@
 """``fastmomentum.LAMB``: layer-wise adaptive moments (You et al., 2019), two launches
 per bucket."""
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
@@ -11,6 +13,17 @@ from . import quantized
 from .collectives import summed_over_shards
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
+
+
+class Settings(NamedTuple):
+    """A group's hyperparameters as one step reads them."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    bias_correction: bool
+    maximize: bool
 
 
 class LAMB(FlatOptimizer):
@@ -117,13 +130,13 @@ class LAMB(FlatOptimizer):
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
-        return (
-            host_float(group["lr"], "lr"),
-            (host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
-            host_float(group["eps"], "eps"),
-            host_float(group["weight_decay"], "weight_decay"),
-            bool(group["bias_correction"]),
-            bool(group["maximize"]),
+        return Settings(
+            lr=host_float(group["lr"], "lr"),
+            betas=(host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
+            eps=host_float(group["eps"], "eps"),
+            weight_decay=host_float(group["weight_decay"], "weight_decay"),
+            bias_correction=bool(group["bias_correction"]),
+            maximize=bool(group["maximize"]),
         )
 
     def check_arguments(self, defaults):
@@ -133,13 +146,16 @@ class LAMB(FlatOptimizer):
         rules.lamb.check(defaults["lr"], betas, defaults["eps"], defaults["weight_decay"])
 
     def update(self, group, bucket, settings, plan, grad_scale):
-        lr, betas, eps, weight_decay, bias_correction, maximize = settings
+        lr, betas = settings.lr, settings.betas
+        eps, weight_decay = settings.eps, settings.weight_decay
         dtype = bucket.dtype_numpy
         coefficients, apply_coefficients, flags = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
             lambda: (
-                rules.lamb.coefficients(dtype, betas, eps, weight_decay, maximize, grad_scale),
+                rules.lamb.coefficients(
+                    dtype, betas, eps, weight_decay, settings.maximize, grad_scale
+                ),
                 rules.lamb.apply_coefficients(dtype, eps, weight_decay),
                 # the moments' format: the direction pass measures u as they are stored
                 rules.lamb.state_flags(bucket.formats[2] if bucket.formats else dtype),
@@ -153,7 +169,7 @@ class LAMB(FlatOptimizer):
             step = bucket.count_steps(table.rows)  # None unless all are at one step
             steps = bucket.step_counts[table.rows] if step is None else step
             table.entry_values[:] = rules.lamb.bias_corrections(
-                dtype, steps, betas, bias_correction
+                dtype, steps, betas, settings.bias_correction
             )
 
         def direction_and_norms(table, *arguments):

@@ -214,7 +214,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def settings(self, group):
-        """The group's hyperparameters as a tuple of plain numbers and flags, read each step."""
+        """The group's hyperparameters as plain numbers and flags, read each step: the
+        binding's ``Settings`` named tuple (fields named as the group's keys)."""
         raise NotImplementedError
 
     def update(self, group, bucket, settings, plan, grad_scale):
