@@ -69,7 +69,7 @@ def test_fully_sharded_training_matches_one_process(runs, case, name, reshard):
 def test_8bit_state_trains_as_float32_state(runs, case):
     """8-bit state, its blocks within each shard, against float32 state on the whole
     model in one process: each tensor within 10% of the distance the float32 run moved
-    it (why 10%: tests/test_quantized.py, `test_8bit_state_trains_as_float32_state`;
+    it (why 10%: tests/test_quantized_optimizers.py, `test_8bit_state_trains_as_float32_state`;
     measured here after 8 steps: 0.7-5.2%)."""
     trained, _ = runs
     name = dict((c, n) for c, n, _ in fsdp_run.CASES)[case]
