@@ -16,7 +16,7 @@ forward and backward run in its parameters' dtype.
     python -m bench.precision [--steps N] [--output DIR]
 
 Writes ``precision.{json,md}`` to ``bench/out/`` (``--output bench/results`` for the
-committed run); ``tests/test_precision.py`` asserts the tolerances on fewer steps.
+committed run); ``tests/test_precision_state.py`` asserts the tolerances on fewer steps.
 """
 
 import json
