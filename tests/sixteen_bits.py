@@ -1,6 +1,7 @@
-"""What the 16-bit precision tests share: the two 16-bit formats, and a comparison that
-is bit for bit or within an ulp."""
+"""What the 16-bit precision tests share: the two 16-bit formats, a comparison that is
+bit for bit or within an ulp, and the mark of tests that need torch's vector kernels."""
 
+import pytest
 import torch
 
 from fastmomentum.kernels.precision import BFLOAT16_BITS, FLOAT16_BITS
@@ -21,3 +22,12 @@ def assert_close(actual, expected, bit_identical, name):
     scale = expected.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
     error = (actual - expected).abs().max()
     assert error <= torch.finfo(torch.bfloat16).eps * scale, (name, float(error), float(scale))
+
+
+#: Without AVX2 or AVX-512 (``ATEN_CPU_CAPABILITY=default``) torch's fused Adam rounds
+#: every product first, as our float32 rule does, not as `rules.adam.fused_update`.
+needs_vector_kernels = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="torch's fused CPU Adam fuses its multiply-adds only in its AVX2 and AVX-512 "
+    f"kernels; this torch runs {torch.backends.cpu.get_cpu_capability()}",
+)

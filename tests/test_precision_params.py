@@ -22,15 +22,7 @@ import fastmomentum
 from fastmomentum.kernels import config
 from fastmomentum.kernels.precision import load, store
 
-from .sixteen_bits import FORMATS, IDS
-
-#: Without AVX2 or AVX-512 (``ATEN_CPU_CAPABILITY=default``) torch's fused Adam rounds
-#: every product first, as our float32 rule does, not as `rules.adam.fused_update`.
-needs_vector_kernels = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-    reason="torch's fused CPU Adam fuses its multiply-adds only in its AVX2 and AVX-512 "
-    f"kernels; this torch runs {torch.backends.cpu.get_cpu_capability()}",
-)
+from .sixteen_bits import FORMATS, IDS, needs_vector_kernels
 
 
 @njit(cache=True)

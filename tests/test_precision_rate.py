@@ -30,7 +30,7 @@ import fastmomentum
 from fastmomentum.kernels import rules
 from fastmomentum.kernels.precision import fused_multiply_add
 
-from .test_precision import needs_vector_kernels
+from .sixteen_bits import needs_vector_kernels
 
 SIZE = 1 << 20
 STEPS = 50
