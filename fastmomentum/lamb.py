@@ -161,9 +161,7 @@ class LAMB(FlatOptimizer):
                 rules.lamb.state_flags(bucket.formats[2] if bucket.formats else dtype),
             ),
         )
-        # the wave's bias corrections and each tensor's (‖p‖², ‖u‖²), from the direction
-        # pass to the update pass, which `launch_passes` runs next over the same wave
-        measured = {}
+        measured = _Measured()  # from the direction pass to the update pass of a wave
 
         def count_step(table):  # each parameter's t, and its bias corrections
             step = bucket.count_steps(table.rows)  # None unless all are at one step
@@ -176,11 +174,11 @@ class LAMB(FlatOptimizer):
             norms = bucket.kernels.launch(table, *arguments)
             if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
                 norms = summed_over_shards([bucket.params[row] for row in table.rows], norms)
-            measured.update(corrections=table.entry_values.copy(), norms=norms)
+            measured.corrections, measured.norms = table.entry_values.copy(), norms
 
         def trust(table):
             table.entry_values[:] = rules.lamb.apply_step_coefficients(
-                dtype, measured["corrections"], measured["norms"], lr
+                dtype, measured.corrections, measured.norms, lr
             )
 
         moments = rules.lamb.DIRECTION.state  # the update pass reads what the first wrote
@@ -188,7 +186,27 @@ class LAMB(FlatOptimizer):
         apply, _ = quantized.launched(rules.lamb.APPLY, moments, bucket)
         plan.launch_passes(
             [
-                (columns, 2, count_step, direction_and_norms, (direction, coefficients, flags)),
-                (columns, 3, trust, bucket.kernels.launch, (apply, apply_coefficients)),
+                (
+                    columns,
+                    direction.entry_width,
+                    count_step,
+                    direction_and_norms,
+                    (direction, coefficients, flags),
+                ),
+                (
+                    columns,
+                    apply.entry_width,
+                    trust,
+                    bucket.kernels.launch,
+                    (apply, apply_coefficients),
+                ),
             ]
         )
+
+
+class _Measured:
+    """What a wave's direction pass hands its update pass (`launches.StepPlan.launch_passes`
+    runs them in turn over one wave): the bias corrections of its parameters (rows of
+    `rules.lamb.StepCoefficients`) and each tensor's ``(‖p‖², ‖u‖²)``."""
+
+    __slots__ = ("corrections", "norms")
