@@ -16,6 +16,8 @@ import inspect
 import numpy as np
 import pytest
 
+from fastmomentum.capabilities import CAPABILITIES
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerInfo:
@@ -23,8 +25,6 @@ class OptimizerInfo:
 
     #: The ``fastmomentum`` class name.
     name: str
-    #: The ``torch.optim`` class the optimizer is a drop-in for (None: torch has none).
-    torch_peer: str | None
     #: Case id -> constructor options, every case of this optimizer a test may name.
     cases: dict
     #: The ids of the cases that between them run each of its update rules: what a
@@ -48,6 +48,12 @@ class OptimizerInfo:
         import fastmomentum
 
         return getattr(fastmomentum, self.name)
+
+    @property
+    def torch_peer(self):
+        """The ``torch.optim`` class name it is a drop-in for (None: torch has none), from
+        the library's capability table."""
+        return CAPABILITIES[self.name].torch_peer
 
     @property
     def peer(self):
@@ -91,7 +97,6 @@ OPTIMIZERS = {
     for info in (
         OptimizerInfo(
             "SGD",
-            torch_peer="SGD",
             cases={
                 "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2},
                 "nesterov": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
@@ -121,7 +126,6 @@ OPTIMIZERS = {
         ),
         OptimizerInfo(
             "Adam",
-            torch_peer="Adam",
             cases={
                 "adam-amsgrad": {"lr": 1e-2, "amsgrad": True},
                 "adam-amsgrad-decay": {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2},
@@ -132,21 +136,18 @@ OPTIMIZERS = {
         ),
         OptimizerInfo(
             "AdamW",
-            torch_peer="AdamW",
             cases={"adamw": {"lr": 1e-2}},
             kernel="adamw_step",
             kernel_options={"lr": 1e-2},
         ),
         OptimizerInfo(
             "NAdam",
-            torch_peer="NAdam",
             cases={"nadam": {"lr": 1e-2, "weight_decay": 1e-2}},
             kernel="nadam_step",
             kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
         ),
         OptimizerInfo(
             "RMSprop",
-            torch_peer="RMSprop",
             cases={
                 "rmsprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
                 "rmsprop-momentum": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-2},
@@ -156,14 +157,12 @@ OPTIMIZERS = {
         ),
         OptimizerInfo(
             "Adagrad",
-            torch_peer="Adagrad",
             cases={"adagrad": {"lr": 1e-2, "lr_decay": 1e-3, "initial_accumulator_value": 0.1}},
             kernel="adagrad_step",
             kernel_options={"lr": 1e-2, "lr_decay": 1e-3, "weight_decay": 1e-2},
         ),
         OptimizerInfo(
             "LAMB",
-            torch_peer=None,
             cases={"lamb": {"lr": 1e-2, "weight_decay": 1e-2}},
             kernel="lamb_step",
             kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
