@@ -23,12 +23,12 @@ class Capabilities(NamedTuple):
 
     #: The ``torch.optim`` class it is a drop-in for (None: torch has none).
     torch_peer: str | None
-    #: The parameter dtypes it steps (of `PARAM_DTYPES`).
-    param_dtypes: tuple
-    #: How it can keep its state (of `STATE_DTYPES`).
-    state_dtypes: tuple
-    #: Options for 16-bit parameters it implements (of `SIXTEEN_BIT_OPTIONS`).
-    sixteen_bit_options: tuple
+    #: The parameter dtypes it steps (of `PARAM_DTYPES`; default all).
+    param_dtypes: tuple = PARAM_DTYPES
+    #: How it can keep its state (of `STATE_DTYPES`; default all).
+    state_dtypes: tuple = STATE_DTYPES
+    #: Options for 16-bit parameters it implements (of `SIXTEEN_BIT_OPTIONS`; default all).
+    sixteen_bit_options: tuple = SIXTEEN_BIT_OPTIONS
     #: ``step_in_backward=True``.
     step_in_backward: bool = True
     #: Under DistributedDataParallel (its step in backward as DDP's communication hook).
@@ -41,25 +41,16 @@ class Capabilities(NamedTuple):
     note: str = ""
 
 
-_EVERY_DTYPE = PARAM_DTYPES
-_EVERY_STATE = STATE_DTYPES
-_EVERY_OPTION = SIXTEEN_BIT_OPTIONS
-
-#: Class name -> `Capabilities`, in the order of the README's matrix.
+#: Class name -> `Capabilities`, in the order of the README's matrix; a row names only
+#: what it lacks.
 CAPABILITIES = {
-    "SGD": Capabilities("SGD", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
-    "Adam": Capabilities("Adam", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
-    "AdamW": Capabilities("AdamW", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
-    "NAdam": Capabilities("NAdam", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
-    "RMSprop": Capabilities(
-        "RMSprop",
-        _EVERY_DTYPE,
-        _EVERY_STATE,
-        _EVERY_OPTION,
-        note="8-bit state not with `centered=True`",
-    ),
-    "Adagrad": Capabilities("Adagrad", _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
-    "LAMB": Capabilities(None, _EVERY_DTYPE, _EVERY_STATE, _EVERY_OPTION),
+    "SGD": Capabilities("SGD"),
+    "Adam": Capabilities("Adam"),
+    "AdamW": Capabilities("AdamW"),
+    "NAdam": Capabilities("NAdam"),
+    "RMSprop": Capabilities("RMSprop", note="8-bit state not with `centered=True`"),
+    "Adagrad": Capabilities("Adagrad"),
+    "LAMB": Capabilities(None),
 }
 
 _SHORT = {
