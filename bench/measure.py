@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import twin
-from .providers import ARRAYS_MOVED, OPTIMIZERS, PROVIDERS
+from .providers import OPTIMIZERS, PROVIDERS, arrays_moved
 
 
 @dataclass
@@ -56,7 +56,7 @@ def optimizer_case(benchmark, provider, shapes, dtype):
             param.copy_(value)
 
     numel = sum(param.numel() for param in params)
-    moved = ARRAYS_MOVED[benchmark] * numel * params[0].element_size()
+    moved = arrays_moved(benchmark) * numel * params[0].element_size()
     return Case(optimizer.step, reset, numel, len(params), moved)
 
 
@@ -66,7 +66,7 @@ def twin_case(benchmark, numel, dtype):
     Its arrays are torch tensors seen through NumPy and its reset is the same torch
     ``copy_`` the optimizer cases do, so it starts each step from the same cache state.
     """
-    kernel, count = _TWINS[ARRAYS_MOVED[benchmark]]
+    kernel, count = _TWINS[arrays_moved(benchmark)]
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(numel, generator=generator, dtype=dtype) for _ in range(count)]
     arrays = [tensor.numpy() for tensor in tensors]
@@ -75,7 +75,7 @@ def twin_case(benchmark, numel, dtype):
     def reset():
         tensors[0].copy_(start)
 
-    moved = ARRAYS_MOVED[benchmark] * numel * tensors[0].element_size()
+    moved = arrays_moved(benchmark) * numel * tensors[0].element_size()
     return Case(lambda: kernel(*arrays), reset, numel, 1, moved)
 
 

@@ -10,33 +10,44 @@ import os
 import torch
 
 import fastmomentum
+from fastmomentum.capabilities import benchmarks
 
-#: Benchmark name -> (optimizer class name, hyperparameters). Small lr: values stay O(1).
-OPTIMIZERS = {
-    "SGD momentum": ("SGD", {"lr": 1e-3, "momentum": 0.9}),
-    "SGD Nesterov": ("SGD", {"lr": 1e-3, "momentum": 0.9, "nesterov": True}),
-    "Adam": ("Adam", {"lr": 1e-3}),
-    "AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}),
-    "NAdam": ("NAdam", {"lr": 1e-3}),
-    "RMSprop": ("RMSprop", {"lr": 1e-3}),
-    "RMSprop momentum": ("RMSprop", {"lr": 1e-3, "momentum": 0.9}),
-    "Adagrad": ("Adagrad", {"lr": 1e-2}),
-    "LAMB": ("LAMB", {"lr": 1e-3, "weight_decay": 1e-2}),
-}
+#: Benchmark name -> (optimizer class name, hyperparameters): the registry's rows
+#: (`fastmomentum.capabilities`). Small lr: values stay O(1).
+OPTIMIZERS = benchmarks()
 
-#: Arrays read plus arrays written per parameter by one step (see bench/twin.py): 5 for
-#: one state array (p, g, s read; p, s written), 7 for two, 10 for LAMB's two passes.
-ARRAYS_MOVED = {
-    "SGD momentum": 5,
-    "SGD Nesterov": 5,
-    "Adam": 7,
-    "AdamW": 7,
-    "NAdam": 7,
-    "RMSprop": 5,
-    "RMSprop momentum": 7,
-    "Adagrad": 5,
-    "LAMB": 10,
-}
+
+@functools.cache
+def arrays_moved(benchmark):
+    """Arrays read plus arrays written per parameter by one step of ``benchmark`` (see
+    bench/twin.py), from the kernel specs its step launches, recorded on a small
+    parameter: each pass reads param, grad (unless it ignores it) and the state it uses,
+    and writes param (if it updates it) and the state it writes. 5 for one state array
+    (p, g, s read; p, s written), 7 for two, 10 for LAMB's two passes."""
+    from fastmomentum.kernels import cpu
+
+    name, options = OPTIMIZERS[benchmark]
+    launched, launch = [], cpu.launch
+
+    def recording(table, spec, coefficients, flags=()):
+        launched.append((spec, dict(zip(spec.flags, flags))))
+        return launch(table, spec, coefficients, flags)
+
+    param = torch.nn.Parameter(torch.randn(64))
+    optimizer = getattr(fastmomentum, name)([param], **options)
+    param.grad = torch.randn(64)
+    cpu.launch = recording
+    try:
+        optimizer.step()
+    finally:
+        cpu.launch = launch
+    moved = 0
+    for spec, flags in launched:
+        used = [s for s in spec.state if flags.get(spec.optional_flag(s), True)]
+        written = [s for s in used if s not in spec.read_only]
+        moved += 1 + spec.reads_grad + len(used) + spec.updates_param + len(written)
+    return moved
+
 
 #: The optimizers torch has a fused CPU step for.
 TORCH_FUSED = ("SGD", "Adam", "AdamW", "Adagrad")

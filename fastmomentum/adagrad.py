@@ -51,7 +51,7 @@ class Adagrad(FlatOptimizer):
     supports_master_weights = True
     supports_quantized_state = True
 
-    rule_state = rules.adagrad.STEP.state
+    rule_state = rules.adagrad.SPEC.state
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class Adagrad(FlatOptimizer):
             bucket.state("sum").flat.fill_(value)
 
     def state_names(self, group):
-        names = rules.adagrad.STEP.state
+        names = rules.adagrad.SPEC.state
         return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
@@ -170,7 +170,7 @@ class Adagrad(FlatOptimizer):
                 dtype, bucket.step_counts[table.rows], settings.lr, settings.lr_decay
             )
 
-        step, columns = quantized.launched(rules.adagrad.STEP, rules.adagrad.STEP.state, bucket)
+        spec, columns = quantized.launched(rules.adagrad.SPEC, rules.adagrad.SPEC.state, bucket)
         plan.launch(
-            columns, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
+            columns, spec.entry_width, count_step, bucket.kernels.launch, spec, coefficients
         )

@@ -114,7 +114,7 @@ class Adam(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    rule_state = rules.adam.STEP.state
+    rule_state = rules.adam.SPEC.state
     #: ``max_exp_avg_sq`` (8-bit: its codes and absmax) starts at zero for a parameter
     #: with state when AMSGrad is switched on, where torch raises KeyError.
     optional_rule_state = ("max_exp_avg_sq",)
@@ -123,7 +123,7 @@ class Adam(FlatOptimizer):
     supports_quantized_state = True
 
     def state_names(self, group):
-        names = rules.adam.STEP.state if group["amsgrad"] else rules.adam.STEP.state[:2]
+        names = rules.adam.SPEC.state if group["amsgrad"] else rules.adam.SPEC.state[:2]
         return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
@@ -175,7 +175,7 @@ class Adam(FlatOptimizer):
             ),
         )
         columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
-        step, columns = quantized.launched(rules.adam.STEP, columns, bucket)
+        spec, columns = quantized.launched(rules.adam.SPEC, columns, bucket)
 
         def count_step(table):  # each parameter's step count, and its bias corrections
             step = bucket.count_steps(table.rows)
@@ -183,13 +183,13 @@ class Adam(FlatOptimizer):
                 table.entry_values[:] = rules.adam.step_coefficients_per_entry(
                     dtype, steps[table.rows], lr, betas
                 )
-                table.note = None
-            elif table.note != (step, lr, betas):  # one row for all
-                table.note = (step, lr, betas)
+                table.filled_from = None
+            elif table.filled_from != (step, lr, betas):  # one row for all
+                table.filled_from = (step, lr, betas)
                 table.entry_values[:] = rules.adam.step_coefficients(dtype, step, lr, betas)
 
         kernel = bucket.kernels.launch
-        plan.launch(columns, step.entry_width, count_step, kernel, step, coefficients, (amsgrad,))
+        plan.launch(columns, spec.entry_width, count_step, kernel, spec, coefficients, (amsgrad,))
 
 
 def _as_torch_computes(value, name):

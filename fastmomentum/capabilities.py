@@ -1,4 +1,12 @@
-"""What each optimizer supports: one row per optimizer.
+"""The registry of optimizers: one row per optimizer, what it is and what it supports.
+
+A row names the module of `fastmomentum` that defines the class (its binding; the rule
+it launches is its own module of `fastmomentum.kernels.rules`, found there), the torch
+class it is a drop-in for, how it is benchmarked, and its capabilities. What lists
+optimizers is derived from it: ``fastmomentum``'s exports (``__all__``, the lazy
+imports, and the imports type checkers read, written by ``python -m
+fastmomentum.derived``), the shared test suites (tests/cases.py), the benchmark rows
+(bench/providers.py) and the README's support matrix.
 
 The README's support matrix is generated from this table (``python -m
 fastmomentum.capabilities`` prints it) and `tests/test_capabilities.py` holds every cell
@@ -19,10 +27,15 @@ SIXTEEN_BIT_OPTIONS = ("master_weights", "stochastic_rounding", "kahan_sum")
 
 
 class Capabilities(NamedTuple):
-    """One optimizer's row: what it steps, how it keeps state, where it runs."""
+    """One optimizer's row: where it is, what it steps, how it keeps state, where it runs."""
 
+    #: The module of `fastmomentum` that defines the class (``"adam"``: fastmomentum/adam.py).
+    module: str
     #: The ``torch.optim`` class it is a drop-in for (None: torch has none).
     torch_peer: str | None
+    #: Its benchmark rows: benchmark name -> hyperparameters (bench/providers.py);
+    #: default one row, its class name, at ``lr=1e-3``.
+    benchmarks: dict | None = None
     #: The parameter dtypes it steps (of `PARAM_DTYPES`; default all).
     param_dtypes: tuple = PARAM_DTYPES
     #: How it can keep its state (of `STATE_DTYPES`; default all).
@@ -44,14 +57,38 @@ class Capabilities(NamedTuple):
 #: Class name -> `Capabilities`, in the order of the README's matrix; a row names only
 #: what it lacks.
 CAPABILITIES = {
-    "SGD": Capabilities("SGD"),
-    "Adam": Capabilities("Adam"),
-    "AdamW": Capabilities("AdamW"),
-    "NAdam": Capabilities("NAdam"),
-    "RMSprop": Capabilities("RMSprop", note="8-bit state not with `centered=True`"),
-    "Adagrad": Capabilities("Adagrad"),
-    "LAMB": Capabilities(None),
+    "SGD": Capabilities(
+        "sgd",
+        "SGD",
+        benchmarks={
+            "SGD momentum": {"lr": 1e-3, "momentum": 0.9},
+            "SGD Nesterov": {"lr": 1e-3, "momentum": 0.9, "nesterov": True},
+        },
+    ),
+    "Adam": Capabilities("adam", "Adam"),
+    "AdamW": Capabilities(
+        "adam", "AdamW", benchmarks={"AdamW": {"lr": 1e-3, "weight_decay": 1e-2}}
+    ),
+    "NAdam": Capabilities("nadam", "NAdam"),
+    "RMSprop": Capabilities(
+        "rmsprop",
+        "RMSprop",
+        benchmarks={"RMSprop": {"lr": 1e-3}, "RMSprop momentum": {"lr": 1e-3, "momentum": 0.9}},
+        note="8-bit state not with `centered=True`",
+    ),
+    "Adagrad": Capabilities("adagrad", "Adagrad", benchmarks={"Adagrad": {"lr": 1e-2}}),
+    "LAMB": Capabilities("lamb", None, benchmarks={"LAMB": {"lr": 1e-3, "weight_decay": 1e-2}}),
 }
+
+
+def benchmarks():
+    """Benchmark name -> (class name, hyperparameters), every optimizer's rows in order."""
+    rows = {}
+    for name, row in CAPABILITIES.items():
+        for benchmark, options in (row.benchmarks or {name: {"lr": 1e-3}}).items():
+            rows[benchmark] = (name, options)
+    return rows
+
 
 _SHORT = {
     "float32": "fp32",

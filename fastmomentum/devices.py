@@ -3,7 +3,7 @@
 import torch
 
 from fastmomentum.kernels import config, cpu
-from fastmomentum.kernels.api import cuda_kernels
+from fastmomentum.kernels.calls import cuda_kernels
 
 
 def cuda_unavailable_reason():

@@ -53,7 +53,7 @@ class NAdam(FlatOptimizer):
     supports_master_weights = True
     supports_quantized_state = True
 
-    rule_state = rules.nadam.STEP.state
+    rule_state = rules.nadam.SPEC.state
 
     def __init__(
         self,
@@ -106,7 +106,7 @@ class NAdam(FlatOptimizer):
         )
 
     def state_names(self, group):
-        names = rules.nadam.STEP.state
+        names = rules.nadam.SPEC.state
         return quantized.keys(names) if self.quantized else names
 
     def settings(self, group):
@@ -159,9 +159,9 @@ class NAdam(FlatOptimizer):
             )  # fmt: skip
             products[rows] = new
             table.entry_values[:] = values
-            table.note = None
+            table.filled_from = None
 
-        step, columns = quantized.launched(rules.nadam.STEP, rules.nadam.STEP.state, bucket)
+        spec, columns = quantized.launched(rules.nadam.SPEC, rules.nadam.SPEC.state, bucket)
         plan.launch(
-            columns, step.entry_width, count_step, bucket.kernels.launch, step, coefficients
+            columns, spec.entry_width, count_step, bucket.kernels.launch, spec, coefficients
         )

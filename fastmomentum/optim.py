@@ -1,20 +1,7 @@
-"""The torch optimizers (importing this module imports torch)."""
+"""The torch optimizers, all imported (importing this module imports torch): every class
+of the registry (`fastmomentum.capabilities`) and `dequantized_state_dict`."""
 
-from .adagrad import Adagrad
-from .adam import Adam, AdamW
-from .lamb import LAMB
-from .nadam import NAdam
-from .quantized import dequantized_state_dict
-from .rmsprop import RMSprop
-from .sgd import SGD
+import fastmomentum as _package
 
-__all__ = [
-    "SGD",
-    "Adam",
-    "AdamW",
-    "NAdam",
-    "RMSprop",
-    "Adagrad",
-    "LAMB",
-    "dequantized_state_dict",
-]
+__all__ = list(_package.__all__)
+globals().update({name: getattr(_package, name) for name in __all__})

@@ -146,7 +146,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if state_dtype == INT8_BLOCKWISE and not self.supports_quantized_state:
             raise ValueError(
                 f"state_dtype={INT8_BLOCKWISE!r} is not implemented for {type(self).__name__}: "
-                "its rules declare no 8-bit codes (fastmomentum.kernels.steps.Step.codes)"
+                "its rules declare no 8-bit codes (fastmomentum.kernels.specs.KernelSpec.codes)"
             )
 
     # --- what a subclass says ---------------------------------------------------------

@@ -2,10 +2,10 @@
 
 Every optimizer can keep its state tensors as codes and per-block absmax
 (`kernels.quantization`), stepped by the loops generated from its rules
-(`kernels.steps.int8_blockwise`). ``state[p]`` holds, for each state tensor ``<name>``
+(`kernels.specs.int8_blockwise`). ``state[p]`` holds, for each state tensor ``<name>``
 (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``,
 ``grad_avg``, ``sum``), ``<name>_codes`` (int8 for values of both signs, uint8 for
-non-negative ones, as the rules' `Step.codes` say) laid out like the parameter, and
+non-negative ones, as the rules' `KernelSpec.codes` say) laid out like the parameter, and
 ``<name>_absmax`` (float32, one value per block of 256 elements in the parameter's
 memory order). A state dict keeps them as they are, so it round-trips exactly. Between
 the formats:
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fastmomentum.kernels import quantization, rules
-from fastmomentum.kernels.steps import SIGNED, int8_blockwise
+from fastmomentum.kernels.specs import SIGNED, int8_blockwise
 
 from .storage import dense_strides, is_dense, is_dtensor, local, placed_like, shard_like
 
@@ -43,11 +43,11 @@ from .storage import dense_strides, is_dense, is_dtensor, local, placed_like, sh
 INT8_BLOCKWISE = "int8_blockwise"
 
 
-def _moments(steps):
-    """State name -> (codes key, absmax key, signed), from the rules' `Step.codes`."""
+def _moments(specs):
+    """State name -> (codes key, absmax key, signed), from the rules' `KernelSpec.codes`."""
     moments = {}
-    for step in steps:
-        for name, kind in step.codes:
+    for spec in specs:
+        for name, kind in spec.codes:
             entry = (f"{name}_codes", f"{name}_absmax", kind == SIGNED)
             if moments.setdefault(name, entry) != entry:
                 raise RuntimeError(f"state {name!r} has codes of two kinds in the rules")
@@ -56,7 +56,7 @@ def _moments(steps):
 
 #: Per full-precision state tensor that rules keep in 8 bits: its codes' key, its
 #: absmax's key, and whether it is signed.
-MOMENTS = _moments(rules.STEPS)
+MOMENTS = _moments(rules.SPECS)
 
 _CODE_DTYPES = {
     codes: torch.int8 if signed else torch.uint8 for codes, _, signed in MOMENTS.values()
@@ -105,19 +105,19 @@ def check_code_maps(state_dict):
 
 def keys(names):
     """The 8-bit state keys of the state tensors ``names``: every one's codes, then
-    every one's absmax (the columns of `steps.int8_blockwise`; a ``None`` name, a
+    every one's absmax (the columns of `specs.int8_blockwise`; a ``None`` name, a
     column not used, gives ``None`` in both places)."""
     codes = [MOMENTS[name][0] if name else None for name in names]
     return (*codes, *(MOMENTS[name][1] if name else None for name in names))
 
 
-def launched(step, columns, bucket):
-    """The `Step` to launch over ``bucket`` and its table's state ``columns``:
-    ``step`` and ``columns`` themselves, or for 8-bit state its block-wise variant and
+def launched(spec, columns, bucket):
+    """The `KernelSpec` to launch over ``bucket`` and its table's state ``columns``:
+    ``spec`` and ``columns`` themselves, or for 8-bit state its block-wise variant and
     the codes' and absmax's keys (`keys`)."""
     if not bucket.quantized:
-        return step, columns
-    return int8_blockwise(step), keys(columns)
+        return spec, columns
+    return int8_blockwise(spec), keys(columns)
 
 
 def fill(state, name, value):

@@ -56,7 +56,7 @@ class RMSprop(FlatOptimizer):
     supports_master_weights = True
     supports_quantized_state = True
 
-    rule_state = rules.rmsprop.STEP.state
+    rule_state = rules.rmsprop.SPEC.state
     quantized_rule_state = ("square_avg", "momentum_buffer")  # not centered: no grad_avg
     optional_rule_state = ("momentum_buffer", "grad_avg")
 
@@ -188,14 +188,14 @@ class RMSprop(FlatOptimizer):
             "momentum_buffer" if momentum > 0 else None,
             "grad_avg" if centered else None,
         )
-        step, columns = quantized.launched(rules.rmsprop.STEP, columns, bucket)
+        spec, columns = quantized.launched(rules.rmsprop.SPEC, columns, bucket)
         flags = (momentum > 0, centered)
         plan.launch(
             columns,
-            step.entry_width,
+            spec.entry_width,
             lambda table: bucket.count_steps(table.rows),
             bucket.kernels.launch,
-            step,
+            spec,
             coefficients,
             flags,
         )

@@ -13,6 +13,9 @@ from . import quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
+#: A table's `filled_from` once its entry values say no parameter is at its first step.
+_NO_FIRST_STEPS = object()
+
 
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
@@ -220,15 +223,15 @@ class SGD(FlatOptimizer):
         def mark_first_steps(table):  # entry value 1: the parameter's first step
             if not bucket.all_initialized:
                 table.entry_values[:, 0] = ~bucket.initialized[table.rows]
-                table.note = None
-            elif table.note != "no first steps":
+                table.filled_from = None
+            elif table.filled_from is not _NO_FIRST_STEPS:
                 table.entry_values[:] = 0
-                table.note = "no first steps"
+                table.filled_from = _NO_FIRST_STEPS
 
-        step, columns = quantized.launched(rules.sgd.MOMENTUM, rules.sgd.MOMENTUM.state, bucket)
+        spec, columns = quantized.launched(rules.sgd.MOMENTUM, rules.sgd.MOMENTUM.state, bucket)
         kernel = bucket.kernels.launch
         prepare = self._counted(bucket, mark_first_steps)
-        plan.launch(columns, 1, prepare, kernel, step, coefficients, (settings.nesterov,))
+        plan.launch(columns, 1, prepare, kernel, spec, coefficients, (settings.nesterov,))
 
     def _counted(self, bucket, prepare):
         """``prepare`` (a table's, or None) that also counts each parameter's steps, with

@@ -25,13 +25,14 @@ gradient).
 import functools
 import os
 import types
+from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange  # noqa: F401 (prange: the generated loops)
 from numba.np.ufunc import parallel
 
-from . import config, diskcache
+from . import config, generated
 from .elements import element, segment_source
 from .pointers import pointer_to, prefetch, prefetch_to_l2  # noqa: F401 (the generated loops)
 from .quantization import (  # noqa: F401 (the generated loops)
@@ -47,15 +48,8 @@ from .quantization import (  # noqa: F401 (the generated loops)
 )
 from .tables import KAHAN, NEAREST  # noqa: F401 (KAHAN: the generated loops)
 
-# Numba invalidates a cached kernel only when this file changes, not when a rule, an
-# element step, the pointer intrinsic, a 16-bit conversion or an 8-bit code it inlines
-# does. This digest of rules/*.py, elements.py, pointers.py, precision.py and
-# quantization.py makes every edit there change this file too; tests/test_kernels.py
-# fails until it is updated.
-RULES_DIGEST = "01a4f34174eea9c5"
-
 #: Compile-time constants of each compiled variant of the loops (`_compiled`); a rule's
-#: flags (`steps.Step.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
+#: flags (`specs.KernelSpec.flags`, upper-cased: ``NESTEROV``, ``AMSGRAD``) are too.
 CLEAR_GRADS = False
 PARAM_STORE = NEAREST
 NESTEROV = False
@@ -66,7 +60,7 @@ PREFETCH = False
 CHUNK = 64
 AHEAD = 2048
 
-#: A loop that sums squares (`steps.Step.squares`) sums each chunk of SQUARES_CHUNK
+#: A loop that sums squares (`specs.KernelSpec.squares`) sums each chunk of SQUARES_CHUNK
 #: elements in the computing dtype, then adds that into a float64 sum per segment.
 #: Summing float64 values per element made LLVM vectorise the whole loop at float64's
 #: width, half float32's (LAMB's direction pass, 2 threads, 2^24 float32 elements: 11.3
@@ -75,103 +69,105 @@ AHEAD = 2048
 SQUARES_CHUNK = 2048
 
 
-def loop(step):
-    """The CPU loop of ``step`` (a `steps.Step`), generated once from `loop_source`: the
+def loop(spec):
+    """The CPU loop of ``spec`` (a `specs.KernelSpec`), generated once from `loop_source`: the
     rule's element step (`elements.element`) over every segment of a launch table.
 
     The loop walks its part's segments; per segment it makes a typed pointer per array
     and reads the entry's values and entry flags, then steps the elements, in chunks of
     `CHUNK` with a software prefetch `AHEAD` elements on when ``PREFETCH`` (else one
     chunk), with one inner loop per combination of entry flags. Over block-wise 8-bit
-    state (`steps.int8_blockwise`) it steps one block of `BLOCK` elements at a time
+    state (`specs.int8_blockwise`) it steps one block of `BLOCK` elements at a time
     (`_blockwise_loop_source`).
     """
-    return _generated_loop(step)
+    return _generated_loop(spec)[0]
 
 
 @functools.cache
-def _generated_loop(step):
-    namespace = {**globals(), "ELEMENT": element(step)}
-    exec(compile(loop_source(step), __file__, "exec"), namespace)
-    return namespace[f"_{step.name}"]
+def _generated_loop(spec):
+    """The loop, compiled under a file of its own (`generated`), and whether Numba may
+    cache what is compiled from it."""
+    namespace = {**globals(), "ELEMENT": element(spec)}
+    cacheable = generated.compile_into(namespace, "cpu", spec, loop_source(spec))
+    return namespace[f"_{spec.name}"], cacheable
 
 
-def loop_source(step):
-    """The source of `loop` (readable: ``print(loop_source(rules.adam.STEP))``)."""
-    if step.blockwise:
-        return _blockwise_loop_source(step)
-    lines = _loop_head(step)
-    whole = "SQUARES_CHUNK" if step.squares else "max(end - begin, 1)"
+def loop_source(spec):
+    """The source of `loop` (readable: ``print(loop_source(rules.adam.SPEC))``)."""
+    if spec.blockwise:
+        return _blockwise_loop_source(spec)
+    lines = _loop_head(spec)
+    whole = "SQUARES_CHUNK" if spec.squares else "max(end - begin, 1)"
     lines += [
         f"            reach = CHUNK if PREFETCH else {whole}",
         "            for chunk in range(begin, end, reach):",
         "                if PREFETCH:",
         "                    ahead = min(chunk + AHEAD, end - 1)",
     ]
-    for name in ("param", "grad", *_always(step)):
+    for name in ("param", "grad", *_always(spec)):
         lines.append(f"                    prefetch({name}, ahead)")
     lines += [
         "                    if PARAM_STORE == KAHAN:",
         "                        prefetch(companion, ahead)",
     ]
     lines.append("                stop = min(chunk + reach, end)")
-    sums = range(len(step.squares))  # per chunk in the computing dtype (SQUARES_CHUNK)
+    sums = range(len(spec.squares))  # per chunk in the computing dtype (SQUARES_CHUNK)
     lines += [f"                chunk_sum{k} = zero" for k in sums]
-    lines += _cases(step, step.entry_flags, (), "                ")
+    lines += _cases(spec, spec.entry_flags, (), "                ")
     lines += [f"                sum{k} += np.float64(chunk_sum{k})" for k in sums]
     lines += [f"            partials[segment, {k}] = sum{k}" for k in sums]
     return "\n".join(lines) + "\n"
 
 
-def _loop_head(step):
+def _loop_head(spec):
     """A loop's lines down to its segment's set-up (`elements.segment_source`)."""
-    partials = ", partials" if step.squares else ""
+    partials = ", partials" if spec.squares else ""
     lines = [
-        f"def _{step.name}(addresses, segments, part_starts, entry_values, coefficients, "
+        f"def _{spec.name}(addresses, segments, part_starts, entry_values, coefficients, "
         f"formats{partials}):",
         "    stored_param, stored_grad, stored_state, stored_companion = formats",
         "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
         "    for part in prange(part_starts.size - 1):",
     ]
-    if step.blockwise and step.written:  # one block's new state values, per state
-        lines.append(f"        new_values = np.empty(({len(step.written)}, BLOCK), np.float32)")
-    if step.squares:  # a zero in the computing dtype
+    if spec.blockwise and spec.written:  # one block's new state values, per state
+        lines.append(f"        new_values = np.empty(({len(spec.written)}, BLOCK), np.float32)")
+    if spec.squares:  # a zero in the computing dtype
         lines.append("        zero = np.zeros(1, entry_values.dtype)[0]")
     return lines + [
         "        for segment in range(part_starts[part], part_starts[part + 1]):",
         "            entry, begin = segments[segment, 0], segments[segment, 1]",
         "            end = segments[segment, 2]",
-        *segment_source(step, "            "),
+        *segment_source(spec, "            "),
     ]
 
 
-def _always(step):
-    """The state arrays a step always reads (not `steps.Step.optional`)."""
-    return [name for name in step.state if step.optional_flag(name) is None]
+def _always(spec):
+    """The state arrays a step always reads (not `specs.KernelSpec.optional`)."""
+    return [name for name in spec.state if spec.optional_flag(name) is None]
 
 
-def _cases(step, entry_flags, known, indent):
+def _cases(spec, entry_flags, known, indent):
     """The inner loops, one per value of each entry flag (runtime flags inside a loop
     keep it from vectorising)."""
     if entry_flags:
         flag, rest = entry_flags[0], entry_flags[1:]
         return [
             f"{indent}if {flag}:",
-            *_cases(step, rest, (*known, "True"), indent + "    "),
+            *_cases(spec, rest, (*known, "True"), indent + "    "),
             f"{indent}else:",
-            *_cases(step, rest, (*known, "False"), indent + "    "),
+            *_cases(spec, rest, (*known, "False"), indent + "    "),
         ]
-    absmax = [f"{name}_before" for name in step.state if step.blockwise]
-    arguments = ["i", "param", "grad", *step.state, *absmax, "coefficients", "values"]
-    arguments += [flag.upper() for flag in step.flags]
+    absmax = [f"{name}_before" for name in spec.state if spec.blockwise]
+    arguments = ["i", "param", "grad", *spec.state, *absmax, "coefficients", "values"]
+    arguments += [flag.upper() for flag in spec.flags]
     arguments += [*known, "CLEAR_GRADS", "companion", "PARAM_STORE", "key"]
     call = f"ELEMENT({', '.join(arguments)})"
-    if step.blockwise:
-        return _blockwise_elements(step, call, indent)
-    if not step.squares:
+    if spec.blockwise:
+        return _blockwise_elements(spec, call, indent)
+    if not spec.squares:
         return [f"{indent}for i in range(chunk, stop):", f"{indent}    {call}"]
     lines = [f"{indent}for i in range(chunk, stop):", f"{indent}    summed = {call}"]
-    for k in range(len(step.squares)):
+    for k in range(len(spec.squares)):
         lines.append(f"{indent}    chunk_sum{k} += summed[{k}] * summed[{k}]")
     return lines
 
@@ -179,8 +175,8 @@ def _cases(step, entry_flags, known, indent):
 # --- block-wise 8-bit state -----------------------------------------------------------
 
 
-def _blockwise_loop_source(step):
-    """`loop_source` over block-wise 8-bit state (`steps.int8_blockwise`). Segments
+def _blockwise_loop_source(spec):
+    """`loop_source` over block-wise 8-bit state (`specs.int8_blockwise`). Segments
     start at block boundaries, so each block is one thread's, in two passes: the step
     of its elements, keeping their new state values and each state's largest magnitude
     (as integer bits: a running integer maximum vectorises), then their codes on the
@@ -188,7 +184,7 @@ def _blockwise_loop_source(step):
     cache (`pointers.prefetch_to_l2`), whatever ``PREFETCH`` says: worth 40% on the
     Xeon (bench/NOTES.md entry 17); into the first level it cost 15-25% on AMD EPYC
     (entry 23)."""
-    lines = _loop_head(step)
+    lines = _loop_head(spec)
     lines += [
         "            for start in range(begin, end, BLOCK):",
         "                stop, block = min(start + BLOCK, end), start // BLOCK",
@@ -197,71 +193,69 @@ def _blockwise_loop_source(step):
         "                    prefetch_to_l2(param, line)",
         "                    prefetch_to_l2(grad, line)",
         "                for line in range(ahead, min(ahead + BLOCK, end), 64):",
-        *[f"                    prefetch_to_l2({name}, line)" for name in _always(step)],
+        *[f"                    prefetch_to_l2({name}, line)" for name in _always(spec)],
     ]
-    for name in step.state:  # the block's absmax before the step
+    for name in spec.state:  # the block's absmax before the step
         before = f"{name}_absmax[block]"
-        flag = step.optional_flag(name)
+        flag = spec.optional_flag(name)
         if flag:
             before = f"{before} if {flag.upper()} else ABSMAX_ZERO"
         lines.append(f"                {name}_before = {before}")
-    lines += [f"                top{k} = np.int32(0)" for k in range(len(step.written))]
-    sums = range(len(step.squares))  # per block in the computing dtype
+    lines += [f"                top{k} = np.int32(0)" for k in range(len(spec.written))]
+    sums = range(len(spec.squares))  # per block in the computing dtype
     lines += [f"                chunk_sum{k} = zero" for k in sums]
-    lines += _cases(step, step.entry_flags, (), "                ")
+    lines += _cases(spec, spec.entry_flags, (), "                ")
     lines += [f"                sum{k} += np.float64(chunk_sum{k})" for k in sums]
-    lines += _blockwise_codes(step, "                ")
+    lines += _blockwise_codes(spec, "                ")
     lines += [f"            partials[segment, {k}] = sum{k}" for k in sums]
     return "\n".join(lines) + "\n"
 
 
-def _guarded(step, name, lines, indent):
+def _guarded(spec, name, lines, indent):
     """``lines`` at ``indent``, under ``if FLAG:`` for an optional state ``name``."""
-    flag = step.optional_flag(name)
+    flag = spec.optional_flag(name)
     if flag is None:
         return [indent + line for line in lines]
     return [f"{indent}if {flag.upper()}:", *(f"{indent}    {line}" for line in lines)]
 
 
-def _blockwise_elements(step, call, indent):
+def _blockwise_elements(spec, call, indent):
     """A block's first pass: the element steps, their new state values and maxima."""
-    written = step.written
+    written = spec.written
     lines = [f"{indent}for i in range(start, stop):"]
-    lines.append(f"{indent}    new = {call}" if written or step.squares else f"{indent}    {call}")
+    lines.append(f"{indent}    new = {call}" if written or spec.squares else f"{indent}    {call}")
     for k, name in enumerate(written):
         kept = [f"new_values[{k}, i - start] = new[{k}]"]
         kept.append(f"top{k} = max(top{k}, magnitude_bits(new[{k}]))")
-        lines += _guarded(step, name, kept, indent + "    ")
-    for k in range(len(step.squares)):
+        lines += _guarded(spec, name, kept, indent + "    ")
+    for k in range(len(spec.squares)):
         j = len(written) + k
         lines.append(f"{indent}    chunk_sum{k} += new[{j}] * new[{j}]")
     return lines
 
 
-def _blockwise_codes(step, indent):
+def _blockwise_codes(spec, indent):
     """A block's second pass: each written state's new absmax, then its codes."""
-    written = step.written
+    written = spec.written
     if not written:
         return []
     lines = []
     for k, name in enumerate(written):
         lines.append(f"{indent}absmax{k} = float_of_bits(top{k})")
-        lines += _guarded(step, name, [f"{name}_absmax[block] = absmax{k}"], indent)
+        lines += _guarded(spec, name, [f"{name}_absmax[block] = absmax{k}"], indent)
         lines.append(f"{indent}inverse{k} = inverse(absmax{k})")
     lines.append(f"{indent}for i in range(start, stop):")
     for k, name in enumerate(written):
-        code = f"{name}[i] = encode_{step.code_kind(name)}(new_values[{k}, i - start], inverse{k})"
-        lines += _guarded(step, name, [code], indent + "    ")
+        code = f"{name}[i] = encode_{spec.code_kind(name)}(new_values[{k}, i - start], inverse{k})"
+        lines += _guarded(spec, name, [code], indent + "    ")
     return lines
 
 
 @functools.cache
-def _compiled(
-    loop, threaded, clear_grads, param_store, flags=(), prefetch_ahead=False, fastmath=()
-):
-    """``loop`` compiled threaded or not, with its flags as constants, under a cache name
-    of its own (`CLEAR_GRADS`, `PARAM_STORE`, and ``flags``: ``(NAME, value)`` pairs such as
-    ``("AMSGRAD", True)``).
+def _compiled(loop, cacheable, threaded, clear_grads, param_store, flags, prefetch_ahead, fastmath):
+    """``loop`` compiled threaded or not (with Numba's on-disk cache if ``cacheable``),
+    with its flags as constants, under a cache name of its own (`CLEAR_GRADS`,
+    `PARAM_STORE`, and ``flags``: ``(NAME, value)`` pairs such as ``("AMSGRAD", True)``).
 
     Serial variants exist because waking the thread pool costs more than short arrays
     take: 64 elements 0.8 µs serial against 4.1 µs parallel, 32k elements 4.4 against
@@ -285,7 +279,7 @@ def _compiled(
     name += "" if threaded else "_serial"
     variant = types.FunctionType(loop.__code__, {**loop.__globals__, **constants}, name)
     variant.__qualname__ = name
-    options = {"cache": diskcache.available(__file__), "error_model": "numpy"}
+    options = {"cache": cacheable, "error_model": "numpy"}
     if fastmath:
         options["fastmath"] = set(fastmath)
     return njit(parallel=threaded, **options)(variant)
@@ -319,9 +313,22 @@ def _sixteen_bits(formats):
     return any(kind.itemsize == 2 for kind in formats)
 
 
-def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0):
-    """Run ``loop`` over ``table``; with ``squares`` sums per segment, return them per
+class _Variant(NamedTuple):
+    """What `launch` needs of a spec and its flags' values, worked out once."""
+
+    spec: object  # the `specs.KernelSpec`
+    loop: object  # its generated loop (`loop`)
+    cacheable: bool  # whether Numba may cache it on disk (`generated.compile_into`)
+    flags: tuple  # ``(NAME, value)`` pairs: the flags as compile-time constants
+    block: int  # segments start at multiples of it (`tables.TensorTable.cpu_schedule`)
+    fastmath: tuple  # LLVM fast-math flags
+    squares: int  # how many sums of squares it returns per entry
+
+
+def _launch(variant, table, coefficients):
+    """Run ``variant``'s loop over ``table``; with sums of squares, return them per
     entry (float64, shape ``(entries, squares)``)."""
+    squares = variant.squares
     if table.size == 0:
         return np.zeros((len(table), squares)) if squares else None
     # A sum of squares always runs threaded: the serial loop vectorises its float32 chunk
@@ -330,9 +337,10 @@ def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0
     threaded = (table.size >= config.CPU_SERIAL_BELOW or squares > 0) and not _forked
     prefetch_ahead = _sixteen_bits(table.formats)
     kernel = _compiled(
-        loop, threaded, table.clear_grads, table.param_store, flags, prefetch_ahead, fastmath
-    )
-    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1, block)
+        variant.loop, variant.cacheable, threaded, table.clear_grads, table.param_store,
+        variant.flags, prefetch_ahead, variant.fastmath,
+    )  # fmt: skip
+    segments, part_starts = table.cpu_schedule(_threads() if threaded else 1, variant.block)
     if not squares:
         kernel(
             table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats
@@ -348,25 +356,36 @@ def _launch(loop, table, coefficients, flags=(), block=1, fastmath=(), squares=0
     return sums
 
 
-def launch(table, step, coefficients, flags=()):
-    """Apply ``step``'s rule (a `steps.Step`) in place over ``table``, whose columns are
-    param, grad and ``step.state`` (8-bit state: its codes, then its absmax, as
-    `steps.int8_blockwise` says); ``coefficients``: its ``step.coefficients`` as a
+def launch(table, spec, coefficients, flags=()):
+    """Apply ``spec``'s rule (a `specs.KernelSpec`) in place over ``table``, whose columns are
+    param, grad and ``spec.state`` (8-bit state: its codes, then its absmax, as
+    `specs.int8_blockwise` says); ``coefficients``: its ``spec.coefficients`` as a
     plain tuple in the table's dtype (`kernels.hyperparameters`), ``flags`` the values
-    of ``step.flags``, in order. Returns the per-entry sums of ``step.squares`` (a
+    of ``spec.flags``, in order. Returns the per-entry sums of ``spec.squares`` (a
     float64 array), or None."""
-    variant = _variants.get((id(step), flags))
-    if variant is None:  # once per rule and flags: a step's launch costs ≈1 µs less
-        constants = tuple((name.upper(), bool(value)) for name, value in zip(step.flags, flags))
-        # segments start at block boundaries; a sum of squares at a chunk boundary, so
-        # that its chunks, and their float32 sums, do not depend on how the table is
-        # split among threads (a bucket of the step in backward, a shard: the same sums)
-        block = BLOCK if step.blockwise else SQUARES_CHUNK if step.squares else 1
-        variant = (loop(step), constants, block, tuple(sorted(step.fastmath)), len(step.squares))
-        _variants[(id(step), flags)] = variant
-    return _launch(variant[0], table, coefficients, *variant[1:])
+    variant = _variants.get((spec.name, flags))
+    if variant is None or variant.spec is not spec:
+        variant = _variant(spec, flags)
+    return _launch(variant, table, coefficients)
 
 
-#: `launch`'s arguments of `_launch` per (rule's `Step`, flags): the steps are module
-#: constants of `kernels.rules`, so their ids are stable.
+def _variant(spec, flags):
+    """Work out (once per spec and flags: a launch costs ≈1 µs less) and keep
+    ``spec``'s `_Variant`; two different specs of one name are an error."""
+    known = _variants.get((spec.name, flags))
+    if known is not None and known.spec != spec:
+        raise ValueError(f"two different KernelSpecs are named {spec.name!r}")
+    loop, cacheable = _generated_loop(spec)
+    constants = tuple((name.upper(), bool(value)) for name, value in zip(spec.flags, flags))
+    # segments start at block boundaries; a sum of squares at a chunk boundary, so that
+    # its chunks, and their float32 sums, do not depend on how the table is split among
+    # threads (a bucket of the step in backward, a shard: the same sums)
+    block = BLOCK if spec.blockwise else SQUARES_CHUNK if spec.squares else 1
+    fastmath = tuple(sorted(spec.fastmath))
+    variant = _Variant(spec, loop, cacheable, constants, block, fastmath, len(spec.squares))
+    _variants[(spec.name, flags)] = variant
+    return variant
+
+
+#: `_Variant` per (spec name, flags' values).
 _variants = {}

@@ -38,11 +38,12 @@ def available(module_file):
     try:
         FunctionCache(namespace["probe"])
     except RuntimeError:  # no locator available
-        _warn_once()
+        warn_once()
         return False
     return True
 
 
 @functools.cache
-def _warn_once():
+def warn_once():
+    """Say once per process that compiled kernels cannot be kept (`WARNING`)."""
     warnings.warn(WARNING, RuntimeWarning, stacklevel=3)

@@ -3,7 +3,7 @@
 
 The CPU loops and the CUDA kernels differ only in which indices a thread takes; each
 calls these for every index it takes. `element` generates the function for a rule
-from its `steps.Step`. The arrays are whatever indexes elements: typed pointers
+from its `specs.KernelSpec`. The arrays are whatever indexes elements: typed pointers
 (`kernels.pointers`) in compiled code, NumPy views in the CUDA simulator.
 Elements are read as the coefficients' type and written back in their own format
 (`kernels.precision`: bfloat16 and float16 arrays compute in float32, one rounding per
@@ -24,6 +24,7 @@ import functools
 
 from numba.extending import register_jitable
 
+from . import generated
 from .precision import load, random_bits, store, store_stochastically, stored_in_16_bits
 from .quantization import decode_signed, decode_unsigned
 from .tables import KAHAN, MIRRORED, STOCHASTIC
@@ -50,8 +51,8 @@ def store_param(param, companion, i, value, param_store, key):
         store(companion, i, value - load(param, i, value))
 
 
-def element(step):
-    """The element step of ``step`` (a `steps.Step`), generated from it once::
+def element(spec):
+    """The element step of ``spec`` (a `specs.KernelSpec`), generated from it once::
 
         <name>_at(i, param, grad, *state, coefficients, entry, *flags, *entry_flags,
                   clear_grad, companion, param_store, key)
@@ -61,121 +62,121 @@ def element(step):
     returns. A state array that is ``optional`` on a flag is read and written only
     when that flag is set (the rule then gets another state value it ignores).
 
-    Over block-wise 8-bit state (`steps.int8_blockwise`) it takes, after the state
+    Over block-wise 8-bit state (`specs.int8_blockwise`) it takes, after the state
     arrays' codes, the absmax of element ``i``'s block in each (``<state>_absmax``,
     values), decodes the state from them, and returns the new value of each state the
-    rule writes (then those `steps.Step.squares` sums, as below) for the caller to
+    rule writes (then those `specs.KernelSpec.squares` sums, as below) for the caller to
     encode on its block's new absmax.
     """
-    return _generated(step)
+    return _generated(spec)
 
 
 @functools.cache
-def _generated(step):
-    namespace = {"__name__": __name__, "RULE": step.rule, "FUSED_RULE": step.fused_rule}
+def _generated(spec):
+    namespace = {"__name__": __name__, "RULE": spec.rule, "FUSED_RULE": spec.fused_rule}
     namespace.update(register_jitable=register_jitable, load=load, store=store)
     namespace.update(stored_in_16_bits=stored_in_16_bits)
     namespace.update(load_param=load_param, store_param=store_param)
     namespace.update(decode_signed=decode_signed, decode_unsigned=decode_unsigned)
-    exec(compile(element_source(step), __file__, "exec"), namespace)
-    return namespace[f"{step.name}_at"]
+    generated.compile_into(namespace, "element", spec, element_source(spec))
+    return namespace[f"{spec.name}_at"]
 
 
-def segment_source(step, indent):
+def segment_source(spec, indent):
     """The lines a generated CPU loop or CUDA kernel (`kernels.cpu.loop_source`,
     `kernels.cuda.kernel_source`) runs per segment before its elements, at ``indent``:
     a typed pointer per array of the entry (8-bit state: its codes, then its absmax as
     ``<state>_absmax``), the entry's values as ``values`` and its entry flags, and a
     zero per sum of squares (``sum0``, …)."""
-    width = step.entry_coefficient_count
+    width = spec.entry_coefficient_count
     values = "".join(f"entry_values[entry, {k}], " for k in range(width))
     lines = [
         "param = pointer_to(addresses[entry, 0], stored_param)",
         "grad = pointer_to(addresses[entry, 1], stored_grad)",
     ]
-    for column, name in enumerate(step.state, start=2):
-        kind = f"{step.code_kind(name).upper()}_CODE_ZERO" if step.blockwise else "stored_state"
+    for column, name in enumerate(spec.state, start=2):
+        kind = f"{spec.code_kind(name).upper()}_CODE_ZERO" if spec.blockwise else "stored_state"
         lines.append(f"{name} = pointer_to(addresses[entry, {column}], {kind})")
-    if step.blockwise:  # each state's absmax, after every state's codes
-        for column, name in enumerate(step.state, start=2 + len(step.state)):
+    if spec.blockwise:  # each state's absmax, after every state's codes
+        for column, name in enumerate(spec.state, start=2 + len(spec.state)):
             lines.append(f"{name}_absmax = pointer_to(addresses[entry, {column}], ABSMAX_ZERO)")
     lines.append("companion = pointer_to(addresses[entry, last], stored_companion)")
     lines.append("key = addresses[entry, last]  # the random key, when STOCHASTIC")
     lines.append(f"values = ({values})")
-    for offset, flag in enumerate(step.entry_flags, start=width):
+    for offset, flag in enumerate(spec.entry_flags, start=width):
         lines.append(f"{flag} = entry_values[entry, {offset}] != 0")
-    lines += [f"sum{k} = 0.0" for k in range(len(step.squares))]
+    lines += [f"sum{k} = 0.0" for k in range(len(spec.squares))]
     return [indent + line for line in lines]
 
 
-def element_source(step):
-    """The source of `element` (readable: ``print(element_source(rules.adam.STEP))``)."""
-    entry = step.entry_coefficient_count
-    arguments = ["i", "param", "grad", *step.state]
-    arguments += [f"{name}_absmax" for name in step.state if step.blockwise]
-    arguments += ["coefficients", "entry", *step.flags, *step.entry_flags]
+def element_source(spec):
+    """The source of `element` (readable: ``print(element_source(rules.adam.SPEC))``)."""
+    entry = spec.entry_coefficient_count
+    arguments = ["i", "param", "grad", *spec.state]
+    arguments += [f"{name}_absmax" for name in spec.state if spec.blockwise]
+    arguments += ["coefficients", "entry", *spec.flags, *spec.entry_flags]
     arguments += ["clear_grad", "companion", "param_store", "key"]
     lines = [
         "@register_jitable",
-        f"def {step.name}_at({', '.join(arguments)}):",
+        f"def {spec.name}_at({', '.join(arguments)}):",
         "    like = coefficients[0]",
     ]
     values = ["load_param(param, companion, i, like, param_store)", "load(grad, i, like)"]
-    for position, name in enumerate(step.state):
-        flag = step.optional_flag(name)
+    for position, name in enumerate(spec.state):
+        flag = spec.optional_flag(name)
         if flag:  # when the flag is off, the rule gets (and ignores) a state always read
-            required = [n for n in step.state[:position] if step.optional_flag(n) is None]
-            lines.append(f"    {name}_value = {_optional_value(step, name, flag, required)}")
+            required = [n for n in spec.state[:position] if spec.optional_flag(n) is None]
+            lines.append(f"    {name}_value = {_optional_value(spec, name, flag, required)}")
             values.append(f"{name}_value")
-        elif step.blockwise:
-            lines.append(f"    {name}_value = {_decoded(step, name)}")
+        elif spec.blockwise:
+            lines.append(f"    {name}_value = {_decoded(spec, name)}")
             values.append(f"{name}_value")
         else:
             values.append(f"load({name}, i, like)")
     values += ["*coefficients", *(f"entry[{k}]" for k in range(entry))]
-    values += [*step.flags, *step.entry_flags]
-    results = (["new_param"] if step.updates_param else []) + [f"new_{n}" for n in step.written]
-    results += [f"new_{name}" for name in step.computed]
+    values += [*spec.flags, *spec.entry_flags]
+    results = (["new_param"] if spec.updates_param else []) + [f"new_{n}" for n in spec.written]
+    results += [f"new_{name}" for name in spec.computed]
     call = f"{', '.join(results)} = {{}}({', '.join(values)})"  # one: returned bare
-    if step.fused_rule is None:
+    if spec.fused_rule is None:
         lines.append("    " + call.format("RULE"))
     else:  # a constant condition where compiled: one of the two calls is left
         lines += ["    if stored_in_16_bits(param):", "        " + call.format("FUSED_RULE")]
         lines += ["    else:", "        " + call.format("RULE")]
-    if step.updates_param:
+    if spec.updates_param:
         lines.append("    store_param(param, companion, i, new_param, param_store, key)")
-    if not step.blockwise:  # 8-bit state is encoded by the caller, block by block
-        for name in step.written:
-            flag = step.optional_flag(name)
+    if not spec.blockwise:  # 8-bit state is encoded by the caller, block by block
+        for name in spec.written:
+            flag = spec.optional_flag(name)
             indent = "    "
             if flag:
                 lines.append(f"    if {flag}:")
                 indent = "        "
             lines.append(f"{indent}store({name}, i, new_{name})")
-    if step.reads_grad:
+    if spec.reads_grad:
         lines += ["    if clear_grad:", "        grad[i] = 0"]
-    returned = [f"new_{name}" for name in step.written] if step.blockwise else []
-    if step.squares:  # the values the loop sums the squares of, after the step
+    returned = [f"new_{name}" for name in spec.written] if spec.blockwise else []
+    if spec.squares:  # the values the loop sums the squares of, after the step
         current = "load_param(param, companion, i, like, param_store)"
-        after = {"param": "new_param" if step.updates_param else current}
-        after.update((name, f"new_{name}") for name in (*step.written, *step.computed))
-        returned += [after[name] for name in step.squares]
+        after = {"param": "new_param" if spec.updates_param else current}
+        after.update((name, f"new_{name}") for name in (*spec.written, *spec.computed))
+        returned += [after[name] for name in spec.squares]
     if returned:
         lines.append(f"    return ({', '.join(returned)},)")
     lines.append("")
     return "\n".join(lines)
 
 
-def _decoded(step, name):
+def _decoded(spec, name):
     """The value of 8-bit state ``name`` at element ``i``, from its code and absmax."""
-    return f"decode_{step.code_kind(name)}({name}[i], {name}_absmax)"
+    return f"decode_{spec.code_kind(name)}({name}[i], {name}_absmax)"
 
 
-def _optional_value(step, name, flag, required):
+def _optional_value(spec, name, flag, required):
     """The value of optional state ``name`` at element ``i``: with ``flag`` off, that of
     the last ``required`` state (or the param), which is always there."""
-    if step.blockwise:
+    if spec.blockwise:
         fallback = f"{required[-1]}_value" if required else "load(param, i, like)"
-        return f"{_decoded(step, name)} if {flag} else {fallback}"
+        return f"{_decoded(spec, name)} if {flag} else {fallback}"
     fallback = required[-1] if required else "param"
     return f"load({name} if {flag} else {fallback}, i, like)"

@@ -26,7 +26,7 @@ it will be stored (LAMB's direction, whose norm must be that of the update appli
 one of these formats, `fused_multiply_add` is ``a·b + c`` rounded once and
 `true_divide` a division that a loop's ``arcp`` flag cannot turn into a reciprocal:
 together they let a rule compute 16-bit parameters as torch's fused CPU step does
-(`steps.Step.fused_rule`).
+(`specs.KernelSpec.fused_rule`).
 """
 
 from fractions import Fraction

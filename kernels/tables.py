@@ -58,7 +58,7 @@ class TensorTable:
         self.param_store = NEAREST  # what the last column is (see the module doc)
         self._schedules = {}
         self.rows = None  # what the entries are, for the caller (e.g. parameter indices)
-        self.note = None  # the caller's record of what entry_values hold
+        self.filled_from = None  # what the caller filled entry_values from (it refills on a change)
 
     @classmethod
     def single(cls, size, addresses, dtype, entry_values=(), formats=None):
@@ -74,7 +74,7 @@ class TensorTable:
         table.formats = _formats(formats, table.dtype)
         table.clear_grads, table.param_store = False, NEAREST
         table._schedules = {}
-        table.rows = table.note = None
+        table.rows = table.filled_from = None
         return table
 
     @property

@@ -233,13 +233,13 @@ def test_an_unknown_optimizer_is_an_error_naming_the_choices():
 
 @pytest.mark.parametrize("name", ["SGD momentum", "Adam", "LAMB"])
 def test_each_step_has_a_twin_moving_its_arrays(name):
-    """A twin per count of arrays moved (providers.ARRAYS_MOVED): its case is built, and
+    """A twin per count of arrays moved (providers.arrays_moved): its case is built, and
     its kernel writes the parameters and keeps them finite over many steps."""
     from bench import measure, providers
 
     case = measure.twin_case(name, 64, torch.float32)
-    assert case.bytes_per_step == providers.ARRAYS_MOVED[name] * 64 * 4
-    kernel, count = measure._TWINS[providers.ARRAYS_MOVED[name]]
+    assert case.bytes_per_step == providers.arrays_moved(name) * 64 * 4
+    kernel, count = measure._TWINS[providers.arrays_moved(name)]
     arrays = [np.random.default_rng(k).standard_normal(64) for k in range(count)]
     start = arrays[0].copy()
     for _ in range(101):  # odd: x ← g − x returns to its start every second step

@@ -8,14 +8,12 @@ prove DDP, FSDP2, the CUDA simulator and the step in backward run every optimize
 claims them.
 """
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import fastmomentum
-from fastmomentum import capabilities
 from fastmomentum.capabilities import (
     CAPABILITIES,
     PARAM_DTYPES,
@@ -146,15 +144,14 @@ def test_the_simulator_suite_runs_every_optimizer():
     assert list(CAPABILITIES) == list(OPTIMIZERS)
 
 
-def test_the_readme_shows_the_matrix():
-    readme = (ROOT / "README.md").read_text()
-    found = re.search(
-        r"<!-- support matrix: .*? -->\n(.*?)\n<!-- end of the support matrix -->",
-        readme,
-        re.DOTALL,
-    )
-    assert found, "README.md: the support matrix's markers are missing"
-    assert found.group(1) + "\n" == capabilities.support_matrix(), (
-        "README.md's support matrix is not the capability table's: paste the output of "
-        "`python -m fastmomentum.capabilities` between its markers"
-    )
+def test_the_text_derived_from_the_registries_is_current():
+    """The README's support matrix and the imports type checkers read in
+    ``fastmomentum/__init__.py`` and ``kernels/__init__.py`` are the registries'."""
+    from fastmomentum import derived
+
+    regions = derived.regions()
+    assert {path.name for path, _ in regions} == {"__init__.py", "README.md"}
+    for path, text in regions:
+        assert derived.current(path) == text, (
+            f"{path} is not what the registries say: run python -m fastmomentum.derived"
+        )

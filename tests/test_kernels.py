@@ -1,11 +1,12 @@
 """The low-level API on NumPy arrays against the float64 references, and its input checks."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastmomentum.kernels import adam_step, adamw_step, config, rules, sgd_step
+from fastmomentum.kernels import adam_step, adamw_step, config, cpu, rules, sgd_step
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
@@ -231,82 +232,115 @@ def test_adam_step_rejects_bad_hyperparameters_before_writing(options, message):
         np.testing.assert_array_equal(after, was)
 
 
-def test_kernel_modules_carry_the_current_rules_digest():
-    """Keeps Numba's on-disk cache honest: see RULES_DIGEST in kernels/cpu.py."""
-    import hashlib
-    from pathlib import Path
+def test_an_edit_to_any_file_a_kernel_is_made_of_changes_the_generated_file_names(tmp_path):
+    """Numba keys its on-disk cache on a kernel's source file only: the generated loops'
+    files are named after a digest of every file their code is made of (no digest kept
+    by hand), so an edited rule, element step or conversion never meets an old kernel."""
+    import shutil
 
-    from fastmomentum.kernels import cpu, elements, pointers, precision, quantization
+    from fastmomentum.kernels import generated
 
-    folder = Path(cpu.__file__).parent
-    sources = sorted((folder / "rules").glob("*.py"))
-    sources += [Path(m.__file__) for m in (elements, pointers, precision, quantization)]
-    digest = hashlib.sha256()
-    for source in sources:
-        digest.update(source.read_bytes())
-    digest = digest.hexdigest()[:16]
-    assert cpu.RULES_DIGEST == digest, (
-        "a rule, elements, pointers, precision or quantization changed: "
-        f"set RULES_DIGEST = {digest!r}"
-    )
-    source = Path(cpu.__file__).with_name("cuda.py").read_text()
-    assert f'RULES_DIGEST = "{digest}"' in source, "update RULES_DIGEST in kernels/cuda.py"
+    folder = Path(generated.__file__).parent
+    copy = tmp_path / "kernels"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert generated.digest_of(copy) == generated.digest()
+    for edited in ("rules/adam.py", "elements.py", "precision.py", "quantization.py"):
+        path = copy / edited
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert generated.digest_of(copy) != generated.digest(), edited
+        path.write_bytes(original)
+    loop = cpu.loop(rules.adam.SPEC)
+    assert Path(loop.__code__.co_filename).name.startswith("cpu_adam_")
+    assert Path(loop.__code__.co_filename).read_text() == cpu.loop_source(rules.adam.SPEC)
 
 
-@pytest.mark.parametrize("step", rules.STEPS, ids=[step.name for step in rules.STEPS])
-def test_each_rule_takes_what_its_step_says_in_order(step):
-    """The contract between a rule and its `steps.Step` (from which its loops, kernels
+def test_a_traceback_through_a_generated_loop_shows_its_generated_lines():
+    """A generated loop is compiled under a file of its own, so a traceback (and pdb,
+    and ``inspect.getsource``) shows the line that failed, not a line of cpu.py."""
+    import inspect
+    import traceback
+
+    loop = cpu.loop(rules.sgd.PLAIN)
+    assert inspect.getsource(loop) == cpu.loop_source(rules.sgd.PLAIN)
+    with pytest.raises(TypeError) as raised:  # run as Python: the formats do not unpack
+        loop(None, None, None, None, None, None)
+    frame = traceback.extract_tb(raised.tb)[-1]
+    assert frame.filename == loop.__code__.co_filename
+    assert frame.line == "stored_param, stored_grad, stored_state, stored_companion = formats"
+
+
+def test_with_no_writable_folder_generated_source_still_reaches_tracebacks(monkeypatch):
+    """A read-only install and home: the source is registered with linecache, and Numba
+    is told not to cache (test_packaging runs that install end to end)."""
+    import linecache
+
+    from fastmomentum.kernels import diskcache, generated
+
+    monkeypatch.setattr(generated, "_folders", lambda: [])
+    monkeypatch.setattr(diskcache, "warn_once", lambda: None)
+    namespace = {}
+    source = "def _probe(x):\n    return x + 1\n"
+    assert generated.compile_into(namespace, "cpu", rules.sgd.PLAIN, source) is False
+    filename = namespace["_probe"].__code__.co_filename
+    assert filename.startswith("<fastmomentum generated cpu_sgd_plain_")
+    assert linecache.getline(filename, 2) == "    return x + 1\n"
+
+
+@pytest.mark.parametrize("spec", rules.SPECS, ids=[spec.name for spec in rules.SPECS])
+def test_each_rule_takes_what_its_spec_says_in_order(spec):
+    """The contract between a rule and its `specs.KernelSpec` (from which its loops, kernels
     and coefficients are made): ``rule(param, grad, *state, *coefficients, *entry,
     *flags, *entry_flags)``, held by this test, not a comment."""
     import inspect
 
-    arguments = list(inspect.signature(step.rule).parameters)
-    fields = step.coefficients._fields + (step.entry._fields if step.entry else ())
-    state = len(step.state)
-    assert len(arguments) == 2 + state + len(fields) + len(step.flags) + len(step.entry_flags)
+    arguments = list(inspect.signature(spec.rule).parameters)
+    fields = spec.coefficients._fields + (spec.entry._fields if spec.entry else ())
+    state = len(spec.state)
+    assert len(arguments) == 2 + state + len(fields) + len(spec.flags) + len(spec.entry_flags)
     assert tuple(arguments[2 + state : 2 + state + len(fields)]) == fields
-    assert tuple(arguments[2 + state + len(fields) :]) == step.flags + step.entry_flags
-    assert all(step.optional_flag(name) in step.flags for name, _ in step.optional)
+    assert tuple(arguments[2 + state + len(fields) :]) == spec.flags + spec.entry_flags
+    assert all(spec.optional_flag(name) in spec.flags for name, _ in spec.optional)
 
 
-@pytest.mark.parametrize("step", rules.STEPS, ids=[step.name for step in rules.STEPS])
-def test_each_rule_with_state_declares_its_8bit_codes_and_its_loops_print(step):
+@pytest.mark.parametrize("spec", rules.SPECS, ids=[spec.name for spec in rules.SPECS])
+def test_each_rule_with_state_declares_its_8bit_codes_and_its_loops_print(spec):
     """Every rule with state says how each state array is kept in 8 bits (signed codes
     for a moment of both signs, unsigned for a non-negative one), so its 8-bit loop
     and kernel are generated like the others, readable as source."""
-    from fastmomentum.kernels import cpu, elements, steps
+    from fastmomentum.kernels import cpu, elements, specs
 
     cuda = pytest.importorskip("fastmomentum.kernels.cuda")
-    if not step.state:
-        assert step.codes == ()
+    if not spec.state:
+        assert spec.codes == ()
         with pytest.raises(ValueError, match="do not cover its state"):
-            steps.int8_blockwise(step)
+            specs.int8_blockwise(spec)
         return
     signed = {"exp_avg", "momentum_buffer", "grad_avg"}
-    assert dict(step.codes) == {
-        name: steps.SIGNED if name in signed else steps.UNSIGNED for name in step.state
+    assert dict(spec.codes) == {
+        name: specs.SIGNED if name in signed else specs.UNSIGNED for name in spec.state
     }
-    blockwise = steps.int8_blockwise(step)
-    assert steps.int8_blockwise(step) is blockwise  # the launchers key on the object
+    blockwise = specs.int8_blockwise(spec)
+    assert specs.int8_blockwise(spec) is blockwise  # the launchers key on the object
     element = elements.element_source(blockwise)
     loops = [cpu.loop_source(blockwise), cuda.kernel_source(blockwise)]
     for source in (element, *loops):
         compile(source, blockwise.name, "exec")
-    for name, kind in step.codes:  # decoded in the element step, encoded by the loops
+    for name, kind in spec.codes:  # decoded in the element step, encoded by the loops
         assert f"decode_{kind}({name}[i], {name}_absmax)" in element
         encoded = f"{name}[i] = encode_{kind}("
-        assert all((encoded in loop) == (name in step.written) for loop in loops)
+        assert all((encoded in loop) == (name in spec.written) for loop in loops)
 
 
 def test_a_step_whose_codes_do_not_cover_its_state_has_no_8bit_loop():
-    from fastmomentum.kernels import steps
+    from fastmomentum.kernels import specs
 
-    half = rules.adam.STEP._replace(codes=rules.adam.STEP.codes[:2])
+    half = rules.adam.SPEC._replace(codes=rules.adam.SPEC.codes[:2])
     with pytest.raises(ValueError, match="do not cover its state"):
-        steps.int8_blockwise(half)
+        specs.int8_blockwise(half)
     odd = rules.sgd.MOMENTUM._replace(codes=(("momentum_buffer", "int4"),))
     with pytest.raises(ValueError, match="'signed' or 'unsigned'"):
-        steps.int8_blockwise(odd)
+        specs.int8_blockwise(odd)
 
 
 NADAM_CASES = [

@@ -101,7 +101,7 @@ def run_adam(kernels, dtype, amsgrad):
         table.entry_values[:] = rules.adam.step_coefficients_per_entry(dtype, steps, lr, betas)
         for row in arrays:
             row[1][:] = rng.standard_normal(row[1].size)
-        kernels.launch(table, rules.adam.STEP, coefficients, (amsgrad,))
+        kernels.launch(table, rules.adam.SPEC, coefficients, (amsgrad,))
         for entry, (row, want) in enumerate(zip(arrays, expected)):
             want[0], want[2], want[3], want[4] = reference.adam(
                 want[0],

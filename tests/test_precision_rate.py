@@ -155,7 +155,7 @@ def test_float32_params_keep_the_rule_that_rounds_each_product():
     params keep `update`: their moments equal the Python rule's bit for bit (measured:
     `fused_update` changes 21% of float32 exp_avg elements and 8% of exp_avg_sq in one
     step)."""
-    assert rules.adam.STEP.fused_rule is rules.adam.fused_update
+    assert rules.adam.SPEC.fused_rule is rules.adam.fused_update
     signature = inspect.signature
     assert signature(rules.adam.fused_update) == signature(rules.adam.update)
     size, lr, betas = 4096, 1e-2, (0.9, 0.999)

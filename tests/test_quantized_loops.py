@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fastmomentum.kernels import config, cpu, quantization, rules
-from fastmomentum.kernels.api import cuda_kernels
-from fastmomentum.kernels.steps import int8_blockwise
+from fastmomentum.kernels.calls import cuda_kernels
+from fastmomentum.kernels.specs import int8_blockwise
 from fastmomentum.kernels.tables import TensorTable
 
 from .int8_references import (
@@ -30,7 +30,7 @@ from .int8_references import (
 
 def _launch(kernels, params, grads, states, step, options):
     """One table over every (param, state) entry: the codes of exp_avg, exp_avg_sq and
-    (unused) max_exp_avg_sq, then their absmax (`steps.int8_blockwise`)."""
+    (unused) max_exp_avg_sq, then their absmax (`specs.int8_blockwise`)."""
     table = TensorTable([p.size for p in params], 8, np.float32, 2)
     for row, (param, grad, state) in enumerate(zip(params, grads, states)):
         m, m_absmax, v, v_absmax = (array.ctypes.data for array in state)
@@ -42,7 +42,7 @@ def _launch(kernels, params, grads, states, step, options):
         dtype, lr, betas, options["eps"], options["weight_decay"], options["decoupled"],
         options["maximize"],
     )  # fmt: skip
-    kernels.launch(table, int8_blockwise(rules.adam.STEP), coefficients, (False,))
+    kernels.launch(table, int8_blockwise(rules.adam.SPEC), coefficients, (False,))
 
 
 @pytest.mark.parametrize("threading", ["serial", "threaded"])
@@ -102,7 +102,7 @@ def _adam(step):
     return rules.adam.step_coefficients(F32, step, 1e-2, (0.9, 0.999))
 
 
-#: Case -> (the rule's `Step`, coefficients, flag values, entry values at a step).
+#: Case -> (the rule's `KernelSpec`, coefficients, flag values, entry values at a step).
 RULE_CASES = {
     "sgd-momentum": (
         rules.sgd.MOMENTUM,
@@ -117,43 +117,43 @@ RULE_CASES = {
         lambda step: [float(step == 1)],
     ),
     "adamw": (
-        rules.adam.STEP,
+        rules.adam.SPEC,
         rules.adam.coefficients(F32, 1e-2, (0.9, 0.999), 1e-8, 0.1, True, False),
         (False,),
         _adam,
     ),
     "adam-amsgrad-l2": (
-        rules.adam.STEP,
+        rules.adam.SPEC,
         rules.adam.coefficients(F32, 1e-2, (0.9, 0.999), 1e-8, 0.01, False, True),
         (True,),
         _adam,
     ),
     "nadam": (
-        rules.nadam.STEP,
+        rules.nadam.SPEC,
         rules.nadam.coefficients(F32, 2e-3, (0.9, 0.999), 1e-8, 0.01, True, False),
         (),
         _nadam_row,
     ),
     "rmsprop": (
-        rules.rmsprop.STEP,
+        rules.rmsprop.SPEC,
         rules.rmsprop.coefficients(F32, 1e-2, 0.99, 1e-8, 0.01, 0.0, False),
         (False, False),
         lambda step: [],
     ),
     "rmsprop-momentum": (
-        rules.rmsprop.STEP,
+        rules.rmsprop.SPEC,
         rules.rmsprop.coefficients(F32, 1e-2, 0.99, 1e-8, 0.0, 0.9, True),
         (True, False),
         lambda step: [],
     ),
     "rmsprop-centered-momentum": (
-        rules.rmsprop.STEP,
+        rules.rmsprop.SPEC,
         rules.rmsprop.coefficients(F32, 1e-2, 0.9, 1e-8, 0.0, 0.9, False),
         (True, True),
         lambda step: [],
     ),
     "adagrad": (
-        rules.adagrad.STEP,
+        rules.adagrad.SPEC,
         rules.adagrad.coefficients(F32, 1e-10, 0.01, False),
         (),
         lambda step: rules.adagrad.step_coefficients_per_entry(F32, [step], 1e-2, 1e-3)[0],
@@ -173,28 +173,28 @@ RULE_CASES = {
 }
 
 
-def _used(step, flags):
-    """The state arrays a launch of ``step`` with ``flags`` reads (its optional ones
+def _used(spec, flags):
+    """The state arrays a launch of ``spec`` with ``flags`` reads (its optional ones
     only with their flag)."""
-    on = dict(zip(step.flags, flags))
-    return [name for name in step.state if on.get(step.optional_flag(name), True)]
+    on = dict(zip(spec.flags, flags))
+    return [name for name in spec.state if on.get(spec.optional_flag(name), True)]
 
 
-def _start_state(step, used, sizes, seed):
+def _start_state(spec, used, sizes, seed):
     """Per state array, per entry: (codes, absmax) of values ``x`` of many magnitudes
     (one ``x`` per entry): ``x/10`` for signed codes, ``x² + 1`` for non-negative ones
     (so RMSprop's centered variance ``s − ḡ²`` stays positive)."""
     values = [awkward(n, seed=seed + n) for n in sizes]
     state = {}
     for name in used:
-        signed = step.code_kind(name) == "signed"
+        signed = spec.code_kind(name) == "signed"
         state[name] = [
             quantization.quantize(x / 10 if signed else x * x + 1, signed) for x in values
         ]
     return state
 
 
-def _tables(step, params, grads, columns, entry_row, width):
+def _tables(spec, params, grads, columns, entry_row, width):
     """A launch table over the entries: params, grads, then ``columns`` (per column,
     None or an array per entry)."""
     table = TensorTable([p.size for p in params], 2 + len(columns), np.float32, width)
@@ -209,22 +209,22 @@ def _tables(step, params, grads, columns, entry_row, width):
 def _run_rule(kernels, case, params, state, grads, step_count):
     """One step of ``case`` over 8-bit ``state`` by ``kernels``; returns its sums of
     squares (or None)."""
-    step, coefficients, flags, entry_row = RULE_CASES[case]
-    columns = [[c for c, _ in state[n]] if n in state else None for n in step.state]
-    columns += [[a for _, a in state[n]] if n in state else None for n in step.state]
+    spec, coefficients, flags, entry_row = RULE_CASES[case]
+    columns = [[c for c, _ in state[n]] if n in state else None for n in spec.state]
+    columns += [[a for _, a in state[n]] if n in state else None for n in spec.state]
     row = entry_row(step_count)
-    table = _tables(step, params, grads, columns, row, step.entry_width)
-    return kernels.launch(table, int8_blockwise(step), coefficients, flags)
+    table = _tables(spec, params, grads, columns, row, spec.entry_width)
+    return kernels.launch(table, int8_blockwise(spec), coefficients, flags)
 
 
 @functools.cache
-def _float32_twin(step):
-    """The float32 `steps.Step` of the rule ``step``'s 8-bit loop runs
-    (`steps.Step.blockwise_rule`, else its rule); one object per step, kept alive, as
+def _float32_twin(spec):
+    """The float32 `specs.KernelSpec` of the rule ``spec``'s 8-bit loop runs
+    (`specs.KernelSpec.blockwise_rule`, else its rule); one object per step, kept alive, as
     `cpu.launch` keys its variants on the step's id."""
-    if step.blockwise_rule is None:
-        return step
-    return step._replace(name=f"{step.name}_blockwise", rule=step.blockwise_rule)
+    if spec.blockwise_rule is None:
+        return spec
+    return spec._replace(name=f"{spec.name}_blockwise", rule=spec.blockwise_rule)
 
 
 @pytest.mark.parametrize("threading", ["serial", "threaded"])
@@ -234,35 +234,35 @@ def test_each_8bit_loop_is_the_float32_loop_on_the_decoded_state(case, threading
     generated float32 loop (tested against torch and float64 references elsewhere) run
     on the 8-bit state decoded: the same params and sums of squares, and the codes and
     absmax of the same new state encoded block by block, exactly: both run one rule on
-    the same float32 values (the 8-bit loops' rule, `steps.Step.blockwise_rule` where a
+    the same float32 values (the 8-bit loops' rule, `specs.KernelSpec.blockwise_rule` where a
     step has one). The sums of squares (LAMB's norms) add float32 squares in
     float32 chunks of 256 elements (a block) against 2048 (`cpu.SQUARES_CHUNK`), so
     they differ by float32 roundings: 1e-6 relative (measured: 1.2e-7)."""
     monkeypatch.setattr(config, "CPU_SERIAL_BELOW", 1 << 62 if threading == "serial" else 0)
-    step, coefficients, flags, entry_row = RULE_CASES[case]
-    float32_step = _float32_twin(step)
+    spec, coefficients, flags, entry_row = RULE_CASES[case]
+    float32_spec = _float32_twin(spec)
     sizes = [1000, BLOCK, 3, 0, 5 * BLOCK + 1]
     params = [awkward(n, seed=60 + n) for n in sizes]
-    used = _used(step, flags)
-    state = _start_state(step, used, sizes, seed=70)
+    used = _used(spec, flags)
+    state = _start_state(spec, used, sizes, seed=70)
     rng = np.random.default_rng(8)
     for count in range(1, 7):
         grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
         decoded = {n: [quantization.dequantize(*pair) for pair in state[n]] for n in used}
         twins = [p.copy() for p in params]
-        columns = [decoded.get(name) for name in step.state]
-        table = _tables(step, twins, grads, columns, entry_row(count), step.entry_width)
-        sums = cpu.launch(table, float32_step, coefficients, flags)
+        columns = [decoded.get(name) for name in spec.state]
+        table = _tables(spec, twins, grads, columns, entry_row(count), spec.entry_width)
+        sums = cpu.launch(table, float32_spec, coefficients, flags)
         sums_8bit = _run_rule(cpu, case, params, state, grads, count)
         for param, twin in zip(params, twins):
             np.testing.assert_array_equal(param, twin)
         for name in used:
-            signed = step.code_kind(name) == "signed"
+            signed = spec.code_kind(name) == "signed"
             for (codes, absmax), values in zip(state[name], decoded[name]):
                 want_codes, want_absmax = quantization.quantize(values, signed)
                 np.testing.assert_array_equal(codes, want_codes, err_msg=name)
                 np.testing.assert_array_equal(absmax, want_absmax, err_msg=name)
-        if step.squares:
+        if spec.squares:
             np.testing.assert_allclose(sums_8bit, sums, rtol=1e-6)
 
 
@@ -274,13 +274,13 @@ def test_each_8bit_kernel_steps_as_the_8bit_cpu_loop(case):
     (the CPU loops may divide by a reciprocal, ≤ 1 ulp), absmax to 1e-6, codes within a
     level where a value lies on a rounding boundary (`assert_codes_agree`), sums to
     1e-6 (float32 terms summed in another order)."""
-    step, _, flags, _ = RULE_CASES[case]
+    spec, _, flags, _ = RULE_CASES[case]
     sizes = [300, 5]
-    used = _used(step, flags)
+    used = _used(spec, flags)
     runs = []
     for kernels in (cpu, cuda_kernels()):
         params = [awkward(n, seed=80 + n) for n in sizes]
-        state = _start_state(step, used, sizes, seed=90)
+        state = _start_state(spec, used, sizes, seed=90)
         rng = np.random.default_rng(9)
         sums = []
         for count in (1, 2):
@@ -296,7 +296,7 @@ def test_each_8bit_kernel_steps_as_the_8bit_cpu_loop(case):
         ):
             assert_codes_agree(codes_cuda, codes_cpu)
             np.testing.assert_allclose(absmax_cuda, absmax_cpu, rtol=1e-6)
-    if step.squares:
+    if spec.squares:
         np.testing.assert_allclose(np.array(sums_cuda), np.array(sums_cpu), rtol=1e-6)
 
 

@@ -9,25 +9,36 @@ the two constants of `common.fused_lerp` are NumPy float32 ones, torch's.
 
 Beside each rule, in its module: a ``NamedTuple`` that names its coefficients in the
 rule's argument order (those after the per-element values; tests/test_kernels.py
-checks each against its rule's signature), a `steps.Step` from which its loops and
+checks each against its rule's signature), a `specs.KernelSpec` from which its loops and
 kernels are generated, torch.optim's checks of its hyperparameters, and the functions
 that build its coefficients from them by name. Kernels take coefficients as plain
 tuples: Numba 0.68 cannot unpack ``*coefficients`` from a named tuple, and typing one
-costs 0.4 µs a call more than a tuple.
+costs 0.4 µs a call more than a tuple. Last, its low-level function: the rule on NumPy
+or CUDA arrays, its arguments checked before anything is written.
+
+Each module is discovered (`MODULES`): besides the above it declares ``SPECS``, the
+`specs.KernelSpec` of each of its rules, and ``FUNCTIONS``, the low-level functions
+`fastmomentum.kernels` exports. A new rule is a new module here; nothing lists it.
 """
 
-from . import adagrad, adam, common, lamb, nadam, rmsprop, sgd
+import importlib
+import pkgutil
 
-#: Every rule's `steps.Step`.
-STEPS = (
-    sgd.PLAIN,
-    sgd.MOMENTUM,
-    adam.STEP,
-    nadam.STEP,
-    rmsprop.STEP,
-    adagrad.STEP,
-    lamb.DIRECTION,
-    lamb.APPLY,
-)
+#: Every rule module, by name, in alphabetical order (``common``: what they share).
+MODULES = {
+    info.name: importlib.import_module(f"{__name__}.{info.name}")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name)
+}
 
-__all__ = ["STEPS", "adagrad", "adam", "common", "lamb", "nadam", "rmsprop", "sgd"]
+#: Every rule's `specs.KernelSpec`.
+SPECS = tuple(spec for module in MODULES.values() for spec in getattr(module, "SPECS", ()))
+
+#: Every low-level function, by name (`fastmomentum.kernels` exports them).
+FUNCTIONS = {
+    function.__name__: function
+    for module in MODULES.values()
+    for function in getattr(module, "FUNCTIONS", ())
+}
+
+globals().update(MODULES)  # rules.adam, rules.sgd, ...
+__all__ = ["FUNCTIONS", "MODULES", "SPECS", *MODULES]

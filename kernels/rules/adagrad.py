@@ -6,8 +6,10 @@ from typing import NamedTuple
 import numpy as np
 from numba.extending import register_jitable
 
+from .. import hyperparameters
+from ..calls import as_flags, compute_dtype, dispatch, one_entry, real_numbers
 from ..hyperparameters import check_non_negative, grad_factor, in_dtype
-from ..steps import UNSIGNED, Step
+from ..specs import UNSIGNED, KernelSpec
 from .common import descent_direction
 
 
@@ -40,7 +42,7 @@ def update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size
 
 @register_jitable
 def blockwise_update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size):
-    """`update` as the 8-bit loops compute it (`steps.Step.blockwise_rule`): with no test
+    """`update` as the 8-bit loops compute it (`specs.KernelSpec.blockwise_rule`): with no test
     of λ inside the loop (`common.descent_direction` unbranched)."""
     return _update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_size, True)
 
@@ -54,7 +56,7 @@ def _update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_siz
     return param + neg_step_size * grad / std, state_sum
 
 
-STEP = Step(
+SPEC = KernelSpec(
     "adagrad",
     update,
     ("sum",),
@@ -87,3 +89,49 @@ def step_coefficients_per_entry(dtype, steps, lr, lr_decay):
     ≥ 1), in double precision as torch computes them, then in ``dtype``."""
     steps = np.asarray(steps, np.float64)
     return (-(lr / (1.0 + (steps - 1.0) * lr_decay))).astype(dtype).reshape(-1, 1)
+
+
+# --- the low-level function (`fastmomentum.kernels`) ----------------------------------
+
+
+def adagrad_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    state_sum: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+    stream=None,
+) -> None:
+    """One Adagrad step, in place on ``param`` and ``state_sum`` (torch's ``sum``: start
+    it at ``initial_accumulator_value``). ``step`` is this step's count t ≥ 1. With
+    ``g = ±grad + λ·p``::
+
+        s ← s + g²
+        p ← p − lr_t · g / (√s + ε),   lr_t = lr / (1 + (t − 1)·lr_decay)
+    """
+    lr, lr_decay, weight_decay, eps = real_numbers(
+        lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
+    )
+    (maximize,) = as_flags(maximize=maximize)
+    step = hyperparameters.as_step(step)
+    check(lr, lr_decay, weight_decay, 0.0, eps)
+    kernels, arrays, launch = dispatch(
+        {"param": param, "grad": grad, "state_sum": state_sum}, stream
+    )
+    dtype = compute_dtype(arrays)
+    shared = coefficients(dtype, eps, weight_decay, maximize)
+    step_size = step_coefficients_per_entry(dtype, [step], lr, lr_decay)[0]
+    table = one_entry(arrays, tuple(step_size))
+    kernels.launch(table, SPEC, shared, **launch)
+
+
+#: The specs of this module's rules (`rules.SPECS`).
+SPECS = (SPEC,)
+
+#: What `fastmomentum.kernels` exports of this module (`rules.FUNCTIONS`).
+FUNCTIONS = (adagrad_step,)

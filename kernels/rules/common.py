@@ -12,7 +12,7 @@ def descent_direction(param, grad, grad_factor, weight_decay, unbranched=False):
     """``d = f·g + λ·p``; ``f`` is ±1 (−1 when maximizing), divided by the AMP loss scale
     when the step unscales the gradient itself. L2 decay only if λ ≠ 0, as torch; with
     ``unbranched`` (a constant where compiled) whatever λ, so that no test of λ stays
-    inside a vector loop (the 8-bit rules, `steps.Step.blockwise_rule`: ``0·p`` changes
+    inside a vector loop (the 8-bit rules, `specs.KernelSpec.blockwise_rule`: ``0·p`` changes
     only the sign of a zero gradient, and a non-finite ``p``)."""
     direction = grad_factor * grad
     if unbranched or weight_decay != 0:
@@ -28,7 +28,7 @@ def lerp(start, end, weight, weight_complement, unbranched=False):
     ``w < w_c``, which compares two values of the arrays' dtype (a 0.5 literal would be
     float64 and cost a double-precision compare per element on a GPU). With
     ``unbranched`` (a constant where compiled) the first formula for every ``w``: no
-    test inside a vector loop (the 8-bit rules, `steps.Step.blockwise_rule`).
+    test inside a vector loop (the 8-bit rules, `specs.KernelSpec.blockwise_rule`).
     """
     if unbranched or weight < weight_complement:
         return start + weight * (end - start)

@@ -3,7 +3,7 @@
 A step is two launches over a bucket: `DIRECTION` updates the moments and sums each
 tensor's ``‖p‖²`` and ``‖u‖²`` of its Adam direction with decoupled weight decay ``u``
 in the same pass (a segmented reduction: per segment in the loop, per tensor on the
-host; `steps.Step.squares`), keeping ``u`` nowhere; `APPLY` computes ``u`` again from
+host; `specs.KernelSpec.squares`), keeping ``u`` nowhere; `APPLY` computes ``u`` again from
 the new moments and moves each tensor by its own trust ratio::
 
     m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
@@ -39,9 +39,11 @@ from typing import NamedTuple
 import numpy as np
 from numba.extending import register_jitable
 
+from .. import hyperparameters
+from ..calls import as_flags, carrier_of, compute_dtype, dispatch, one_entry, real_numbers
 from ..hyperparameters import grad_factor, in_dtype
 from ..precision import BFLOAT16_BITS, FLOAT16_BITS, as_bfloat16, as_float16
-from ..steps import SIGNED, UNSIGNED, Step
+from ..specs import SIGNED, UNSIGNED, KernelSpec
 from . import adam
 from .common import lerp
 
@@ -116,10 +118,10 @@ def direction(
     return exp_avg, exp_avg_sq, update
 
 
-#: 8-bit state (`steps.int8_blockwise`): both passes read the codes the first writes.
+#: 8-bit state (`specs.int8_blockwise`): both passes read the codes the first writes.
 MOMENT_CODES = (("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED))
 
-DIRECTION = Step(
+DIRECTION = KernelSpec(
     "lamb_direction",
     direction,
     ("exp_avg", "exp_avg_sq"),
@@ -163,7 +165,7 @@ def apply(
     return param + neg_step_size * update
 
 
-APPLY = Step(
+APPLY = KernelSpec(
     "lamb_apply",
     apply,
     ("exp_avg", "exp_avg_sq"),
@@ -232,3 +234,71 @@ def apply_step_coefficients(dtype, corrections, squared_norms, lr):
     rows[:, :2] = corrections
     rows[:, 2] = -lr * ratio
     return rows
+
+
+# --- the low-level function (`fastmomentum.kernels`) ----------------------------------
+
+
+def lamb_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    bias_correction: bool = True,
+    maximize: bool = False,
+    stream=None,
+) -> float:
+    """One LAMB step (You et al., 2019) treating ``param`` as one layer, in place on
+    ``param`` and the moments. Returns the trust ratio used. With ``g = ±grad``::
+
+        m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+        u = (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε) + λ·p   (no corrections without
+                                                             bias_correction)
+        r = ‖p‖ / ‖u‖, or 1 when either norm is 0
+        p ← p − lr·r·u
+
+    float32 and float64 arrays, and float16 and bfloat16 (ml_dtypes) ones computed in
+    float32, each stored value rounded once (see `kernels.rules.lamb` for the variant).
+    """
+    lr, eps, weight_decay = real_numbers(lr=lr, eps=eps, weight_decay=weight_decay)
+    betas = hyperparameters.as_betas(betas)
+    bias_correction, maximize = as_flags(bias_correction=bias_correction, maximize=maximize)
+    step = hyperparameters.as_step(step)
+    check(lr, betas, eps, weight_decay)
+    kernels, arrays, launch = dispatch(
+        {
+            "param": param,
+            "grad": grad,
+            "exp_avg": exp_avg,
+            "exp_avg_sq": exp_avg_sq,
+        },
+        stream,
+    )
+    dtype = compute_dtype(arrays)
+    shared = coefficients(dtype, betas, eps, weight_decay, maximize)
+    corrections = bias_corrections(dtype, [step], betas, bias_correction)[0]
+    flags = state_flags(carrier_of(arrays[2].dtype))
+    norms = kernels.launch(
+        one_entry(arrays, tuple(corrections)), DIRECTION, shared, flags, **launch
+    )
+    entry = apply_step_coefficients(dtype, corrections, norms, lr)[0]
+    kernels.launch(
+        one_entry(arrays, tuple(entry)),
+        APPLY,
+        apply_coefficients(dtype, eps, weight_decay),
+        **launch,
+    )
+    return float(entry[2]) / -lr if lr else 1.0
+
+
+#: The specs of this module's rules (`rules.SPECS`).
+SPECS = (DIRECTION, APPLY)
+
+#: What `fastmomentum.kernels` exports of this module (`rules.FUNCTIONS`).
+FUNCTIONS = (lamb_step,)

@@ -1,16 +1,18 @@
 """SGD: plain, and with heavy-ball or Nesterov momentum in either convention.
 
 Each rule with its named coefficients (``NamedTuple``, in the rule's argument order
-after the per-element values), its `steps.Step`, the checks torch.optim makes of its
+after the per-element values), its `specs.KernelSpec`, the checks torch.optim makes of its
 hyperparameters (``ValueError``, torch's messages) and its coefficients built from them.
 """
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
+import numpy as np
 from numba.extending import register_jitable
 
+from ..calls import as_flags, compute_dtype, dispatch, one_entry, real_numbers
 from ..hyperparameters import check_finite, check_non_negative, grad_factor, in_dtype
-from ..steps import SIGNED, Step
+from ..specs import SIGNED, KernelSpec, int8_blockwise
 from .common import descent_direction
 
 #: The momentum conventions: torch's (lr applied at the update) and lr folded into the
@@ -32,7 +34,7 @@ def plain(param, grad, lr, grad_factor, weight_decay):
     return param - lr * descent_direction(param, grad, grad_factor, weight_decay)
 
 
-PLAIN = Step("sgd_plain", plain, (), PlainCoefficients)
+PLAIN = KernelSpec("sgd_plain", plain, (), PlainCoefficients)
 
 
 class MomentumCoefficients(NamedTuple):
@@ -93,7 +95,7 @@ def blockwise_momentum(
     nesterov,
     first_step,
 ):
-    """`momentum` as the 8-bit loops compute it (`steps.Step.blockwise_rule`): with no
+    """`momentum` as the 8-bit loops compute it (`specs.KernelSpec.blockwise_rule`): with no
     test of λ inside the loop (`common.descent_direction` unbranched)."""
     return _momentum(
         param, grad, velocity, momentum, dampening_complement, grad_factor, weight_decay,
@@ -121,7 +123,7 @@ def _momentum(
     return param - update_scale * step, velocity
 
 
-MOMENTUM = Step(
+MOMENTUM = KernelSpec(
     "sgd_momentum",
     momentum,
     ("momentum_buffer",),
@@ -175,3 +177,125 @@ def momentum_coefficients(
         update_scale=1.0 if lr_folded else lr,
     )
     return in_dtype(dtype, named)
+
+
+# --- the low-level functions (`fastmomentum.kernels`) ---------------------------------
+
+
+def sgd_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer: np.ndarray | None = None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+    stream=None,
+) -> None:
+    """One SGD step, in place on ``param`` (and ``momentum_buffer`` when momentum > 0).
+
+    With ``d = ±g + λ·p`` (minus when ``maximize``), in PyTorch's convention::
+
+        v ← d on the first step, else μ·v + (1 − τ)·d
+        p ← p − lr·(d + μ·v)   (nesterov)   or   p ← p − lr·v
+
+    and in the lr-folded convention (Polyak, Sutskever et al., Keras)::
+
+        v ← lr·d on the first step, else μ·v + (1 − τ)·lr·d
+        p ← p − (lr·d + μ·v)   (nesterov)   or   p ← p − v
+
+    ``first_step=True`` initialises the buffer from ``d`` (torch's first step); with
+    ``False`` the buffer's current contents are used. ``momentum_buffer`` is required when
+    ``momentum > 0`` and ignored otherwise. The arrays are NumPy arrays (plain
+    ``np.ndarray`` or ``np.memmap``) or GPU arrays, C-contiguous, of one shape and one
+    float dtype, not overlapping; those updated in place must be writeable.
+
+    Example::
+
+        >>> p, g, v = np.ones(3, np.float32), np.full(3, 0.5, np.float32), np.zeros(3, np.float32)
+        >>> sgd_step(p, g, v, lr=0.1, momentum=0.9, first_step=True)
+        >>> p
+        array([0.95, 0.95, 0.95], dtype=float32)
+    """
+    lr, momentum, dampening, weight_decay = real_numbers(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
+    )
+    nesterov, maximize, first_step = as_flags(
+        nesterov=nesterov, maximize=maximize, first_step=first_step
+    )
+    check(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
+    if momentum == 0:
+        kernels, arrays, launch = dispatch({"param": param, "grad": grad}, stream)
+        shared = plain_coefficients(compute_dtype(arrays), lr, weight_decay, maximize)
+        kernels.launch(one_entry(arrays), PLAIN, shared, **launch)
+        return
+    if momentum_buffer is None:
+        raise ValueError("momentum_buffer is required when momentum > 0")
+    kernels, arrays, launch = dispatch(
+        {"param": param, "grad": grad, "momentum_buffer": momentum_buffer}, stream
+    )
+    shared = momentum_coefficients(
+        compute_dtype(arrays), lr, momentum, dampening, weight_decay, maximize, momentum_convention
+    )
+    table = one_entry(arrays, [1.0 if first_step else 0.0])
+    kernels.launch(table, MOMENTUM, shared, (nesterov,), **launch)
+
+
+def sgd_8bit_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum_buffer_codes: np.ndarray,
+    momentum_buffer_absmax: np.ndarray,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
+    stream=None,
+) -> None:
+    """One `sgd_step` with momentum whose buffer is block-wise 8-bit: int8 codes of
+    ``param``'s shape and one float32 absmax per block of 256 elements (see
+    `adam_8bit_step`). ``momentum`` must be positive."""
+    lr, momentum, dampening, weight_decay = real_numbers(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
+    )
+    nesterov, maximize, first_step = as_flags(
+        nesterov=nesterov, maximize=maximize, first_step=first_step
+    )
+    check(lr, momentum, dampening, weight_decay, nesterov, momentum_convention)
+    if momentum == 0:
+        raise ValueError("sgd_8bit_step needs momentum > 0 (without it there is no buffer)")
+    kernels, arrays, launch = dispatch(
+        {
+            "param": param,
+            "grad": grad,
+            "momentum_buffer_codes": momentum_buffer_codes,
+            "momentum_buffer_absmax": momentum_buffer_absmax,
+        },
+        stream,
+        {"momentum_buffer_codes": "signed", "momentum_buffer_absmax": "absmax"},
+    )
+    shared = momentum_coefficients(
+        np.dtype(np.float32), lr, momentum, dampening, weight_decay, maximize, momentum_convention
+    )
+    table = one_entry(arrays, [1.0 if first_step else 0.0], codes=True)
+    kernels.launch(table, int8_blockwise(MOMENTUM), shared, (nesterov,), **launch)
+
+
+#: The specs of this module's rules (`rules.SPECS`).
+SPECS = (PLAIN, MOMENTUM)
+
+#: What `fastmomentum.kernels` exports of this module (`rules.FUNCTIONS`).
+FUNCTIONS = (
+    sgd_step,
+    sgd_8bit_step,
+)

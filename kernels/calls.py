@@ -17,10 +17,10 @@ import numbers
 
 import numpy as np
 
-from .. import cpu, hyperparameters
-from ..arrays import address_of, device_views, flat_views, is_bfloat16, locate, placement
-from ..precision import BFLOAT16_BITS, FLOAT16_BITS
-from ..tables import TensorTable
+from . import cpu, hyperparameters
+from .arrays import address_of, device_views, flat_views, is_bfloat16, locate, placement
+from .precision import BFLOAT16_BITS, FLOAT16_BITS
+from .tables import TensorTable
 
 
 def real_numbers(**values):
@@ -87,7 +87,7 @@ def cuda_kernels():
     try:
         from numba import cuda
 
-        from .. import cuda as kernels
+        from . import cuda as kernels
     except ImportError as error:
         raise ImportError(
             "CUDA arrays need the CUDA target of Numba: pip install 'fastmomentum[cuda]' "

@@ -1,6 +1,6 @@
 """What the kernels need to know of an update rule to apply it over arrays.
 
-A `Step` describes one rule of `kernels.rules` by its argument order, which every rule
+A `KernelSpec` describes one rule of `kernels.rules` by its argument order, which every rule
 follows::
 
     rule(param, grad, *state, *coefficients, *entry, *flags, *entry_flags)
@@ -10,11 +10,11 @@ follows::
 (without ``new param`` for a rule that does not update the parameter, and without the
 states it only reads; a single value is returned bare, not as a 1-tuple).
 
-From a `Step` alone the element step (`kernels.elements.element`), the CPU loops
+From a `KernelSpec` alone the element step (`kernels.elements.element`), the CPU loops
 (`kernels.cpu`) and the CUDA kernels (`kernels.cuda`) are generated, and launched
 through one function each (`cpu.launch`, `cuda.launch`): adding a rule adds no loop,
 kernel or launcher. So are those over block-wise 8-bit state (`int8_blockwise`), from
-the `Step.codes` it declares.
+the `KernelSpec.codes` it declares.
 """
 
 import functools
@@ -25,7 +25,7 @@ from typing import NamedTuple
 SIGNED, UNSIGNED = "signed", "unsigned"
 
 
-class Step(NamedTuple):
+class KernelSpec(NamedTuple):
     """A rule and the arrays and values it takes.
 
     - ``rule``: the per-element function (``register_jitable``);
@@ -112,24 +112,24 @@ class Step(NamedTuple):
 
 
 @functools.cache
-def int8_blockwise(step):
-    """``step`` over block-wise 8-bit state (`kernels.quantization`): a launch table's
+def int8_blockwise(spec):
+    """``spec`` over block-wise 8-bit state (`kernels.quantization`): a launch table's
     columns are param, grad, the codes of each state array (int8 or uint8, laid out
-    like the parameter, as `Step.codes` says), then the absmax of each (float32, one
+    like the parameter, as `KernelSpec.codes` says), then the absmax of each (float32, one
     per block of 256 elements counted from the entry's first element). A block is one
     thread's: it decodes each element's state, calls the rule, and encodes the new
-    values on the block's new absmax. The rule is `Step.blockwise_rule` (else ``rule``)
-    for every parameter format (no `Step.fused_rule`: torch has no 8-bit state to
-    agree with). One object per ``step``, as the launchers key their variants on it.
+    values on the block's new absmax. The rule is `KernelSpec.blockwise_rule` (else ``rule``)
+    for every parameter format (no `KernelSpec.fused_rule`: torch has no 8-bit state to
+    agree with). One object per ``spec``, as the launchers key their variants on it.
     Raises ``ValueError`` for a step whose codes do not cover its state, or whose
     optional state hangs on an entry flag (the loops leave a state out at compile
     time)."""
-    kinds = dict(step.codes)
-    if not step.state or set(kinds) != set(step.state):
-        raise ValueError(f"{step.name}: codes {step.codes} do not cover its state {step.state}")
+    kinds = dict(spec.codes)
+    if not spec.state or set(kinds) != set(spec.state):
+        raise ValueError(f"{spec.name}: codes {spec.codes} do not cover its state {spec.state}")
     if set(kinds.values()) - {SIGNED, UNSIGNED}:
-        raise ValueError(f"{step.name}: codes are {SIGNED!r} or {UNSIGNED!r}, got {step.codes}")
-    if any(flag not in step.flags for _, flag in step.optional):  # the loops branch on it
-        raise ValueError(f"{step.name}: 8-bit optional state needs flags, not entry flags")
-    rule = step.blockwise_rule or step.rule
-    return step._replace(name=f"{step.name}_int8", rule=rule, blockwise=True, fused_rule=None)
+        raise ValueError(f"{spec.name}: codes are {SIGNED!r} or {UNSIGNED!r}, got {spec.codes}")
+    if any(flag not in spec.flags for _, flag in spec.optional):  # the loops branch on it
+        raise ValueError(f"{spec.name}: 8-bit optional state needs flags, not entry flags")
+    rule = spec.blockwise_rule or spec.rule
+    return spec._replace(name=f"{spec.name}_int8", rule=rule, blockwise=True, fused_rule=None)
