@@ -3,10 +3,19 @@
 The same tables as the CPU kernels (`kernels.tables`): each block takes segments of at
 most ``config.cuda_chunk()`` elements (grid-stride over the segments) and its threads
 stride through the segment's elements; over block-wise 8-bit state a segment is one
-block of state and a CUDA block has a thread per element. The functions at the bottom have the CPU
-kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the table's small
-host arrays reach the GPU; by default a Numba copy on ``stream``). Importing this module
-needs numba-cuda.
+block of state and a CUDA block has a thread per element. The functions at the bottom
+have the CPU kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the
+table's small host arrays reach the GPU; by default a Numba copy on ``stream``).
+Importing this module needs numba-cuda.
+
+Flags differ from the CPU loops on purpose: a rule's flags (``amsgrad``, ``nesterov``),
+``clear`` and ``param_store`` are kernel arguments here, where the CPU compiles a loop
+per value. The CPU needs constants because a runtime flag inside a loop stops LLVM
+vectorising it (measured 2-8×, `kernels.cpu`); a GPU thread runs scalar code, and a
+branch on an argument is the same way in every thread of a warp, so it never diverges
+and costs a predicate per element in a loop bound by memory. One kernel per spec also
+keeps the simulator's tests and the GPU's first-launch compile to one per spec, not one
+per flag combination. Not yet measured on a GPU: issue 22 (kernel shape) may revisit.
 """
 
 import contextlib

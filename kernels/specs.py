@@ -120,7 +120,7 @@ def int8_blockwise(spec):
     thread's: it decodes each element's state, calls the rule, and encodes the new
     values on the block's new absmax. The rule is `KernelSpec.blockwise_rule` (else ``rule``)
     for every parameter format (no `KernelSpec.fused_rule`: torch has no 8-bit state to
-    agree with). One object per ``spec``, as the launchers key their variants on it.
+    agree with). One object per ``spec`` (cached), so that launches find their variant by identity.
     Raises ``ValueError`` for a step whose codes do not cover its state, or whose
     optional state hangs on an entry flag (the loops leave a state out at compile
     time)."""

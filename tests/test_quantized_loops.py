@@ -220,8 +220,8 @@ def _run_rule(kernels, case, params, state, grads, step_count):
 @functools.cache
 def _float32_twin(spec):
     """The float32 `specs.KernelSpec` of the rule ``spec``'s 8-bit loop runs
-    (`specs.KernelSpec.blockwise_rule`, else its rule); one object per step, kept alive, as
-    `cpu.launch` keys its variants on the step's id."""
+    (`specs.KernelSpec.blockwise_rule`, else its rule); one object per spec, as
+    `cpu.launch` keeps one variant per spec name."""
     if spec.blockwise_rule is None:
         return spec
     return spec._replace(name=f"{spec.name}_blockwise", rule=spec.blockwise_rule)
