@@ -376,6 +376,12 @@ def _variant(spec, flags):
     if known is not None and known.spec != spec:
         raise ValueError(f"two different KernelSpecs are named {spec.name!r}")
     loop, cacheable = _generated_loop(spec)
+    # A loop that sums squares (LAMB's norms) compiles afresh in every process: loaded
+    # from Numba's on-disk cache, the same threaded loop returned float32 chunk sums an
+    # ulp apart from a fresh compile's (every time, for the same arrays; the serial loop
+    # did not), so a trust ratio depended on which process had compiled the loop first
+    # (bench/NOTES.md entry 24). The cost: about a second per variant and process.
+    cacheable = cacheable and not spec.squares
     constants = tuple((name.upper(), bool(value)) for name, value in zip(spec.flags, flags))
     # segments start at block boundaries; a sum of squares at a chunk boundary, so that
     # its chunks, and their float32 sums, do not depend on how the table is split among

@@ -426,3 +426,35 @@ def test_the_sums_do_not_depend_on_how_threads_split_the_table(dtype, monkeypatc
     for entry in (0, 1, 2):
         assert np.array_equal(one_thread[entry], two_threads[entry]), entry
     assert np.array_equal(one_thread[1], alone[1])
+
+
+_NORMS_SCRIPT = """
+import json
+import numpy as np
+from fastmomentum.kernels import cpu, rules
+from fastmomentum.kernels.calls import one_entry
+
+rng = np.random.default_rng(0)
+arrays = [rng.standard_normal(3000).astype(np.float32) for _ in range(4)]
+arrays[3] = np.abs(arrays[3])
+coefficients = rules.lamb.coefficients(np.float32, (0.9, 0.999), 1e-6, 0.01, False)
+corrections = rules.lamb.bias_corrections(np.float32, [3], (0.9, 0.999), True)[0]
+table = one_entry(arrays, tuple(corrections))
+sums = cpu.launch(table, rules.lamb.DIRECTION, coefficients, (False, False))
+print(json.dumps(sums.tolist()))
+"""
+
+
+def test_the_norms_are_the_same_in_every_process(tmp_path):
+    """LAMB's sums of squares, in a process that compiles the threaded loop and in one
+    that finds it in Numba's on-disk cache: bit for bit the same. (Loaded from the
+    cache, the loop used to return float32 chunk sums an ulp apart, so a trust ratio
+    depended on which process compiled first: `cpu._variant`.)"""
+    import json
+    import os
+
+    from .test_packaging import run_python
+
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [json.loads(run_python(_NORMS_SCRIPT, env=environment)) for _ in range(2)]
+    assert runs[0] == runs[1]
