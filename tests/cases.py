@@ -167,6 +167,12 @@ OPTIMIZERS = {
             kernel="lamb_step",
             kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
         ),
+        OptimizerInfo(
+            "Lion",
+            cases={"lion": {"lr": 1e-2, "weight_decay": 1e-2}},
+            kernel="lion_step",
+            kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
+        ),
     )
 }
 
