@@ -167,6 +167,14 @@ OPTIMIZERS = {
             kernel="lamb_step",
             kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
         ),
+        OptimizerInfo(
+            "Lion",
+            # lr 10x smaller than the Adam family's cases, as Chen et al. advise (a sign
+            # step is larger than Adam's)
+            cases={"lion": {"lr": 1e-3, "weight_decay": 1e-2}},
+            kernel="lion_step",
+            kernel_options={"lr": 1e-3, "weight_decay": 1e-2},
+        ),
     )
 }
 

@@ -63,6 +63,7 @@ DDP_OPTIONS = OPTIONS | {
     "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3},
     "LAMB": {"lr": 1e-2, "weight_decay": 1e-2},
+    "Lion": {"lr": 1e-3, "weight_decay": 1e-2},
 }
 CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
     ("ddp-sgd", "SGD", False, True),
@@ -74,6 +75,7 @@ CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
     ("ddp-rmsprop", "RMSprop", False, True),
     ("ddp-adagrad-bucket-view", "Adagrad", True, False),
     ("ddp-lamb", "LAMB", False, True),
+    ("ddp-lion-bucket-view", "Lion", True, False),
 ]
 
 

@@ -39,6 +39,7 @@ OPTIONS = {
     "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True, "weight_decay": 1e-2},
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
     "LAMB": {"lr": 1e-2, "weight_decay": 0.01},
+    "Lion": {"lr": 1e-3, "weight_decay": 0.01},
 }
 CASES = [  # (name, optimizer, reshard_after_forward)
     ("sgd-reshard", "SGD", True),
@@ -52,11 +53,12 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("lamb-reshard", "LAMB", True),  # trust ratios of whole tensors: sums across ranks
     ("adamw-int8-reshard", "AdamW", True),
     ("adagrad-int8-keep", "Adagrad", False),
+    ("lion-keep", "Lion", False),
 ]
 #: Cases trained once more with ``step_in_backward=True`` in the train phase: FSDP2 calls
 #: a sharded parameter's post-accumulate-grad hooks once its gradient is reduced, so the
 #: buckets step inside backward; the result must be the ordinary loop's bit for bit.
-IN_BACKWARD = ("sgd-reshard", "adamw-keep", "lamb-reshard", "adamw-int8-reshard")
+IN_BACKWARD = ("sgd-reshard", "adamw-keep", "lamb-reshard", "adamw-int8-reshard", "lion-keep")
 #: Cases on bfloat16 parameters, with these options on top of ``OPTIONS``.
 BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
 #: Cases on float32 parameters with 8-bit state, on a model with a hidden layer of 33.
@@ -81,6 +83,8 @@ ROUNDING_CASES = [
     ("nadam-kahan-reshard", "NAdam", True),
     ("lamb-stochastic-reshard", "LAMB", True),  # trust ratios: sums across ranks
     ("lamb-kahan-int8-keep", "LAMB", False),
+    ("lion-stochastic-int8-reshard", "Lion", True),
+    ("lion-kahan-keep", "Lion", False),
     ("adamw-stochastic-dim1-keep", "AdamW", False),  # Shard(1): see `sharded`
 ]
 #: The rounding cases sharded on dimension 1 (``shard_placement_fn``): their shards are

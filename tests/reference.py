@@ -132,3 +132,17 @@ def lamb(param, grad, m, v, *, step, lr, betas, eps, weight_decay, bias_correcti
     param_norm, update_norm = np.linalg.norm(param), np.linalg.norm(update)
     ratio = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
     return param - lr * ratio * update, m, v, ratio
+
+
+def lion(param, grad, m, *, lr, betas, weight_decay, maximize):
+    """One Lion step on float64 copies (Chen et al., 2023, Program 1, as lion-pytorch
+    orders it: decay, update, momentum); ``sign(0) = 0``, ``sign(NaN)`` NaN. Returns
+    ``(param, m, interpolation)``, the last the value whose sign was taken."""
+    beta1, beta2 = betas
+    param, grad, m = (np.array(x, dtype=np.float64) for x in (param, grad, m))
+    grad = -grad if maximize else grad
+    param = param * (1 - lr * weight_decay)
+    interpolation = beta1 * m + (1 - beta1) * grad
+    param = param - lr * np.sign(interpolation)
+    m = beta2 * m + (1 - beta2) * grad
+    return param, m, interpolation
