@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load on first
     from .lamb import LAMB as LAMB
     from .nadam import NAdam as NAdam
     from .quantized import dequantized_state_dict as dequantized_state_dict
+    from .radam import RAdam as RAdam
     from .rmsprop import RMSprop as RMSprop
     from .sgd import SGD as SGD
     # --- end of generated ---

@@ -70,6 +70,7 @@ CAPABILITIES = {
         "adam", "AdamW", benchmarks={"AdamW": {"lr": 1e-3, "weight_decay": 1e-2}}
     ),
     "NAdam": Capabilities("nadam", "NAdam"),
+    "RAdam": Capabilities("radam", "RAdam"),
     "RMSprop": Capabilities(
         "rmsprop",
         "RMSprop",

@@ -36,6 +36,7 @@ OPTIONS = {
     "Adam": {"lr": 1e-2, "amsgrad": True},
     "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
     "NAdam": {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    "RAdam": {"lr": 1e-2, "weight_decay": 1e-2},
     "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True, "weight_decay": 1e-2},
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
     "LAMB": {"lr": 1e-2, "weight_decay": 0.01},
@@ -47,6 +48,7 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("adamw-keep", "AdamW", False),
     ("adamw-bf16-master", "AdamW", True),
     ("nadam-keep", "NAdam", False),
+    ("radam-reshard", "RAdam", True),
     ("rmsprop-reshard", "RMSprop", True),
     ("adagrad-keep", "Adagrad", False),
     ("lamb-reshard", "LAMB", True),  # trust ratios of whole tensors: sums across ranks
@@ -79,6 +81,7 @@ ROUNDING_CASES = [
     ("adamw-kahan-int8-keep", "AdamW", False),
     ("nadam-stochastic-int8-keep", "NAdam", False),
     ("nadam-kahan-reshard", "NAdam", True),
+    ("radam-stochastic-int8-reshard", "RAdam", True),
     ("lamb-stochastic-reshard", "LAMB", True),  # trust ratios: sums across ranks
     ("lamb-kahan-int8-keep", "LAMB", False),
     ("adamw-stochastic-dim1-keep", "AdamW", False),  # Shard(1): see `sharded`

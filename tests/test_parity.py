@@ -105,6 +105,20 @@ CASES = {
         warmup_cosine,
     ),
     "nadam-one-cycle": ("NAdam", {"lr": 1e-2}, one_group, one_cycle),
+    "radam": ("RAdam", {"lr": 1e-2}, one_group, None),
+    "radam-weight-decay-betas": (
+        "RAdam",
+        {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.95), "eps": 1e-6},
+        one_group,
+        None,
+    ),
+    "radam-decoupled-maximize-two-groups-warmup-cosine": (
+        "RAdam",
+        {"lr": 1e-2, "weight_decay": 0.05, "decoupled_weight_decay": True, "maximize": True},
+        two_groups,
+        warmup_cosine,
+    ),
+    "radam-one-cycle": ("RAdam", {"lr": 1e-2}, one_group, one_cycle),
     "rmsprop": ("RMSprop", {"lr": 1e-3}, one_group, None),
     "rmsprop-centered-weight-decay": (
         "RMSprop",
