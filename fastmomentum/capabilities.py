@@ -71,6 +71,7 @@ CAPABILITIES = {
     ),
     "NAdam": Capabilities("nadam", "NAdam"),
     "RAdam": Capabilities("radam", "RAdam"),
+    "Adamax": Capabilities("adamax", "Adamax"),
     "RMSprop": Capabilities(
         "rmsprop",
         "RMSprop",

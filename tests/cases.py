@@ -160,6 +160,12 @@ OPTIMIZERS = {
             kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
         ),
         OptimizerInfo(
+            "Adamax",
+            cases={"adamax": {"lr": 1e-2, "weight_decay": 1e-2}},
+            kernel="adamax_step",
+            kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
+        ),
+        OptimizerInfo(
             "RMSprop",
             cases={
                 "rmsprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
@@ -210,7 +216,7 @@ def every_rule_of(where=None, cases=None):
 
 
 #: A case of every update rule of every optimizer torch has too (heavy ball, Nesterov,
-#: Adam with AMSGrad, AdamW, NAdam, RAdam, RMSprop, Adagrad): what a test comparing with
+#: Adam with AMSGrad, AdamW, NAdam, RAdam, Adamax, RMSprop, Adagrad): what a test comparing with
 #: torch.optim that must hold for every optimizer runs.
 EVERY_RULE = every_rule_of(has_torch_peer)
 

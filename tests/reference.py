@@ -109,6 +109,17 @@ def radam(param, grad, m, v, *, step, lr, betas, eps, weight_decay, decoupled, m
     return param - lr * m_hat * r * adaptive, m, v
 
 
+def adamax(param, grad, m, u, *, step, lr, betas, eps, weight_decay, maximize):
+    """One Adamax step on float64 copies (Kingma & Ba, 2015, section 7.1, with
+    torch.optim.Adamax's ε inside the maximum); returns ``(param, m, u)``."""
+    beta1, beta2 = betas
+    param, grad, m, u = (np.array(x, dtype=np.float64) for x in (param, grad, m, u))
+    grad = (-grad if maximize else grad) + weight_decay * param
+    m = beta1 * m + (1 - beta1) * grad
+    u = np.maximum(beta2 * u, np.abs(grad) + eps)
+    return param - lr / (1 - beta1**step) * m / u, m, u
+
+
 def rmsprop(
     param, grad, square_avg, buffer, grad_avg, *, lr, alpha, eps, weight_decay, momentum,
     centered, maximize,

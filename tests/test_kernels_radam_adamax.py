@@ -69,3 +69,45 @@ def test_radam_switches_to_the_rectified_step_where_torch_does():
     rows = rules.radam.step_values([3, 7, 3], 1e-3, (0.9, 0.999))  # a row per parameter
     np.testing.assert_array_equal(rows[0], rows[2])
     assert rows[1][-1] == 1 and rows[0][-1] == 0
+
+
+ADAMAX_CASES = [
+    {},
+    {"weight_decay": 0.1, "maximize": True},
+    {"betas": (0.3, 0.6), "eps": 1e-3},  # 1 − β1 ≥ 0.5: the other branch of torch's lerp
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("case", ADAMAX_CASES)
+def test_adamax_step_matches_float64_reference(dtype, size, case):
+    from fastmomentum.kernels import adamax_step
+
+    rng = np.random.default_rng(size + 19)
+    param = rng.standard_normal(size).astype(dtype)
+    state = [np.zeros(size, dtype), np.zeros(size, dtype)]  # exp_avg, exp_inf
+    expected = [param.astype(np.float64), np.zeros(size), np.zeros(size)]
+    options = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
+    options |= case
+    for step in range(1, STEPS + 1):
+        grad = rng.standard_normal(size).astype(dtype)
+        lr = learning_rate(step) / 10
+        adamax_step(param, grad, *state, step=step, lr=lr, **options)
+        expected = reference.adamax(
+            *expected[:1], grad.astype(np.float64), *expected[1:], step=step, lr=lr, **options
+        )
+    tolerance = RTOL[np.dtype(dtype).name]
+    for name, actual, wanted in zip(["param", "exp_avg", "exp_inf"], [param, *state], expected):
+        assert_relative_close(actual, wanted, tolerance, name)
+
+
+def test_adamax_keeps_nan_in_its_infinity_norm_as_torch_maximum_does():
+    from fastmomentum.kernels import adamax_step
+
+    param, exp_avg = np.ones(3, np.float32), np.zeros(3, np.float32)
+    exp_inf = np.array([np.nan, 1.0, 1.0], np.float32)
+    grad = np.array([1.0, np.nan, 1.0], np.float32)
+    adamax_step(param, grad, exp_avg, exp_inf, step=1)
+    assert np.isnan(exp_inf[:2]).all()
+    assert exp_inf[2] == np.float32(1) + np.float32(1e-8)  # |g| + ε over β2·u

@@ -119,6 +119,21 @@ CASES = {
         warmup_cosine,
     ),
     "radam-one-cycle": ("RAdam", {"lr": 1e-2}, one_group, one_cycle),
+    "adamax": ("Adamax", {"lr": 1e-2}, one_group, None),
+    "adamax-weight-decay-maximize": (
+        "Adamax",
+        {"lr": 1e-2, "weight_decay": 0.1, "maximize": True},
+        one_group,
+        None,
+    ),
+    "adamax-betas-eps": (
+        "Adamax",
+        {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6},
+        one_group,
+        None,
+    ),
+    "adamax-two-groups-warmup-cosine": ("Adamax", {"lr": 1e-2}, two_groups, warmup_cosine),
+    "adamax-one-cycle": ("Adamax", {"lr": 1e-2}, one_group, one_cycle),
     "rmsprop": ("RMSprop", {"lr": 1e-3}, one_group, None),
     "rmsprop-centered-weight-decay": (
         "RMSprop",
