@@ -23,10 +23,12 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load on first
     from .adagrad import Adagrad as Adagrad
     from .adam import Adam as Adam
     from .adam import AdamW as AdamW
+    from .adamax import Adamax as Adamax
     from .lamb import LAMB as LAMB
     from .lion import Lion as Lion
     from .nadam import NAdam as NAdam
     from .quantized import dequantized_state_dict as dequantized_state_dict
+    from .radam import RAdam as RAdam
     from .rmsprop import RMSprop as RMSprop
     from .sgd import SGD as SGD
     # --- end of generated ---

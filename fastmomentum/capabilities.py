@@ -70,6 +70,8 @@ CAPABILITIES = {
         "adam", "AdamW", benchmarks={"AdamW": {"lr": 1e-3, "weight_decay": 1e-2}}
     ),
     "NAdam": Capabilities("nadam", "NAdam"),
+    "RAdam": Capabilities("radam", "RAdam"),
+    "Adamax": Capabilities("adamax", "Adamax"),
     "RMSprop": Capabilities(
         "rmsprop",
         "RMSprop",

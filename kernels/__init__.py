@@ -22,9 +22,11 @@ if TYPE_CHECKING:  # what type checkers see
     from .rules.adam import adam_8bit_step as adam_8bit_step
     from .rules.adam import adam_step as adam_step
     from .rules.adam import adamw_step as adamw_step
+    from .rules.adamax import adamax_step as adamax_step
     from .rules.lamb import lamb_step as lamb_step
     from .rules.lion import lion_step as lion_step
     from .rules.nadam import nadam_step as nadam_step
+    from .rules.radam import radam_step as radam_step
     from .rules.rmsprop import rmsprop_step as rmsprop_step
     from .rules.sgd import sgd_8bit_step as sgd_8bit_step
     from .rules.sgd import sgd_step as sgd_step

@@ -147,6 +147,25 @@ OPTIMIZERS = {
             kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
         ),
         OptimizerInfo(
+            "RAdam",
+            cases={
+                "radam": {"lr": 1e-2, "weight_decay": 1e-2},
+                "radam-decoupled": {
+                    "lr": 1e-2,
+                    "weight_decay": 0.1,
+                    "decoupled_weight_decay": True,
+                },
+            },
+            kernel="radam_step",
+            kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
+        ),
+        OptimizerInfo(
+            "Adamax",
+            cases={"adamax": {"lr": 1e-2, "weight_decay": 1e-2}},
+            kernel="adamax_step",
+            kernel_options={"lr": 1e-2, "weight_decay": 1e-2},
+        ),
+        OptimizerInfo(
             "RMSprop",
             cases={
                 "rmsprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
@@ -205,7 +224,7 @@ def every_rule_of(where=None, cases=None):
 
 
 #: A case of every update rule of every optimizer torch has too (heavy ball, Nesterov,
-#: Adam with AMSGrad, AdamW, NAdam, RMSprop, Adagrad): what a test comparing with
+#: Adam with AMSGrad, AdamW, NAdam, RAdam, Adamax, RMSprop, Adagrad): what a test comparing with
 #: torch.optim that must hold for every optimizer runs.
 EVERY_RULE = every_rule_of(has_torch_peer)
 

@@ -60,6 +60,8 @@ OPTIONS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "Adam": {"lr": 1e-2, "amsgrad":
 DDP_OPTIONS = OPTIONS | {
     "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
     "NAdam": {"lr": 1e-2, "weight_decay": 1e-2},
+    "RAdam": {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    "Adamax": {"lr": 1e-2, "weight_decay": 1e-2},
     "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True},
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3},
     "LAMB": {"lr": 1e-2, "weight_decay": 1e-2},
@@ -72,6 +74,8 @@ CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
     ("ddp-adam", "Adam", False, False),
     ("ddp-adamw-bucket-view", "AdamW", True, True),
     ("ddp-nadam", "NAdam", False, True),
+    ("ddp-radam-bucket-view", "RAdam", True, False),
+    ("ddp-adamax", "Adamax", False, True),
     ("ddp-rmsprop", "RMSprop", False, True),
     ("ddp-adagrad-bucket-view", "Adagrad", True, False),
     ("ddp-lamb", "LAMB", False, True),

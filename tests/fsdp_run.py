@@ -36,6 +36,8 @@ OPTIONS = {
     "Adam": {"lr": 1e-2, "amsgrad": True},
     "AdamW": {"lr": 1e-2, "weight_decay": 0.1},
     "NAdam": {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True},
+    "RAdam": {"lr": 1e-2, "weight_decay": 1e-2},
+    "Adamax": {"lr": 1e-2, "weight_decay": 1e-2},
     "RMSprop": {"lr": 1e-3, "momentum": 0.9, "centered": True, "weight_decay": 1e-2},
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
     "LAMB": {"lr": 1e-2, "weight_decay": 0.01},
@@ -48,6 +50,8 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("adamw-keep", "AdamW", False),
     ("adamw-bf16-master", "AdamW", True),
     ("nadam-keep", "NAdam", False),
+    ("radam-reshard", "RAdam", True),
+    ("adamax-keep", "Adamax", False),
     ("rmsprop-reshard", "RMSprop", True),
     ("adagrad-keep", "Adagrad", False),
     ("lamb-reshard", "LAMB", True),  # trust ratios of whole tensors: sums across ranks
@@ -81,6 +85,8 @@ ROUNDING_CASES = [
     ("adamw-kahan-int8-keep", "AdamW", False),
     ("nadam-stochastic-int8-keep", "NAdam", False),
     ("nadam-kahan-reshard", "NAdam", True),
+    ("radam-stochastic-int8-reshard", "RAdam", True),
+    ("adamax-kahan-int8-keep", "Adamax", False),
     ("lamb-stochastic-reshard", "LAMB", True),  # trust ratios: sums across ranks
     ("lamb-kahan-int8-keep", "LAMB", False),
     ("lion-stochastic-int8-reshard", "Lion", True),

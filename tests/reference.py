@@ -87,6 +87,39 @@ def nadam(
     return param, m, v, mu_product
 
 
+def radam(param, grad, m, v, *, step, lr, betas, eps, weight_decay, decoupled, maximize):
+    """One RAdam step on float64 copies (Liu et al., 2020, with torch.optim.RAdam's
+    weight decay); returns ``(param, m, v)``."""
+    beta1, beta2 = betas
+    param, grad, m, v = (np.array(x, dtype=np.float64) for x in (param, grad, m, v))
+    grad = -grad if maximize else grad
+    if decoupled:
+        param = param * (1 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * param
+    m = beta1 * m + (1 - beta1) * grad
+    v = beta2 * v + (1 - beta2) * grad * grad
+    m_hat = m / (1 - beta1**step)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = rho_inf - 2 * step * beta2**step / (1 - beta2**step)
+    if rho <= 5:  # the variance of the adaptive step is intractable: momentum alone
+        return param - lr * m_hat, m, v
+    r = np.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    adaptive = np.sqrt(1 - beta2**step) / (np.sqrt(v) + eps)
+    return param - lr * m_hat * r * adaptive, m, v
+
+
+def adamax(param, grad, m, u, *, step, lr, betas, eps, weight_decay, maximize):
+    """One Adamax step on float64 copies (Kingma & Ba, 2015, section 7.1, with
+    torch.optim.Adamax's ε inside the maximum); returns ``(param, m, u)``."""
+    beta1, beta2 = betas
+    param, grad, m, u = (np.array(x, dtype=np.float64) for x in (param, grad, m, u))
+    grad = (-grad if maximize else grad) + weight_decay * param
+    m = beta1 * m + (1 - beta1) * grad
+    u = np.maximum(beta2 * u, np.abs(grad) + eps)
+    return param - lr / (1 - beta1**step) * m / u, m, u
+
+
 def rmsprop(
     param, grad, square_avg, buffer, grad_avg, *, lr, alpha, eps, weight_decay, momentum,
     centered, maximize,

@@ -51,7 +51,7 @@ PARAMS = {
     "a-tensor": lambda: torch.nn.Parameter(torch.randn(2)),
 }
 
-NAMES = ["SGD", "Adam", "AdamW", "NAdam", "RMSprop", "Adagrad"]
+NAMES = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad"]
 
 
 def outcome(cls, make_params, options):

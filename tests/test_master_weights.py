@@ -47,13 +47,15 @@ def _step_master_twins(low, full, steps, dtype, seed=1):
         ("SGD", {"momentum": 0.9, "nesterov": True}),
         ("SGD", {}),
         ("NAdam", {"weight_decay": 0.01}),
+        ("RAdam", {"weight_decay": 0.01}),
+        ("Adamax", {"weight_decay": 0.01}),
         ("RMSprop", {"momentum": 0.9, "centered": True, "lr": 1e-3}),
         ("Adagrad", {"lr_decay": 0.01, "initial_accumulator_value": 0.1}),
         ("LAMB", {"weight_decay": 0.01}),
         ("Lion", {"weight_decay": 0.01}),
     ],
     ids=["adam", "adamw-amsgrad", "sgd-momentum", "sgd-nesterov", "sgd-plain", "nadam",
-         "rmsprop", "adagrad", "lamb", "lion"],
+         "radam", "adamax", "rmsprop", "adagrad", "lamb", "lion"],
 )  # fmt: skip
 def test_master_weights_step_a_float32_copy_and_round_it_into_the_param(
     name, options, dtype, carrier

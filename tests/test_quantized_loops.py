@@ -134,6 +134,18 @@ RULE_CASES = {
         (),
         _nadam_row,
     ),
+    "radam": (  # steps 5 and on: the first not rectified, the later ones rectified
+        rules.radam.SPEC,
+        rules.radam.coefficients(F32, 1e-2, (0.9, 0.999), 1e-8, 0.01, False, False),
+        (),
+        lambda step: rules.radam.step_values([step + 4], 1e-2, (0.9, 0.999))[0],
+    ),
+    "adamax": (
+        rules.adamax.SPEC,
+        rules.adamax.coefficients(F32, (0.9, 0.999), 1e-8, 0.01, True),
+        (),
+        lambda step: rules.adamax.step_coefficients_per_entry(F32, [step], 2e-3, (0.9, 0.999))[0],
+    ),
     "rmsprop": (
         rules.rmsprop.SPEC,
         rules.rmsprop.coefficients(F32, 1e-2, 0.99, 1e-8, 0.01, 0.0, False),
