@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load on first
     from .adam import Adam as Adam
     from .adam import AdamW as AdamW
     from .lamb import LAMB as LAMB
+    from .muon import Muon as Muon
     from .nadam import NAdam as NAdam
     from .quantized import dequantized_state_dict as dequantized_state_dict
     from .rmsprop import RMSprop as RMSprop
