@@ -10,9 +10,10 @@ weights, bfloat16 state, stochastic rounding and Kahan summation, AMP, the fused
 Tolerances: float32, float64 and float16 parameters match torch bit for bit over
 `STEPS` steps (the element-wise passes round as torch's CPU kernels do and the
 Newton–Schulz iteration is torch's operations in its order). bfloat16 parameters differ
-where torch adds ``α·O`` in its scalar loop (a transposed ``O``: every tall matrix; the
-remainder of its vector loop), rounding ``α·O`` to bfloat16 before the sum: measured
-≤ 2 ulps of the largest parameter after `STEPS` steps, bounded at 4.
+where torch adds ``α·O`` in its scalar loop (``O`` and the parameter laid out apart: every
+tall matrix, a transposed parameter; the remainder of its vector loop), rounding ``α·O``
+to bfloat16 before the sum: measured ≤ 0.64 units in the last place of the largest
+element after `STEPS` steps (9-14% of the elements of those matrices), bounded at 2.
 """
 
 import copy
@@ -92,7 +93,7 @@ def test_bfloat16_parameters_within_a_few_ulps_of_torch():
     train([ours, theirs], [params, ref_params], STEPS)
     for p, q in zip(params, ref_params):
         ulp = torch.finfo(torch.bfloat16).eps * q.detach().float().abs().max()
-        assert (p.detach().float() - q.detach().float()).abs().max() <= 4 * ulp
+        assert (p.detach().float() - q.detach().float()).abs().max() <= 2 * ulp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
