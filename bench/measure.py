@@ -80,7 +80,12 @@ def twin_case(benchmark, numel, dtype):
 
 
 #: The twin kernel and its array count for each step's arrays moved.
-_TWINS = {5: (twin.sgd_momentum_twin, 3), 7: (twin.adam_twin, 4), 10: (twin.lamb_twin, 4)}
+_TWINS = {
+    5: (twin.sgd_momentum_twin, 3),
+    7: (twin.adam_twin, 4),
+    9: (twin.muon_twin, 4),
+    10: (twin.lamb_twin, 4),
+}
 
 
 def time_cases(cases, repeats, warmup=3):

@@ -5,6 +5,7 @@ Each provider takes (optimizer name, params, hyperparameters) and returns an obj
 """
 
 import functools
+import inspect
 import os
 
 import torch
@@ -33,9 +34,9 @@ def arrays_moved(benchmark):
         launched.append((spec, dict(zip(spec.flags, flags))))
         return launch(table, spec, coefficients, flags)
 
-    param = torch.nn.Parameter(torch.randn(64))
+    param = torch.nn.Parameter(torch.randn(8, 8))  # 2-D: Muon steps matrices only
     optimizer = getattr(fastmomentum, name)([param], **options)
-    param.grad = torch.randn(64)
+    param.grad = torch.randn(8, 8)
     cpu.launch = recording
     try:
         optimizer.step()
@@ -76,13 +77,19 @@ def our_adam(name, params, options):
 def torch_for_loop(name, params, options):
     if not hasattr(torch.optim, name):
         return None  # LAMB
+    if not _has_foreach(name):  # Muon: its for-loop is its only step
+        return getattr(torch.optim, name)(params, **options)
     return getattr(torch.optim, name)(params, foreach=False, **options)
 
 
 def torch_foreach(name, params, options):
-    if not hasattr(torch.optim, name):
+    if not hasattr(torch.optim, name) or not _has_foreach(name):
         return None
     return getattr(torch.optim, name)(params, foreach=True, **options)
+
+
+def _has_foreach(name):
+    return "foreach" in inspect.signature(getattr(torch.optim, name)).parameters
 
 
 def torch_fused(name, params, options):

@@ -46,13 +46,31 @@ def sweep_plan(quick, only=None):
     )
     plan = []
     for optimizer in optimizers:
+        shaped = _matrices if _matrices_only(optimizer) else (lambda shapes: shapes)
         for exponent in exponents:
-            plan.append((optimizer, f"2^{exponent} tensor", single(2**exponent), torch.float32))
+            tensor = shaped(single(2**exponent))
+            plan.append((optimizer, f"2^{exponent} tensor", tensor, torch.float32))
         for layout in models:
-            plan.append((optimizer, layout, LAYOUTS[layout](), torch.float32))
+            plan.append((optimizer, layout, shaped(LAYOUTS[layout]()), torch.float32))
         if not quick:
-            plan.append((optimizer, "2^22 tensor", single(2**22), torch.float64))
+            plan.append((optimizer, "2^22 tensor", shaped(single(2**22)), torch.float64))
     return plan
+
+
+def _matrices_only(benchmark):
+    """Whether the benchmark's optimizer steps 2-D parameters only (Muon)."""
+    import fastmomentum
+
+    return getattr(getattr(fastmomentum, _optimizer_names()[benchmark][0]), "matrices_only", False)
+
+
+def _matrices(shapes):
+    """A layout's 2-D shapes (Muon's), a single tensor of 2ᵏ elements as a 2^⌊k/2⌋ × 2^⌈k/2⌉
+    matrix."""
+    if len(shapes) == 1 and len(shapes[0]) == 1:
+        exponent = shapes[0][0].bit_length() - 1
+        return [(2 ** (exponent // 2), 2 ** (exponent - exponent // 2))]
+    return [shape for shape in shapes if len(shape) == 2]
 
 
 def _optimizer_names():

@@ -44,6 +44,21 @@ def lamb_twin(param, grad, exp_avg, exp_avg_sq):
 
 
 @njit(parallel=True, cache=True)
+def muon_twin(param, grad, momentum_buffer, update):
+    """Muon's two passes (36 bytes): read p, g, B, U and write B, U; then read U and p
+    and write p (the Newton–Schulz iteration between them is not memory traffic)."""
+    total = 0.0
+    for i in prange(param.size):
+        g = grad[i]
+        total += param[i]
+        momentum_buffer[i] = g - momentum_buffer[i]
+        update[i] = g - update[i]
+    for i in prange(param.size):
+        param[i] = update[i] - param[i]
+    return total
+
+
+@njit(parallel=True, cache=True)
 def adam_master_twin(master, grad, exp_avg, exp_avg_sq, param):
     """Adam with master weights: read the master copy, the gradient and both moments,
     write them back and the parameter (16-bit arrays as their int16 bits)."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load on first
     from .adamax import Adamax as Adamax
     from .lamb import LAMB as LAMB
     from .lion import Lion as Lion
+    from .muon import Muon as Muon
     from .nadam import NAdam as NAdam
     from .quantized import dequantized_state_dict as dequantized_state_dict
     from .radam import RAdam as RAdam

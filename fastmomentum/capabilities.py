@@ -81,6 +81,13 @@ CAPABILITIES = {
     "Adagrad": Capabilities("adagrad", "Adagrad", benchmarks={"Adagrad": {"lr": 1e-2}}),
     "LAMB": Capabilities("lamb", None, benchmarks={"LAMB": {"lr": 1e-3, "weight_decay": 1e-2}}),
     "Lion": Capabilities("lion", None, benchmarks={"Lion": {"lr": 1e-4, "weight_decay": 1e-2}}),
+    "Muon": Capabilities(
+        "muon",
+        "Muon",
+        state_dtypes=("param", "bfloat16"),
+        note="2-D parameters only, as torch; no 8-bit state (its Nesterov update needs an "
+        "array the 8-bit loops do not write)",
+    ),
 }
 
 

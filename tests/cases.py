@@ -85,6 +85,19 @@ class OptimizerInfo:
         return self.cls.supports_quantized_state
 
     @property
+    def matrices_only(self):
+        """Whether it steps 2-D parameters only (Muon, as torch's)."""
+        return getattr(self.cls, "matrices_only", False)
+
+    def shape(self, shape):
+        """A parameter shape it steps like ``shape``: ``shape`` itself, or for one that
+        steps matrices only its first dimension by the others' product."""
+        if not self.matrices_only or len(shape) == 2:
+            return tuple(shape)
+        rows = shape[0] if shape else 1
+        return (rows, int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
+
+    @property
     def scalar_state(self):
         """Per-parameter scalar state, name -> initial value (``step``, ``mu_product``)."""
         return self.cls.scalar_state
@@ -194,6 +207,15 @@ OPTIMIZERS = {
             kernel="lion_step",
             kernel_options={"lr": 1e-3, "weight_decay": 1e-2},
         ),
+        OptimizerInfo(
+            "Muon",
+            cases={
+                "muon": {"lr": 2e-2, "weight_decay": 0.1},
+                "muon-heavy-ball": {"lr": 2e-2, "nesterov": False, "momentum": 0.9},
+                "muon-match-rms-adamw": {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"},
+            },
+            rules=("muon", "muon-heavy-ball"),
+        ),
     )
 }
 
@@ -210,15 +232,18 @@ def has_torch_peer(info):
     return info.torch_peer is not None
 
 
-def every_rule_of(where=None, cases=None):
+def every_rule_of(where=None, cases=None, matrices=False):
     """The ids of the `OptimizerInfo.rules` cases of every optimizer ``where`` accepts
-    (all without it), or of the cases ``cases[name]`` names for optimizer ``name``."""
+    (all without it), or of the cases ``cases[name]`` names for optimizer ``name``.
+    An optimizer of matrices only (Muon) is left out unless ``matrices``: the shared
+    suites step `models.SmallNet`, whose norms, biases and convolution are not 2-D
+    (tests/test_muon.py runs those suites' checks for it on matrices)."""
     cases = cases or {}
     assert set(cases) <= set(OPTIMIZERS), f"not optimizers: {set(cases) - set(OPTIMIZERS)}"
     return tuple(
         case
         for info in OPTIMIZERS.values()
-        if where is None or where(info)
+        if (where is None or where(info)) and (matrices or not info.matrices_only)
         for case in cases.get(info.name, info.rules)
     )
 

@@ -66,6 +66,7 @@ DDP_OPTIONS = OPTIONS | {
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3},
     "LAMB": {"lr": 1e-2, "weight_decay": 1e-2},
     "Lion": {"lr": 1e-3, "weight_decay": 1e-2},
+    "Muon": {"lr": 2e-2, "weight_decay": 0.1},
 }
 CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
     ("ddp-sgd", "SGD", False, True),
@@ -80,12 +81,18 @@ CASES = [  # (name, optimizer, gradient_as_bucket_view, set_to_none)
     ("ddp-adagrad-bucket-view", "Adagrad", True, False),
     ("ddp-lamb", "LAMB", False, True),
     ("ddp-lion-bucket-view", "Lion", True, False),
+    ("ddp-muon", "Muon", True, True),  # a matrices-only model (`make_model`)
 ]
 
 
-def make_model():
-    """No BatchNorm: per-rank batch statistics would differ from the full batch's."""
+def make_model(name=None):
+    """No BatchNorm: per-rank batch statistics would differ from the full batch's. For
+    Muon, which steps matrices only, no bias nor LayerNorm."""
     torch.manual_seed(0)
+    if name == "Muon":
+        return nn.Sequential(
+            nn.Linear(8, 16, bias=False), nn.Tanh(), nn.Linear(16, 4, bias=False)
+        ).double()
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 4)).double()
 
 
@@ -114,7 +121,7 @@ def worker(rank, world, meeting, folder):
     join_group(rank, world, meeting)
     results = {}
     for case, name, bucket_view, set_to_none in CASES:
-        model = DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
+        model = DistributedDataParallel(make_model(name), gradient_as_bucket_view=bucket_view)
         optimizer = getattr(fastmomentum, name)(model.parameters(), **DDP_OPTIONS[name])
         train(model, optimizer, rank, world, set_to_none)
         results[case] = [p.detach().clone() for p in model.parameters()]

@@ -42,6 +42,7 @@ OPTIONS = {
     "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
     "LAMB": {"lr": 1e-2, "weight_decay": 0.01},
     "Lion": {"lr": 1e-3, "weight_decay": 0.01},
+    "Muon": {"lr": 2e-2, "weight_decay": 0.1},
 }
 CASES = [  # (name, optimizer, reshard_after_forward)
     ("sgd-reshard", "SGD", True),
@@ -58,11 +59,19 @@ CASES = [  # (name, optimizer, reshard_after_forward)
     ("adamw-int8-reshard", "AdamW", True),
     ("adagrad-int8-keep", "Adagrad", False),
     ("lion-keep", "Lion", False),
+    ("muon-reshard", "Muon", True),  # each U gathered whole: `matrices_model`
 ]
 #: Cases trained once more with ``step_in_backward=True`` in the train phase: FSDP2 calls
 #: a sharded parameter's post-accumulate-grad hooks once its gradient is reduced, so the
 #: buckets step inside backward; the result must be the ordinary loop's bit for bit.
-IN_BACKWARD = ("sgd-reshard", "adamw-keep", "lamb-reshard", "adamw-int8-reshard", "lion-keep")
+IN_BACKWARD = (
+    "sgd-reshard",
+    "adamw-keep",
+    "lamb-reshard",
+    "adamw-int8-reshard",
+    "lion-keep",
+    "muon-reshard",
+)
 #: Cases on bfloat16 parameters, with these options on top of ``OPTIONS``.
 BFLOAT16_CASES = {"adamw-bf16-master": {"master_weights": True}}
 #: Cases on float32 parameters with 8-bit state, on a model with a hidden layer of 33.
@@ -123,6 +132,8 @@ def case_dtype(case):
 
 def case_model(case):
     """The model a case trains (before sharding), the same in every process."""
+    if case.startswith("muon"):
+        return matrices_model()
     if rounding(case).get("state_dtype") or (rounding(case) and case.startswith("lamb-")):
         return block_aligned_model()
     wide = case in INT8_CASES or rounding(case)
@@ -146,6 +157,15 @@ def block_aligned_model():
     return nn.Sequential(
         nn.Linear(8, 256, bias=False), nn.Tanh(), nn.Linear(256, 5, bias=False)
     ).to(torch.bfloat16)
+
+
+def matrices_model():
+    """`make_model` without biases (Muon steps matrices only): uneven shards too."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16, bias=False), nn.Tanh(), nn.Linear(16, 16, bias=False), nn.Tanh(),
+        nn.Linear(16, 5, bias=False),
+    ).double()  # fmt: skip
 
 
 def make_model(dtype=torch.float64, hidden=16):

@@ -39,18 +39,19 @@ def options_of(name):
     return dict(options)
 
 
-def params_of(dtype):
+def params_of(dtype, name):
     generator = torch.Generator().manual_seed(0)
+    shape = OPTIMIZERS[name].shape  # 2-D for an optimizer of matrices only
     return [
-        torch.nn.Parameter(torch.randn(3, 100, generator=generator).to(dtype)),
-        torch.nn.Parameter(torch.randn(37, generator=generator).to(dtype)),
+        torch.nn.Parameter(torch.randn(shape((3, 100)), generator=generator).to(dtype)),
+        torch.nn.Parameter(torch.randn(shape((37,)), generator=generator).to(dtype)),
     ]
 
 
 def steps_or_refuses(name, dtype, claimed, **options):
     """Two steps of ``name`` on parameters of ``dtype`` with ``options`` if ``claimed``,
     else a refusal at construction or at the step, with the parameters unchanged."""
-    params = params_of(dtype)
+    params = params_of(dtype, name)
     before = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(1)
     try:
@@ -115,7 +116,7 @@ def test_rounding_options_are_refused_for_float32_parameters(option):
 
 @pytest.mark.parametrize("name", list(CAPABILITIES))
 def test_step_in_backward(name):
-    params = params_of(torch.float32)
+    params = params_of(torch.float32, name)
     before = [p.detach().clone() for p in params]
     cls = getattr(fastmomentum, name)
     if not CAPABILITIES[name].step_in_backward:

@@ -20,7 +20,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize(("case", "name", "bucket_view", "set_to_none"), distributed_run.CASES)
 def test_ddp_matches_one_process_on_the_whole_batch(results, case, name, bucket_view, set_to_none):
-    model = distributed_run.make_model()
+    model = distributed_run.make_model(name)
     optimizer = getattr(fastmomentum, name)(model.parameters(), **distributed_run.DDP_OPTIONS[name])
     distributed_run.train(model, optimizer, 0, 1, set_to_none)
     for ddp_param, param in zip(results[case], model.parameters()):

@@ -303,6 +303,11 @@ def test_each_rule_takes_what_its_spec_says_in_order(spec):
     assert all(spec.optional_flag(name) in spec.flags for name, _ in spec.optional)
 
 
+#: Rules with state and no 8-bit loops: Muon's passes, whose ``update`` (the Nesterov
+#: update, then its orthogonalised form) is a scratch array no 8-bit codes could keep.
+WITHOUT_8BIT_STATE = {"muon_momentum", "muon_apply"}
+
+
 @pytest.mark.parametrize("spec", rules.SPECS, ids=[spec.name for spec in rules.SPECS])
 def test_each_rule_with_state_declares_its_8bit_codes_and_its_loops_print(spec):
     """Every rule with state says how each state array is kept in 8 bits (signed codes
@@ -311,7 +316,7 @@ def test_each_rule_with_state_declares_its_8bit_codes_and_its_loops_print(spec):
     from fastmomentum.kernels import cpu, elements, specs
 
     cuda = pytest.importorskip("fastmomentum.kernels.cuda")
-    if not spec.state:
+    if not spec.state or spec.name in WITHOUT_8BIT_STATE:
         assert spec.codes == ()
         with pytest.raises(ValueError, match="do not cover its state"):
             specs.int8_blockwise(spec)
