@@ -22,6 +22,7 @@ ENTRY_POINTS = [
     "bench.per_tensor",
     "bench.demo",
     "bench.gpu_check",
+    "bench.gpu_static",
     "bench.precision",
     "bench.precision_speed",
     "bench.memory",

@@ -1,0 +1,211 @@
+"""bench.gpu_static without its tools: what can be checked with no NVVM and no ptxas.
+
+The variants it compiles are every spec in every format a launch makes; occupancy,
+the ptxas report and the PTX analyses are checked on known numbers and small samples.
+Compiling and assembling run in CI's own step (.ci/run), with the ``cuda-dev`` extra.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from bench import gpu_static
+from fastmomentum import capabilities
+from fastmomentum.bucket import compute_dtype_and_formats
+from fastmomentum.quantized import INT8_BLOCKWISE
+from fastmomentum.validation import check_state_dtype
+from kernels import cuda, rules
+from kernels.specs import int8_blockwise
+
+SM80, SM90 = gpu_static.ARCHS
+
+# ptxas 12.9's report on an 8-bit kernel (its mangled name cut short).
+PTXAS_REPORT = """\
+ptxas info    : 200 bytes gmem
+ptxas info    : Compiling entry function '_ZN7kernels4cuda10_adam_int8B2v1' for 'sm_90'
+ptxas info    : Function properties for _ZN7kernels4cuda10_adam_int8B2v1
+    24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 3072 bytes smem
+ptxas info    : Compile time = 200.714 ms
+"""
+
+
+def test_variants_cover_every_spec_in_every_format():
+    found = {(spec.name, format.name) for spec, format in gpu_static.variants()}
+    for spec in rules.SPECS:
+        assert {(spec.name, f.name) for f in gpu_static.FORMATS} <= found
+        try:
+            name = int8_blockwise(spec).name
+        except ValueError:
+            continue
+        assert {(name, f.name) for f in gpu_static.INT8_FORMATS} <= found
+    assert len(found) == len(gpu_static.variants())
+
+
+def _launched_formats():
+    """(compute dtype, formats) of every bucket the capability table lets one build, as
+    `fastmomentum.bucket.ParamBucket` makes them (master weights: a float32 param column)."""
+    dtypes = {name: getattr(torch, name) for name in capabilities.PARAM_DTYPES}
+    states = {"param": None, "bfloat16": torch.bfloat16, "int8_blockwise": INT8_BLOCKWISE}
+    made = set()
+    for row in capabilities.CAPABILITIES.values():
+        for param in row.param_dtypes:
+            for state in row.state_dtypes:
+                state_dtype = states[state]
+                try:  # the combinations the constructors refuse are never launched
+                    check_state_dtype(state_dtype, [torch.empty(0, dtype=dtypes[param])])
+                except ValueError:
+                    continue
+                compute, formats = compute_dtype_and_formats(
+                    dtypes[param], state_dtype or dtypes[param]
+                )
+                made.add((state == "int8_blockwise", _named(compute, formats)))
+            if param in ("bfloat16", "float16") and "master_weights" in row.sixteen_bit_options:
+                compute, formats = compute_dtype_and_formats(dtypes[param], torch.float32)
+                made.add((False, _named(compute, (np.float32, *formats[1:]))))
+    return made
+
+
+def _named(compute, formats):
+    formats = (compute,) * 4 if formats is None else formats
+    return np.dtype(compute).name, tuple(np.dtype(kind).name for kind in formats)
+
+
+def test_formats_are_those_the_torch_binding_launches():
+    listed = {(False, (f.compute, f.formats)) for f in gpu_static.FORMATS}
+    listed |= {(True, (f.compute, f.formats)) for f in gpu_static.INT8_FORMATS}
+    assert _launched_formats() == listed
+
+
+def test_signature_has_an_argument_per_kernel_parameter():
+    for spec, format in gpu_static.variants():
+        definition = cuda.kernel_source(spec).splitlines()[0]
+        parameters = definition[definition.index("(") + 1 : definition.index(")")].split(",")
+        assert len(gpu_static.signature(spec, format)) == len(parameters), spec.name
+
+
+def test_usual_launch_source_sets_every_path_argument():
+    for spec, format in gpu_static.variants():
+        source = gpu_static.usual_launch_source(spec, format)
+        compile(source, spec.name, "exec")
+        for name in (*spec.flags, "clear"):
+            assert f"\n    {name} = False\n" in source
+        assert f"\n    param_store = {format.param_store}\n" in source
+
+
+@pytest.mark.parametrize(
+    ("registers", "expected"),
+    [(32, 8), (40, 6), (48, 5), (56, 4), (64, 4), (65, 3), (80, 3), (128, 2), (255, 1)],
+)
+def test_blocks_per_sm_of_256_threads(registers, expected):
+    # 64 registers: 2048 per warp, 32 warps of 64 K registers, 4 blocks of 8 warps (50%);
+    # 80: 2560 per warp, 25 warps, 3 blocks (37.5%)
+    assert gpu_static.blocks_per_sm(SM80, registers, 256) == expected
+    assert gpu_static.blocks_per_sm(SM90, registers, 256) == expected
+
+
+def test_blocks_per_sm_limited_by_shared_memory_and_threads():
+    shared = 100 * 1024  # + 1 KB reserved a block: 1 fits in 164 KB, 2 in 228 KB
+    assert gpu_static.blocks_per_sm(SM80, 32, 256, shared) == 1
+    assert gpu_static.blocks_per_sm(SM90, 32, 256, shared) == 2
+    assert gpu_static.blocks_per_sm(SM90, 16, 1024) == 2  # 2048 threads at most
+    assert gpu_static.blocks_per_sm(SM90, 16, 32) == 32  # 32 blocks at most
+
+
+def test_parse_ptxas_report():
+    resources = gpu_static.parse_ptxas(PTXAS_REPORT)
+    assert resources == gpu_static.Resources(
+        registers=40, spill_stores=8, spill_loads=12, stack=24, local=0, shared=3072
+    )
+    with pytest.raises(ValueError):
+        gpu_static.parse_ptxas("ptxas info    : 200 bytes gmem\n")
+
+
+def test_targets_from_littles_law():
+    assert SM90.target == pytest.approx(4.8e12 * 700e-9 / 132)  # H200: ≈ 24.9 KiB
+    assert 24 * 1024 < SM90.target < 26 * 1024
+    assert 12 * 1024 < SM80.target < 14 * 1024
+
+
+# A kernel's shape in PTX: the table's arrays are kernel parameters; an entry's arrays
+# are addresses loaded from the table; the element index derives from %tid.
+PTX = """\
+.visible .entry kernel(
+	.param .u64 table
+)
+{
+	ld.param.u64 	%rd1, [table];
+	cvta.to.global.u64 	%rd2, %rd1;
+	ld.global.u64 	%rd3, [%rd2];
+	ld.global.u64 	%rd4, [%rd2+8];
+	ld.global.u64 	%rd5, [%rd2+16];
+	ld.param.u8 	%rs1, [flag];
+	setp.ne.s16 	%p1, %rs1, 0;
+	selp.b64 	%rd6, %rd4, %rd5, %p1;
+	ld.global.f32 	%f9, [%rd3];
+	mov.u32 	%r1, %tid.x;
+	mul.wide.s32 	%rd7, %r1, 4;
+$L__BB0_1:
+	add.s64 	%rd8, %rd3, %rd7;
+	add.s64 	%rd9, %rd6, %rd7;
+	ld.global.f32 	%f1, [%rd8];
+	ld.global.v2.f32 	{%f2, %f3}, [%rd9];
+	add.f32 	%f4, %f1, %f2;
+	st.global.f32 	[%rd8], %f4;
+	ld.u16 	%rs2, [%rd9];
+	@%p1 bra 	$L__BB0_1;
+	ret;
+}
+"""
+
+
+def test_element_loads_leave_out_the_table_and_broadcasts():
+    found = gpu_static.instructions(PTX)
+    chosen = {found[i].opcode for i in gpu_static.element_loads(found)}
+    # the table's addresses (from a parameter) and the value at an entry's first
+    # element (the same for every thread) are not element loads
+    assert chosen == {"ld.global.f32", "ld.global.v2.f32", "ld.u16"}
+    assert len(gpu_static.element_loads(found)) == 3
+
+
+def test_bytes_in_flight_counts_loads_before_a_store_or_branch():
+    assert gpu_static.load_bytes("ld.global.v2.f32") == 8
+    assert gpu_static.load_bytes("ld.u16") == 2
+    assert gpu_static.bytes_in_flight(PTX) == 12  # 4 + 8 before the store; then 2
+
+
+def test_vector_and_f64_instructions_are_found():
+    ptx = PTX.replace(
+        "add.f32 	%f4, %f1, %f2;", "cvt.f64.f32 	%fd1, %f1;\n\tadd.f64 	%fd2, %fd1, %fd1;"
+    )
+    assert gpu_static.f64_instructions(ptx) == ["cvt.f64.f32", "add.f64"]
+
+
+def test_f64_allowed_only_for_float64_arrays_and_lamb_sums():
+    fp32, fp64 = gpu_static.FORMATS[0], gpu_static.FORMATS[1]
+    sums = ["cvt.f64.f32", "fma.rn.f64", "atom.global.add.f64", "st.shared.f64"]
+    narrowed = ["cvt.rn.f32.f64", "setp.lt.f64", "div.rn.f64"]
+    lamb = next(spec for spec in rules.SPECS if spec.squares)
+    assert gpu_static.unexpected_f64(lamb, fp32, sums) == []
+    assert gpu_static.unexpected_f64(lamb, fp32, sums + narrowed) == narrowed
+    assert gpu_static.unexpected_f64(rules.adam.SPEC, fp32, sums) == sums
+    assert gpu_static.unexpected_f64(rules.adam.SPEC, fp64, narrowed) == []
+
+
+def test_known_misses_name_kernels_that_are_compiled():
+    keys = {
+        gpu_static.key({"kernel": spec.name, "format": format.name, "arch": arch.name})
+        for spec, format in gpu_static.variants()
+        for arch in gpu_static.ARCHS
+    }
+    assert gpu_static.known_below_target() <= keys
+
+
+def test_a_known_miss_fails_once_it_meets_the_target():
+    row = {"kernel": "adam", "format": "fp32", "arch": "sm_90", "spill_bytes": 0}
+    row.update(unexpected_f64=[], in_flight_per_sm=100, target=200)
+    assert gpu_static.failures(row, known=set()) == ["below target"]
+    assert gpu_static.failures(row, known={"adam fp32 sm_90"}) == []
+    assert gpu_static.failures(row, known={"adam fp32 sm_90"}, strict=True) == ["below target"]
+    row["in_flight_per_sm"] = 300
+    assert "meets target" in gpu_static.failures(row, known={"adam fp32 sm_90"})[0]
