@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastmomentum
+from fastmomentum.capabilities import CAPABILITIES
 
 T = torch.tensor
 
@@ -51,7 +52,8 @@ PARAMS = {
     "a-tensor": lambda: torch.nn.Parameter(torch.randn(2)),
 }
 
-NAMES = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad"]
+#: Every optimizer with a torch.optim namesake (the registry's).
+NAMES = [name for name, row in CAPABILITIES.items() if row.torch_peer == name]
 
 
 def outcome(cls, make_params, options):
