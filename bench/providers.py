@@ -50,8 +50,13 @@ def arrays_moved(benchmark):
     return moved
 
 
-#: The optimizers torch has a fused CPU step for.
-TORCH_FUSED = ("SGD", "Adam", "AdamW", "Adagrad")
+#: The optimizers torch has a fused step for (``fused=True``; on the CPU too).
+TORCH_FUSED = tuple(
+    name
+    for name in dict(OPTIMIZERS.values())
+    if hasattr(torch.optim, name)
+    and "fused" in inspect.signature(getattr(torch.optim, name)).parameters
+)
 
 
 def ours_default(name, params, options):
