@@ -1,94 +1,287 @@
-"""GPU check: parity with torch's fused CUDA optimizers and step timings, in one command.
+"""GPU check: parity of every optimizer and mode the registry claims for CUDA, and the
+step's achieved memory bandwidth, in one command (docs/gpu.md describes its output).
 
-    python -m bench.gpu_check [--numel 268435456] [--repeats 20]
+    python -m bench.gpu_check [--list] [--numel 268435456] [--repeats 20] [--output bench/out]
 
 Needs a CUDA GPU, a CUDA build of torch and numba-cuda with the CUDA toolkit's NVRTC
-(``pip install 'numba-cuda[cu12]'`` or ``[cu13]``, matching the driver).
+(``pip install 'numba-cuda[cu12]'`` or ``[cu13]``, matching the driver); ``--list``
+needs none and prints what would be checked.
 
-1. Parity: a few parameter shapes, 30 steps with fixed random gradients, ours against
-   ``torch.optim`` with ``fused=True`` on the same device; the largest relative
-   difference of parameters and state, per optimizer (float32: both round per op).
-2. Timing on one buffer of ``--numel`` float32 parameters (256M by default): median step
-   time of fastmomentum, torch fused and torch foreach (CUDA events, after warm-up), and
-   the ceiling: a device-to-device copy's bandwidth applied to the step's bytes.
+1. Parity: for each optimizer whose row of `fastmomentum.capabilities.CAPABILITIES`
+   claims CUDA, each of its benchmark rows in float32, then its first row in each mode
+   the row claims (parameter dtypes, bfloat16 and 8-bit state, and for bfloat16
+   parameters master weights, stochastic rounding and Kahan summation; the step in
+   backward; flat gradients), `STEPS` steps on random data of awkward shapes, against
+   the reference `reference_of` names, within the bound `bound_of` names (`BOUNDS`).
+2. Bandwidth: one buffer of ``--numel`` float32 parameters per benchmark row; the
+   median step time of ours and of torch's (fused where it has one, else foreach), as
+   bytes moved (`bench.providers.arrays_moved` × 4 × numel) per second and as a share of
+   the device's peak: memory clock × 2 (double data rate) × bus width / 8.
+3. A markdown report (``--output``, default bench/out/), and exit status 1 on any
+   parity failure.
 """
 
+import datetime
+import inspect
+import pathlib
 import statistics
+import time
+from typing import NamedTuple
 
 import torch
 
 import fastmomentum
+from fastmomentum.capabilities import CAPABILITIES, benchmarks
 
 from . import cli
 
-OPTIMIZERS = {
-    "SGD momentum": ("SGD", {"lr": 1e-2, "momentum": 0.9}),
-    "SGD Nesterov": ("SGD", {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
-    "Adam": ("Adam", {"lr": 1e-3}),
-    "Adam amsgrad": ("Adam", {"lr": 1e-3, "amsgrad": True, "weight_decay": 1e-2}),
-    "AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}),
-}
-ARRAYS_MOVED = {"SGD": 5, "Adam": 7, "AdamW": 7}  # reads + writes per parameter
+STEPS = 10
 SHAPES = [(1000, 257), (4096,), (3, 64, 7, 7), (1,), (0,), (33, 1023)]
-#: Float32 on both sides, each op rounded (and fused into FMAs by NVCC/NVVM alike); the
-#: CPU parity tests see at most 4e-6 after 120 steps.
-TOLERANCE = 1e-5
+SHORT = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
+#: Mode -> constructor options (float32 parameters unless the mode names a dtype).
+STATE_MODES = {"bfloat16": "bf16 state", "int8_blockwise": "int8 state"}
+SIXTEEN_BIT_MODES = {
+    "master_weights": "bf16 master weights",
+    "stochastic_rounding": "bf16 stochastic rounding",
+    "kahan_sum": "bf16 Kahan",
+}
+#: The bits of stochastic rounding are keyed on the group's seed (random by default).
+SEEDED = {"stochastic_rounding": {"rounding_seed": 0}}
+#: Bound name -> what it allows; the CPU parity tests' bounds (tests/assertions.py RTOL,
+#: tests/test_rounding.py for 16-bit and 8-bit values, the bit-identity claims of
+#: tests/test_precision_params.py, test_step_in_backward.py and test_master_weights.py).
+BOUNDS = {
+    "bits": "bit-identical, every tensor",
+    "rtol": "max|a−b| ≤ rtol·max|b| per tensor: fp64 1e-12, fp32 1e-5 (NAdam ×2, its "
+    "extra roundings); 16-bit tensors within one 16-bit step of each element, ≤ 1% of "
+    "elements differing; 8-bit codes within one code, ≤ 1% differing; counts equal",
+}
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+FACTOR = {"NAdam": 2.0}
+#: Lion's step is ±lr by the sign of β1·m + (1−β1)·g: one ulp (an FMA on the GPU, none
+#: on the CPU) flips it where that is within an ulp of 0, moving the element by 2·lr.
+ELEMENTS_ALLOWED_OUT = {"Lion": 1e-4}
 
 
-def make_params(shapes, device, seed=0):
-    generator = torch.Generator(device=device).manual_seed(seed)
-    params = []
-    for shape in shapes:
-        param = torch.nn.Parameter(torch.randn(shape, device=device, generator=generator))
-        params.append(param)
-    return params
+class Check(NamedTuple):
+    name: str  # the fastmomentum class
+    row: str  # its benchmark row
+    options: dict
+    mode: str
+    dtype: torch.dtype
+    extra: dict  # the mode's constructor options
 
 
-def relative_difference(a, b):
+def checks():
+    """Every optimizer × mode its registry row claims for CUDA, in the registry's order."""
+    rows = benchmarks()
+    out = []
+    for name, caps in CAPABILITIES.items():
+        if not caps.cuda:
+            continue
+        own = [(row, options) for row, (cls, options) in rows.items() if cls == name]
+        for row, options in own:
+            out.append(Check(name, row, options, "fp32", torch.float32, {}))
+        row, options = own[0]
+        for dtype in caps.param_dtypes:
+            if dtype != "float32":
+                out.append(Check(name, row, options, SHORT[dtype], getattr(torch, dtype), {}))
+        for state, mode in STATE_MODES.items():
+            if state in caps.state_dtypes:
+                extra = {"state_dtype": getattr(torch, state, state)}
+                out.append(Check(name, row, options, mode, torch.float32, extra))
+        if "bfloat16" in caps.param_dtypes:
+            for option, mode in SIXTEEN_BIT_MODES.items():
+                if option in caps.sixteen_bit_options:
+                    extra = {option: True, **SEEDED.get(option, {})}
+                    out.append(Check(name, row, options, mode, torch.bfloat16, extra))
+        if caps.step_in_backward:
+            extra = {"step_in_backward": True}
+            out.append(Check(name, row, options, "step in backward", torch.float32, extra))
+        extra = {"flat_gradients": True}
+        out.append(Check(name, row, options, "flat gradients", torch.float32, extra))
+    return out
+
+
+def _torch_kind(name):
+    peer = CAPABILITIES[name].torch_peer
+    if peer is None or not hasattr(torch.optim, peer):
+        return None
+    parameters = inspect.signature(getattr(torch.optim, peer)).parameters
+    return "fused" if "fused" in parameters else "foreach" if "foreach" in parameters else "loop"
+
+
+def reference_of(check):
+    """What ``check`` is compared with: torch's CUDA optimizer where torch has the mode
+    (master weights: torch on float32 twins, whose values the copy must follow), our
+    CUDA ordinary step for the step in backward, else our CPU step on the same data."""
+    kind = _torch_kind(check.name)
+    sixteen = check.dtype in (torch.bfloat16, torch.float16)
+    if check.mode == "step in backward":
+        return "our CUDA step"
+    if kind is None or (
+        check.extra and not {"master_weights", "flat_gradients"} & set(check.extra)
+    ):
+        return "our CPU step"  # LAMB, Lion; bf16 and 8-bit state, SR, Kahan: torch has none
+    if "master_weights" in check.extra:
+        return f"torch {kind}, fp32 twins"
+    if sixteen and kind != "fused":
+        # torch's foreach and for-loop round each op to 16 bits: no reference for a step
+        # computed in float32 and rounded once (tests/test_precision_params.py)
+        return "our CPU step"
+    return f"torch {kind}"
+
+
+def bound_of(check):
+    sixteen = check.dtype in (torch.bfloat16, torch.float16) and not check.extra
+    if check.mode == "step in backward" or (sixteen and check.name in ("Adam", "AdamW")):
+        return "bits"
+    return "rtol"
+
+
+# --- parity -------------------------------------------------------------------------
+
+
+def shapes_for(name):
+    if not getattr(getattr(fastmomentum, name), "matrices_only", False):
+        return SHAPES
+    return [(1000, 257), (33, 1023), (64, 147), (1, 1), (0, 5)]
+
+
+def data(check):
+    """Starting values and per-step gradients, made on the CPU so every side gets the
+    same numbers."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = shapes_for(check.name)
+    start = [torch.randn(s, generator=generator).to(check.dtype) for s in shapes]
+    grads = [
+        [torch.randn(s, generator=generator).to(check.dtype) for s in shapes] for _ in range(STEPS)
+    ]
+    return start, grads
+
+
+def make_torch(check, params):
+    peer = getattr(torch.optim, CAPABILITIES[check.name].torch_peer)
+    kind = _torch_kind(check.name)
+    if kind == "fused":
+        try:
+            return peer(params, fused=True, **check.options), "fused"
+        except (RuntimeError, ValueError):  # torch's fused Adagrad is CPU only
+            kind = "foreach"
+    flag = {"foreach": True} if kind == "foreach" else {}
+    return peer(params, **check.options, **flag), kind
+
+
+def run(optimizer, params, grads, in_backward=False, keep_grads=False):
+    """``STEPS`` steps; gradients through a backward of Σ p·g, so the step in backward
+    runs as in training."""
+    for step_grads in grads:
+        loss = sum((p.float() * g.to(p.device).float()).sum() for p, g in zip(params, step_grads))
+        loss.backward()
+        if not in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not keep_grads)
+    return optimizer
+
+
+def side(check, device, start, grads, reference=None):
+    """Our optimizer on ``device`` (``reference``: the reference of ``check`` instead),
+    with ``check``'s mode; returns (params, optimizer, what it is)."""
+    dtype = torch.float32 if reference and "fp32 twins" in reference else check.dtype
+    params = [torch.nn.Parameter(s.to(device, dtype, copy=True)) for s in start]
+    grads = [[g.to(dtype) for g in step] for step in grads]
+    if reference and reference.startswith("torch"):
+        optimizer, kind = make_torch(check, params)
+        return params, run(optimizer, params, grads), f"torch {kind}"
+    extra = {} if reference == "our CUDA step" else check.extra
+    optimizer = getattr(fastmomentum, check.name)(params, **check.options, **extra)
+    in_backward = extra.get("step_in_backward", False)
+    keep = extra.get("flat_gradients", False)
+    return params, run(optimizer, params, grads, in_backward, keep), reference or "ours"
+
+
+def compare(a, b, bound, name):
+    """The worst difference of ``a`` against ``b`` as a number (relative, or 16-bit
+    steps, or codes) and whether it is within ``bound``."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.is_floating_point():  # NaN and inf must lie alike; the rest is compared
+        finite = a.isfinite() & b.isfinite()
+        if not torch.equal(a[~finite].double(), b[~finite].double()):
+            return float("inf"), False
+        a, b = a[finite], b[finite]
     if a.numel() == 0:
-        return 0.0
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        return 0.0, True
+    if bound == "bits" or not a.is_floating_point() and a.dtype not in (torch.uint8, torch.int8):
+        differ = int((a != b).sum()) if a.shape == b.shape else -1
+        return float(differ), differ == 0
+    if not a.is_floating_point():  # 8-bit codes
+        apart = (a.int() - b.int()).abs()
+        return float(apart.max()), bool(apart.max() <= 1 and (apart > 0).float().mean() <= 0.01)
+    if a.dtype in RTOL:
+        scale = b.double().abs().max().clamp_min(1e-300)
+        error = (a.double() - b.double()).abs()
+        rtol = RTOL[a.dtype] * FACTOR.get(name, 1.0)
+        out = float((error > rtol * scale).double().mean())
+        return float(error.max() / scale), out <= ELEMENTS_ALLOWED_OUT.get(name, 0.0)
+    af, bf = a.float(), b.float()
+    one_step = torch.maximum(af.abs(), bf.abs()) * torch.finfo(a.dtype).eps * 2
+    apart = (af - bf).abs()
+    steps = float((apart / (one_step / 2 + torch.finfo(a.dtype).tiny)).max())
+    within = bool((apart <= one_step + torch.finfo(a.dtype).tiny).all())
+    return steps, within and float((apart > 0).float().mean()) <= 0.01
 
 
-def parity(device, flat_gradients):
-    """Worst relative differences to torch fused after 30 steps, per optimizer.
+def tensors(params, optimizer):
+    """Name -> tensor: each parameter and its state (tensor entries), by position."""
+    out = {}
+    for index, p in enumerate(params):
+        out[f"p{index}"] = p
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                out[f"p{index}.{key}"] = value
+    return out
 
-    ``flat_gradients``: ``zero_grad(set_to_none=False)`` and gradients copied into the
-    existing ``.grad`` (pieces of our gradient allocation); otherwise a fresh gradient
-    tensor per parameter each step (read where it lies). One launch per step either way.
-    """
-    rows = []
-    for label, (name, options) in OPTIMIZERS.items():
-        ours_params, fused_params = make_params(SHAPES, device), make_params(SHAPES, device)
-        ours = getattr(fastmomentum, name)(ours_params, **options)
-        fused = getattr(torch.optim, name)(fused_params, fused=True, **options)
-        generator = torch.Generator(device=device).manual_seed(1)
-        for _ in range(30):
-            ours.zero_grad(set_to_none=not flat_gradients)
-            for p, q in zip(ours_params, fused_params):
-                grad = torch.randn(p.shape, device=device, generator=generator)
-                if flat_gradients and p.grad is not None:
-                    p.grad.copy_(grad)
-                else:
-                    p.grad = grad.clone()
-                q.grad = grad.clone()
-            ours.step()
-            fused.step()
-        torch.cuda.synchronize(device)
-        worst = max(
-            relative_difference(p.detach(), q.detach()) for p, q in zip(ours_params, fused_params)
-        )
-        worst_state = max(
-            (
-                relative_difference(ours.state[p][key], value)
-                for p, q in zip(ours_params, fused_params)
-                for key, value in fused.state[q].items()
-                if key != "step"
-            ),
-            default=0.0,
-        )
-        rows.append((label, worst, worst_state))
-    return rows
+
+def parity(check, device):
+    """Steps ``check`` and its reference; (reference used, worst difference, passed)."""
+    start, grads = data(check)
+    reference = reference_of(check)
+    ref_device = "cpu" if reference == "our CPU step" else device
+    params, ours, _ = side(check, device, start, grads)
+    ref_params, theirs, used = side(check, ref_device, start, grads, reference)
+    bound = bound_of(check)
+    mine, wanted = tensors(params, ours), tensors(ref_params, theirs)
+    if "fp32 twins" in reference:  # the float32 copy follows torch's float32 parameters
+        for index in range(len(params)):
+            mine[f"p{index}"] = mine.pop(f"p{index}.master_param")
+    worst, passed = 0.0, True
+    for key, value in wanted.items():
+        if key not in mine:
+            continue  # torch's keys we do not keep, e.g. a fused step's tensors
+        difference, within = compare(mine[key], value, bound, check.name)
+        worst, passed = max(worst, difference), passed and within
+    if "master_weights" in check.extra:  # the parameter is its float32 copy rounded, bit for bit
+        for p in params:
+            copy = ours.state[p]["master_param"]
+            passed = passed and torch.equal(p.detach(), copy.to(p.dtype))
+    return used, worst, passed
+
+
+# --- bandwidth ------------------------------------------------------------------------
+
+
+def peak_bandwidth(device):
+    """Bytes per second: memory clock (kHz) × 1e3 × 2 (double data rate) × bus width (bits)
+    / 8, from torch's device properties or numba-cuda's device attributes."""
+    properties = torch.cuda.get_device_properties(device)
+    clock = getattr(properties, "memory_clock_rate", None)
+    width = getattr(properties, "memory_bus_width", None)
+    if not clock or not width:
+        from numba import cuda
+
+        gpu = cuda.get_current_device()
+        clock, width = gpu.MEMORY_CLOCK_RATE, gpu.GLOBAL_MEMORY_BUS_WIDTH
+    return clock * 1e3 * 2 * width / 8
 
 
 def median_ms(step, repeats, device):
@@ -105,82 +298,117 @@ def median_ms(step, repeats, device):
     return statistics.median(times)
 
 
-def copy_bandwidth(device, numel, repeats):
-    """Bytes per second of a device-to-device copy of ``numel`` float32 values."""
-    source = torch.empty(numel, device=device)
-    target = torch.empty_like(source)
-    milliseconds = median_ms(lambda: target.copy_(source), repeats, device)
-    return 2 * numel * 4 / (milliseconds / 1e3)
+def bandwidth(row, device, numel, repeats):
+    """(bytes moved per step, ours ms, torch ms or None, torch's kind)."""
+    from .providers import arrays_moved
+
+    name, options = benchmarks()[row]
+    result = {}
+    for provider in ("ours", "torch"):
+        if provider == "torch" and _torch_kind(name) is None:
+            break
+        shape = (numel // 4096, 4096) if name == "Muon" else (numel,)  # Muon: matrices
+        param = torch.nn.Parameter(torch.randn(shape, device=device))
+        param.grad = torch.randn_like(param)
+        check = Check(name, row, options, "fp32", torch.float32, {})
+        if provider == "ours":
+            optimizer, kind = getattr(fastmomentum, name)([param], **options), "ours"
+        else:
+            optimizer, kind = make_torch(check, [param])
+        result[provider] = (median_ms(optimizer.step, repeats, device), kind)
+        del optimizer, param
+        torch.cuda.empty_cache()
+    return arrays_moved(row) * 4 * numel, result
 
 
-def timings(device, numel, repeats):
-    bandwidth = copy_bandwidth(device, numel, repeats)
-    torch.cuda.empty_cache()
-    rows = []
-    for label, (name, options) in OPTIMIZERS.items():
-        if label == "Adam amsgrad":
-            continue
-        moved = ARRAYS_MOVED[name] * numel * 4
-        result = {"ceiling": moved / bandwidth * 1e3}
-        for provider in ("fastmomentum", "torch fused", "torch foreach"):
-            param = torch.nn.Parameter(torch.randn(numel, device=device))
-            param.grad = torch.randn(numel, device=device)
-            if provider == "fastmomentum":
-                optimizer = getattr(fastmomentum, name)([param], **options)
-            else:
-                flag = {"fused": True} if provider == "torch fused" else {"foreach": True}
-                optimizer = getattr(torch.optim, name)([param], **options, **flag)
-            result[provider] = median_ms(optimizer.step, repeats, device)
-            del optimizer, param
-            torch.cuda.empty_cache()
-        rows.append((label, moved, result))
-    return bandwidth, rows
+# --- the command ------------------------------------------------------------------------
+
+
+def listing():
+    lines = ["| optimizer | row | mode | reference | bound |", "| --- | --- | --- | --- | --- |"]
+    for check in checks():
+        cells = [check.name, check.row, check.mode, reference_of(check), bound_of(check)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None):
     parser = cli.parser("bench.gpu_check", __doc__)
+    parser.add_argument("--list", action="store_true", help="print the checks; needs no GPU")
     parser.add_argument(
-        "--numel", type=cli.positive_int, default=256 * 2**20, help="parameters in the buffer"
+        "--numel", type=cli.positive_int, default=256 * 2**20, help="parameters per buffer"
     )
-    parser.add_argument(
-        "--repeats", type=cli.positive_int, default=20, help="timed steps per optimizer"
-    )
+    parser.add_argument("--repeats", type=cli.positive_int, default=20, help="timed steps")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench/out"))
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(listing()))
+        print(f"\n{len(checks())} checks, {STEPS} steps each. Bounds:")
+        print("\n".join(f"- {name}: {text}" for name, text in BOUNDS.items()))
+        return
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU visible to torch: nothing to check")
-    device = torch.device("cuda", torch.cuda.current_device())
-    print(
-        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}"
-    )
-
-    print("\nParity with torch fused, float32, 30 steps (max relative difference)")
-    print(f"{'optimizer':14} {'gradients':18} {'params':>10} {'state':>10}")
-    failed = False
-    for flat in (False, True):
-        for label, params, state in parity(device, flat):
-            kind = "flat views" if flat else "read in place"
-            failed |= max(params, state) > TOLERANCE
-            print(f"{label:14} {kind:18} {params:10.2e} {state:10.2e}")
-
-    bandwidth, rows = timings(device, args.numel, args.repeats)
-    print(
-        f"\nOne buffer of {args.numel / 2**20:.0f}M float32 parameters, median of "
-        f"{args.repeats} steps; device-to-device copy: {bandwidth / 1e9:.0f} GB/s"
-    )
-    print(
-        f"{'optimizer':14} {'ours ms':>9} {'fused ms':>9} {'foreach ms':>10} {'ceiling ms':>10} "
-        f"{'ours/fused':>10} {'ours/ceiling':>12}"
-    )
-    for label, _, result in rows:
-        ours, fused = result["fastmomentum"], result["torch fused"]
-        print(
-            f"{label:14} {ours:9.3f} {fused:9.3f} {result['torch foreach']:10.3f} "
-            f"{result['ceiling']:10.3f} {ours / fused:10.2f} {ours / result['ceiling']:12.2f}"
+        raise SystemExit(
+            "bench.gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is "
+            f"False; torch {torch.__version__}); `--list` prints what it checks"
         )
+    device = torch.device("cuda", torch.cuda.current_device())
+    began = time.perf_counter()
+    head = (
+        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA "
+        f"{torch.version.cuda}, fastmomentum {fastmomentum.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    report = [f"# GPU check\n\n{head}\n", f"## Parity, {STEPS} steps\n"]
+    report += ["| optimizer | row | mode | reference | bound | worst | result |"]
+    report += ["| --- | --- | --- | --- | --- | --: | --- |"]
+    print(head)
+    failures = 0
+    for check in checks():
+        try:
+            used, worst, passed = parity(check, device)
+            worst = f"{worst:.2e}"
+        except Exception as error:  # a mode that cannot run is a failure, reported
+            used, worst, passed = reference_of(check), f"{type(error).__name__}: {error}", False
+        failures += not passed
+        cells = [check.name, check.row, check.mode, used, bound_of(check), worst]
+        line = "| " + " | ".join(cells + ["ok" if passed else "FAILED"]) + " |"
+        report.append(line)
+        print(line, flush=True)
 
-    if failed:
-        raise SystemExit(f"parity FAILED: a difference above {TOLERANCE:g}")
+    peak = peak_bandwidth(device)
+    report += [
+        f"\n## Bandwidth, {args.numel / 2**20:.0f}M fp32 parameters, median of {args.repeats}",
+        f"\nPeak: memory clock × 2 × bus width / 8 = {peak / 1e9:.0f} GB/s\n",
+        "| row | bytes/param | ours ms | ours GB/s | ours % peak | torch | torch ms "
+        "| torch GB/s | torch % peak |",
+        "| --- | --: | --: | --: | --: | --- | --: | --: | --: |",
+    ]
+    print(report[-4].strip())
+    for row, (name, _) in benchmarks().items():
+        if not CAPABILITIES[name].cuda:
+            continue
+        moved, result = bandwidth(row, device, args.numel, args.repeats)
+        cells = [row, f"{moved / args.numel:.0f}"]
+        for provider in ("ours", "torch"):
+            milliseconds, kind = result.get(provider, (None, "–"))
+            if milliseconds is None:
+                cells += ["–"] * (3 if provider == "ours" else 4)
+                continue
+            rate = moved / (milliseconds / 1e3)
+            cells += [kind] if provider == "torch" else []
+            cells += [f"{milliseconds:.3f}", f"{rate / 1e9:.0f}", f"{100 * rate / peak:.0f}%"]
+        report.append("| " + " | ".join(cells) + " |")
+        print(report[-1], flush=True)
+
+    seconds = time.perf_counter() - began
+    verdict = f"{failures} parity failure(s)" if failures else "parity: every check ok"
+    report.append(f"\n{verdict}; {seconds:.0f} s in all.")
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / "gpu_check.md"
+    path.write_text("\n".join(report) + "\n")
+    print(f"{verdict}; {seconds:.0f} s; report: {path}")
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
