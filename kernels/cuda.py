@@ -187,6 +187,28 @@ def _blockwise_codes(spec, indent):
     return (codes if spec.written else []) + stores
 
 
+class Counts:
+    """What the launches of this process did on the host, counted where it happens (for
+    tests/test_cuda.py): ``launches`` kernels queued, ``uploads`` host-to-device copies
+    and ``waits``, where the host stops until the GPU has caught up (a copy back to the
+    host and its stream's synchronisation)."""
+
+    __slots__ = ("launches", "uploads", "waits")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.launches = self.uploads = self.waits = 0
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+#: The counts of every launch of this process (`Counts`).
+COUNTS = Counts()
+
+
 def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0):
     """Queue ``kernel`` over ``table``; with ``squares`` sums per segment, wait for them
     and return them per entry (float64, shape ``(entries, squares)``)."""
@@ -202,15 +224,20 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
         segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
         threads = block or threads  # block-wise state: a thread per element of a block
+        COUNTS.uploads += 3
+        on_device = upload(table.addresses), upload(segments), upload(table.entry_values)
         extra = ()
         if squares:
+            COUNTS.uploads += 1
             extra = (cuda.to_device(np.zeros((len(segments), squares)), stream=stream),)
+        COUNTS.launches += 1
         kernel[blocks, threads, stream](
-            upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, table.formats, table.clear_grads, table.param_store, *flags, *extra,
+            *on_device, coefficients, table.formats, table.clear_grads, table.param_store,
+            *flags, *extra,
         )  # fmt: skip
         if not squares:
             return None
+        COUNTS.waits += 1
         partials = extra[0].copy_to_host(stream=stream)
         if stream:
             stream.synchronize()

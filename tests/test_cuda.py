@@ -12,6 +12,7 @@ import torch
 
 from fastmomentum import kernels
 from fastmomentum.kernels import adam_step, config, sgd_step
+from fastmomentum.kernels.calls import cuda_kernels
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
@@ -232,3 +233,47 @@ def test_amsgrad_keeps_nan_like_torch_maximum():
     for gpu, cpu_value in zip(device, [host[0], *state]):
         np.testing.assert_array_equal(np.isnan(gpu.copy_to_host()), np.isnan(cpu_value))
     assert np.isnan(state[2][1]) and not np.isnan(state[2][0])
+
+
+#: Per bucket, what one steady-state step of each optimizer does on the host through
+#: the CUDA kernels (`kernels.cuda.COUNTS`): (launches, uploads, waits). Two launches
+#: for the two-pass steps (LAMB: direction and norms, then the update; Muon: momentum,
+#: then the orthogonalised update).
+STEADY = {
+    "SGD": (1, 3, 0),
+    "Adam": (1, 3, 0),
+    "AdamW": (1, 3, 0),
+    "NAdam": (1, 3, 0),
+    "RAdam": (1, 3, 0),
+    "Adamax": (1, 3, 0),
+    "RMSprop": (1, 3, 0),
+    "Adagrad": (1, 3, 0),
+    "LAMB": (2, 7, 1),
+    "Lion": (1, 3, 0),
+    "Muon": (2, 6, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_steady_step_launches_once_per_pass_and_never_waits(name, monkeypatch):
+    """Launches, uploads and host waits of a step after the first (layout unchanged),
+    per bucket, for every optimizer's first case on a model of matrices (Muon's too)."""
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+    info = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7, bias=False), torch.nn.Linear(7, 3, bias=False)
+    ).double()
+    optimizer = info.cls(model.parameters(), **info.cases[info.rules[0]])
+    counts = cuda_kernels().COUNTS
+    for _ in range(3):
+        model(torch.randn(4, 5, dtype=torch.float64)).square().sum().backward()
+        counts.reset()
+        optimizer.step()
+    buckets = sum(len(group_buckets) for group_buckets in optimizer.buckets)
+    launches, uploads, waits = STEADY[name]
+    assert counts.as_dict() == {
+        "launches": launches * buckets,
+        "uploads": uploads * buckets,
+        "waits": waits * buckets,
+    }
