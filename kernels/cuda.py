@@ -224,8 +224,7 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
         segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
         threads = block or threads  # block-wise state: a thread per element of a block
-        COUNTS.uploads += 3
-        on_device = upload(table.addresses), upload(segments), upload(table.entry_values)
+        on_device = _resident(table, segments, device, stream, upload)
         extra = ()
         if squares:
             COUNTS.uploads += 1
@@ -243,6 +242,36 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
             stream.synchronize()
     np.add.at(sums, segments[:, 0], partials)
     return sums
+
+
+def _resident(table, segments, device, stream, upload):
+    """The table's addresses, segments and entry values on the GPU, kept with the table
+    per device and segments: copied once, then addresses and entry values again, on
+    ``stream``, only when they differ from what was copied last (a planner makes its
+    tables anew when its bucket's layout changes; entry values, e.g. bias corrections,
+    change at most steps; addresses when a gradient or a staged copy moved, or with
+    a stochastic rounding key, every step). A copy
+    after the first lands in the array allocated by the first, in stream order after
+    the launches that read it; its host source is pageable memory, which the driver
+    has read when the call returns, so the table may be refilled at once."""
+    cache = table.__dict__.setdefault("on_device", {})
+    key = (device, id(segments))  # segments are kept by the table, per chunk
+    kept = cache.get(key)
+    arrays = (table.addresses, segments, table.entry_values)
+    if kept is None:
+        kept = cache[key] = [[], []]  # host copies, device arrays
+        for array in arrays:
+            COUNTS.uploads += 1
+            kept[0].append(array.copy())
+            kept[1].append(upload(array))
+        return kept[1]
+    for k in (0, 2):  # the segments of a table never change
+        array, copied, on_device = arrays[k], kept[0][k], kept[1][k]
+        if array.tobytes() != copied.tobytes():  # bits: a sign of zero is a change
+            COUNTS.uploads += 1
+            copied[...] = array
+            on_device.copy_to_device(array, stream=stream)
+    return kept[1]
 
 
 def launch(table, spec, coefficients, flags=(), stream=None, device=None, upload=None):
