@@ -246,7 +246,7 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
 
 def _resident(table, segments, device, stream, upload):
     """The table's addresses, segments and entry values on the GPU, kept with the table
-    per device and segments: copied once, then addresses and entry values again, on
+    per device, segments and stream: copied once, then addresses and entry values again, on
     ``stream``, only when they differ from what was copied last (a planner makes its
     tables anew when its bucket's layout changes; entry values, e.g. bias corrections,
     change at most steps; addresses when a gradient or a staged copy moved, or with
@@ -255,7 +255,10 @@ def _resident(table, segments, device, stream, upload):
     the launches that read it; its host source is pageable memory, which the driver
     has read when the call returns, so the table may be refilled at once."""
     cache = table.__dict__.setdefault("on_device", {})
-    key = (device, id(segments))  # segments are kept by the table, per chunk
+    # segments are kept by the table, per chunk. A stream of its own per stream: a copy
+    # on another stream than the last launch's would not wait for that launch to have
+    # read the arrays.
+    key = (device, id(segments), _stream_key(stream))
     kept = cache.get(key)
     arrays = (table.addresses, segments, table.entry_values)
     if kept is None:
@@ -272,6 +275,13 @@ def _resident(table, segments, device, stream, upload):
             copied[...] = array
             on_device.copy_to_device(array, stream=stream)
     return kept[1]
+
+
+def _stream_key(stream):
+    """What tells ``stream`` (a Numba stream, an external one, or 0) apart: its handle."""
+    handle = getattr(stream, "handle", stream)
+    value = getattr(handle, "value", handle)
+    return value if isinstance(value, int) else id(stream)
 
 
 def launch(table, spec, coefficients, flags=(), stream=None, device=None, upload=None):

@@ -287,3 +287,22 @@ def test_a_steady_step_launches_once_per_pass_and_never_waits(name, monkeypatch)
     counts.reset()
     optimizer.step()
     assert counts.uploads >= 3 * launches * buckets
+
+
+def test_tables_kept_on_the_gpu_are_kept_per_stream():
+    """A table launched on one stream is copied whole again for another: a copy into the
+    first stream's device arrays would not wait for that stream's launches to read them.
+    Launched again on a stream it used, nothing is copied."""
+    from fastmomentum.kernels import rules
+    from fastmomentum.kernels.calls import one_entry
+
+    kernels = cuda_kernels()
+    param, grad = on_device(np.ones(8, np.float32), np.full(8, 0.5, np.float32))
+    table = one_entry([param, grad])
+    coefficients = tuple(rules.sgd.plain_coefficients(np.float32, 0.1, 0.0, False))
+    first, second = cuda.stream(), cuda.stream()
+    for stream, uploads in ((first, 3), (first, 0), (second, 3), (first, 0), (second, 0)):
+        kernels.COUNTS.reset()
+        kernels.launch(table, rules.sgd.PLAIN, coefficients, stream=stream)
+        assert kernels.COUNTS.uploads == uploads
+    np.testing.assert_allclose(param.copy_to_host(), 1 - 5 * 0.1 * 0.5, rtol=1e-6)
