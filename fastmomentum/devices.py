@@ -25,8 +25,11 @@ def kernels_for(device):
 class TorchStreamKernels:
     """The CUDA kernels with the CPU kernels' signatures, launched on torch's current
     stream of the bucket's device, so they run in order with torch's own work and the
-    host never waits for them. The launch table reaches the GPU as a torch tensor copied
-    on that stream, so torch's allocator keeps it until the launch has read it."""
+    host never waits for them (LAMB's norms aside, issue 22). A launch table's arrays
+    reach the GPU as torch tensors, allocated and first filled on that stream and kept
+    with the table (`kernels.cuda`: refilled in place when they change), so torch's
+    allocator reuses their memory only once the table is dropped, in that stream's
+    order."""
 
     def __init__(self, device):
         self.device = device

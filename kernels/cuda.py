@@ -187,6 +187,28 @@ def _blockwise_codes(spec, indent):
     return (codes if spec.written else []) + stores
 
 
+class Counts:
+    """What the launches of this process did on the host, counted where it happens (for
+    tests/test_cuda.py): ``launches`` kernels queued, ``uploads`` host-to-device copies
+    and ``waits``, where the host stops until the GPU has caught up (a copy back to the
+    host and its stream's synchronisation)."""
+
+    __slots__ = ("launches", "uploads", "waits")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.launches = self.uploads = self.waits = 0
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+#: The counts of every launch of this process (`Counts`).
+COUNTS = Counts()
+
+
 def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0):
     """Queue ``kernel`` over ``table``; with ``squares`` sums per segment, wait for them
     and return them per entry (float64, shape ``(entries, squares)``)."""
@@ -202,20 +224,64 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
         segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
         threads = block or threads  # block-wise state: a thread per element of a block
+        on_device = _resident(table, segments, device, stream, upload)
         extra = ()
         if squares:
+            COUNTS.uploads += 1
             extra = (cuda.to_device(np.zeros((len(segments), squares)), stream=stream),)
+        COUNTS.launches += 1
         kernel[blocks, threads, stream](
-            upload(table.addresses), upload(segments), upload(table.entry_values),
-            coefficients, table.formats, table.clear_grads, table.param_store, *flags, *extra,
+            *on_device, coefficients, table.formats, table.clear_grads, table.param_store,
+            *flags, *extra,
         )  # fmt: skip
         if not squares:
             return None
+        COUNTS.waits += 1
         partials = extra[0].copy_to_host(stream=stream)
         if stream:
             stream.synchronize()
     np.add.at(sums, segments[:, 0], partials)
     return sums
+
+
+def _resident(table, segments, device, stream, upload):
+    """The table's addresses, segments and entry values on the GPU, kept with the table
+    per device, segments and stream: copied once, then addresses and entry values again, on
+    ``stream``, only when they differ from what was copied last (a planner makes its
+    tables anew when its bucket's layout changes; entry values, e.g. bias corrections,
+    change at most steps; addresses when a gradient or a staged copy moved, or with
+    a stochastic rounding key, every step). A copy
+    after the first lands in the array allocated by the first, in stream order after
+    the launches that read it; its host source is pageable memory, which the driver
+    has read when the call returns, so the table may be refilled at once."""
+    cache = table.__dict__.setdefault("on_device", {})
+    # segments are kept by the table, per chunk. A stream of its own per stream: a copy
+    # on another stream than the last launch's would not wait for that launch to have
+    # read the arrays.
+    key = (device, id(segments), _stream_key(stream))
+    kept = cache.get(key)
+    arrays = (table.addresses, segments, table.entry_values)
+    if kept is None:
+        kept = cache[key] = [[], []]  # host copies, device arrays
+        for array in arrays:
+            COUNTS.uploads += 1
+            kept[0].append(array.copy())
+            kept[1].append(upload(array))
+        return kept[1]
+    for k in (0, 2):  # the segments of a table never change
+        array, copied, on_device = arrays[k], kept[0][k], kept[1][k]
+        if array.tobytes() != copied.tobytes():  # bits: a sign of zero is a change
+            COUNTS.uploads += 1
+            copied[...] = array
+            on_device.copy_to_device(array, stream=stream)
+    return kept[1]
+
+
+def _stream_key(stream):
+    """What tells ``stream`` (a Numba stream, an external one, or 0) apart: its handle."""
+    handle = getattr(stream, "handle", stream)
+    value = getattr(handle, "value", handle)
+    return value if isinstance(value, int) else id(stream)
 
 
 def launch(table, spec, coefficients, flags=(), stream=None, device=None, upload=None):

@@ -12,6 +12,7 @@ import torch
 
 from fastmomentum import kernels
 from fastmomentum.kernels import adam_step, config, sgd_step
+from fastmomentum.kernels.calls import cuda_kernels
 
 from . import reference
 from .assertions import RTOL, assert_relative_close
@@ -232,3 +233,76 @@ def test_amsgrad_keeps_nan_like_torch_maximum():
     for gpu, cpu_value in zip(device, [host[0], *state]):
         np.testing.assert_array_equal(np.isnan(gpu.copy_to_host()), np.isnan(cpu_value))
     assert np.isnan(state[2][1]) and not np.isnan(state[2][0])
+
+
+#: Per bucket, what one steady-state step of each optimizer does on the host through
+#: the CUDA kernels (`kernels.cuda.COUNTS`): (launches, uploads, waits). Two launches
+#: for the two-pass steps (LAMB: direction and norms, then the update; Muon: momentum,
+#: then the orthogonalised update). An upload is a table's entry values that changed
+#: (bias corrections at each step count); LAMB's are its partial sums' zeros, its
+#: bias corrections and its trust ratios, and it waits for its norms (issue 22); Muon's,
+#: both passes' addresses: its scratch array of ``U`` is allocated anew each step.
+STEADY = {
+    "SGD": (1, 0, 0),
+    "Adam": (1, 1, 0),
+    "AdamW": (1, 1, 0),
+    "NAdam": (1, 1, 0),
+    "RAdam": (1, 1, 0),
+    "Adamax": (1, 1, 0),
+    "RMSprop": (1, 0, 0),
+    "Adagrad": (1, 1, 0),
+    "LAMB": (2, 3, 1),
+    "Lion": (1, 0, 0),
+    "Muon": (2, 2, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_steady_step_launches_once_per_pass_and_never_waits(name, monkeypatch):
+    """Launches, uploads and host waits of a step after the first (layout unchanged),
+    per bucket, for every optimizer's first case on a model of matrices (Muon's too)."""
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+    info = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7, bias=False), torch.nn.Linear(7, 3, bias=False)
+    ).double()
+    optimizer = info.cls(model.parameters(), **info.cases[info.rules[0]])
+    counts = cuda_kernels().COUNTS
+    for _ in range(3):
+        model(torch.randn(4, 5, dtype=torch.float64)).square().sum().backward()
+        counts.reset()
+        optimizer.step()
+    buckets = sum(len(group_buckets) for group_buckets in optimizer.buckets)
+    launches, uploads, waits = STEADY[name]
+    assert counts.as_dict() == {
+        "launches": launches * buckets,
+        "uploads": uploads * buckets,
+        "waits": waits * buckets,
+    }
+    with torch.no_grad():  # a new layout: the tables are uploaded whole again
+        for param in model.parameters():
+            param.data = param.data.clone()
+    model(torch.randn(4, 5, dtype=torch.float64)).square().sum().backward()
+    counts.reset()
+    optimizer.step()
+    assert counts.uploads >= 3 * launches * buckets
+
+
+def test_tables_kept_on_the_gpu_are_kept_per_stream():
+    """A table launched on one stream is copied whole again for another: a copy into the
+    first stream's device arrays would not wait for that stream's launches to read them.
+    Launched again on a stream it used, nothing is copied."""
+    from fastmomentum.kernels import rules
+    from fastmomentum.kernels.calls import one_entry
+
+    kernels = cuda_kernels()
+    param, grad = on_device(np.ones(8, np.float32), np.full(8, 0.5, np.float32))
+    table = one_entry([param, grad])
+    coefficients = tuple(rules.sgd.plain_coefficients(np.float32, 0.1, 0.0, False))
+    first, second = cuda.stream(), cuda.stream()
+    for stream, uploads in ((first, 3), (first, 0), (second, 3), (first, 0), (second, 0)):
+        kernels.COUNTS.reset()
+        kernels.launch(table, rules.sgd.PLAIN, coefficients, stream=stream)
+        assert kernels.COUNTS.uploads == uploads
+    np.testing.assert_allclose(param.copy_to_host(), 1 - 5 * 0.1 * 0.5, rtol=1e-6)
