@@ -11,7 +11,9 @@ tests drive the CUDA path end to end on a machine without a GPU.
 import os
 
 THREADS_PER_BLOCK = 256
-BLOCKS_PER_SM = 32  # several waves at any occupancy (float32 Adam: 32 registers, float64 48)
+# Several waves at any occupancy: at most 4 blocks of 256 threads are resident per SM for
+# float32 Adam (56-64 registers), 3 for float64 (70-80; bench/results/gpu_static.md).
+BLOCKS_PER_SM = 32
 ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor kernels, a few
 # thousand per block keeps the per-segment bookkeeping negligible
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
