@@ -110,10 +110,6 @@ class Adagrad(FlatOptimizer):
         else:
             bucket.state("sum").flat.fill_(value)
 
-    def state_names(self, group):
-        names = rules.adagrad.SPEC.state
-        return quantized.keys(names) if self.quantized else names
-
     def settings(self, group):
         return Settings(
             lr=host_float(group["lr"], "lr"),

@@ -92,10 +92,6 @@ class Adamax(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    def state_names(self, group):
-        names = rules.adamax.SPEC.state
-        return quantized.keys(names) if self.quantized else names
-
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(

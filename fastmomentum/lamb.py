@@ -124,10 +124,6 @@ class LAMB(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    def state_names(self, group):
-        names = rules.lamb.DIRECTION.state
-        return quantized.keys(names) if self.quantized else names
-
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(

@@ -122,9 +122,6 @@ class Muon(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    def state_names(self, group):
-        return ("momentum_buffer",)
-
     def settings(self, group):
         settings = Settings(
             lr=host_float(group["lr"], "lr"),

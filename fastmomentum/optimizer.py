@@ -210,8 +210,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         return tuple(k for k in self.state_keys if k not in self.optional_state_keys)
 
     def state_names(self, group):
-        """Keys of the state tensors a step of ``group`` uses, in torch's order."""
-        raise NotImplementedError
+        """Keys of the state tensors a step of ``group`` uses, in torch's order: by
+        default every one of `rule_state` (8-bit: their codes, then their absmax)."""
+        return quantized_keys(self.rule_state) if self.quantized else self.rule_state
 
     def settings(self, group):
         """The group's hyperparameters as plain numbers and flags, read each step: the

@@ -103,10 +103,6 @@ class RAdam(FlatOptimizer):
             rounding_seed=rounding_seed,
         )
 
-    def state_names(self, group):
-        names = rules.radam.SPEC.state
-        return quantized.keys(names) if self.quantized else names
-
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(
