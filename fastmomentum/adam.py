@@ -9,8 +9,9 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
+from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
-from . import quantized
+from . import capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -121,6 +122,7 @@ class Adam(FlatOptimizer):
 
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     def state_names(self, group):
         names = rules.adam.SPEC.state if group["amsgrad"] else rules.adam.SPEC.state[:2]
@@ -128,8 +130,11 @@ class Adam(FlatOptimizer):
 
     def settings(self, group):
         beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if not (capture.is_capturable(group) and isinstance(lr, Tensor)):
+            lr = _as_torch_computes(lr, "lr")  # a capturable step reads a tensor's on the GPU
         return Settings(
-            lr=_as_torch_computes(group["lr"], "lr"),
+            lr=lr,
             betas=(_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),
             eps=host_float(group["eps"], "eps"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
@@ -159,6 +164,20 @@ class Adam(FlatOptimizer):
     def update(self, group, bucket, settings, plan, grad_scale):
         lr, betas, amsgrad = settings.lr, settings.betas, settings.amsgrad
         dtype = bucket.dtype_numpy
+        columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            live = capture.live_inputs(
+                self, bucket, lr, rules.adam.live_settings(
+                    betas, settings.eps, settings.weight_decay,
+                    settings.decoupled_weight_decay, settings.maximize,
+                ),
+            )  # fmt: skip
+            spec = capturable(rules.adam.SPEC)
+            shared = placeholder_coefficients(spec, dtype)
+            kernel = bucket.kernels.launch
+            plan.launch((*columns, "step"), spec.entry_width, None, kernel, spec, shared,
+                        (amsgrad,), live)  # fmt: skip
+            return
         steps = bucket.step_counts
         coefficients = self.cached_coefficients(
             bucket,
@@ -174,7 +193,6 @@ class Adam(FlatOptimizer):
                 grad_scale,
             ),
         )
-        columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
         spec, columns = quantized.launched(rules.adam.SPEC, columns, bucket)
 
         def count_step(table):  # each parameter's step count, and its bias corrections

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .capture import is_capturable
 from .checkpoint import mismatch
 from .launches import KAHAN_COMP, MASTER
 from .tracked import StateEntry, StateMap
@@ -86,6 +87,14 @@ def expose_state(optimizer, bucket, index, names):
         state.put(param, StateEntry(state, values))
     else:
         state[param] = values
+
+
+def expose_again(optimizer, group, bucket):
+    """Show ``bucket``'s state anew in ``state[p]`` of every parameter that has state
+    (its scalar state moved: `bucket.ParamBucket.place_scalars`)."""
+    used = optimizer.state_names(group)
+    for index in bucket.initialized.nonzero()[0].tolist():
+        expose_state(optimizer, bucket, index, row_names(optimizer, used, bucket, index))
 
 
 def expose_masters(optimizer, bucket, rows, name=MASTER):
@@ -191,6 +200,7 @@ def _read_bucket(optimizer, bucket):
 def _write_bucket(optimizer, group, bucket, saved):
     # Entries of parameters without (complete) state stay as they are ({} after
     # ``state[p].clear()``), as torch keeps them; the others are exposed anew.
+    bucket.place_scalars(is_capturable(group))  # a checkpoint may switch ``capturable``
     bucket.reset_scalars()
     for name in bucket.state_kept():
         bucket.state(name).flat.zero_()

@@ -177,6 +177,7 @@ class ParamBucket:
         self._state = {}  # state name -> Allocation
         self._steps = Allocation(len(self.params), step_dtype(), torch.device("cpu"))
         self.step_counts = self._steps.flat.numpy()  # per-parameter t, as NumPy
+        self.counts_on_device = False  # see `place_scalars`
         # Per-parameter scalar state besides the step count (NAdam's mu_product), each
         # a 0-dim CPU tensor in ``state[p]`` as torch keeps it: name -> initial value.
         self.scalar_initial = {k: v for k, v in (scalars or {}).items() if k != "step"}
@@ -325,6 +326,8 @@ class ParamBucket:
         self._optional_everywhere.clear()
 
     def state_address(self, name, index):
+        if name == "step" or name in self._scalars:  # a capturable kernel's scalar state
+            return self.scalar_address(name, index)
         return self.state(name).address_of(self._layout(name, index)[0])
 
     def state_piece(self, name, index):
@@ -355,19 +358,46 @@ class ParamBucket:
 
     def scalar_values(self, name):
         """Every parameter's scalar state ``name`` (``"step"``, ``"mu_product"``), as a
-        NumPy array (writes show in ``state[p]``)."""
-        return self.step_counts if name == "step" else self._scalars[name].flat.numpy()
+        NumPy array (writes show in ``state[p]``); with `counts_on_device`, a tensor."""
+        allocation = self._steps if name == "step" else self._scalars[name]
+        return allocation.flat if self.counts_on_device else allocation.flat.numpy()
 
     def scalar_piece(self, name, index):
-        """Parameter ``index``'s scalar state ``name`` as a 0-dim CPU tensor."""
+        """Parameter ``index``'s scalar state ``name`` as a 0-dim tensor: on the CPU, as
+        torch keeps it, or on the bucket's device with `counts_on_device`."""
         allocation = self._steps if name == "step" else self._scalars[name]
         return allocation.piece(index, (), ())
 
+    def scalar_address(self, name, index):
+        """Where parameter ``index``'s scalar state ``name`` lies (a launch table column
+        of the capturable kernels, `kernels.capturable`)."""
+        allocation = self._steps if name == "step" else self._scalars[name]
+        return allocation.address_of(index)
+
     def reset_scalars(self):
         """Every scalar state back to its initial value (step counts to 0)."""
-        self.step_counts[:] = 0
+        self._steps.flat.zero_()
         for name, initial in self.scalar_initial.items():
             self._scalars[name].flat.fill_(initial)
+
+    def place_scalars(self, on_device):
+        """Keep the scalar state in CPU tensors, as ``torch.optim`` keeps it, or
+        ``on_device`` (``capturable=True``: the kernels advance the step counts there and
+        the host never reads them, as torch's capturable optimizers keep them). Values
+        are kept; returns whether they moved (``state[p]`` must then show the new
+        tensors). Launch tables that held their addresses are dropped."""
+        if bool(on_device) == self.counts_on_device:
+            return False
+        where = self.device if on_device else torch.device("cpu")
+        self._steps = _moved(self._steps, len(self.params), where)
+        self._scalars = {
+            name: _moved(allocation, len(self.params), where)
+            for name, allocation in self._scalars.items()
+        }
+        self.counts_on_device = bool(on_device)
+        self.step_counts = None if on_device else self._steps.flat.numpy()
+        self.planner.forget_tables()
+        return True
 
     def has_state_at(self, index):
         """Whether parameter ``index`` has state here (moments, a buffer, a master copy)."""
@@ -407,3 +437,10 @@ class ParamBucket:
         if name == MASTER:
             self.master_ready[index] = True
             self._written[index] = _signature(self.local_params()[index])
+
+
+def _moved(allocation, size, device):
+    """A copy of the scalar ``allocation`` (``size`` values) on ``device``."""
+    moved = Allocation(size, allocation.flat.dtype, device)
+    moved.flat.copy_(allocation.flat)
+    return moved

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .capture import check_group
 from .quantized import expected_shape, to_full_precision, to_quantized
 from .validation import check_implementation_options
 
@@ -41,7 +42,9 @@ def check_loadable(optimizer, state_dict):
                 f"param group {index} of the loaded state dict has {len(saved['params'])} "
                 f"parameters; this optimizer's has {len(group['params'])}"
             )
-        check_implementation_options({**optimizer.defaults, **saved})
+        options = {**optimizer.defaults, **saved}
+        check_implementation_options(options, optimizer.supports_capturable)
+        check_group(optimizer, {**options, "params": group["params"]})
         for param_id, param in zip(saved["params"], group["params"]):
             params_by_id[param_id] = param
     for param_id, entry in state_dict["state"].items():

@@ -6,6 +6,11 @@ from fastmomentum.kernels import config, cpu
 from fastmomentum.kernels.calls import cuda_kernels
 
 
+def capturing(device):
+    """Whether a CUDA graph is being captured on torch's current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def cuda_unavailable_reason():
     """``None`` if the CUDA kernels can run here, else why not (for error messages)."""
     try:
@@ -35,8 +40,11 @@ class TorchStreamKernels:
         self.device = device
         self._cuda = cuda_kernels()
 
-    def launch(self, table, step, coefficients, flags=()):
-        return self._cuda.launch(table, step, coefficients, flags, **self._placement())
+    def launch(self, table, spec, coefficients, flags=(), live=None):
+        placement = self._placement()
+        if live is not None:  # a capturable step (`fastmomentum.capture`)
+            placement.update(live=live, capturing=capturing(self.device))
+        return self._cuda.launch(table, spec, coefficients, flags, **placement)
 
     def _placement(self):
         if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)

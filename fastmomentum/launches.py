@@ -176,6 +176,10 @@ class StepPlanner:
                 staged = True
         return rows, sources, staged, cast_rows
 
+    def forget_tables(self):
+        """Drop the launch tables (an address they hold moved, e.g. the step counts)."""
+        self._tables = {}
+
     def table(self, rows, columns, entry_width):
         """The launch table of parameters ``rows`` with state ``columns``."""
         every = len(rows) == len(self.bucket.params)  # the common case, keyed without rows

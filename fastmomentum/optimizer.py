@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import backward, binding, casts, checkpoint, grouping, launches, loading
+from . import backward, binding, capture, casts, checkpoint, grouping, launches, loading
 from .clipping import clip_grad_norm
 from .kernels.tables import KAHAN, NEAREST, STOCHASTIC
 from .quantized import INT8_BLOCKWISE, with_code_maps
@@ -160,6 +160,10 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: Whether ``state_dtype="int8_blockwise"`` is implemented (`fastmomentum.quantized`).
     supports_quantized_state = False
 
+    #: Whether ``capturable=True`` is implemented (`fastmomentum.capture`: its rule's
+    #: spec has live coefficients, `kernels.capturable`).
+    supports_capturable = False
+
     @property
     def quantized(self):
         """Whether the moments are block-wise 8-bit (``state_dtype="int8_blockwise"``)."""
@@ -297,8 +301,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     def check_group(self, group):
         """Raise unless the group's options and parameters are ones we step (torch's
         `add_param_group` checks come first); hyperparameter values are not checked."""
-        check_implementation_options(group)
+        check_implementation_options(group, self.supports_capturable)
         check_params(group["params"])
+        capture.check_group(self, group)
         check_state_dtype(self.__dict__.get("_state_dtype"), group["params"])
         self._check_param_dtypes(group["params"])
         if self.__dict__.get("_master_weights"):
@@ -390,15 +395,17 @@ class FlatOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():
+        amp_on_device = capture.every_group(self)  # the kernels read found_inf and the scale
+        if found_inf is not None and not amp_on_device and found_inf.item():
             if self._fused_zero_grad:  # the step zeroes the gradients even when skipped:
                 self._zero_grads_in_place()  # inf would stay in what backward adds to
             return loss  # GradScaler found inf/NaN gradients: nothing moves, as in torch
         grad_scale = getattr(self, "grad_scale", None)
-        grad_scale = None if grad_scale is None else float(grad_scale)
+        grad_scale = None if grad_scale is None or amp_on_device else float(grad_scale)
         all_buckets = self._buckets_now(stepping=True)
         if binding.state_changed(self):
             binding.bind_state(self)  # user code replaced, edited or cleared entries
+        capture.place_counts(self, lambda group, bucket: binding.expose_again(self, group, bucket))
         all_settings = [self.settings(group) for group in self.param_groups]
         # Every tensor of every bucket is looked at and checked before any update. (No
         # torch op runs here that autograd could record: no_grad only where one does.)
@@ -409,6 +416,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self._step_bucket(group, settings, bucket, bucket_plans, grad_scale)
         if grad_scale is not None and not self._fused_zero_grad:
             self._unscale_grads(grad_scale)
+        elif amp_on_device and not self._fused_zero_grad:
+            capture.unscale_grads(self, self._grads_to_touch())
         if self._fused_zero_grad and self._flat_gradients:
             self._adopt_zeroed_grads(all_buckets)
         return loss

@@ -49,13 +49,13 @@ def check_fused_flags(options):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def check_implementation_options(options):
+def check_implementation_options(options, capturable=False):
     """Accept torch's implementation switches only with values we honour (torch's own
-    refusals first)."""
+    refusals first); ``capturable``: whether the optimizer implements it."""
     check_fused_flags(options)
     if options.get("differentiable"):
         raise ValueError("fastmomentum does not support differentiable=True")
-    if options.get("capturable"):
+    if options.get("capturable") and not capturable:
         raise ValueError("fastmomentum does not support capturable=True (CUDA graph capture)")
 
 

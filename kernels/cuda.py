@@ -26,7 +26,8 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64  # noqa: F401 (float64: generated kernels)
 
-from . import config, generated, precision, quantization
+from . import capturable, config, generated, precision, quantization
+from .capturable import same_type  # noqa: F401 (generated kernels)
 from .elements import element, segment_source
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
@@ -66,7 +67,7 @@ def kernel(spec):
 
 @functools.cache
 def _generated_kernel(spec):
-    namespace = {**globals(), "ELEMENT": element(spec)}
+    namespace = {**globals(), "ELEMENT": element(spec), "LIVE": spec.live}
     cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec))
     return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
 
@@ -79,8 +80,14 @@ def kernel_source(spec):
     arguments = ["i", "param", "grad", *spec.state, "coefficients", "values", *spec.flags]
     arguments += [*spec.entry_flags, "clear", "companion", "param_store", "key"]
     call = f"ELEMENT({', '.join(arguments)})"
+    if spec.capturable:
+        lines += capturable.segment_lines(spec, "        ")
+    lines.append(
+        "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]"
+    )
+    if spec.capturable:
+        lines += capturable.skip_lines("        ")
     lines += [
-        "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]",
         "        for i in range(first, end, cuda.blockDim.x):",
         f"            {'summed = ' if spec.squares else ''}{call}",
     ]
@@ -91,6 +98,8 @@ def kernel_source(spec):
         ]
     for k in range(len(spec.squares)):  # each thread's sums into its segment's
         lines.append(f"        cuda.atomic.add(partials, (segment, {k}), sum{k})")
+    if spec.capturable:
+        lines += capturable.epilogue(spec, "        ")
     return "\n".join(lines) + "\n"
 
 
@@ -99,11 +108,13 @@ def _kernel_head(spec, shared=()):
     the ``shared`` lines (shared arrays) before its grid-stride loop."""
     flags = "".join(f", {flag}" for flag in spec.flags)
     partials = ", partials" if spec.squares else ""
+    live = capturable.kernel_arguments() if spec.capturable else ""
     return [
         f"def _{spec.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"param_store{flags}{partials}):",
+        f"param_store{flags}{partials}{live}):",
         "    stored_param, stored_grad, stored_state, stored_companion = formats",
         "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
+        *(capturable.prologue(spec) if spec.capturable else ()),
         *shared,
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
@@ -209,9 +220,14 @@ class Counts:
 COUNTS = Counts()
 
 
-def _launch(kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0):
+def _launch(
+    kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0, live=None,
+    capturing=False,
+):  # fmt: skip
     """Queue ``kernel`` over ``table``; with ``squares`` sums per segment, wait for them
-    and return them per entry (float64, shape ``(entries, squares)``)."""
+    and return them per entry (float64, shape ``(entries, squares)``). ``live``: the
+    `capturable.LiveInputs` of a capturable kernel; ``capturing``: a CUDA graph is being
+    captured on ``stream``, so nothing may be copied to the GPU (`_resident`)."""
     sums = np.zeros((len(table), squares)) if squares else None
     if table.size == 0:
         return sums
@@ -224,14 +240,16 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
         segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
         threads = block or threads  # block-wise state: a thread per element of a block
-        on_device = _resident(table, segments, device, stream, upload)
+        on_device = _resident(table, segments, device, stream, upload, live, capturing)
         extra = ()
         if squares:
             COUNTS.uploads += 1
             extra = (cuda.to_device(np.zeros((len(segments), squares)), stream=stream),)
+        if live is not None:
+            extra = (*live, on_device[3])
         COUNTS.launches += 1
         kernel[blocks, threads, stream](
-            *on_device, coefficients, table.formats, table.clear_grads, table.param_store,
+            *on_device[:3], coefficients, table.formats, table.clear_grads, table.param_store,
             *flags, *extra,
         )  # fmt: skip
         if not squares:
@@ -244,16 +262,21 @@ def _launch(kernel, table, coefficients, flags, stream, device, upload, block=No
     return sums
 
 
-def _resident(table, segments, device, stream, upload):
-    """The table's addresses, segments and entry values on the GPU, kept with the table
-    per device, segments and stream: copied once, then addresses and entry values again, on
-    ``stream``, only when they differ from what was copied last (a planner makes its
+def _resident(table, segments, device, stream, upload, live=None, capturing=False):
+    """The table's addresses, segments and entry values on the GPU (and with ``live``,
+    its zeroed count of finished segments per entry, `capturable`), kept with the table
+    per device, segments and stream: copied once, then addresses and entry values again,
+    on ``stream``, only when they differ from what was copied last (a planner makes its
     tables anew when its bucket's layout changes; entry values, e.g. bias corrections,
     change at most steps; addresses when a gradient or a staged copy moved, or with
     a stochastic rounding key, every step). A copy
     after the first lands in the array allocated by the first, in stream order after
     the launches that read it; its host source is pageable memory, which the driver
-    has read when the call returns, so the table may be refilled at once."""
+    has read when the call returns, so the table may be refilled at once.
+
+    While ``capturing`` nothing is copied (a graph cannot capture a copy from pageable
+    memory, and would replay it unchanged): arrays kept for another stream with the
+    same contents serve (the capture's own stream is new), else ``RuntimeError``."""
     cache = table.__dict__.setdefault("on_device", {})
     # segments are kept by the table, per chunk. A stream of its own per stream: a copy
     # on another stream than the last launch's would not wait for that launch to have
@@ -261,20 +284,39 @@ def _resident(table, segments, device, stream, upload):
     key = (device, id(segments), _stream_key(stream))
     kept = cache.get(key)
     arrays = (table.addresses, segments, table.entry_values)
-    if kept is None:
+    if live is not None:
+        arrays += (np.zeros(len(table), np.int32),)
+    if capturing:
+        return _kept_for_capture(cache, key, device, segments, arrays)
+    if kept is None or len(kept[1]) < len(arrays):
         kept = cache[key] = [[], []]  # host copies, device arrays
         for array in arrays:
             COUNTS.uploads += 1
             kept[0].append(array.copy())
             kept[1].append(upload(array))
         return kept[1]
-    for k in (0, 2):  # the segments of a table never change
+    for k in (0, 2):  # the segments of a table never change, nor the zeroed counts
         array, copied, on_device = arrays[k], kept[0][k], kept[1][k]
         if array.tobytes() != copied.tobytes():  # bits: a sign of zero is a change
             COUNTS.uploads += 1
             copied[...] = array
             on_device.copy_to_device(array, stream=stream)
     return kept[1]
+
+
+def _kept_for_capture(cache, key, device, segments, arrays):
+    """`_resident` while a CUDA graph is being captured: the device arrays of a launch
+    of this table, on any stream, whose host copies are ``arrays``."""
+    for (kept_device, kept_segments, _), (copies, on_device) in cache.items():
+        if (kept_device, kept_segments) != key[:2] or len(on_device) < len(arrays):
+            continue
+        if all(a.tobytes() == c.tobytes() for a, c in zip(arrays[:3], copies)):
+            return on_device
+    raise RuntimeError(
+        "a capturable step's launch table changed while a CUDA graph was being captured "
+        "(new parameters, gradients at new addresses, or the first step): run the step "
+        "once before capturing it, with the tensors the graph will use"
+    )
 
 
 def _stream_key(stream):
@@ -284,11 +326,21 @@ def _stream_key(stream):
     return value if isinstance(value, int) else id(stream)
 
 
-def launch(table, spec, coefficients, flags=(), stream=None, device=None, upload=None):
+def launch(
+    table, spec, coefficients, flags=(), stream=None, device=None, upload=None, live=None,
+    capturing=False,
+):  # fmt: skip
     """`kernels.cpu.launch` on GPU ``device`` (default: the current one), queued on
     ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
     ``upload(array)`` returns a device copy of a small host array, queued on ``stream``.
-    Over block-wise 8-bit state, a segment is a block, and a CUDA block its threads."""
+    Over block-wise 8-bit state, a segment is a block, and a CUDA block its threads.
+    A capturable ``spec`` (`capturable.capturable`) takes its `capturable.LiveInputs`
+    as ``live``; ``capturing``: a CUDA graph is being captured (nothing is copied)."""
     flags = tuple(bool(flag) for flag in flags)
     squares, block = len(spec.squares), BLOCK if spec.blockwise else None
-    return _launch(kernel(spec), table, coefficients, flags, stream, device, upload, block, squares)
+    if spec.capturable != (live is not None):
+        raise ValueError(f"{spec.name}: live inputs are for capturable kernels, and needed there")
+    return _launch(
+        kernel(spec), table, coefficients, flags, stream, device, upload, block, squares, live,
+        capturing,
+    )  # fmt: skip

@@ -66,6 +66,14 @@ class KernelSpec(NamedTuple):
       non-negative one: ``exp_avg_sq``); every state array or none;
     - ``blockwise``: the state arrays hold block-wise 8-bit codes, each with its array
       of absmax after them (the variant `int8_blockwise` makes).
+    - ``live``: the rule's coefficients as the GPU computes them when no host value may
+      change from one step to the next (``capturable=True``, `kernels.capturable`), a
+      ``register_jitable`` function ``live(scalars, lr, inverse_scale, settings) ->
+      (coefficients, entry, new scalars)`` in float64; ``None``: not capturable.
+    - ``scalars``: the per-entry scalar state ``live`` reads and advances (``"step"``),
+      one float each at an address of the launch table, after the state columns.
+    - ``capturable``: the variant `kernels.capturable.capturable` makes, whose kernel
+      computes its coefficients with ``live`` (CUDA only).
     """
 
     name: str
@@ -86,6 +94,9 @@ class KernelSpec(NamedTuple):
     blockwise_rule: object = None
     codes: tuple = ()
     blockwise: bool = False
+    live: object = None
+    scalars: tuple = ()
+    capturable: bool = False
 
     def optional_flag(self, name):
         """The flag state array ``name`` needs, or ``None`` if it is always used."""

@@ -178,6 +178,34 @@ def _update(
     return param + update, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
+@register_jitable
+def live_coefficients(scalars, lr, inverse_scale, settings):
+    """`Coefficients` and `StepCoefficients` of the next step on the device
+    (``capturable=True``, `kernels.capturable`), in float64 as `coefficients` and
+    `step_coefficients` compute them from Python floats, and the step count they
+    advance to: ``scalars`` is ``(t − 1,)``, ``settings`` is `live_settings`."""
+    beta1, beta2, eps, weight_decay, decoupled, sign = settings
+    step = scalars[0] + 1.0
+    shared = (
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        sign * inverse_scale,
+        0.0 if decoupled else weight_decay,
+        1.0 - lr * weight_decay if decoupled else 1.0,
+    )
+    entry = (-lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step))
+    return shared, entry, (step,)
+
+
+def live_settings(betas, eps, weight_decay, decoupled, maximize):
+    """What `live_coefficients` takes from the host: every hyperparameter but lr, as floats."""
+    sign = -1.0 if maximize else 1.0
+    return tuple(float(value) for value in (*betas, eps, weight_decay, decoupled, sign))
+
+
 SPEC = KernelSpec(
     "adam",
     update,
@@ -189,6 +217,8 @@ SPEC = KernelSpec(
     fused_rule=fused_update,
     blockwise_rule=blockwise_update,
     codes=(("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED), ("max_exp_avg_sq", UNSIGNED)),
+    live=live_coefficients,
+    scalars=("step",),
     # arcp was meant to let LLVM replace the division by the loop-invariant √(1 − β2ᵗ)
     # with one reciprocal and a multiply; in the loops as compiled up to 5fb2c0c it
     # never did (2 vdivps per vector loop, every variant: bench/NOTES.md entry 23), and

@@ -1,0 +1,237 @@
+"""``capturable=True`` (`fastmomentum.capture`, `kernels.capturable`) in Numba's CUDA
+simulator: the torch optimizers run the CUDA kernels on CPU tensors
+(``config.FORCE_CUDA``), which stand for GPU tensors (the simulator's device memory is
+host memory). A CUDA graph cannot be captured here: what a capture needs is checked
+instead (no host read, no upload, the launch tables kept; `devices.capturing` patched).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fastmomentum
+from fastmomentum import devices
+from fastmomentum.kernels import config
+from fastmomentum.kernels.calls import cuda_kernels
+
+from .cases import ADAM_CASES
+from .models import batches, make_model, train
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+pytestmark = pytest.mark.cudasim
+
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def simulated_gpu(monkeypatch):
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+    monkeypatch.setattr(config, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(config, "ITEMS_PER_THREAD", 2)  # entries of several segments
+    monkeypatch.setattr(config, "BLOCKS_PER_SM", 2)
+    monkeypatch.setattr(config, "multiprocessors", lambda: 2)
+
+
+def twins(name, options, dtype=torch.float64):
+    """Two copies of the shared model, with ``name`` ordinary and capturable."""
+    model = make_model(dtype)
+    twin = copy.deepcopy(model)
+    ordinary = getattr(fastmomentum, name)(model.parameters(), **options)
+    capturable = getattr(fastmomentum, name)(twin.parameters(), capturable=True, **options)
+    return (model, ordinary), (twin, capturable)
+
+
+def assert_same(ordinary, capturable, models):
+    """Parameters, state and step counts equal, bit for bit."""
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+        mine, theirs = ordinary.state[p], capturable.state[q]
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [(case, torch.float32) for case in ADAM_CASES] + [(ADAM_CASES[-2], torch.float64)],
+    ids=str,
+)
+def test_a_capturable_step_is_the_ordinary_step(case, dtype):
+    """Coefficients computed on the device (float64, rounded to the dtype as the host
+    rounds them) give the ordinary step's numbers, bit for bit, over `STEPS` steps
+    (AdamW: the case with decoupled weight decay)."""
+    (model, ordinary), (twin, capturable) = twins("Adam", {"lr": 0.01, **case}, dtype)
+    train(model, ordinary, STEPS, dtype)
+    train(twin, capturable, STEPS, dtype)
+    assert_same(ordinary, capturable, (model, twin))
+    step = capturable.state[next(twin.parameters())]["step"]
+    assert float(step) == STEPS and step.dtype == torch.float32
+
+
+def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(monkeypatch):
+    """With AMP's scale and found_inf set as GradScaler sets them, a step after the first
+    two (the second adopts the parameters: new addresses) launches once per bucket,
+    copies nothing to the GPU and reads no tensor on the host."""
+    model = make_model(torch.float32)
+    optimizer = fastmomentum.Adam(model.parameters(), lr=0.01, capturable=True)
+    optimizer.grad_scale = torch.tensor(1024.0)
+    optimizer.found_inf = torch.tensor(0.0)
+    counts = cuda_kernels().COUNTS
+    tokens, targets = next(iter(batches(1, torch.float32)))
+    for step in range(4):
+        torch.nn.functional.mse_loss(model(tokens), targets).backward()  # accumulates
+        counts.reset()
+        if step == 3:
+            for method in ("item", "__float__", "__bool__", "tolist", "cpu", "numpy"):
+                monkeypatch.setattr(torch.Tensor, method, _refused(method))
+        optimizer.step()
+    monkeypatch.undo()
+    buckets = sum(len(b) for b in optimizer.buckets)
+    assert counts.as_dict() == {"launches": buckets, "uploads": 0, "waits": 0}
+
+
+def _refused(method):
+    def read(*args, **kwargs):
+        raise AssertionError(f"the step read a tensor on the host (Tensor.{method})")
+
+    return read
+
+
+@pytest.mark.parametrize("fused_zero_grad", [False, True])
+def test_found_inf_skips_the_step_on_the_device(fused_zero_grad):
+    """GradScaler's values read by the kernel: with found_inf set nothing moves and no
+    count advances (gradients zeroed with fused_zero_grad, else left scaled); without,
+    the step equals the ordinary one, which reads them on the host, gradients left
+    unscaled as torch's fused optimizers leave them."""
+    options = {"lr": 0.01, "weight_decay": 0.1, "fused_zero_grad": fused_zero_grad}
+    (model, ordinary), (twin, capturable) = twins("AdamW", options, torch.float32)
+    train(model, ordinary, 3, torch.float32)
+    train(twin, capturable, 3, torch.float32)
+    tokens, targets = next(iter(batches(1, torch.float32, seed=5)))
+    for found in (1.0, 0.0, 1.0, 0.0):
+        grads = []
+        for m, optimizer in ((model, ordinary), (twin, capturable)):
+            optimizer.grad_scale = torch.tensor(256.0)
+            optimizer.found_inf = torch.tensor(found)
+            optimizer.zero_grad()
+            (256.0 * torch.nn.functional.mse_loss(m(tokens), targets)).backward()
+            optimizer.step()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        assert_same(ordinary, capturable, (model, twin))
+        for mine, theirs in zip(*grads):
+            assert torch.equal(mine, theirs)
+    assert float(capturable.state[next(twin.parameters())]["step"]) == 5
+
+
+def test_an_lr_tensor_is_read_on_the_device():
+    """A float32 lr tensor on the parameters' device, changed in place between steps (as
+    a scheduler updates a tensor lr), is read by the kernel at each step: the ordinary
+    step with the same value as a float gives the same bits."""
+    dtype = torch.float32
+    (model, ordinary), (twin, capturable) = twins("Adam", {"lr": 0.01}, dtype)
+    lr = torch.tensor(0.01)
+    capturable.param_groups[0]["lr"] = lr
+    for step, (tokens, targets) in enumerate(batches(STEPS, dtype)):
+        lr.fill_(0.01 * 0.7**step)
+        ordinary.param_groups[0]["lr"] = float(lr)
+        for m, optimizer in ((model, ordinary), (twin, capturable)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(m(tokens), targets).backward()
+            optimizer.step()
+    assert_same(ordinary, capturable, (model, twin))
+
+
+def test_a_capture_copies_nothing_and_needs_a_warm_up(monkeypatch):
+    """While a graph is being captured the launch tables are not copied: a step after
+    a warm-up (the capture's stream is new) reuses another stream's; a first step, or
+    one with gradients at new addresses, raises and says to warm up."""
+    model = make_model(torch.float32)
+    optimizer = fastmomentum.Adam(model.parameters(), lr=0.01, capturable=True)
+    tokens, targets = next(iter(batches(1, torch.float32)))
+    monkeypatch.setattr(devices, "capturing", lambda device: True)
+    torch.nn.functional.mse_loss(model(tokens), targets).backward()
+    with pytest.raises(RuntimeError, match="run the step once before capturing"):
+        optimizer.step()
+    monkeypatch.setattr(devices, "capturing", lambda device: False)
+    for _ in range(2):  # the second step adopts the parameters: their final addresses
+        optimizer.step()
+    monkeypatch.setattr(devices, "capturing", lambda device: True)
+    counts = cuda_kernels().COUNTS
+    counts.reset()
+    optimizer.step()
+    assert counts.uploads == 0 and counts.launches == sum(len(b) for b in optimizer.buckets)
+    optimizer.zero_grad()  # new gradients: at new addresses
+    torch.nn.functional.mse_loss(model(tokens), targets).backward()
+    with pytest.raises(RuntimeError, match="run the step once before capturing"):
+        optimizer.step()
+
+
+def test_capturable_can_be_switched_and_the_counts_follow():
+    """``capturable`` switched on after some steps (as a state dict of torch's capturable
+    optimizer switches it): the counts move to the device with their values, and the
+    run goes on as the ordinary one; switched off, back to CPU tensors."""
+    dtype = torch.float64
+    model = make_model(dtype)
+    twin = copy.deepcopy(model)
+    ordinary = fastmomentum.Adam(model.parameters(), lr=0.01)
+    switched = fastmomentum.Adam(twin.parameters(), lr=0.01)
+    train(model, ordinary, 3, dtype)
+    train(twin, switched, 3, dtype)
+    switched.param_groups[0]["capturable"] = True
+    train(model, ordinary, 6, dtype, first=3)
+    train(twin, switched, 6, dtype, first=3)
+    assert_same(ordinary, switched, (model, twin))
+    assert all(b.counts_on_device for b in switched.buckets[0])
+    loaded = fastmomentum.Adam(copy.deepcopy(twin).parameters(), lr=0.01)
+    loaded.load_state_dict(switched.state_dict())  # capturable=True comes with it
+    assert loaded.param_groups[0]["capturable"] and not ordinary.param_groups[0]["capturable"]
+    switched.param_groups[0]["capturable"] = False
+    train(model, ordinary, 8, dtype, first=6)
+    train(twin, switched, 8, dtype, first=6)
+    assert_same(ordinary, switched, (model, twin))
+    assert not any(b.counts_on_device for b in switched.buckets[0])
+
+
+def test_state_dicts_load_both_ways_with_torchs_capturable_adam():
+    """torch's capturable Adam keeps its step counts as float32 tensors too (on the
+    parameters' device); a state dict of either loads into the other."""
+    model = make_model(torch.float32)
+    ours = fastmomentum.Adam(model.parameters(), lr=0.01, capturable=True)
+    train(model, ours, 3, torch.float32)
+    saved = ours.state_dict()
+    assert saved["param_groups"][0]["capturable"] is True
+    theirs = torch.optim.Adam(copy.deepcopy(model).parameters(), lr=0.01)
+    theirs.load_state_dict(saved)
+    for key, value in theirs.state_dict()["state"][0].items():
+        assert torch.equal(value, saved["state"][0][key])
+    again = fastmomentum.Adam(copy.deepcopy(model).parameters(), lr=0.01)
+    again.load_state_dict(theirs.state_dict())
+    assert again.param_groups[0]["capturable"] is True
+    assert float(again.state[next(iter(again.param_groups[0]["params"]))]["step"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stochastic_rounding": True}, "capturable=True with stochastic_rounding"),
+        ({"state_dtype": "int8_blockwise"}, "capturable=True with state_dtype"),
+        ({"step_in_backward": True}, "capturable=True with step_in_backward"),
+    ],
+)
+def test_options_a_capturable_step_cannot_take_are_refused(options, message):
+    params = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
+    with pytest.raises(ValueError, match=message):
+        fastmomentum.Adam(params, capturable=True, **options)
+
+
+def test_cpu_parameters_are_refused(monkeypatch):
+    """Without a GPU to read them, the counts cannot live on one: torch refuses too."""
+    monkeypatch.setattr(config, "FORCE_CUDA", False)
+    param = torch.nn.Parameter(torch.randn(3))
+    before = param.detach().clone()
+    with pytest.raises(ValueError, match="capturable=True steps parameters on a CUDA device"):
+        fastmomentum.Adam([param], capturable=True)
+    with pytest.raises(ValueError, match="does not support capturable=True"):
+        fastmomentum.NAdam([param], capturable=True)
+    assert torch.equal(param, before)
