@@ -44,7 +44,9 @@ class Adam(FlatOptimizer):
         p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + ε)
 
     ``foreach`` and ``fused`` are accepted for compatibility (the step is always one
-    fused launch); ``capturable=True`` and ``differentiable=True`` are rejected.
+    fused launch); ``differentiable=True`` is rejected. ``capturable=True`` (CUDA
+    parameters): step counts on the GPU, an lr tensor and AMP's values read there, so
+    that no step reads the GPU from the host (`fastmomentum.capture`).
     ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
     (bfloat16 ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` for float32 parameters).
 

@@ -50,6 +50,9 @@ class Capabilities(NamedTuple):
     fsdp2: bool = True
     #: CUDA tensors (kernels checked in Numba's simulator; never yet run on a GPU).
     cuda: bool = True
+    #: ``capturable=True``: no host read during a step, CUDA-graph capturable
+    #: (`fastmomentum.capture`; simulator-checked, never yet run on a GPU).
+    capturable: bool = False
     #: What the cells do not say (a limit of one option).
     note: str = ""
 
@@ -65,9 +68,9 @@ CAPABILITIES = {
             "SGD Nesterov": {"lr": 1e-3, "momentum": 0.9, "nesterov": True},
         },
     ),
-    "Adam": Capabilities("adam", "Adam"),
+    "Adam": Capabilities("adam", "Adam", capturable=True),
     "AdamW": Capabilities(
-        "adam", "AdamW", benchmarks={"AdamW": {"lr": 1e-3, "weight_decay": 1e-2}}
+        "adam", "AdamW", benchmarks={"AdamW": {"lr": 1e-3, "weight_decay": 1e-2}}, capturable=True
     ),
     "NAdam": Capabilities("nadam", "NAdam"),
     "RAdam": Capabilities("radam", "RAdam"),
@@ -121,9 +124,9 @@ def support_matrix():
     """The README's support matrix (markdown), from `CAPABILITIES`."""
     head = (
         "| optimizer | drop-in for | parameters | state | 16-bit options | "
-        "step in backward | DDP | FSDP2 | CUDA¹ | limits |"
+        "step in backward | DDP | FSDP2 | CUDA¹ | capturable¹ | limits |"
     )
-    lines = [head, "| --- | --- | --- | --- | --- | :-: | :-: | :-: | :-: | --- |"]
+    lines = [head, "| --- | --- | --- | --- | --- | :-: | :-: | :-: | :-: | :-: | --- |"]
     for name, row in CAPABILITIES.items():
         peer = f"`torch.optim.{row.torch_peer}`" if row.torch_peer else "– (torch has none)"
         cells = [
@@ -136,6 +139,7 @@ def support_matrix():
             _cell(row.ddp),
             _cell(row.fsdp2),
             _cell(row.cuda),
+            _cell(row.capturable),
             row.note or "",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -55,5 +55,10 @@ class TorchStreamKernels:
     def _upload(self, array):
         from numba import cuda
 
-        tensor = torch.from_numpy(array).to(self.device, non_blocking=True)
-        return cuda.as_cuda_array(tensor, sync=False)
+        source = torch.from_numpy(array)
+        if capturing(self.device):  # a graph captures a copy from pinned memory only, and
+            source = source.pin_memory()  # replays it: the source lives with the array
+        tensor = source.to(self.device, non_blocking=True)
+        on_device = cuda.as_cuda_array(tensor, sync=False)
+        on_device.source = source
+        return on_device

@@ -227,7 +227,7 @@ def _launch(
     """Queue ``kernel`` over ``table``; with ``squares`` sums per segment, wait for them
     and return them per entry (float64, shape ``(entries, squares)``). ``live``: the
     `capturable.LiveInputs` of a capturable kernel; ``capturing``: a CUDA graph is being
-    captured on ``stream``, so nothing may be copied to the GPU (`_resident`)."""
+    captured on ``stream`` (`_resident`)."""
     sums = np.zeros((len(table), squares)) if squares else None
     if table.size == 0:
         return sums
@@ -274,9 +274,11 @@ def _resident(table, segments, device, stream, upload, live=None, capturing=Fals
     the launches that read it; its host source is pageable memory, which the driver
     has read when the call returns, so the table may be refilled at once.
 
-    While ``capturing`` nothing is copied (a graph cannot capture a copy from pageable
-    memory, and would replay it unchanged): arrays kept for another stream with the
-    same contents serve (the capture's own stream is new), else ``RuntimeError``."""
+    While ``capturing`` (a CUDA graph, on ``stream``) the arrays are copied anew into
+    arrays of the capture's own: a graph replays each copy it captured, so the host
+    copies it reads from stay as they were (``upload`` must make such a copy: the
+    torch binding's reads pinned memory, which a graph can capture) and no array
+    another launch reads is written."""
     cache = table.__dict__.setdefault("on_device", {})
     # segments are kept by the table, per chunk. A stream of its own per stream: a copy
     # on another stream than the last launch's would not wait for that launch to have
@@ -286,14 +288,12 @@ def _resident(table, segments, device, stream, upload, live=None, capturing=Fals
     arrays = (table.addresses, segments, table.entry_values)
     if live is not None:
         arrays += (np.zeros(len(table), np.int32),)
-    if capturing:
-        return _kept_for_capture(cache, key, device, segments, arrays)
-    if kept is None or len(kept[1]) < len(arrays):
+    if capturing or kept is None or len(kept[1]) < len(arrays):
         kept = cache[key] = [[], []]  # host copies, device arrays
         for array in arrays:
             COUNTS.uploads += 1
             kept[0].append(array.copy())
-            kept[1].append(upload(array))
+            kept[1].append(upload(kept[0][-1]))
         return kept[1]
     for k in (0, 2):  # the segments of a table never change, nor the zeroed counts
         array, copied, on_device = arrays[k], kept[0][k], kept[1][k]
@@ -302,21 +302,6 @@ def _resident(table, segments, device, stream, upload, live=None, capturing=Fals
             copied[...] = array
             on_device.copy_to_device(array, stream=stream)
     return kept[1]
-
-
-def _kept_for_capture(cache, key, device, segments, arrays):
-    """`_resident` while a CUDA graph is being captured: the device arrays of a launch
-    of this table, on any stream, whose host copies are ``arrays``."""
-    for (kept_device, kept_segments, _), (copies, on_device) in cache.items():
-        if (kept_device, kept_segments) != key[:2] or len(on_device) < len(arrays):
-            continue
-        if all(a.tobytes() == c.tobytes() for a, c in zip(arrays[:3], copies)):
-            return on_device
-    raise RuntimeError(
-        "a capturable step's launch table changed while a CUDA graph was being captured "
-        "(new parameters, gradients at new addresses, or the first step): run the step "
-        "once before capturing it, with the tensors the graph will use"
-    )
 
 
 def _stream_key(stream):
@@ -335,7 +320,7 @@ def launch(
     ``upload(array)`` returns a device copy of a small host array, queued on ``stream``.
     Over block-wise 8-bit state, a segment is a block, and a CUDA block its threads.
     A capturable ``spec`` (`capturable.capturable`) takes its `capturable.LiveInputs`
-    as ``live``; ``capturing``: a CUDA graph is being captured (nothing is copied)."""
+    as ``live``; ``capturing``: a CUDA graph is being captured on ``stream``."""
     flags = tuple(bool(flag) for flag in flags)
     squares, block = len(spec.squares), BLOCK if spec.blockwise else None
     if spec.capturable != (live is not None):

@@ -20,6 +20,7 @@ from fastmomentum.capabilities import (
     SIXTEEN_BIT_OPTIONS,
     STATE_DTYPES,
 )
+from fastmomentum.kernels import config
 
 from . import distributed_run, fsdp_run
 from .cases import CASES, OPTIMIZERS
@@ -130,6 +131,16 @@ def test_step_in_backward(name):
     assert optimizer.steps_in_backward
     for p, old in zip(params, before):
         assert torch.isfinite(p).all() and not torch.equal(p.detach(), old)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("name", list(CAPABILITIES))
+def test_capturable(name, monkeypatch):
+    """``capturable=True`` on CUDA tensors: the simulator's (``config.FORCE_CUDA``)."""
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+    monkeypatch.setattr(config, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(config, "multiprocessors", lambda: 2)
+    steps_or_refuses(name, torch.float32, CAPABILITIES[name].capturable, capturable=True)
 
 
 def test_the_distributed_suites_run_every_optimizer_that_claims_them():

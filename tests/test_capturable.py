@@ -142,29 +142,29 @@ def test_an_lr_tensor_is_read_on_the_device():
     assert_same(ordinary, capturable, (model, twin))
 
 
-def test_a_capture_copies_nothing_and_needs_a_warm_up(monkeypatch):
-    """While a graph is being captured the launch tables are not copied: a step after
-    a warm-up (the capture's stream is new) reuses another stream's; a first step, or
-    one with gradients at new addresses, raises and says to warm up."""
-    model = make_model(torch.float32)
-    optimizer = fastmomentum.Adam(model.parameters(), lr=0.01, capturable=True)
-    tokens, targets = next(iter(batches(1, torch.float32)))
+def test_a_capture_copies_its_tables_into_arrays_of_its_own(monkeypatch):
+    """While a graph is being captured each launch table is copied whole into device
+    arrays of the capture's own (a graph replays the copies it captured; the arrays
+    other launches read are not written), even where nothing changed; a capture with
+    gradients at new addresses (torch's recipe: ``zero_grad(set_to_none=True)`` before
+    capturing) steps as an ordinary step does."""
+    dtype = torch.float32
+    (model, ordinary), (twin, capturable) = twins("Adam", {"lr": 0.01}, dtype)
+    train(model, ordinary, 3, dtype)
+    train(twin, capturable, 3, dtype)
+    tables = [t for b in capturable.buckets[0] for t in b.planner._tables.values()]
+    before = [(t, key, *map(list, kept)) for t in tables for key, kept in t.on_device.items()]
     monkeypatch.setattr(devices, "capturing", lambda device: True)
-    torch.nn.functional.mse_loss(model(tokens), targets).backward()
-    with pytest.raises(RuntimeError, match="run the step once before capturing"):
-        optimizer.step()
-    monkeypatch.setattr(devices, "capturing", lambda device: False)
-    for _ in range(2):  # the second step adopts the parameters: their final addresses
-        optimizer.step()
-    monkeypatch.setattr(devices, "capturing", lambda device: True)
+    train(model, ordinary, 4, dtype, first=3)
     counts = cuda_kernels().COUNTS
     counts.reset()
-    optimizer.step()
-    assert counts.uploads == 0 and counts.launches == sum(len(b) for b in optimizer.buckets)
-    optimizer.zero_grad()  # new gradients: at new addresses
-    torch.nn.functional.mse_loss(model(tokens), targets).backward()
-    with pytest.raises(RuntimeError, match="run the step once before capturing"):
-        optimizer.step()
+    train(twin, capturable, 4, dtype, first=3)
+    assert counts.uploads == 4 * counts.launches  # addresses, segments, values, counts
+    for table, key, copies, arrays in before:  # the arrays of earlier launches: as they were
+        assert not any(a is b for a, b in zip(table.on_device[key][1], arrays))
+        for host, array in zip(copies, arrays):
+            assert (array.copy_to_host() == host).all()
+    assert_same(ordinary, capturable, (model, twin))
 
 
 def test_capturable_can_be_switched_and_the_counts_follow():
