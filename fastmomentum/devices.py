@@ -40,11 +40,13 @@ class TorchStreamKernels:
         self.device = device
         self._cuda = cuda_kernels()
 
-    def launch(self, table, spec, coefficients, flags=(), live=None):
+    def launch(self, table, spec, coefficients, flags=(), live=None, **sums):
+        """``kernels.cuda.launch``; ``sums``: its ``keep_sums`` and ``sums`` (LAMB's norms
+        kept on the GPU, `kernels.sums`)."""
         placement = self._placement()
         if live is not None:  # a capturable step (`fastmomentum.capture`)
             placement.update(live=live, capturing=capturing(self.device))
-        return self._cuda.launch(table, spec, coefficients, flags, **placement)
+        return self._cuda.launch(table, spec, coefficients, flags, **placement, **sums)
 
     def _placement(self):
         if self.device.type != "cuda":  # FORCE_CUDA on CPU tensors (the simulator)

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from fastmomentum.kernels import rules
+from fastmomentum.kernels import cpu, rules
 
 from . import quantized
-from .collectives import summed_over_shards
+from .collectives import summed_on_device, summed_over_shards
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -166,20 +166,34 @@ class LAMB(FlatOptimizer):
                 dtype, steps, betas, settings.bias_correction
             )
 
+        on_gpu = bucket.kernels is not cpu  # the norms stay there (`kernels.sums`)
+
         def direction_and_norms(table, *arguments):
-            norms = bucket.kernels.launch(table, *arguments)
+            options = {"keep_sums": True} if on_gpu else {}
+            norms = bucket.kernels.launch(table, *arguments, **options)
             if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
-                norms = summed_over_shards([bucket.params[row] for row in table.rows], norms)
+                params = [bucket.params[row] for row in table.rows]
+                summed = summed_on_device if on_gpu else summed_over_shards
+                norms = summed(params, norms)
             measured.corrections, measured.norms = table.entry_values.copy(), norms
 
         def trust(table):
-            table.entry_values[:] = rules.lamb.apply_step_coefficients(
-                dtype, measured.corrections, measured.norms, lr
-            )
+            if on_gpu:  # −lr, which the kernel multiplies by the tensor's trust ratio
+                table.entry_values[:] = rules.lamb.apply_step_coefficients_on_device(
+                    dtype, measured.corrections, lr
+                )
+            else:
+                table.entry_values[:] = rules.lamb.apply_step_coefficients(
+                    dtype, measured.corrections, measured.norms, lr
+                )
+
+        def apply_with_norms(table, *arguments):
+            bucket.kernels.launch(table, *arguments, sums=measured.norms)
 
         moments = rules.lamb.DIRECTION.state  # the update pass reads what the first wrote
         direction, columns = quantized.launched(rules.lamb.DIRECTION, moments, bucket)
-        apply, _ = quantized.launched(rules.lamb.APPLY, moments, bucket)
+        apply_spec = rules.lamb.APPLY_ON_DEVICE if on_gpu else rules.lamb.APPLY
+        apply, _ = quantized.launched(apply_spec, moments, bucket)
         plan.launch_passes(
             [
                 (
@@ -193,7 +207,7 @@ class LAMB(FlatOptimizer):
                     columns,
                     apply.entry_width,
                     trust,
-                    bucket.kernels.launch,
+                    apply_with_norms if on_gpu else bucket.kernels.launch,
                     (apply, apply_coefficients),
                 ),
             ]

@@ -24,9 +24,9 @@ import warnings
 
 import numpy as np
 from numba import config as numba_config
-from numba import cuda, float32, float64  # noqa: F401 (float64: generated kernels)
+from numba import cuda, float32, float64, int32  # noqa: F401 (generated kernels)
 
-from . import capturable, config, generated, precision, quantization
+from . import capturable, config, generated, precision, quantization, sums
 from .capturable import same_type  # noqa: F401 (generated kernels)
 from .elements import element, segment_source
 from .pointers import pointer_to as _compiled_pointer_to
@@ -68,6 +68,7 @@ def kernel(spec):
 @functools.cache
 def _generated_kernel(spec):
     namespace = {**globals(), "ELEMENT": element(spec), "LIVE": spec.live}
+    namespace["FROM_SUMS"] = spec.from_sums
     cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec))
     return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
 
@@ -98,6 +99,7 @@ def kernel_source(spec):
         ]
     for k in range(len(spec.squares)):  # each thread's sums into its segment's
         lines.append(f"        cuda.atomic.add(partials, (segment, {k}), sum{k})")
+    lines += sums.epilogue(spec, "        ")
     if spec.capturable:
         lines += capturable.epilogue(spec, "        ")
     return "\n".join(lines) + "\n"
@@ -107,18 +109,20 @@ def _kernel_head(spec, shared=()):
     """A kernel's lines down to its segment's set-up (`elements.segment_source`), with
     the ``shared`` lines (shared arrays) before its grid-stride loop."""
     flags = "".join(f", {flag}" for flag in spec.flags)
-    partials = ", partials" if spec.squares else ""
+    measured = sums.kernel_arguments(spec)
     live = capturable.kernel_arguments() if spec.capturable else ""
     return [
         f"def _{spec.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"param_store{flags}{partials}{live}):",
+        f"param_store{flags}{measured}{live}):",
         "    stored_param, stored_grad, stored_state, stored_companion = formats",
         "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
         *(capturable.prologue(spec) if spec.capturable else ()),
+        *sums.prologue(spec),
         *shared,
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
         *segment_source(spec, "        "),
+        *sums.segment_lines(spec, "        "),
     ]
 
 
@@ -127,9 +131,9 @@ def _blockwise_kernel_source(spec):
     block of `BLOCK` threads per block of state, one element each. Each state's new
     absmax, and the block's sums of squares, are reductions in shared memory between
     the step and the codes."""
-    written, sums = range(len(spec.written)), range(len(spec.squares))
+    written, squared = range(len(spec.written)), range(len(spec.squares))
     shared = [f"    top{k} = cuda.shared.array(BLOCK, float32)" for k in written]
-    shared += [f"    square{k} = cuda.shared.array(BLOCK, float64)" for k in sums]
+    shared += [f"    square{k} = cuda.shared.array(BLOCK, float64)" for k in squared]
     shared.append("    thread = cuda.threadIdx.x")
     lines = _kernel_head(spec, shared)
     lines.append("        begin, end = segments[segment, 1], segments[segment, 2]")
@@ -139,7 +143,7 @@ def _blockwise_kernel_source(spec):
     if not (spec.written or spec.squares):
         return "\n".join(lines) + "\n"  # a pass that only reads its state
     lines += [f"        top{k}[thread] = abs(new{k})" for k in written]
-    lines += [f"        square{k}[thread] = sum{k} * sum{k}" for k in sums]
+    lines += [f"        square{k}[thread] = sum{k} * sum{k}" for k in squared]
     lines += [
         "        cuda.syncthreads()  # every thread has read the old absmax and kept its values",
         "        width = BLOCK // 2",
@@ -150,12 +154,13 @@ def _blockwise_kernel_source(spec):
         lines.append(
             f"                top{k}[thread] = nan_max(top{k}[thread], top{k}[thread + width])"
         )
-    lines += [f"                square{k}[thread] += square{k}[thread + width]" for k in sums]
+    lines += [f"                square{k}[thread] += square{k}[thread + width]" for k in squared]
     lines += ["            cuda.syncthreads()", "            width //= 2"]
     lines += _blockwise_codes(spec, "        ")
     lines.append(
         "        cuda.syncthreads()  # before the next segment overwrites the shared arrays"
     )
+    lines += sums.epilogue(spec, "        ")
     return "\n".join(lines) + "\n"
 
 
@@ -221,16 +226,18 @@ COUNTS = Counts()
 
 
 def _launch(
-    kernel, table, coefficients, flags, stream, device, upload, block=None, squares=0, live=None,
-    capturing=False,
+    kernel, table, coefficients, flags, stream, device, upload, block=None, spec=None, live=None,
+    capturing=False, keep_sums=False, sums=None,
 ):  # fmt: skip
-    """Queue ``kernel`` over ``table``; with ``squares`` sums per segment, wait for them
-    and return them per entry (float64, shape ``(entries, squares)``). ``live``: the
+    """Queue ``kernel`` (of ``spec``) over ``table``. With ``spec.squares``, return the
+    sums per entry (float64, shape ``(entries, squares)``): a device array with
+    ``keep_sums``, else copied to the host, which waits for them. ``live``: the
     `capturable.LiveInputs` of a capturable kernel; ``capturing``: a CUDA graph is being
-    captured on ``stream`` (`_resident`)."""
-    sums = np.zeros((len(table), squares)) if squares else None
+    captured on ``stream`` (`_resident`); ``sums``: the device array of sums a
+    ``from_sums`` spec reads (`kernels.sums`)."""
+    squares = len(spec.squares)
     if table.size == 0:
-        return sums
+        return np.zeros((len(table), squares)) if squares else None
     with cuda.gpus[device] if device is not None else contextlib.nullcontext():
         if isinstance(stream, int):  # a raw cudaStream_t, e.g. torch's current stream
             stream = cuda.external_stream(stream) if stream else 0
@@ -240,11 +247,15 @@ def _launch(
         segments = table.cuda_segments(block or config.cuda_chunk())
         blocks, threads = config.launch_shape(len(segments))
         threads = block or threads  # block-wise state: a thread per element of a block
-        on_device = _resident(table, segments, device, stream, upload, live, capturing)
-        extra = ()
-        if squares:
-            COUNTS.uploads += 1
-            extra = (cuda.to_device(np.zeros((len(segments), squares)), stream=stream),)
+        scratch = ()  # zeroed once, and left zeroed (or overwritten) by every launch
+        if squares:  # partial sums per segment, sums per entry, finished segments
+            scratch = (np.zeros((len(segments), squares)), np.zeros((len(table), squares)))
+        if squares or live is not None:
+            scratch += (np.zeros(len(table), np.int32),)
+        on_device = _resident(table, segments, device, stream, upload, scratch, capturing)
+        extra = (*on_device[3:],) if squares else ()
+        if spec.from_sums is not None:
+            extra += (sums,)
         if live is not None:
             extra = (*live, on_device[3])
         COUNTS.launches += 1
@@ -254,25 +265,26 @@ def _launch(
         )  # fmt: skip
         if not squares:
             return None
+        if keep_sums:
+            return on_device[4]
         COUNTS.waits += 1
-        partials = extra[0].copy_to_host(stream=stream)
+        host = on_device[4].copy_to_host(stream=stream)
         if stream:
             stream.synchronize()
-    np.add.at(sums, segments[:, 0], partials)
-    return sums
+    return host
 
 
-def _resident(table, segments, device, stream, upload, live=None, capturing=False):
-    """The table's addresses, segments and entry values on the GPU (and with ``live``,
-    its zeroed count of finished segments per entry, `capturable`), kept with the table
-    per device, segments and stream: copied once, then addresses and entry values again,
-    on ``stream``, only when they differ from what was copied last (a planner makes its
-    tables anew when its bucket's layout changes; entry values, e.g. bias corrections,
-    change at most steps; addresses when a gradient or a staged copy moved, or with
-    a stochastic rounding key, every step). A copy
-    after the first lands in the array allocated by the first, in stream order after
-    the launches that read it; its host source is pageable memory, which the driver
-    has read when the call returns, so the table may be refilled at once.
+def _resident(table, segments, device, stream, upload, scratch=(), capturing=False):
+    """The table's addresses, segments and entry values on the GPU, then the
+    ``scratch`` arrays (zeros the kernel leaves zeroed or overwrites: `capturable`'s
+    and `sums`'), kept with the table per device, segments and stream: copied once,
+    then addresses and entry values again, on ``stream``, only when they differ from
+    what was copied last (a planner makes its tables anew when its bucket's layout
+    changes; entry values, e.g. bias corrections, change at most steps; addresses when
+    a gradient or a staged copy moved, or with a stochastic rounding key, every step).
+    A copy after the first lands in the array allocated by the first, in stream order
+    after the launches that read it; its host source is pageable memory, which the
+    driver has read when the call returns, so the table may be refilled at once.
 
     While ``capturing`` (a CUDA graph, on ``stream``) the arrays are copied anew into
     arrays of the capture's own: a graph replays each copy it captured, so the host
@@ -285,17 +297,15 @@ def _resident(table, segments, device, stream, upload, live=None, capturing=Fals
     # read the arrays.
     key = (device, id(segments), _stream_key(stream))
     kept = cache.get(key)
-    arrays = (table.addresses, segments, table.entry_values)
-    if live is not None:
-        arrays += (np.zeros(len(table), np.int32),)
-    if capturing or kept is None or len(kept[1]) < len(arrays):
+    arrays = (table.addresses, segments, table.entry_values, *scratch)
+    if capturing or kept is None or len(kept[1]) != len(arrays):
         kept = cache[key] = [[], []]  # host copies, device arrays
         for array in arrays:
             COUNTS.uploads += 1
             kept[0].append(array.copy())
             kept[1].append(upload(kept[0][-1]))
         return kept[1]
-    for k in (0, 2):  # the segments of a table never change, nor the zeroed counts
+    for k in (0, 2):  # the segments of a table never change, nor the scratch arrays
         array, copied, on_device = arrays[k], kept[0][k], kept[1][k]
         if array.tobytes() != copied.tobytes():  # bits: a sign of zero is a change
             COUNTS.uploads += 1
@@ -313,19 +323,24 @@ def _stream_key(stream):
 
 def launch(
     table, spec, coefficients, flags=(), stream=None, device=None, upload=None, live=None,
-    capturing=False,
+    capturing=False, keep_sums=False, sums=None,
 ):  # fmt: skip
     """`kernels.cpu.launch` on GPU ``device`` (default: the current one), queued on
     ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
     ``upload(array)`` returns a device copy of a small host array, queued on ``stream``.
     Over block-wise 8-bit state, a segment is a block, and a CUDA block its threads.
     A capturable ``spec`` (`capturable.capturable`) takes its `capturable.LiveInputs`
-    as ``live``; ``capturing``: a CUDA graph is being captured on ``stream``."""
+    as ``live``; ``capturing``: a CUDA graph is being captured on ``stream``. A spec
+    with ``squares`` returns its sums per entry on the host (a wait), or with
+    ``keep_sums`` as a device array, which a ``from_sums`` spec takes as ``sums``
+    (`kernels.sums`: nothing read on the host)."""
     flags = tuple(bool(flag) for flag in flags)
-    squares, block = len(spec.squares), BLOCK if spec.blockwise else None
+    block = BLOCK if spec.blockwise else None
     if spec.capturable != (live is not None):
         raise ValueError(f"{spec.name}: live inputs are for capturable kernels, and needed there")
+    if (spec.from_sums is not None) != (sums is not None):
+        raise ValueError(f"{spec.name}: sums are for kernels that read them, and needed there")
     return _launch(
-        kernel(spec), table, coefficients, flags, stream, device, upload, block, squares, live,
-        capturing,
+        kernel(spec), table, coefficients, flags, stream, device, upload, block, spec, live,
+        capturing, keep_sums, sums,
     )  # fmt: skip

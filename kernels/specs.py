@@ -74,6 +74,9 @@ class KernelSpec(NamedTuple):
       one float each at an address of the launch table, after the state columns.
     - ``capturable``: the variant `kernels.capturable.capturable` makes, whose kernel
       computes its coefficients with ``live`` (CUDA only).
+    - ``from_sums``: on CUDA, each segment's entry values are ``from_sums(values, sums,
+      entry)``, from the per-entry sums of squares an earlier launch kept on the GPU
+      (LAMB's trust ratio, `kernels.sums`); ``None``: the table's entry values.
     """
 
     name: str
@@ -97,6 +100,7 @@ class KernelSpec(NamedTuple):
     live: object = None
     scalars: tuple = ()
     capturable: bool = False
+    from_sums: object = None
 
     def optional_flag(self, name):
         """The flag state array ``name`` needs, or ``None`` if it is always used."""

@@ -27,7 +27,7 @@ Work is split by elements, not by tensor, into segments ``(entry, begin, end)``:
 - CPU (`cpu_schedule`): the table's elements are cut into one equal range per thread,
   and each range lists the segments of the entries it covers;
 - CUDA (`cuda_segments`): segments of at most ``chunk`` elements, one block each (with
-  the count of its entry's segments).
+  the count of its entry's segments and the index of the first).
 
 So one huge tensor and many tiny ones both keep every thread busy. Schedules depend on
 the lengths only and are kept; addresses and entry values may change before each launch.
@@ -110,7 +110,7 @@ class TensorTable:
 
     def cuda_segments(self, chunk):
         """Segments of at most ``chunk`` elements, in entry order: ``(entry, begin, end,
-        segments of that entry)``."""
+        segments of that entry, the first of them)``."""
         key = ("cuda", chunk)
         if key not in self._schedules:
             self._schedules[key] = _chunks(self.lengths, chunk)
@@ -193,4 +193,5 @@ def _chunks(lengths, chunk):
     first_of_entry = np.repeat(np.cumsum(counts) - counts, counts)
     begin = (np.arange(entries.size, dtype=np.int64) - first_of_entry) * chunk
     end = np.minimum(begin + chunk, lengths[entries])
-    return np.stack([entries, begin, end, counts[entries]], axis=1).reshape(-1, 4)
+    columns = [entries, begin, end, counts[entries], first_of_entry]
+    return np.stack(columns, axis=1).reshape(-1, 5)

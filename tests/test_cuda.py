@@ -239,9 +239,9 @@ def test_amsgrad_keeps_nan_like_torch_maximum():
 #: the CUDA kernels (`kernels.cuda.COUNTS`): (launches, uploads, waits). Two launches
 #: for the two-pass steps (LAMB: direction and norms, then the update; Muon: momentum,
 #: then the orthogonalised update). An upload is a table's entry values that changed
-#: (bias corrections at each step count); LAMB's are its partial sums' zeros, its
-#: bias corrections and its trust ratios, and it waits for its norms (issue 22); Muon's,
-#: both passes' addresses: its scratch array of ``U`` is allocated anew each step.
+#: (bias corrections at each step count); LAMB's are both passes' bias corrections (its
+#: norms stay on the GPU, `kernels.sums`); Muon's, both passes' addresses: its scratch
+#: array of ``U`` is allocated anew each step.
 STEADY = {
     "SGD": (1, 0, 0),
     "Adam": (1, 1, 0),
@@ -251,7 +251,7 @@ STEADY = {
     "Adamax": (1, 1, 0),
     "RMSprop": (1, 0, 0),
     "Adagrad": (1, 1, 0),
-    "LAMB": (2, 3, 1),
+    "LAMB": (2, 2, 0),
     "Lion": (1, 0, 0),
     "Muon": (2, 2, 0),
 }

@@ -40,9 +40,10 @@ def test_cuda_segments_cover_every_element_once():
     table = TensorTable(LENGTHS, 2, np.float32)
     covered = [np.zeros(n, int) for n in LENGTHS]
     segments = table.cuda_segments(16)
-    for entry, begin, end, count in segments.tolist():
+    for entry, begin, end, count, earliest in segments.tolist():
         assert end - begin <= 16
         assert count == (segments[:, 0] == entry).sum()  # the entry's segments
+        assert earliest == (segments[:, 0] == entry).argmax()
         covered[entry][begin:end] += 1
     assert all((c == 1).all() for c in covered)
 

@@ -41,6 +41,7 @@ from numba.extending import register_jitable
 
 from .. import hyperparameters
 from ..calls import as_flags, carrier_of, compute_dtype, dispatch, one_entry, real_numbers
+from ..capturable import same_type
 from ..hyperparameters import grad_factor, in_dtype
 from ..precision import BFLOAT16_BITS, FLOAT16_BITS, as_bfloat16, as_float16
 from ..specs import SIGNED, UNSIGNED, KernelSpec
@@ -178,6 +179,29 @@ APPLY = KernelSpec(
 )
 
 
+@register_jitable
+def trust_ratio(param_squares, update_squares):
+    """``r = ‖p‖ / ‖u‖`` from the sums of squares, or 1 when either is 0 (a NaN sum gives
+    1, and its NaN update moves the parameter to NaN; inf over inf is NaN)."""
+    if param_squares > 0.0 and update_squares > 0.0:
+        return math.sqrt(param_squares) / math.sqrt(update_squares)
+    return 1.0
+
+
+@register_jitable
+def trust_step(values, sums, entry):
+    """`ApplyStepCoefficients` of ``entry`` on the GPU (`APPLY_ON_DEVICE`): its bias
+    corrections, and ``values[2]`` (−lr) times its `trust_ratio`, from the sums of
+    squares the direction pass left on the device (float64, rounded once)."""
+    ratio = trust_ratio(sums[entry, 0], sums[entry, 1])
+    return values[0], values[1], same_type(float(values[2]) * ratio, values[2])
+
+
+#: `APPLY` reading each tensor's norms from the device (CUDA: `kernels.sums`): its
+#: third entry value is −lr, and the kernel multiplies it by the trust ratio.
+APPLY_ON_DEVICE = APPLY._replace(name="lamb_apply_on_device", from_sums=trust_step)
+
+
 def state_flags(state_format):
     """`DIRECTION`'s flags for state kept as ``state_format`` (the type of its elements
     in a launch table, `kernels.tables`): whether it is bfloat16, whether float16."""
@@ -227,12 +251,21 @@ def apply_step_coefficients(dtype, corrections, squared_norms, lr):
     `StepCoefficients`) and ``(‖p‖², ‖u‖²)``: ``−lr·r`` with ``r = ‖p‖/‖u‖``, or
     ``−lr`` when either norm is 0."""
     param_norm, update_norm = np.sqrt(squared_norms[:, 0]), np.sqrt(squared_norms[:, 1])
-    ratio = np.ones(len(param_norm))
+    ratio = np.ones(len(param_norm))  # `trust_ratio`, over arrays
     with np.errstate(invalid="ignore"):  # inf / inf: NaN, as the norms are
         np.divide(param_norm, update_norm, out=ratio, where=(param_norm > 0) & (update_norm > 0))
     rows = np.empty((len(ratio), 3), dtype)
     rows[:, :2] = corrections
     rows[:, 2] = -lr * ratio
+    return rows
+
+
+def apply_step_coefficients_on_device(dtype, corrections, lr):
+    """Rows of `ApplyStepCoefficients` for `APPLY_ON_DEVICE`: the bias corrections and
+    −lr, which the kernel multiplies by each tensor's trust ratio."""
+    rows = np.empty((len(corrections), 3), dtype)
+    rows[:, :2] = corrections
+    rows[:, 2] = -lr
     return rows
 
 
