@@ -100,7 +100,15 @@ def checks():
             out.append(Check(name, row, options, "step in backward", torch.float32, extra))
         extra = {"flat_gradients": True}
         out.append(Check(name, row, options, "flat gradients", torch.float32, extra))
+        if caps.capturable:
+            extra = {"capturable": True}
+            out.append(Check(name, row, options, "capturable", torch.float32, extra))
+            out.append(Check(name, row, options, CUDA_GRAPH, torch.float32, extra))
     return out
+
+
+#: The mode of a capturable step captured once in a CUDA graph and replayed (`captured`).
+CUDA_GRAPH = "capturable, CUDA graph"
 
 
 def _torch_kind(name):
@@ -119,8 +127,10 @@ def reference_of(check):
     sixteen = check.dtype in (torch.bfloat16, torch.float16)
     if check.mode == "step in backward":
         return "our CUDA step"
+    if check.mode == CUDA_GRAPH:
+        return "our capturable step"
     if kind is None or (
-        check.extra and not {"master_weights", "flat_gradients"} & set(check.extra)
+        check.extra and not {"master_weights", "flat_gradients", "capturable"} & set(check.extra)
     ):
         return "our CPU step"  # LAMB, Lion; bf16 and 8-bit state, SR, Kahan: torch has none
     if "master_weights" in check.extra:
@@ -134,7 +144,9 @@ def reference_of(check):
 
 def bound_of(check):
     sixteen = check.dtype in (torch.bfloat16, torch.float16) and not check.extra
-    if check.mode == "step in backward" or (sixteen and check.name in ("Adam", "AdamW")):
+    if check.mode in ("step in backward", CUDA_GRAPH) or (
+        sixteen and check.name in ("Adam", "AdamW")
+    ):
         return "bits"
     return "rtol"
 
@@ -163,13 +175,14 @@ def data(check):
 def make_torch(check, params):
     peer = getattr(torch.optim, CAPABILITIES[check.name].torch_peer)
     kind = _torch_kind(check.name)
+    options = {**check.options, **({"capturable": True} if "capturable" in check.extra else {})}
     if kind == "fused":
         try:
-            return peer(params, fused=True, **check.options), "fused"
+            return peer(params, fused=True, **options), "fused"
         except (RuntimeError, ValueError):  # torch's fused Adagrad is CPU only
             kind = "foreach"
     flag = {"foreach": True} if kind == "foreach" else {}
-    return peer(params, **check.options, **flag), kind
+    return peer(params, **options, **flag), kind
 
 
 def run(optimizer, params, grads, in_backward=False, keep_grads=False):
@@ -242,10 +255,55 @@ def tensors(params, optimizer):
     return out
 
 
+def captured(check, device, start, grads, graph=True):
+    """Ours with ``capturable=True``, gradients set into static tensors (``p.grad``): two
+    steps on a side stream (the warm-up torch asks for), then, with ``graph``, one step
+    captured in a CUDA graph and replayed for each further step's gradients; without,
+    the same steps launched as usual. Returns (params, optimizer)."""
+    params = [torch.nn.Parameter(s.to(device, check.dtype, copy=True)) for s in start]
+    optimizer = getattr(fastmomentum, check.name)(params, **check.options, capturable=True)
+    static = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static):
+        p.grad = g
+
+    def take(step_grads):
+        for g, new in zip(static, step_grads):
+            g.copy_(new.to(device, check.dtype))
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for step_grads in grads[:2]:
+            take(step_grads)
+            optimizer.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if graph:
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            optimizer.step()
+    for step_grads in grads[2:]:
+        take(step_grads)
+        if graph:
+            cuda_graph.replay()
+        else:
+            optimizer.step()
+    torch.cuda.synchronize(device)
+    return params, optimizer
+
+
 def parity(check, device):
     """Steps ``check`` and its reference; (reference used, worst difference, passed)."""
     start, grads = data(check)
     reference = reference_of(check)
+    if check.mode == CUDA_GRAPH:  # replays against launches, bit for bit
+        params, ours = captured(check, device, start, grads)
+        ref_params, theirs = captured(check, device, start, grads, graph=False)
+        worst, passed = 0.0, True
+        wanted, mine = tensors(ref_params, theirs), tensors(params, ours)
+        for key, value in wanted.items():
+            difference, within = compare(mine[key], value, "bits", check.name)
+            worst, passed = max(worst, difference), passed and within
+        return reference, worst, passed
     ref_device = "cpu" if reference == "our CPU step" else device
     params, ours, _ = side(check, device, start, grads)
     ref_params, theirs, used = side(check, ref_device, start, grads, reference)

@@ -28,6 +28,8 @@ def claimed_modes(row):
     modes |= {f"bf16 {SIXTEEN_BIT[option]}" for option in row.sixteen_bit_options}
     if row.step_in_backward:
         modes.add("step in backward")
+    if row.capturable:
+        modes |= {"capturable", "capturable, CUDA graph"}
     return modes
 
 
