@@ -70,6 +70,7 @@ class KernelSpec(NamedTuple):
       change from one step to the next (``capturable=True``, `kernels.capturable`), a
       ``register_jitable`` function ``live(scalars, lr, inverse_scale, settings) ->
       (coefficients, entry, new scalars)`` in float64; ``None``: not capturable.
+    - ``live_settings``: the ``NamedTuple`` of the host's settings ``live`` takes;
     - ``scalars``: the per-entry scalar state ``live`` reads and advances (``"step"``),
       one float each at an address of the launch table, after the state columns.
     - ``capturable``: the variant `kernels.capturable.capturable` makes, whose kernel
@@ -98,6 +99,7 @@ class KernelSpec(NamedTuple):
     codes: tuple = ()
     blockwise: bool = False
     live: object = None
+    live_settings: type = None
     scalars: tuple = ()
     capturable: bool = False
     from_sums: object = None

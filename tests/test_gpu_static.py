@@ -15,6 +15,7 @@ from fastmomentum.bucket import compute_dtype_and_formats
 from fastmomentum.quantized import INT8_BLOCKWISE
 from fastmomentum.validation import check_state_dtype
 from kernels import cuda, rules
+from kernels.capturable import capturable
 from kernels.specs import int8_blockwise
 
 SM80, SM90 = gpu_static.ARCHS
@@ -32,8 +33,13 @@ ptxas info    : Compile time = 200.714 ms
 
 def test_variants_cover_every_spec_in_every_format():
     found = {(spec.name, format.name) for spec, format in gpu_static.variants()}
+    for spec in rules.DEVICE_SPECS:
+        assert {(spec.name, f.name) for f in gpu_static.FORMATS} <= found
     for spec in rules.SPECS:
         assert {(spec.name, f.name) for f in gpu_static.FORMATS} <= found
+        if spec.live is not None:
+            named = capturable(spec).name
+            assert {(named, f.name) for f in gpu_static.FORMATS} <= found
         try:
             name = int8_blockwise(spec).name
         except ValueError:
@@ -190,6 +196,9 @@ def test_f64_allowed_only_for_float64_arrays_and_lamb_sums():
     assert gpu_static.unexpected_f64(lamb, fp32, sums + narrowed) == narrowed
     assert gpu_static.unexpected_f64(rules.adam.SPEC, fp32, sums) == sums
     assert gpu_static.unexpected_f64(rules.adam.SPEC, fp64, narrowed) == []
+    # per-segment coefficients in float64, by design
+    assert gpu_static.unexpected_f64(capturable(rules.adam.SPEC), fp32, narrowed) == []
+    assert gpu_static.unexpected_f64(rules.lamb.APPLY_ON_DEVICE, fp32, narrowed) == []
 
 
 def test_known_misses_name_kernels_that_are_compiled():

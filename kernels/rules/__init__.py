@@ -17,8 +17,10 @@ costs 0.4 µs a call more than a tuple. Last, its low-level function: the rule o
 or CUDA arrays, its arguments checked before anything is written.
 
 Each module is discovered (`MODULES`): besides the above it declares ``SPECS``, the
-`specs.KernelSpec` of each of its rules, and ``FUNCTIONS``, the low-level functions
-`fastmomentum.kernels` exports. A new rule is a new module here; nothing lists it.
+`specs.KernelSpec` of each of its rules, optionally ``DEVICE_SPECS``, those only the
+CUDA kernels launch (LAMB's update reading its norms on the GPU), and ``FUNCTIONS``,
+the low-level functions `fastmomentum.kernels` exports. A new rule is a new module
+here; nothing lists it.
 """
 
 import importlib
@@ -33,6 +35,11 @@ MODULES = {
 #: Every rule's `specs.KernelSpec`.
 SPECS = tuple(spec for module in MODULES.values() for spec in getattr(module, "SPECS", ()))
 
+#: The specs only CUDA kernels launch (`specs.KernelSpec.from_sums`).
+DEVICE_SPECS = tuple(
+    spec for module in MODULES.values() for spec in getattr(module, "DEVICE_SPECS", ())
+)
+
 #: Every low-level function, by name (`fastmomentum.kernels` exports them).
 FUNCTIONS = {
     function.__name__: function
@@ -41,4 +48,4 @@ FUNCTIONS = {
 }
 
 globals().update(MODULES)  # rules.adam, rules.sgd, ...
-__all__ = ["FUNCTIONS", "MODULES", "SPECS", *MODULES]
+__all__ = ["DEVICE_SPECS", "FUNCTIONS", "MODULES", "SPECS", *MODULES]

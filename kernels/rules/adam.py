@@ -178,6 +178,17 @@ def _update(
     return param + update, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
+class LiveSettings(NamedTuple):
+    """What `live_coefficients` takes from the host: every hyperparameter but lr."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: float  # 1.0 for AdamW's decoupled weight decay, else 0.0
+    sign: float  # −1.0 with ``maximize``, else 1.0
+
+
 @register_jitable
 def live_coefficients(scalars, lr, inverse_scale, settings):
     """`Coefficients` and `StepCoefficients` of the next step on the device
@@ -201,9 +212,11 @@ def live_coefficients(scalars, lr, inverse_scale, settings):
 
 
 def live_settings(betas, eps, weight_decay, decoupled, maximize):
-    """What `live_coefficients` takes from the host: every hyperparameter but lr, as floats."""
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    beta1, beta2 = betas
     sign = -1.0 if maximize else 1.0
-    return tuple(float(value) for value in (*betas, eps, weight_decay, decoupled, sign))
+    named = LiveSettings(beta1, beta2, eps, weight_decay, decoupled, sign)
+    return tuple(float(value) for value in named)
 
 
 SPEC = KernelSpec(
@@ -218,6 +231,7 @@ SPEC = KernelSpec(
     blockwise_rule=blockwise_update,
     codes=(("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED), ("max_exp_avg_sq", UNSIGNED)),
     live=live_coefficients,
+    live_settings=LiveSettings,
     scalars=("step",),
     # arcp was meant to let LLVM replace the division by the loop-invariant √(1 − β2ᵗ)
     # with one reciprocal and a multiply; in the loops as compiled up to 5fb2c0c it

@@ -333,5 +333,8 @@ def lamb_step(
 #: The specs of this module's rules (`rules.SPECS`).
 SPECS = (DIRECTION, APPLY)
 
+#: The spec only the CUDA kernels launch (`rules.DEVICE_SPECS`).
+DEVICE_SPECS = (APPLY_ON_DEVICE,)
+
 #: What `fastmomentum.kernels` exports of this module (`rules.FUNCTIONS`).
 FUNCTIONS = (lamb_step,)
