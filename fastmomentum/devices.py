@@ -30,7 +30,8 @@ def kernels_for(device):
 class TorchStreamKernels:
     """The CUDA kernels with the CPU kernels' signatures, launched on torch's current
     stream of the bucket's device, so they run in order with torch's own work and the
-    host never waits for them (LAMB's norms aside, issue 22). A launch table's arrays
+    host never waits for them (GradScaler's ``found_inf`` aside, read on the host unless
+    ``capturable=True``: `fastmomentum.capture`). A launch table's arrays
     reach the GPU as torch tensors, allocated and first filled on that stream and kept
     with the table (`kernels.cuda`: refilled in place when they change), so torch's
     allocator reuses their memory only once the table is dropped, in that stream's
