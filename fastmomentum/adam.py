@@ -133,8 +133,10 @@ class Adam(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        if not (capture.is_capturable(group) and isinstance(lr, Tensor)):
-            lr = _as_torch_computes(lr, "lr")  # a capturable step reads a tensor's on the GPU
+        if capture.is_capturable(group):  # a tensor's value is read on the GPU
+            lr = capture.live_lr(lr)
+        else:
+            lr = _as_torch_computes(lr, "lr")
         return Settings(
             lr=lr,
             betas=(_as_torch_computes(beta1, "betas[0]"), _as_torch_computes(beta2, "betas[1]")),

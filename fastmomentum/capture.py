@@ -72,6 +72,19 @@ def place_counts(optimizer, expose):
                 expose(group, bucket)
 
 
+def live_lr(lr):
+    """A capturable group's ``lr`` as its step reads it: a tensor as it is (read on the
+    GPU, `live_inputs`), checked here, before any bucket steps; else a float."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr)
+    if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"lr is a {lr.dtype} tensor of {lr.numel()} elements; a capturable step reads "
+            "one float32 or float64 value"
+        )
+    return lr
+
+
 def live_inputs(optimizer, bucket, lr, settings):
     """The `kernels.capturable.LiveInputs` of a capturable launch over ``bucket``: the
     host's fixed ``settings`` (the rule's `live_settings`), ``lr`` (a tensor on the
@@ -81,9 +94,6 @@ def live_inputs(optimizer, bucket, lr, settings):
         if lr.device == bucket.device:
             lr_at = lr.data_ptr()
             lr_value = np.float32(0) if lr.dtype == torch.float32 else np.float64(0)
-            if lr.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"lr is a {lr.dtype} tensor; capturable steps read float32 or "
-                                "float64")  # fmt: skip
         else:
             lr_value = float(lr)  # a CPU tensor: no wait
     else:
