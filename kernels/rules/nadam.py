@@ -101,16 +101,21 @@ def step_values(steps, mu_products, lr, betas, momentum_decay, product_dtype):
     ``product_dtype``, the dtype torch keeps ``mu_product`` in) and rows of
     `StepCoefficients`, in double precision as torch computes them."""
     beta1, beta2 = betas
-    steps = np.asarray(steps, np.float64)
-    mu = momentum_cache(steps, beta1, momentum_decay)
-    mu_next = momentum_cache(steps + 1, beta1, momentum_decay)
+    counts, which = np.unique(np.asarray(steps, np.float64), return_inverse=True)
+    # in Python floats, C's pow as torch's: NumPy's vectorised power (SVML on AVX-512)
+    # gave μ_t an ulp off at 224 of the first 10⁵ steps (t = 2, 8, …)
+    rows = [
+        (momentum_cache(t, beta1, momentum_decay), momentum_cache(t + 1, beta1, momentum_decay),
+         1.0 - beta2**t)
+        for t in counts.tolist()
+    ]  # fmt: skip
+    mu, mu_next, bias_correction2 = np.array(rows).reshape(-1, 3)[which].T
     dtype = np.dtype(product_dtype)
     products = (np.asarray(mu_products, dtype) * mu.astype(dtype)).astype(dtype)
     product = products.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         grad_step = -lr * (1.0 - mu) / (1.0 - product)
         average_step = (-lr * mu_next) / (1.0 - product * mu_next)
-    bias_correction2 = 1.0 - beta2**steps
     return products, np.stack([grad_step, average_step, bias_correction2], axis=-1)
 
 
