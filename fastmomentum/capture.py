@@ -21,6 +21,7 @@ from fastmomentum.kernels import cpu
 from fastmomentum.kernels.capturable import LiveInputs
 
 from .devices import kernels_for
+from .validation import host_float
 
 
 def is_capturable(group):
@@ -70,6 +71,13 @@ def place_counts(optimizer, expose):
         for bucket in buckets or ():
             if bucket.place_scalars(is_capturable(group)):
                 expose(group, bucket)
+
+
+def lr_setting(group):
+    """``group``'s lr as a step reads it: a capturable group's tensor as it is (the
+    kernel reads it, `live_inputs`), else a float."""
+    lr = group["lr"]
+    return lr if is_capturable(group) and isinstance(lr, torch.Tensor) else host_float(lr, "lr")
 
 
 def live_inputs(optimizer, bucket, lr, settings):
