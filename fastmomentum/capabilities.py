@@ -72,13 +72,14 @@ CAPABILITIES = {
     "AdamW": Capabilities(
         "adam", "AdamW", benchmarks={"AdamW": {"lr": 1e-3, "weight_decay": 1e-2}}, capturable=True
     ),
-    "NAdam": Capabilities("nadam", "NAdam"),
-    "RAdam": Capabilities("radam", "RAdam"),
-    "Adamax": Capabilities("adamax", "Adamax"),
+    "NAdam": Capabilities("nadam", "NAdam", capturable=True),
+    "RAdam": Capabilities("radam", "RAdam", capturable=True),
+    "Adamax": Capabilities("adamax", "Adamax", capturable=True),
     "RMSprop": Capabilities(
         "rmsprop",
         "RMSprop",
         benchmarks={"RMSprop": {"lr": 1e-3}, "RMSprop momentum": {"lr": 1e-3, "momentum": 0.9}},
+        capturable=True,
         note="8-bit state not with `centered=True`",
     ),
     "Adagrad": Capabilities("adagrad", "Adagrad", benchmarks={"Adagrad": {"lr": 1e-2}}),

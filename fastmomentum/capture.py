@@ -21,6 +21,7 @@ from fastmomentum.kernels import cpu
 from fastmomentum.kernels.capturable import LiveInputs
 
 from .devices import kernels_for
+from .validation import host_float
 
 
 def is_capturable(group):
@@ -83,6 +84,12 @@ def live_lr(lr):
             "one float32 or float64 value"
         )
     return lr
+
+
+def lr_setting(group):
+    """``group``'s lr as a step reads it: a capturable group's `live_lr`, else a float."""
+    lr = group["lr"]
+    return live_lr(lr) if is_capturable(group) else host_float(lr, "lr")
 
 
 def live_inputs(optimizer, bucket, lr, settings):

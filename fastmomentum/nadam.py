@@ -6,8 +6,9 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
+from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
-from . import quantized
+from . import capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -15,7 +16,7 @@ from .validation import check_tensor_hyperparameter, host_float
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a capturable group's tensor is read on the device
     betas: tuple[float, float]
     eps: float
     weight_decay: float
@@ -40,10 +41,12 @@ class NAdam(FlatOptimizer):
         d = √(v / (1 − β2ᵗ)) + ε
         p ← p − lr·(1 − μ_t)/(1 − Π) · g/d − lr·μ_{t+1}/(1 − Π·μ_{t+1}) · m/d
 
-    ``foreach`` is accepted for compatibility; ``capturable=True`` and
-    ``differentiable=True`` are rejected. ``flat_gradients``, ``fused_zero_grad`` and
-    ``state_dtype``: as in `fastmomentum.SGD` (``"int8_blockwise"``: ``exp_avg`` and
-    ``exp_avg_sq`` as codes and absmax, `fastmomentum.quantized`).
+    ``foreach`` is accepted for compatibility; ``differentiable=True`` is rejected.
+    ``capturable=True`` (CUDA parameters): ``step`` and ``mu_product`` lie on the
+    parameters' device and the kernel advances them (`fastmomentum.capture`).
+    ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
+    (``"int8_blockwise"``: ``exp_avg`` and ``exp_avg_sq`` as codes and absmax,
+    `fastmomentum.quantized`).
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
     and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
@@ -52,6 +55,7 @@ class NAdam(FlatOptimizer):
     scalar_state = {"step": 0.0, "mu_product": 1.0}
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     rule_state = rules.nadam.SPEC.state
 
@@ -108,7 +112,7 @@ class NAdam(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             betas=(host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
             eps=host_float(group["eps"], "eps"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
@@ -130,6 +134,21 @@ class NAdam(FlatOptimizer):
 
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            products = bucket.scalar_values("mu_product")
+            live = capture.live_inputs(
+                self, bucket, settings.lr, rules.nadam.live_settings(
+                    settings.betas, settings.eps, settings.weight_decay,
+                    settings.decoupled_weight_decay, settings.maximize,
+                    settings.momentum_decay, str(products.dtype).removeprefix("torch."),
+                ),
+            )  # fmt: skip
+            spec = capturable(rules.nadam.SPEC)
+            columns = (*spec.state, *spec.scalars)
+            shared = placeholder_coefficients(spec, dtype)
+            plan.launch(columns, spec.entry_width, None, bucket.kernels.launch, spec, shared,
+                        (), live)  # fmt: skip
+            return
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),

@@ -6,8 +6,9 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
+from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
-from . import quantized
+from . import capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -15,7 +16,7 @@ from .validation import check_tensor_hyperparameter, host_float
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a capturable group's tensor is read on the device
     betas: tuple[float, float]
     eps: float
     weight_decay: float
@@ -42,10 +43,12 @@ class RAdam(FlatOptimizer):
     with ``r_t = √((ρ_t − 4)(ρ_t − 2)ρ_∞ / ((ρ_∞ − 4)(ρ_∞ − 2)ρ_t))``. ``ρ_t``, ``r_t``
     and the choice are computed per parameter on the host, as torch computes them.
 
-    ``foreach`` is accepted for compatibility; ``capturable=True`` and
-    ``differentiable=True`` are rejected. ``flat_gradients``, ``fused_zero_grad`` and
-    ``state_dtype``: as in `fastmomentum.SGD` (``"int8_blockwise"``: ``exp_avg`` and
-    ``exp_avg_sq`` as codes and absmax, `fastmomentum.quantized`).
+    ``foreach`` is accepted for compatibility; ``differentiable=True`` is rejected.
+    ``capturable=True`` (CUDA parameters): ``step`` lies on the parameters' device,
+    where the kernel computes ``ρ_t`` and what follows (`fastmomentum.capture`).
+    ``flat_gradients``, ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
+    (``"int8_blockwise"``: ``exp_avg`` and ``exp_avg_sq`` as codes and absmax,
+    `fastmomentum.quantized`).
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
     and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
@@ -54,6 +57,7 @@ class RAdam(FlatOptimizer):
     scalar_state = {"step": 0.0}
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     rule_state = rules.radam.SPEC.state
 
@@ -106,7 +110,7 @@ class RAdam(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             betas=(host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
             eps=host_float(group["eps"], "eps"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
@@ -123,6 +127,18 @@ class RAdam(FlatOptimizer):
 
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            live = capture.live_inputs(
+                self, bucket, settings.lr, rules.radam.live_settings(
+                    settings.betas, settings.eps, settings.weight_decay,
+                    settings.decoupled_weight_decay, settings.maximize,
+                ),
+            )  # fmt: skip
+            spec = capturable(rules.radam.SPEC)
+            shared = placeholder_coefficients(spec, dtype)
+            plan.launch((*spec.state, *spec.scalars), spec.entry_width, None,
+                        bucket.kernels.launch, spec, shared, (), live)  # fmt: skip
+            return
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),

@@ -7,8 +7,9 @@ from torch.optim.optimizer import ParamsT
 from torch.optim.rmsprop import rmsprop
 
 from fastmomentum.kernels import rules
+from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
-from . import quantized
+from . import capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -16,13 +17,14 @@ from .validation import check_tensor_hyperparameter, host_float
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a capturable group's tensor is read on the device
     alpha: float
     eps: float
     weight_decay: float
     momentum: float
     centered: bool
     maximize: bool
+    capturable: bool
 
 
 class RMSprop(FlatOptimizer):
@@ -42,7 +44,9 @@ class RMSprop(FlatOptimizer):
     ``momentum_buffer`` and ``grad_avg`` are kept once made, and start at zero for a
     parameter with state when momentum or centering is switched on later (torch
     raises ``KeyError`` there). ``foreach`` is accepted for compatibility;
-    ``capturable=True`` and ``differentiable=True`` are rejected. ``flat_gradients``,
+    ``differentiable=True`` is rejected. ``capturable=True`` (CUDA parameters): ``step``
+    lies on the parameters' device, where the kernel advances it (`fastmomentum.capture`).
+    ``flat_gradients``,
     ``fused_zero_grad`` and ``state_dtype``: as in `fastmomentum.SGD`
     (``"int8_blockwise"``: ``square_avg`` and ``momentum_buffer`` as codes and absmax,
     `fastmomentum.quantized`; not centered: 8-bit ``square_avg`` and ``grad_avg`` leave
@@ -55,6 +59,7 @@ class RMSprop(FlatOptimizer):
     scalar_state = {"step": 0.0}
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     rule_state = rules.rmsprop.SPEC.state
     quantized_rule_state = ("square_avg", "momentum_buffer")  # not centered: no grad_avg
@@ -109,11 +114,11 @@ class RMSprop(FlatOptimizer):
         )
 
     def state_names(self, group):
-        _, _, _, _, momentum, centered, _ = self.settings(group)
+        settings = self.settings(group)
         names = ["square_avg"]
-        if momentum > 0:
+        if settings.momentum > 0:
             names.append("momentum_buffer")
-        if centered:
+        if settings.centered:
             names.append("grad_avg")
         return quantized.keys(names) if self.quantized else tuple(names)
 
@@ -125,13 +130,14 @@ class RMSprop(FlatOptimizer):
                 "s - g^2 is off by up to 3/16 of s, negative (NaN) where it is smaller"
             )
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             alpha=host_float(group["alpha"], "alpha"),
             eps=host_float(group["eps"], "eps"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
             momentum=host_float(group["momentum"], "momentum"),
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
+            capturable=capture.is_capturable(group),
         )
 
     def check_arguments(self, defaults):
@@ -146,7 +152,9 @@ class RMSprop(FlatOptimizer):
         )
 
     def steps_cast_params(self, settings):
-        return not settings.centered  # torch's lerp of grad_avg refuses mixed dtypes
+        # torch's lerp of grad_avg refuses mixed dtypes; torch's loop (`step_cast`) would
+        # read AMP's values and the step count on the host
+        return not (settings.centered or settings.capturable)
 
     def step_cast(self, group, settings, params, grads, state, steps):
         rmsprop(
@@ -169,6 +177,24 @@ class RMSprop(FlatOptimizer):
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
         momentum, centered = settings.momentum, settings.centered
+        columns = (
+            "square_avg",
+            "momentum_buffer" if momentum > 0 else None,
+            "grad_avg" if centered else None,
+        )
+        flags = (momentum > 0, centered)
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            live = capture.live_inputs(
+                self, bucket, settings.lr, rules.rmsprop.live_settings(
+                    settings.alpha, settings.eps, settings.weight_decay, momentum,
+                    settings.maximize,
+                ),
+            )  # fmt: skip
+            spec = capturable(rules.rmsprop.SPEC)
+            shared = placeholder_coefficients(spec, dtype)
+            plan.launch((*columns, *spec.scalars), spec.entry_width, None,
+                        bucket.kernels.launch, spec, shared, flags, live)  # fmt: skip
+            return
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
@@ -183,13 +209,7 @@ class RMSprop(FlatOptimizer):
                 grad_scale,
             ),
         )
-        columns = (
-            "square_avg",
-            "momentum_buffer" if momentum > 0 else None,
-            "grad_avg" if centered else None,
-        )
         spec, columns = quantized.launched(rules.rmsprop.SPEC, columns, bucket)
-        flags = (momentum > 0, centered)
         plan.launch(
             columns,
             spec.entry_width,

@@ -93,7 +93,7 @@ def kernel_arguments():
 
 def prologue(spec):
     """Lines before a capturable kernel's grid-stride loop: what every segment shares."""
-    counts = len(spec.coefficients._fields), spec.entry_coefficient_count, len(spec.scalars)
+    counts = len(spec.coefficients._fields), spec.entry_width, len(spec.scalars)
     return [
         "    like = coefficients[0]",
         "    skipped = found_at != 0 and pointer_to(found_at, float32(0))[0] != 0",
@@ -111,7 +111,8 @@ def prologue(spec):
 
 def segment_lines(spec, indent):
     """Lines at the start of a segment: thread 0 computes the coefficients, every thread
-    reads them (rebinding ``coefficients`` and ``values``)."""
+    reads them (rebinding ``coefficients``, ``values`` and the entry flags, which
+    ``live`` returns after the entry coefficients, as a launch table holds them)."""
     scalars = ", ".join(
         f"float64(pointer_to(addresses[entry, {scalar_column(spec, k)}], scalar_like)[0])"
         for k in range(len(spec.scalars))
@@ -124,9 +125,7 @@ def segment_lines(spec, indent):
         f"    live_coefficients[{k}] = computed[0][{k}]"
         for k in range(len(spec.coefficients._fields))
     ]
-    lines += [
-        f"    live_entry[{k}] = computed[1][{k}]" for k in range(spec.entry_coefficient_count)
-    ]
+    lines += [f"    live_entry[{k}] = computed[1][{k}]" for k in range(spec.entry_width)]
     lines += [f"    live_scalars[{k}] = computed[2][{k}]" for k in range(len(spec.scalars))]
     lines.append("cuda.syncthreads()")
     shared = ", ".join(
@@ -136,6 +135,8 @@ def segment_lines(spec, indent):
         f"same_type(live_entry[{k}], like), " for k in range(spec.entry_coefficient_count)
     )
     lines += [f"coefficients = ({shared},)", f"values = ({entry})"]
+    for offset, flag in enumerate(spec.entry_flags, start=spec.entry_coefficient_count):
+        lines.append(f"{flag} = live_entry[{offset}] != 0")
     return [indent + line for line in lines]
 
 

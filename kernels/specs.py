@@ -69,10 +69,12 @@ class KernelSpec(NamedTuple):
     - ``live``: the rule's coefficients as the GPU computes them when no host value may
       change from one step to the next (``capturable=True``, `kernels.capturable`), a
       ``register_jitable`` function ``live(scalars, lr, inverse_scale, settings) ->
-      (coefficients, entry, new scalars)`` in float64; ``None``: not capturable.
+      (coefficients, entry, new scalars)`` in float64 (``entry``: the entry
+      coefficients, then the entry flags as 0 or 1); ``None``: not capturable.
     - ``live_settings``: the ``NamedTuple`` of the host's settings ``live`` takes;
-    - ``scalars``: the per-entry scalar state ``live`` reads and advances (``"step"``),
-      one float each at an address of the launch table, after the state columns.
+    - ``scalars``: the per-entry scalar state ``live`` reads and advances (``"step"``,
+      NAdam's ``"mu_product"``), one float each at an address of the launch table,
+      after the state columns.
     - ``capturable``: the variant `kernels.capturable.capturable` makes, whose kernel
       computes its coefficients with ``live`` (CUDA only).
     - ``from_sums``: on CUDA, each segment's entry values are ``from_sums(values, sums,

@@ -7,15 +7,16 @@ instead (no host read, no upload, the launch tables kept; `devices.capturing` pa
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 import fastmomentum
 from fastmomentum import devices
-from fastmomentum.kernels import config
+from fastmomentum.kernels import config, rules
 from fastmomentum.kernels.calls import cuda_kernels
 
-from .cases import ADAM_CASES
+from .cases import ADAM_CASES, CASES
 from .models import batches, make_model, train
 
 pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
@@ -69,6 +70,104 @@ def test_a_capturable_step_is_the_ordinary_step(case, dtype):
     assert float(step) == STEPS and step.dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "dtype"),
+    [
+        ("NAdam", CASES["nadam"][1], torch.float32),
+        # float64 counts and mu_product (torch's default dtype float64): not rounded to float32
+        ("NAdam", {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True}, torch.float64),
+        ("RAdam", CASES["radam"][1], torch.float32),  # ρ_t > 5 from step 6: both branches
+        ("RAdam", CASES["radam-decoupled"][1], torch.float32),
+        ("Adamax", {**CASES["adamax"][1], "maximize": True}, torch.float32),
+        ("RMSprop", CASES["rmsprop"][1], torch.float32),  # centered, momentum
+        ("RMSprop", {"lr": torch.tensor(1e-3), "weight_decay": 1e-2}, torch.float32),
+    ],
+    ids=["nadam", "nadam-decoupled-float64", "radam", "radam-decoupled", "adamax-maximize",
+         "rmsprop-centered-momentum", "rmsprop-lr-tensor"],
+)  # fmt: skip
+def test_other_optimizers_capturable_steps_are_their_ordinary_steps(name, options, dtype):
+    """As `test_a_capturable_step_is_the_ordinary_step`, for each other optimizer with
+    live coefficients, NAdam's ``mu_product`` included (with float32 counts, rounded to
+    float32 as the host rounds it)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the dtype of the counts (`bucket.step_dtype`)
+    try:
+        (model, ordinary), (twin, capturable) = twins(name, options, dtype)
+        train(model, ordinary, STEPS, dtype)
+        train(twin, capturable, STEPS, dtype)
+    finally:
+        torch.set_default_dtype(default)
+    assert_same(ordinary, capturable, (model, twin))
+    step = capturable.state[next(twin.parameters())]["step"]
+    assert float(step) == STEPS and step.dtype == dtype
+
+
+LIVE_STEPS = range(1, 1001)
+
+
+def _live(rule, scalars, lr, settings, scale=1024.0):
+    """``rule.live_coefficients`` as a kernel calls it (float64 counts and lr)."""
+    scalars = tuple(np.float64(value) for value in scalars)
+    return rule.live_coefficients(scalars, np.float64(lr), 1.0 / scale, settings)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.6), (0.9, 1.0)], ids=str)
+@np.errstate(all="ignore")
+def test_live_coefficients_are_the_hosts(betas):
+    """Each rule's live coefficients, shared and per step, are the float64 values its
+    host functions compute (before both are rounded to the arrays' dtype), at each of
+    the first 1000 steps; NAdam's product of μ too, kept in float32 or float64. β2 = 1,
+    set after construction: the IEEE values the host gives (RAdam: rectified, NaN)."""
+    lr, eps, decay, psi, f64 = 0.01, 1e-8, 0.1, 4e-3, np.float64
+    for rule in (rules.adam, rules.radam):
+        for decoupled, maximize in ((False, True), (True, False)):
+            settings = rule.live_settings(betas, eps, decay, decoupled, maximize)
+            host = rule.coefficients(f64, lr, betas, eps, decay, decoupled, maximize, 1024.0)
+            assert _live(rule, (0.0,), lr, settings)[0] == host
+    settings = rules.adam.live_settings(betas, eps, decay, False, False)
+    for t in LIVE_STEPS:
+        live = _live(rules.adam, (t - 1,), lr, settings)[1]
+        assert live == rules.adam.step_coefficients(f64, t, lr, betas)
+    settings = rules.radam.live_settings(betas, eps, decay, False, False)
+    for t in LIVE_STEPS:
+        live = _live(rules.radam, (t - 1,), lr, settings)[1]
+        np.testing.assert_array_equal(live, rules.radam.step_values([t], lr, betas)[0])
+    settings = rules.adamax.live_settings(betas[::-1], eps, decay, True)  # β1 = 1 too
+    live = _live(rules.adamax, (0.0,), lr, settings)[0]
+    assert live == rules.adamax.coefficients(f64, betas[::-1], eps, decay, True, 1024.0)
+    for t in LIVE_STEPS:
+        live = _live(rules.adamax, (t - 1,), lr, settings)[1]
+        assert live == tuple(rules.adamax.step_coefficients_per_entry(f64, [t], lr, betas[::-1])[0])
+    settings = rules.rmsprop.live_settings(betas[1], eps, decay, betas[0], True)
+    host = rules.rmsprop.coefficients(f64, lr, betas[1], eps, decay, betas[0], True, 1024.0)
+    assert _live(rules.rmsprop, (4.0,), lr, settings) == (host, (), (5.0,))
+    for dtype in (np.float32, np.float64):
+        settings = rules.nadam.live_settings(betas, eps, decay, False, False, psi, dtype)
+        product = dtype(1.0)
+        for t in LIVE_STEPS:
+            shared, entry, (step, new) = _live(rules.nadam, (t - 1, product), lr, settings)
+            products, rows = rules.nadam.step_values([t], [product], lr, betas, psi, dtype)
+            assert (step, new) == (t, products[0]) and entry == tuple(rows[0])
+            product = products[0]
+
+
+def test_live_settings_name_what_each_live_function_takes():
+    """`KernelSpec.live_settings` (what bench.gpu_static types the kernels with) has a
+    field per value of the rule module's ``live_settings``."""
+    samples = {
+        "adam": ((0.9, 0.99), 1e-8, 0.1, True, False),
+        "radam": ((0.9, 0.99), 1e-8, 0.1, True, False),
+        "nadam": ((0.9, 0.99), 1e-8, 0.1, True, False, 4e-3, np.float32),
+        "adamax": ((0.9, 0.99), 1e-8, 0.1, False),
+        "rmsprop": (0.99, 1e-8, 0.1, 0.9, False),
+    }
+    live = {spec.name: spec for spec in rules.SPECS if spec.live is not None}
+    assert set(live) == set(samples)
+    for name, spec in live.items():
+        values = getattr(rules, name).live_settings(*samples[name])
+        assert len(values) == len(spec.live_settings._fields)
+
+
 def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(monkeypatch):
     """With AMP's scale and found_inf set as GradScaler sets them, a step after the first
     two (the second adopts the parameters: new addresses) launches once per bucket,
@@ -98,14 +197,16 @@ def _refused(method):
     return read
 
 
-@pytest.mark.parametrize("fused_zero_grad", [False, True])
-def test_found_inf_skips_the_step_on_the_device(fused_zero_grad):
+@pytest.mark.parametrize(
+    ("name", "fused_zero_grad"), [("AdamW", False), ("AdamW", True), ("NAdam", False)]
+)
+def test_found_inf_skips_the_step_on_the_device(name, fused_zero_grad):
     """GradScaler's values read by the kernel: with found_inf set nothing moves and no
-    count advances (gradients zeroed with fused_zero_grad, else left scaled); without,
-    the step equals the ordinary one, which reads them on the host, gradients left
-    unscaled as torch's fused optimizers leave them."""
+    count advances, nor NAdam's mu_product (gradients zeroed with fused_zero_grad, else
+    left scaled); without, the step equals the ordinary one, which reads them on the
+    host, gradients left unscaled as torch's fused optimizers leave them."""
     options = {"lr": 0.01, "weight_decay": 0.1, "fused_zero_grad": fused_zero_grad}
-    (model, ordinary), (twin, capturable) = twins("AdamW", options, torch.float32)
+    (model, ordinary), (twin, capturable) = twins(name, options, torch.float32)
     train(model, ordinary, 3, torch.float32)
     train(twin, capturable, 3, torch.float32)
     tokens, targets = next(iter(batches(1, torch.float32, seed=5)))
@@ -233,5 +334,5 @@ def test_cpu_parameters_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="capturable=True steps parameters on a CUDA device"):
         fastmomentum.Adam([param], capturable=True)
     with pytest.raises(ValueError, match="does not support capturable=True"):
-        fastmomentum.NAdam([param], capturable=True)
+        fastmomentum.SGD([{"params": [param], "capturable": True}])  # torch's has none
     assert torch.equal(param, before)

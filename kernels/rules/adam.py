@@ -195,9 +195,20 @@ def live_coefficients(scalars, lr, inverse_scale, settings):
     (``capturable=True``, `kernels.capturable`), in float64 as `coefficients` and
     `step_coefficients` compute them from Python floats, and the step count they
     advance to: ``scalars`` is ``(t − 1,)``, ``settings`` is `live_settings`."""
-    beta1, beta2, eps, weight_decay, decoupled, sign = settings
+    beta1, beta2 = settings[0], settings[1]
     step = scalars[0] + 1.0
-    shared = (
+    # torch's ** 0.5, C's pow: not always the square root (≈1 step in 1000, t = 1270 for
+    # β2 = 0.999, an ulp apart in float64)
+    entry = (-lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5)
+    return live_shared(lr, inverse_scale, settings), entry, (step,)
+
+
+@register_jitable
+def live_shared(lr, inverse_scale, settings):
+    """`Coefficients` on the device, as `coefficients` computes them from Python floats
+    (also NAdam's and RAdam's): ``settings`` starts as `live_settings`."""
+    beta1, beta2, eps, weight_decay, decoupled, sign = settings[:6]
+    return (
         beta1,
         1.0 - beta1,
         beta2,
@@ -207,8 +218,6 @@ def live_coefficients(scalars, lr, inverse_scale, settings):
         0.0 if decoupled else weight_decay,
         1.0 - lr * weight_decay if decoupled else 1.0,
     )
-    entry = (-lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step))
-    return shared, entry, (step,)
 
 
 def live_settings(betas, eps, weight_decay, decoupled, maximize):

@@ -105,6 +105,34 @@ def _update(
     return param + neg_step_size * exp_avg / exp_inf, exp_avg, exp_inf
 
 
+@register_jitable
+def live_coefficients(scalars, lr, inverse_scale, settings):
+    """`Coefficients` and `StepCoefficients` of the next step on the device
+    (``capturable=True``, `kernels.capturable`), in float64 as `coefficients` and
+    `_neg_step_size` compute them, and the step count they advance to: ``scalars`` is
+    ``(t − 1,)``, ``settings`` is `live_settings`."""
+    beta1, beta2, eps, weight_decay, sign = settings
+    step = scalars[0] + 1.0
+    shared = (beta1, 1.0 - beta1, beta2, eps, sign * inverse_scale, weight_decay)
+    return shared, (-(lr / (1.0 - beta1**step)),), (step,)
+
+
+class LiveSettings(NamedTuple):
+    """What `live_coefficients` takes from the host: every hyperparameter but lr."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    sign: float  # −1.0 with ``maximize``, else 1.0
+
+
+def live_settings(betas, eps, weight_decay, maximize):
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    sign = -1.0 if maximize else 1.0
+    return tuple(float(value) for value in LiveSettings(*betas, eps, weight_decay, sign))
+
+
 SPEC = KernelSpec(
     "adamax",
     update,
@@ -113,6 +141,9 @@ SPEC = KernelSpec(
     StepCoefficients,
     blockwise_rule=blockwise_update,
     codes=(("exp_avg", SIGNED), ("exp_inf", UNSIGNED)),
+    live=live_coefficients,
+    live_settings=LiveSettings,
+    scalars=("step",),
 )
 
 

@@ -6,9 +6,10 @@ At step ``t`` the length of the approximated simple moving average,
 5, Adam's step scaled by ``r_t = √((ρ_t − 4)(ρ_t − 2)ρ_∞ / ((ρ_∞ − 4)(ρ_∞ − 2)ρ_t))``;
 otherwise the bias-corrected momentum alone (SGD with momentum). ``ρ_t``, ``r_t`` and
 which of the two steps are values of a parameter's step count (`step_values`, computed
-on the host in double precision as torch computes them); the rule gets them as entry
-values and the choice as an entry flag (``rectified``), so that each loop is compiled
-once per case, with no test inside it.
+on the host in double precision as torch computes them, or by `live_coefficients` on
+the GPU with ``capturable=True``); the rule gets them as entry values and the choice as
+an entry flag (``rectified``), so that each loop is compiled once per case, with no
+test inside it.
 """
 
 import math
@@ -134,6 +135,33 @@ def _update(
     return param - step, exp_avg, exp_avg_sq
 
 
+@register_jitable
+def live_coefficients(scalars, lr, inverse_scale, settings):
+    """`Coefficients`, `StepCoefficients` and ``rectified`` (1 or 0) of the next step
+    on the device (``capturable=True``, `kernels.capturable`), in float64 as
+    `coefficients` and `_radam_step_values` compute them, and the step count they
+    advance to: ``scalars`` is ``(t − 1,)``, ``settings`` is `live_settings`."""
+    beta1, beta2 = settings[0], settings[1]
+    step = scalars[0] + 1.0
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    rectified, rectification = 1.0, math.nan  # β2 set to 1 (`_radam_step_values`)
+    if 1.0 - beta2 != 0.0 and bias_correction2 != 0.0:
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rho_t = rho_inf - 2.0 * step * (beta2**step) / bias_correction2
+        rectified, rectification = 0.0, 0.0
+        if rho_t > 5.0:
+            rect = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+            rectified = 1.0
+            rectification = (rect / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) ** 0.5
+    sqrt2 = bias_correction2**0.5 if bias_correction2 >= 0.0 else math.nan
+    entry = (bias_correction1, lr, sqrt2, rectification, rectified)
+    return adam.live_shared(lr, inverse_scale, settings), entry, (step,)
+
+
+#: What `live_coefficients` takes from the host: Adam's (`adam.live_settings`).
+live_settings = adam.live_settings
+
 SPEC = KernelSpec(
     "radam",
     update,
@@ -143,6 +171,9 @@ SPEC = KernelSpec(
     entry_flags=("rectified",),
     blockwise_rule=blockwise_update,
     codes=(("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)),
+    live=live_coefficients,
+    live_settings=adam.LiveSettings,
+    scalars=("step",),
 )
 
 

@@ -69,6 +69,33 @@ def update(
     return param, square_avg, momentum_buffer, grad_avg
 
 
+@register_jitable
+def live_coefficients(scalars, lr, inverse_scale, settings):
+    """`Coefficients` of the next step on the device (``capturable=True``,
+    `kernels.capturable`), in float64 as `coefficients` computes them, and the step
+    count they advance to (which no coefficient reads: torch counts it all the same):
+    ``scalars`` is ``(t − 1,)``, ``settings`` is `live_settings`."""
+    alpha, eps, weight_decay, momentum, sign = settings
+    shared = (alpha, 1.0 - alpha, eps, sign * inverse_scale, weight_decay, momentum, -lr)
+    return shared, (), (scalars[0] + 1.0,)
+
+
+class LiveSettings(NamedTuple):
+    """What `live_coefficients` takes from the host: every hyperparameter but lr."""
+
+    alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    sign: float  # −1.0 with ``maximize``, else 1.0
+
+
+def live_settings(alpha, eps, weight_decay, momentum, maximize):
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    sign = -1.0 if maximize else 1.0
+    return tuple(float(value) for value in LiveSettings(alpha, eps, weight_decay, momentum, sign))
+
+
 SPEC = KernelSpec(
     "rmsprop",
     update,
@@ -77,6 +104,9 @@ SPEC = KernelSpec(
     flags=("has_momentum", "centered"),
     optional=(("momentum_buffer", "has_momentum"), ("grad_avg", "centered")),
     codes=(("square_avg", UNSIGNED), ("momentum_buffer", SIGNED), ("grad_avg", SIGNED)),
+    live=live_coefficients,
+    live_settings=LiveSettings,
+    scalars=("step",),
 )
 
 
