@@ -198,7 +198,7 @@ def compile_ptx(spec, format, arch, usual=False):
 
     function = kernels.kernel(spec).py_func
     if usual:
-        namespace = {**vars(kernels), "ELEMENT": function.__globals__["ELEMENT"]}
+        namespace = dict(function.__globals__)  # the module's, and its element step
         source = usual_launch_source(spec, format)
         exec(compile(source, f"<{spec.name}, usual launch>", "exec"), namespace)
         function = namespace[function.__name__]

@@ -76,6 +76,11 @@ def stored_in_16_bits(pointer):
     return np.asarray(pointer).dtype in (BFLOAT16_BITS, FLOAT16_BITS)
 
 
+def element_size(pointer):
+    """Bytes of one element of ``pointer`` (or array): a constant in compiled code."""
+    return np.asarray(pointer).dtype.itemsize
+
+
 def fused_multiply_add(a, b, c):
     """``a·b + c`` rounded once (IEEE fma), in the type ``a``, ``b`` and ``c`` promote to.
 
@@ -462,6 +467,11 @@ def _fused_multiply_add_implementation(fma):
     return implementation
 
 
+def _element_size_implementation(pointer):
+    size = pointer.dtype.bitwidth // 8
+    return lambda pointer: size
+
+
 def _stored_in_16_bits_implementation(pointer):
     if pointer.dtype in (types.uint16, types.int16):
         return lambda pointer: True
@@ -549,12 +559,12 @@ overload(as_float16)(
 
 
 def register_cuda():
-    """Make `load`, `store`, `fused_multiply_add`, `stored_in_16_bits`, `true_divide`,
-    `store_stochastically`, `random_bits`, `as_bfloat16` and `as_float16` compile for
-    the CUDA target too (needs numba-cuda): float16 by ``cvt`` there, a NaN keeping
-    its bits as on the CPU (`_float16_to_float32_on_gpu`, `_float32_to_float16_on_gpu`;
-    compiled to PTX by bench.gpu_static, not yet run on a GPU), and `fused_multiply_add`
-    by ``cuda.fma``."""
+    """Make `load`, `store`, `element_size`, `fused_multiply_add`, `stored_in_16_bits`,
+    `true_divide`, `store_stochastically`, `random_bits`, `as_bfloat16` and `as_float16`
+    compile for the CUDA target too (needs numba-cuda): float16 by ``cvt`` there, a NaN
+    keeping its bits as on the CPU (`_float16_to_float32_on_gpu`,
+    `_float32_to_float16_on_gpu`; compiled to PTX by bench.gpu_static, not yet run on a
+    GPU), and `fused_multiply_add` by ``cuda.fma``."""
     from numba import cuda
     from numba.cuda.extending import overload as cuda_overload
 
@@ -565,6 +575,7 @@ def register_cuda():
     fma_implementation = _fused_multiply_add_implementation(cuda.fma)
     cuda_overload(fused_multiply_add, target="cuda")(fma_implementation)
     cuda_overload(stored_in_16_bits, target="cuda")(_stored_in_16_bits_implementation)
+    cuda_overload(element_size, target="cuda")(_element_size_implementation)
     cuda_overload(true_divide, target="cuda")(lambda a, b: lambda a, b: a / b)
     cuda_overload(store_stochastically, target="cuda")(_store_stochastically_implementation)
     cuda_overload(random_bits, target="cuda")(_random_bits_implementation)
