@@ -141,14 +141,15 @@ def segment_lines(spec, indent):
 
 
 def skip_lines(indent):
-    """Lines between a segment's bounds (``first``, ``end``) and its element loop: with
-    ``found_inf`` set, no element steps (gradients cleared all the same)."""
+    """Lines between a segment's bounds (``first``, ``end``) and its element loop, which
+    follows them indented one level more: with ``found_inf`` set, no element steps
+    (gradients cleared all the same)."""
     lines = [
         "if skipped:  # GradScaler found inf or NaN: nothing steps",
         "    if clear:",
         "        for i in range(first, end, cuda.blockDim.x):",
         "            grad[i] = 0",
-        "    end = first",
+        "else:  # the element loop, one level in",
     ]
     return [indent + line for line in lines]
 

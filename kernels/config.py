@@ -11,11 +11,15 @@ tests drive the CUDA path end to end on a machine without a GPU.
 import os
 
 THREADS_PER_BLOCK = 256
-# Several waves at any occupancy: at most 4 blocks of 256 threads are resident per SM for
-# float32 Adam (56-64 registers), 3 for float64 (70-80; bench/results/gpu_static.md).
+# Several waves at any occupancy: 2 to 6 blocks of 256 threads are resident per SM, by
+# the kernel's registers (float32 Adam 82: 2; bench/results/gpu_static.md).
 BLOCKS_PER_SM = 32
 ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor kernels, a few
 # thousand per block keeps the per-segment bookkeeping negligible
+# Bytes of each array a CUDA thread loads before it stores its first element (of the
+# widest array: 4 float32 elements, 8 of 16 bits, 2 float64), in flight together
+# (`kernels.cuda._element_loop`; bench.gpu_static counts them per SM against a target).
+BYTES_IN_FLIGHT_PER_ARRAY = 16
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
 
 #: CPU kernels run single-threaded below this many elements in a launch (see

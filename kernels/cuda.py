@@ -2,8 +2,9 @@
 
 The same tables as the CPU kernels (`kernels.tables`): each block takes segments of at
 most ``config.cuda_chunk()`` elements (grid-stride over the segments) and its threads
-stride through the segment's elements; over block-wise 8-bit state a segment is one
-block of state and a CUDA block has a thread per element. The functions at the bottom
+stride through the segment's elements, several at a time, each loaded before the first
+is stored (`_element_loop`); over block-wise 8-bit state a segment is one block of state
+and a CUDA block has a thread per element. The functions at the bottom
 have the CPU kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the
 table's small host arrays reach the GPU; by default a Numba copy on ``stream``).
 Importing this module needs numba-cuda.
@@ -28,9 +29,10 @@ from numba import cuda, float32, float64, int32  # noqa: F401 (generated kernels
 
 from . import capturable, config, generated, precision, quantization, sums
 from .capturable import same_type  # noqa: F401 (generated kernels)
-from .elements import element, segment_source
+from .elements import element, segment_source, split
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
+from .precision import element_size  # noqa: F401 (generated kernels)
 from .quantization import (  # noqa: F401 (generated kernels)
     ABSMAX_ZERO,
     BLOCK,
@@ -60,15 +62,19 @@ else:
 def kernel(spec):
     """The CUDA kernel of ``spec`` (a `specs.KernelSpec`), generated once from
     `kernel_source`: blocks take segments (grid-stride), their threads stride through a
-    segment's elements, each applying the rule's element step (`elements.element`).
+    segment's elements, each applying the rule's element step (`elements.split`; over
+    block-wise state `elements.element`).
     The rule's flags are arguments; entry flags are read per segment."""
     return _generated_kernel(spec)
 
 
 @functools.cache
 def _generated_kernel(spec):
-    namespace = {**globals(), "ELEMENT": element(spec), "LIVE": spec.live}
-    namespace["FROM_SUMS"] = spec.from_sums
+    namespace = {**globals(), "LIVE": spec.live, "FROM_SUMS": spec.from_sums}
+    if spec.blockwise:
+        namespace["ELEMENT"] = element(spec)
+    else:
+        namespace["LOADS"], namespace["UPDATE"] = split(spec)
     cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec))
     return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
 
@@ -78,31 +84,74 @@ def kernel_source(spec):
     if spec.blockwise:
         return _blockwise_kernel_source(spec)
     lines = _kernel_head(spec)
-    arguments = ["i", "param", "grad", *spec.state, "coefficients", "values", *spec.flags]
-    arguments += [*spec.entry_flags, "clear", "companion", "param_store", "key"]
-    call = f"ELEMENT({', '.join(arguments)})"
     if spec.capturable:
         lines += capturable.segment_lines(spec, "        ")
     lines.append(
         "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]"
     )
-    if spec.capturable:
+    if spec.capturable:  # found_inf set: no element steps
         lines += capturable.skip_lines("        ")
-    lines += [
-        "        for i in range(first, end, cuda.blockDim.x):",
-        f"            {'summed = ' if spec.squares else ''}{call}",
-    ]
-    for k in range(len(spec.squares)):
-        lines += [
-            f"            value{k} = float64(summed[{k}])",
-            f"            sum{k} += value{k} * value{k}",
-        ]
+        lines += _element_loop(spec, "            ")
+    else:
+        lines += _element_loop(spec, "        ")
     for k in range(len(spec.squares)):  # each thread's sums into its segment's
         lines.append(f"        cuda.atomic.add(partials, (segment, {k}), sum{k})")
     lines += sums.epilogue(spec, "        ")
     if spec.capturable:
         lines += capturable.epilogue(spec, "        ")
     return "\n".join(lines) + "\n"
+
+
+def _element_loop(spec, indent):
+    """A thread's elements of its segment (``first`` on to ``end``, a block's threads
+    apart) in groups: every array's element of each member loaded (`elements.split`)
+    before the first is computed and stored, so that their loads are in flight together
+    (the arrays of an entry do not overlap: a store to one element never changes
+    another's value). A group takes `config.BYTES_IN_FLIGHT_PER_ARRAY` of its widest
+    array (16: 4 float32 elements, 8 of 16 bits, 2 float64), a choice NVVM makes at
+    compile time from the arrays' types. Whole tiles of a warp's 32 groups first, group
+    ``g`` at the tile's elements ``g mod 32 + 32·k``, so that a warp's load is 32
+    consecutive elements and a member's address is the first's plus a constant (one
+    address register per array); then the rest of the segment one element at a time."""
+    arrays = ["param", "grad", *spec.state]
+    loads = ", ".join([*arrays, "coefficients", *spec.flags, "companion", "param_store"])
+    update = [*arrays, "coefficients", "values", *spec.flags, *spec.entry_flags]
+    update = ", ".join([*update, "clear", "companion", "param_store", "key"])
+    summed = "summed = " if spec.squares else ""
+    sizes = ", ".join(f"element_size({name})" for name in arrays)
+    counts = sorted({max(1, config.BYTES_IN_FLIGHT_PER_ARRAY // size) for size in (2, 4, 8)})
+    lines = [
+        "begin = segments[segment, 1]",
+        f"count = {config.BYTES_IN_FLIGHT_PER_ARRAY} // max({sizes})  # a constant",
+        "groups = (end - begin) // (32 * count) * 32  # in whole tiles",
+        "group = cuda.threadIdx.x",
+    ]
+    for position, count in enumerate(reversed(counts)):
+        at = ["i"] + [f"i + {32 * k}" for k in range(1, count)]
+        test = f"count >= {count}" if position < len(counts) - 1 else ""
+        lines.append(f"{'if' if position == 0 else 'elif'} {test}:" if test else "else:")
+        lines += [
+            "    while group < groups:",
+            f"        i = begin + group // 32 * {32 * count} + group % 32",
+        ]
+        lines += [f"        loaded{k} = LOADS({index}, {loads})" for k, index in enumerate(at)]
+        for k, index in enumerate(at):
+            lines.append(f"        {summed}UPDATE({index}, loaded{k}, {update})")
+            lines += _summed(spec, "        ")
+        lines.append("        group += cuda.blockDim.x")
+    lines.append("for i in range(first + groups * count, end, cuda.blockDim.x):")
+    lines.append(f"    {summed}UPDATE(i, LOADS(i, {loads}), {update})")
+    lines += _summed(spec, "    ")
+    return [indent + line for line in lines]
+
+
+def _summed(spec, indent):
+    """The lines that add the squares of ``summed`` to the thread's sums."""
+    lines = []
+    for k in range(len(spec.squares)):
+        lines.append(f"{indent}value{k} = float64(summed[{k}])")
+        lines.append(f"{indent}sum{k} += value{k} * value{k}")
+    return lines
 
 
 def _kernel_head(spec, shared=()):

@@ -73,11 +73,7 @@ def element(spec):
 
 @functools.cache
 def _generated(spec):
-    namespace = {"__name__": __name__, "RULE": spec.rule, "FUSED_RULE": spec.fused_rule}
-    namespace.update(register_jitable=register_jitable, load=load, store=store)
-    namespace.update(stored_in_16_bits=stored_in_16_bits)
-    namespace.update(load_param=load_param, store_param=store_param)
-    namespace.update(decode_signed=decode_signed, decode_unsigned=decode_unsigned)
+    namespace = _namespace(spec)
     generated.compile_into(namespace, "element", spec, element_source(spec))
     return namespace[f"{spec.name}_at"]
 
@@ -111,7 +107,6 @@ def segment_source(spec, indent):
 
 def element_source(spec):
     """The source of `element` (readable: ``print(element_source(rules.adam.SPEC))``)."""
-    entry = spec.entry_coefficient_count
     arguments = ["i", "param", "grad", *spec.state]
     arguments += [f"{name}_absmax" for name in spec.state if spec.blockwise]
     arguments += ["coefficients", "entry", *spec.flags, *spec.entry_flags]
@@ -121,6 +116,72 @@ def element_source(spec):
         f"def {spec.name}_at({', '.join(arguments)}):",
         "    like = coefficients[0]",
     ]
+    read, values = _loads(spec)
+    current = "load_param(param, companion, i, like, param_store)"
+    return "\n".join(lines + read + _update(spec, values, current) + [""])
+
+
+def split(spec):
+    """`element` of a spec that is not block-wise, in two generated functions::
+
+        <name>_loads(i, param, grad, *state, coefficients, *flags, companion, param_store)
+        <name>_update(i, loaded, param, grad, *state, coefficients, entry, *flags,
+                      *entry_flags, clear_grad, companion, param_store, key)
+
+    ``_loads`` returns the values element ``i`` of each array holds (a tuple), and
+    ``_update`` computes the rule on them and stores what it returns, as `element`
+    does: a CUDA thread loads several elements before it stores the first
+    (`kernels.cuda.kernel_source`). The values summed (`specs.KernelSpec.squares`) of
+    a param the step does not update are those loaded."""
+    return _generated_split(spec)
+
+
+@functools.cache
+def _generated_split(spec):
+    namespace = _namespace(spec)
+    generated.compile_into(namespace, "element_split", spec, split_source(spec))
+    return namespace[f"{spec.name}_loads"], namespace[f"{spec.name}_update"]
+
+
+def split_source(spec):
+    """The source of `split` (readable: ``print(split_source(rules.adam.SPEC))``)."""
+    if spec.blockwise:
+        raise ValueError(f"{spec.name}: block-wise state is not split")
+    arrays = ["i", "param", "grad", *spec.state]
+    loads = [*arrays, "coefficients", *spec.flags, "companion", "param_store"]
+    read, values = _loads(spec)
+    names = [f"loaded{k}" for k in range(len(values))]
+    update = [arrays[0], "loaded", *arrays[1:], "coefficients", "entry", *spec.flags]
+    update += [*spec.entry_flags, "clear_grad", "companion", "param_store", "key"]
+    lines = [
+        "@register_jitable",
+        f"def {spec.name}_loads({', '.join(loads)}):",
+        "    like = coefficients[0]",
+        *read,
+        f"    return ({', '.join(values)},)",
+        "",
+        "",
+        "@register_jitable",
+        f"def {spec.name}_update({', '.join(update)}):",
+        f"    {', '.join(names)}, = loaded",
+    ]
+    return "\n".join(lines + _update(spec, names, names[0]) + [""])
+
+
+def _namespace(spec):
+    """What the generated element steps refer to."""
+    namespace = {"__name__": __name__, "RULE": spec.rule, "FUSED_RULE": spec.fused_rule}
+    namespace.update(register_jitable=register_jitable, load=load, store=store)
+    namespace.update(stored_in_16_bits=stored_in_16_bits)
+    namespace.update(load_param=load_param, store_param=store_param)
+    namespace.update(decode_signed=decode_signed, decode_unsigned=decode_unsigned)
+    return namespace
+
+
+def _loads(spec):
+    """The lines that read element ``i`` before the rule (optional and 8-bit state), and
+    the expressions of the values the rule takes after them, one per array."""
+    lines = []
     values = ["load_param(param, companion, i, like, param_store)", "load(grad, i, like)"]
     for position, name in enumerate(spec.state):
         flag = spec.optional_flag(name)
@@ -133,7 +194,18 @@ def element_source(spec):
             values.append(f"{name}_value")
         else:
             values.append(f"load({name}, i, like)")
-    values += ["*coefficients", *(f"entry[{k}]" for k in range(entry))]
+    return lines, values
+
+
+def _update(spec, values, current):
+    """The lines that call the rule on ``values`` (`_loads`), store what it returns and
+    return the values to square; ``current`` is the param's value if not updated."""
+    lines = []
+    values = [
+        *values,
+        "*coefficients",
+        *(f"entry[{k}]" for k in range(spec.entry_coefficient_count)),
+    ]
     values += [*spec.flags, *spec.entry_flags]
     results = (["new_param"] if spec.updates_param else []) + [f"new_{n}" for n in spec.written]
     results += [f"new_{name}" for name in spec.computed]
@@ -157,14 +229,12 @@ def element_source(spec):
         lines += ["    if clear_grad:", "        grad[i] = 0"]
     returned = [f"new_{name}" for name in spec.written] if spec.blockwise else []
     if spec.squares:  # the values the loop sums the squares of, after the step
-        current = "load_param(param, companion, i, like, param_store)"
         after = {"param": "new_param" if spec.updates_param else current}
         after.update((name, f"new_{name}") for name in (*spec.written, *spec.computed))
         returned += [after[name] for name in spec.squares]
     if returned:
         lines.append(f"    return ({', '.join(returned)},)")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _decoded(spec, name):

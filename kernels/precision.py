@@ -8,8 +8,10 @@ nearest representable value, ties to even, NaN kept NaN, as torch rounds
 (``c10::BFloat16``, ``c10::Half``). For float32 and float64 elements both are plain
 indexing, and compile to exactly that.
 
-In compiled code (`kernels.cpu`, `kernels.cuda`) the conversions are integer arithmetic
-on the bits; in Python (Numba's CUDA simulator, references in tests) NumPy does them.
+In compiled code (`kernels.cpu`, `kernels.cuda`) bfloat16 converts by integer arithmetic
+on the bits, float16 by the hardware's conversions (x86's F16C, a GPU's ``cvt``), with
+no branch in either, so loops over them vectorise on the CPU and unroll on a GPU; in
+Python (Numba's CUDA simulator, references in tests) NumPy does them.
 
 `store_stochastically` writes a computed value rounded *stochastically* to its 16-bit
 format: up (away from zero) with probability equal to the fraction of the gap between
@@ -72,6 +74,11 @@ def stored_in_16_bits(pointer):
     """Whether ``pointer`` (or array) holds bfloat16 or float16 bits: a constant in
     compiled code, so a branch on it costs nothing there."""
     return np.asarray(pointer).dtype in (BFLOAT16_BITS, FLOAT16_BITS)
+
+
+def element_size(pointer):
+    """Bytes of one element of ``pointer`` (or array): a constant in compiled code."""
+    return np.asarray(pointer).dtype.itemsize
 
 
 def fused_multiply_add(a, b, c):
@@ -224,16 +231,6 @@ def _float16_stochastic_word(word, r):
 
 
 @intrinsic
-def _float32_from_bits(typingctx, bits):
-    signature = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return signature, codegen
-
-
-@intrinsic
 def _bits_of_float32(typingctx, value):
     signature = types.uint32(types.float32)
 
@@ -243,70 +240,10 @@ def _bits_of_float32(typingctx, value):
     return signature, codegen
 
 
-@register_jitable
-def _bfloat16_to_float32(bits):
-    return _float32_from_bits(np.uint32(np.uint32(bits) << np.uint32(16)))
-
-
-@register_jitable
-def _float32_to_bfloat16(value):
-    if value != value:
-        return np.uint16(0x7FC0)
-    bits = _bits_of_float32(value)
-    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    return np.uint16((bits + rounding) >> np.uint32(16))
-
-
-@register_jitable
-def _float16_to_float32(bits):
-    half = np.uint32(np.uint16(bits))
-    sign = (half & np.uint32(0x8000)) << np.uint32(16)
-    exponent = (half >> np.uint32(10)) & np.uint32(0x1F)
-    mantissa = half & np.uint32(0x3FF)
-    if exponent == 0x1F:  # inf, NaN
-        return _float32_from_bits(sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13)))
-    if exponent == 0:  # zero, subnormal: mantissa · 2⁻²⁴, exact in float32
-        magnitude = np.float32(mantissa) * np.float32(5.9604644775390625e-08)
-        return -magnitude if sign else magnitude
-    exponent = exponent + np.uint32(112)  # rebias: 127 − 15
-    return _float32_from_bits(sign | (exponent << np.uint32(23)) | (mantissa << np.uint32(13)))
-
-
-@register_jitable
-def _float32_to_float16(value):
-    bits = _bits_of_float32(value)
-    sign = np.uint32((bits >> np.uint32(16)) & np.uint32(0x8000))
-    exponent = np.int32((bits >> np.uint32(23)) & np.uint32(0xFF))
-    mantissa = bits & np.uint32(0x7FFFFF)
-    if exponent == 0xFF:  # inf, NaN (kept quiet)
-        quiet = np.uint32(0x200) if mantissa else np.uint32(0)
-        return np.int16(sign | np.uint32(0x7C00) | quiet | (mantissa >> np.uint32(13)))
-    exponent = exponent - 112
-    if exponent >= 0x1F:
-        return np.int16(sign | np.uint32(0x7C00))  # overflow: inf
-    if exponent <= 0:  # float16 subnormal or zero
-        if exponent < -10:
-            return np.int16(sign)
-        mantissa = mantissa | np.uint32(0x800000)
-        shift = np.uint32(14 - exponent)
-        half = mantissa >> shift
-        rest = mantissa & ((np.uint32(1) << shift) - np.uint32(1))
-        tie = np.uint32(1) << (shift - np.uint32(1))
-        if rest > tie or (rest == tie and (half & np.uint32(1))):
-            half = half + np.uint32(1)
-        return np.int16(sign | half)
-    half = (np.uint32(exponent) << np.uint32(10)) | (mantissa >> np.uint32(13))
-    rest = mantissa & np.uint32(0x1FFF)
-    if rest > 0x1000 or (rest == 0x1000 and (half & np.uint32(1))):
-        half = half + np.uint32(1)  # a carry into the exponent rounds up to the next
-        # binade, or to inf: both right
-    return np.int16(sign | half)
-
-
 @intrinsic
 def _float16_to_float32_by_llvm(typingctx, bits):
-    """LLVM's ``fpext half`` (x86 with F16C: one vcvtph2ps per vector): on the CPU the
-    branchy integer version above keeps loops from vectorising (float16 Adam 15× slower)."""
+    """LLVM's ``fpext half`` (x86 with F16C: one vcvtph2ps per vector): on the CPU an
+    integer conversion with branches keeps loops from vectorising (float16 Adam 15× slower)."""
     signature = types.float32(types.int16)
 
     def codegen(context, builder, signature, args):
@@ -326,10 +263,63 @@ def _float32_to_float16_by_llvm(typingctx, value):
     return signature, codegen
 
 
+def _float16_nan_as_float32(builder, half_bits):
+    """The float32 bits of a float16 NaN (or inf) ``half_bits`` (an i16): its sign, and its
+    payload shifted into float32's mantissa, a signalling NaN left signalling."""
+    word = ir.IntType(32)
+    bits = builder.zext(half_bits, word)
+    sign = builder.shl(builder.and_(bits, ir.Constant(word, 0x8000)), ir.Constant(word, 16))
+    payload = builder.shl(builder.and_(bits, ir.Constant(word, 0x3FF)), ir.Constant(word, 13))
+    return builder.or_(builder.or_(sign, payload), ir.Constant(word, 0x7F800000))
+
+
+@intrinsic
+def _float16_to_float32_on_gpu(typingctx, bits):
+    """`_float16_to_float32_by_llvm` (on a GPU, one ``cvt.f32.f16``: exact, as every
+    float16 value is a float32 one) for every value but NaN, which keeps its sign and
+    payload bits (`_float16_nan_as_float32`), whatever the hardware makes of them;
+    chosen by a select, so a loop of them has no branch and unrolls."""
+    signature = types.float32(types.int16)
+
+    def codegen(context, builder, signature, args):
+        half = ir.IntType(16)
+        converted = builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        magnitude = builder.and_(args[0], ir.Constant(half, 0x7FFF))
+        is_nan = builder.icmp_unsigned(">", magnitude, ir.Constant(half, 0x7C00))
+        nan = builder.bitcast(_float16_nan_as_float32(builder, args[0]), ir.FloatType())
+        return builder.select(is_nan, nan, converted)
+
+    return signature, codegen
+
+
+@intrinsic
+def _float32_to_float16_on_gpu(typingctx, value):
+    """`_float32_to_float16_by_llvm` (on a GPU, one ``cvt.rn.f16.f32``: round to nearest
+    even, overflow to inf, as torch's ``__float2half``) for every value but NaN, which
+    gives its sign, 0x7E00 (quiet) and its payload's top 10 bits, as x86's conversion
+    on the CPU does; chosen by a select, so a loop of them has no branch and unrolls."""
+    signature = types.int16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        word, half = ir.IntType(32), ir.IntType(16)
+        converted = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), half)
+        bits = builder.bitcast(args[0], word)
+        sign = builder.and_(builder.lshr(bits, ir.Constant(word, 16)), ir.Constant(word, 0x8000))
+        payload = builder.lshr(
+            builder.and_(bits, ir.Constant(word, 0x7FFFFF)), ir.Constant(word, 13)
+        )
+        nan = builder.or_(builder.or_(sign, payload), ir.Constant(word, 0x7E00))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, builder.trunc(nan, half), converted)
+
+    return signature, codegen
+
+
 @intrinsic
 def _bfloat16_to_float32_by_llvm(typingctx, bits):
-    """`_bfloat16_to_float32` in 32-bit integer lanes (Numba widens integer arithmetic to
-    64 bits, which halves the vector width of a loop)."""
+    """bfloat16 ``bits`` as float32 (exact: bfloat16 is float32's top half), in 32-bit
+    integer lanes (Numba widens integer arithmetic to 64 bits, which halves the vector
+    width of a loop)."""
     signature = types.float32(types.uint16)
 
     def codegen(context, builder, signature, args):
@@ -341,7 +331,8 @@ def _bfloat16_to_float32_by_llvm(typingctx, bits):
 
 @intrinsic
 def _float32_to_bfloat16_by_llvm(typingctx, value):
-    """`_float32_to_bfloat16` in 32-bit integer lanes, the NaN test a select."""
+    """``value`` rounded to bfloat16, ties to even, as bits (NaN: torch's 0x7FC0), in
+    32-bit integer lanes, the NaN test a select (no branch: loops unroll, on a GPU too)."""
     signature = types.uint16(types.float32)
 
     def codegen(context, builder, signature, args):
@@ -476,6 +467,11 @@ def _fused_multiply_add_implementation(fma):
     return implementation
 
 
+def _element_size_implementation(pointer):
+    size = pointer.dtype.bitwidth // 8
+    return lambda pointer: size
+
+
 def _stored_in_16_bits_implementation(pointer):
     if pointer.dtype in (types.uint16, types.int16):
         return lambda pointer: True
@@ -485,8 +481,8 @@ def _stored_in_16_bits_implementation(pointer):
 def _implementations(
     float16_to_float32,
     float32_to_float16,
-    bfloat16_to_float32=_bfloat16_to_float32,
-    float32_to_bfloat16=_float32_to_bfloat16,
+    bfloat16_to_float32=_bfloat16_to_float32_by_llvm,
+    float32_to_bfloat16=_float32_to_bfloat16_by_llvm,
 ):
     """`load` and `store` overloads, with the given float16 conversions."""
 
@@ -546,12 +542,7 @@ def _random_bits_implementation(key, i):
     return lambda key, i: _random_bits_by_llvm(key, i)
 
 
-_cpu_load, _cpu_store = _implementations(
-    _float16_to_float32_by_llvm,
-    _float32_to_float16_by_llvm,
-    _bfloat16_to_float32_by_llvm,
-    _float32_to_bfloat16_by_llvm,
-)
+_cpu_load, _cpu_store = _implementations(_float16_to_float32_by_llvm, _float32_to_float16_by_llvm)
 overload(load)(_cpu_load)
 overload(store)(_cpu_store)
 overload(fused_multiply_add)(_fused_multiply_add_implementation(_llvm_fma))
@@ -568,27 +559,31 @@ overload(as_float16)(
 
 
 def register_cuda():
-    """Make `load`, `store`, `fused_multiply_add`, `stored_in_16_bits`, `true_divide`,
-    `store_stochastically`, `random_bits`, `as_bfloat16` and `as_float16` compile for
-    the CUDA target too (needs numba-cuda); float16 by integer arithmetic there
-    (checked to compile to PTX; not yet run on a GPU). `fused_multiply_add` is
-    ``cuda.fma`` there, not yet compiled to PTX (no NVVM where it was written)."""
+    """Make `load`, `store`, `element_size`, `fused_multiply_add`, `stored_in_16_bits`,
+    `true_divide`, `store_stochastically`, `random_bits`, `as_bfloat16` and `as_float16`
+    compile for the CUDA target too (needs numba-cuda): float16 by ``cvt`` there, a NaN
+    keeping its bits as on the CPU (`_float16_to_float32_on_gpu`,
+    `_float32_to_float16_on_gpu`; compiled to PTX by bench.gpu_static, not yet run on a
+    GPU), and `fused_multiply_add` by ``cuda.fma``."""
     from numba import cuda
     from numba.cuda.extending import overload as cuda_overload
 
-    cuda_load, cuda_store = _implementations(_float16_to_float32, _float32_to_float16)
+    cuda_load, cuda_store = _implementations(_float16_to_float32_on_gpu, _float32_to_float16_on_gpu)
     cuda_overload(load, target="cuda")(cuda_load)
     cuda_overload(store, target="cuda")(cuda_store)
 
     fma_implementation = _fused_multiply_add_implementation(cuda.fma)
     cuda_overload(fused_multiply_add, target="cuda")(fma_implementation)
     cuda_overload(stored_in_16_bits, target="cuda")(_stored_in_16_bits_implementation)
+    cuda_overload(element_size, target="cuda")(_element_size_implementation)
     cuda_overload(true_divide, target="cuda")(lambda a, b: lambda a, b: a / b)
     cuda_overload(store_stochastically, target="cuda")(_store_stochastically_implementation)
     cuda_overload(random_bits, target="cuda")(_random_bits_implementation)
     cuda_overload(as_bfloat16, target="cuda")(
-        lambda value: lambda value: _bfloat16_to_float32(_float32_to_bfloat16(value))
+        lambda value: (
+            lambda value: _bfloat16_to_float32_by_llvm(_float32_to_bfloat16_by_llvm(value))
+        )
     )
     cuda_overload(as_float16, target="cuda")(
-        lambda value: lambda value: _float16_to_float32(_float32_to_float16(value))
+        lambda value: lambda value: _float16_to_float32_on_gpu(_float32_to_float16_on_gpu(value))
     )

@@ -198,6 +198,22 @@ def test_every_low_level_step_on_the_gpu_is_its_cpu_step(kernel, options, size, 
     for every family but LAMB (≤ 1.3 ulps: its norms are summed per GPU segment, per CPU
     chunk) at the time of writing; 1 ulp on a few elements of Adam's at 9b71011.
     """
+    _low_level_steps_match(kernel, options, size, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@every_kernel()
+def test_whole_tiles_of_every_element_size_step_as_the_cpu(kernel, options, dtype, monkeypatch):
+    """Segments of 512 elements, so that each element size's group loop runs on whole
+    tiles (a warp's 32 groups of 16 bytes of each array: 256 float16, 128 float32 or 64
+    float64 elements, `kernels.cuda._element_loop`) and the rest of a segment one element
+    at a time: 1100 elements are 2 segments and 76 elements more."""
+    monkeypatch.setattr(config, "ITEMS_PER_THREAD", 64)
+    _low_level_steps_match(kernel, options, 1100, dtype)
+
+
+def _low_level_steps_match(kernel, options, size, dtype):
+    """Steps of ``kernel`` on device arrays give what they give on host arrays."""
     step_function = getattr(kernels, kernel)
     parameters = inspect.signature(step_function).parameters
     arrays = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]

@@ -19,7 +19,7 @@ import torch
 from numba import njit
 
 import fastmomentum
-from fastmomentum.kernels import config
+from fastmomentum.kernels import config, precision
 from fastmomentum.kernels.precision import load, store
 
 from .sixteen_bits import FORMATS, IDS, needs_vector_kernels
@@ -80,6 +80,39 @@ def test_float32_values_round_as_torch_rounds_them(dtype, carrier):
         assert np.array_equal(actual[keep], wanted[keep])
         back = torch.from_numpy(actual.view(np.int16).copy()).view(dtype).float().numpy()
         assert np.isnan(back[~keep]).all()  # NaN stays NaN
+
+
+@njit(cache=True)
+def _float16_on_gpu(bits, values, read, rounded):
+    for i in range(bits.size):
+        read[i] = precision._float16_to_float32_on_gpu(bits[i])
+    for i in range(values.size):
+        rounded[i] = precision._float32_to_float16_on_gpu(values[i])
+
+
+def test_the_gpus_float16_conversions_round_as_torch_and_keep_nan_bits():
+    """The CUDA kernels' float16 conversions, compiled here from the same LLVM IR (LLVM's
+    ``fpext``/``fptrunc``, a GPU's ``cvt``, x86's F16C): torch's values, and for NaN the
+    bits the CPU loops give (sign and payload kept, a stored NaN quiet)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    values = _awkward_float32s()
+    read, rounded = np.empty(bits.size, np.float32), np.empty(values.size, np.int16)
+    _float16_on_gpu(bits, values, read, rounded)
+    expected = torch.from_numpy(bits.copy()).view(torch.float16).float().numpy()
+    nan = np.isnan(expected)
+    assert np.array_equal(read[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    half = bits[nan].view(np.uint16).astype(np.uint32)
+    kept = ((half & 0x8000) << 16) | 0x7F800000 | ((half & 0x3FF) << 13)
+    assert np.array_equal(read[nan].view(np.uint32), kept)
+    expected = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
+    nan = np.isnan(values)
+    assert np.array_equal(rounded[~nan], expected[~nan])
+    word = values[nan].view(np.uint32)
+    quiet = ((word >> 16) & 0x8000) | 0x7E00 | ((word & 0x7FFFFF) >> 13)
+    assert np.array_equal(rounded[nan].view(np.uint16), quiet.astype(np.uint16))
+    cpu = np.zeros(values.size, np.int16)
+    _encode(values, cpu)
+    assert np.array_equal(cpu, rounded)  # the CPU loops' bits, NaN included
 
 
 def _twins(dtype, library, name, options, seed=0):
