@@ -117,14 +117,18 @@ INT8_FORMATS = (
 
 def variants():
     """``(spec, format)`` of every kernel a launch compiles: each spec of
-    `kernels.rules.SPECS` in each of `FORMATS`, and its 8-bit variant
-    (`kernels.specs.int8_blockwise`) in each of `INT8_FORMATS` where it has one."""
+    `kernels.rules.SPECS` and `kernels.rules.DEVICE_SPECS` in each of `FORMATS`, its
+    capturable variant (`kernels.capturable.capturable`) where it has one, and its 8-bit
+    variant (`kernels.specs.int8_blockwise`) in each of `INT8_FORMATS` where it has one."""
     from kernels import rules
+    from kernels.capturable import capturable
     from kernels.specs import int8_blockwise
 
     found = []
-    for spec in rules.SPECS:
+    for spec in (*rules.SPECS, *rules.DEVICE_SPECS):
         found += [(spec, format) for format in FORMATS]
+        if spec.live is not None:
+            found += [(capturable(spec), format) for format in FORMATS]
         try:
             blockwise = int8_blockwise(spec)
         except ValueError:  # no 8-bit state (SGD without momentum): never launched so
@@ -150,6 +154,7 @@ def signature(spec, format):
 
     compute = np.dtype(format.compute)
     width = 2 + len(spec.state) * (2 if spec.blockwise else 1) + 1  # + the companion
+    width += len(spec.scalars) if spec.capturable else 0
     table = TensorTable([1], width, compute, spec.entry_width, format.formats)
     coefficients = hyperparameters.in_dtype(compute, [0.0] * len(spec.coefficients._fields))
     arguments = [
@@ -162,8 +167,14 @@ def signature(spec, format):
         table.param_store,
         *(False for _ in spec.flags),
     ]
-    if spec.squares:
-        arguments.append(np.zeros((1, len(spec.squares))))
+    if spec.squares:  # partial sums, sums per entry, finished segments (`kernels.sums`)
+        sums = np.zeros((1, len(spec.squares)))
+        arguments += [sums, sums, np.zeros(1, np.int32)]
+    if spec.from_sums is not None:
+        arguments.append(np.zeros((1, 2)))
+    if spec.capturable:  # `kernels.capturable.LiveInputs` (a float lr), finished segments
+        settings = hyperparameters.in_dtype(np.float64, [0.0] * len(spec.live_settings._fields))
+        arguments += [settings, np.float64(0), 0, 0, 0, np.float32(0), np.zeros(1, np.int32)]
     return tuple(numba.typeof(argument) for argument in arguments)
 
 
@@ -470,9 +481,12 @@ SUMS_F64 = re.compile(
 
 def unexpected_f64(spec, format, opcodes):
     """The float64 instructions of ``opcodes`` that ``spec``'s kernel for ``format``
-    should not have: none for float64 arrays; else all but `SUMS_F64`'s for a spec with
-    sums of squares, and all for any other."""
-    if format.compute == _F64:
+    should not have: none for float64 arrays, or for a kernel that computes its
+    coefficients per segment in float64 (capturable, `kernels.capturable`; from the
+    sums on the device, `kernels.sums`: its element code is the spec's ordinary
+    kernel's, held to this rule in its own row); else all but `SUMS_F64`'s for a spec
+    with sums of squares, and all for any other."""
+    if format.compute == _F64 or spec.capturable or spec.from_sums is not None:
         return []
     if spec.squares:
         return [opcode for opcode in opcodes if not SUMS_F64.match(opcode)]
