@@ -9,7 +9,6 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
-from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
 from . import capture, quantized
 from .optimizer import FlatOptimizer
@@ -170,17 +169,12 @@ class Adam(FlatOptimizer):
         dtype = bucket.dtype_numpy
         columns = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None)
         if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
-            live = capture.live_inputs(
-                self, bucket, lr, rules.adam.live_settings(
-                    betas, settings.eps, settings.weight_decay,
-                    settings.decoupled_weight_decay, settings.maximize,
-                ),
+            live_settings = rules.adam.live_settings(
+                betas, settings.eps, settings.weight_decay,
+                settings.decoupled_weight_decay, settings.maximize,
             )  # fmt: skip
-            spec = capturable(rules.adam.SPEC)
-            shared = placeholder_coefficients(spec, dtype)
-            kernel = bucket.kernels.launch
-            plan.launch((*columns, "step"), spec.entry_width, None, kernel, spec, shared,
-                        (amsgrad,), live)  # fmt: skip
+            capture.launch(self, bucket, plan, rules.adam.SPEC, columns, (amsgrad,), lr,
+                           live_settings)  # fmt: skip
             return
         steps = bucket.step_counts
         coefficients = self.cached_coefficients(

@@ -6,7 +6,6 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
-from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
 from . import capture, quantized
 from .optimizer import FlatOptimizer
@@ -116,15 +115,11 @@ class Adamax(FlatOptimizer):
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
         if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
-            live = capture.live_inputs(
-                self, bucket, settings.lr, rules.adamax.live_settings(
-                    settings.betas, settings.eps, settings.weight_decay, settings.maximize
-                ),
-            )  # fmt: skip
-            spec = capturable(rules.adamax.SPEC)
-            shared = placeholder_coefficients(spec, dtype)
-            plan.launch((*spec.state, *spec.scalars), spec.entry_width, None,
-                        bucket.kernels.launch, spec, shared, (), live)  # fmt: skip
+            live_settings = rules.adamax.live_settings(
+                settings.betas, settings.eps, settings.weight_decay, settings.maximize
+            )
+            spec = rules.adamax.SPEC
+            capture.launch(self, bucket, plan, spec, spec.state, (), settings.lr, live_settings)
             return
         coefficients = self.cached_coefficients(
             bucket,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastmomentum.kernels import cpu
-from fastmomentum.kernels.capturable import LiveInputs
+from fastmomentum.kernels.capturable import LiveInputs, capturable, placeholder_coefficients
 
 from .devices import kernels_for
 from .validation import host_float
@@ -115,6 +115,20 @@ def live_inputs(optimizer, bucket, lr, settings):
         _address(optimizer, "found_inf", bucket),
         scalar_like,
     )
+
+
+def launch(optimizer, bucket, plan, spec, columns, flags, lr, settings):
+    """Step ``plan`` (of ``bucket``) with ``spec``'s capturable kernel: ``columns`` its
+    state columns (the scalar state's follow), ``flags`` its flags, ``lr`` the group's
+    (`live_lr`), ``settings`` the rule's ``live_settings``; the kernel computes every
+    coefficient (the host's are only zeros of the dtype it types on)."""
+    variant = capturable(spec)
+    live = live_inputs(optimizer, bucket, lr, settings)
+    shared = placeholder_coefficients(variant, bucket.dtype_numpy)
+    plan.launch(
+        (*columns, *variant.scalars), variant.entry_width, None, bucket.kernels.launch,
+        variant, shared, flags, live,
+    )  # fmt: skip
 
 
 def _address(optimizer, name, bucket):

@@ -6,7 +6,6 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
-from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
 from . import capture, quantized
 from .optimizer import FlatOptimizer
@@ -136,18 +135,13 @@ class NAdam(FlatOptimizer):
         dtype = bucket.dtype_numpy
         if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
             products = bucket.scalar_values("mu_product")
-            live = capture.live_inputs(
-                self, bucket, settings.lr, rules.nadam.live_settings(
-                    settings.betas, settings.eps, settings.weight_decay,
-                    settings.decoupled_weight_decay, settings.maximize,
-                    settings.momentum_decay, str(products.dtype).removeprefix("torch."),
-                ),
+            live_settings = rules.nadam.live_settings(
+                settings.betas, settings.eps, settings.weight_decay,
+                settings.decoupled_weight_decay, settings.maximize,
+                settings.momentum_decay, str(products.dtype).removeprefix("torch."),
             )  # fmt: skip
-            spec = capturable(rules.nadam.SPEC)
-            columns = (*spec.state, *spec.scalars)
-            shared = placeholder_coefficients(spec, dtype)
-            plan.launch(columns, spec.entry_width, None, bucket.kernels.launch, spec, shared,
-                        (), live)  # fmt: skip
+            spec = rules.nadam.SPEC
+            capture.launch(self, bucket, plan, spec, spec.state, (), settings.lr, live_settings)
             return
         coefficients = self.cached_coefficients(
             bucket,

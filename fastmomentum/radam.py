@@ -6,7 +6,6 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
-from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
 from . import capture, quantized
 from .optimizer import FlatOptimizer
@@ -128,16 +127,12 @@ class RAdam(FlatOptimizer):
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
         if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
-            live = capture.live_inputs(
-                self, bucket, settings.lr, rules.radam.live_settings(
-                    settings.betas, settings.eps, settings.weight_decay,
-                    settings.decoupled_weight_decay, settings.maximize,
-                ),
+            live_settings = rules.radam.live_settings(
+                settings.betas, settings.eps, settings.weight_decay,
+                settings.decoupled_weight_decay, settings.maximize,
             )  # fmt: skip
-            spec = capturable(rules.radam.SPEC)
-            shared = placeholder_coefficients(spec, dtype)
-            plan.launch((*spec.state, *spec.scalars), spec.entry_width, None,
-                        bucket.kernels.launch, spec, shared, (), live)  # fmt: skip
+            spec = rules.radam.SPEC
+            capture.launch(self, bucket, plan, spec, spec.state, (), settings.lr, live_settings)
             return
         coefficients = self.cached_coefficients(
             bucket,

@@ -7,7 +7,6 @@ from torch.optim.optimizer import ParamsT
 from torch.optim.rmsprop import rmsprop
 
 from fastmomentum.kernels import rules
-from fastmomentum.kernels.capturable import capturable, placeholder_coefficients
 
 from . import capture, quantized
 from .optimizer import FlatOptimizer
@@ -184,16 +183,11 @@ class RMSprop(FlatOptimizer):
         )
         flags = (momentum > 0, centered)
         if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
-            live = capture.live_inputs(
-                self, bucket, settings.lr, rules.rmsprop.live_settings(
-                    settings.alpha, settings.eps, settings.weight_decay, momentum,
-                    settings.maximize,
-                ),
-            )  # fmt: skip
-            spec = capturable(rules.rmsprop.SPEC)
-            shared = placeholder_coefficients(spec, dtype)
-            plan.launch((*columns, *spec.scalars), spec.entry_width, None,
-                        bucket.kernels.launch, spec, shared, flags, live)  # fmt: skip
+            live_settings = rules.rmsprop.live_settings(
+                settings.alpha, settings.eps, settings.weight_decay, momentum, settings.maximize
+            )
+            capture.launch(self, bucket, plan, rules.rmsprop.SPEC, columns, flags, settings.lr,
+                           live_settings)  # fmt: skip
             return
         coefficients = self.cached_coefficients(
             bucket,
