@@ -331,8 +331,13 @@ class Instruction(NamedTuple):
 
 def instructions(ptx):
     """The kernel body's instructions and labels (a label: ``Instruction(label, ...)``
-    with an opcode ending in ``:``), in order."""
-    body = ptx[ptx.index("{", ptx.index(".entry")) :] if ".entry" in ptx else ptx
+    with an opcode ending in ``:``), in order. The body ends at the entry's closing brace
+    (the first at a line's start): the functions it calls (libdevice's ``pow`` in the
+    capturable kernels) follow it and reuse its register names."""
+    body = ptx
+    if ".entry" in ptx:
+        body = ptx[ptx.index("{", ptx.index(".entry")) :]
+        body = body[: body.index("\n}") + 1] if "\n}" in body else body
     found = []
     for line in body.splitlines():
         line = line.split("//")[0].strip()

@@ -180,6 +180,14 @@ def test_bytes_in_flight_counts_loads_before_a_store_or_branch():
     assert gpu_static.bytes_in_flight(PTX) == 12  # 4 + 8 before the store; then 2
 
 
+def test_the_functions_after_the_kernel_are_not_read_as_its_body():
+    # a called function (libdevice's pow) follows the entry and reuses its register
+    # names; read as the kernel's, its parameter would taint the element index
+    called = "\n.func  (.param .b64 retval) pow(\n\t.param .b64 x\n)\n{\n"
+    called += "\tld.param.f64 \t%fd1, [x];\n\tmov.b64 \t%r1, %fd1;\n\tret;\n}\n"
+    assert gpu_static.bytes_in_flight(PTX + called) == gpu_static.bytes_in_flight(PTX) == 12
+
+
 def test_vector_and_f64_instructions_are_found():
     ptx = PTX.replace(
         "add.f32 	%f4, %f1, %f2;", "cvt.f64.f32 	%fd1, %f1;\n\tadd.f64 	%fd2, %fd1, %fd1;"
