@@ -27,9 +27,24 @@ class SmallNet(nn.Module):
         return self.head(x)
 
 
-def make_model(dtype=torch.float64, seed=0):
+class TinyNet(nn.Module):
+    """Embedding and two Linear layers: 204 parameters in five tensors of 4 to 128
+    elements, for tests that step in Numba's CUDA simulator (Python per element)."""
+
+    def __init__(self, vocabulary=32, width=4, hidden=8, outputs=4):
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, width)
+        self.hidden = nn.Linear(width, hidden)
+        self.head = nn.Linear(hidden, outputs)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.hidden(self.embedding(tokens).mean(dim=1))))
+
+
+def make_model(dtype=torch.float64, seed=0, tiny=False):
+    """`SmallNet`, or with ``tiny`` `TinyNet` (same inputs and outputs), in ``dtype``."""
     torch.manual_seed(seed)
-    return SmallNet().to(dtype)
+    return (TinyNet() if tiny else SmallNet()).to(dtype)
 
 
 def batches(steps, dtype=torch.float64, seed=1, batch=16, length=12):
