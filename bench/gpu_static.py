@@ -165,6 +165,11 @@ def signature(spec, format):
         table.formats,
         table.clear_grads,
         table.param_store,
+        *(
+            (False, tuple(table.entry_values[0, : spec.entry_coefficient_count]))
+            if spec.entry_coefficient_count
+            else ()
+        ),
         *(False for _ in spec.flags),
     ]
     if spec.squares:  # partial sums, sums per entry, finished segments (`kernels.sums`)

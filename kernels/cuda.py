@@ -158,11 +158,12 @@ def _kernel_head(spec, shared=()):
     """A kernel's lines down to its segment's set-up (`elements.segment_source`), with
     the ``shared`` lines (shared arrays) before its grid-stride loop."""
     flags = "".join(f", {flag}" for flag in spec.flags)
+    uniform = ", uniform, uniform_values" if spec.entry_coefficient_count else ""
     measured = sums.kernel_arguments(spec)
     live = capturable.kernel_arguments() if spec.capturable else ""
     return [
         f"def _{spec.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"param_store{flags}{measured}{live}):",
+        f"param_store{uniform}{flags}{measured}{live}):",
         "    stored_param, stored_grad, stored_state, stored_companion = formats",
         "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
         *(capturable.prologue(spec) if spec.capturable else ()),
@@ -170,7 +171,7 @@ def _kernel_head(spec, shared=()):
         *shared,
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
-        *segment_source(spec, "        "),
+        *segment_source(spec, "        ", uniform=True),
         *sums.segment_lines(spec, "        "),
     ]
 
@@ -301,7 +302,14 @@ def _launch(
             scratch = (np.zeros((len(segments), squares)), np.zeros((len(table), squares)))
         if squares or live is not None:
             scratch += (np.zeros(len(table), np.int32),)
-        on_device = _resident(table, segments, device, stream, upload, scratch, capturing)
+        width = spec.entry_coefficient_count
+        uniform = ()  # every entry's values, as kernel arguments, when they are the same
+        if width:
+            uniform = _uniform_values(table, width, live is None)
+        on_device = _resident(
+            table, segments, device, stream, upload, scratch, capturing,
+            width if uniform and uniform[0] else 0,
+        )  # fmt: skip
         extra = (*on_device[3:],) if squares else ()
         if spec.from_sums is not None:
             extra += (sums,)
@@ -310,7 +318,7 @@ def _launch(
         COUNTS.launches += 1
         kernel[blocks, threads, stream](
             *on_device[:3], coefficients, table.formats, table.clear_grads, table.param_store,
-            *flags, *extra,
+            *uniform, *flags, *extra,
         )  # fmt: skip
         if not squares:
             return None
@@ -323,14 +331,29 @@ def _launch(
     return host
 
 
-def _resident(table, segments, device, stream, upload, scratch=(), capturing=False):
+def _uniform_values(table, width, allowed=True):
+    """``(uniform, values)``, the kernel arguments that pass the entries' values (their
+    first ``width`` columns) when every entry has the same, bit for bit (and
+    ``allowed``): the usual bucket, whose parameters share a step count, so that its
+    bias corrections change every step and the table's copy on the GPU does not."""
+    values = table.entry_values[:, :width]
+    bits = values.view(f"u{values.itemsize}")
+    return allowed and bool((bits == bits[0]).all()), tuple(values[0])
+
+
+def _resident(
+    table, segments, device, stream, upload, scratch=(), capturing=False, passed=0
+):  # fmt: skip
     """The table's addresses, segments and entry values on the GPU, then the
     ``scratch`` arrays (zeros the kernel leaves zeroed or overwrites: `capturable`'s
     and `sums`'), kept with the table per device, segments and stream: copied once,
     then addresses and entry values again, on ``stream``, only when they differ from
     what was copied last (a planner makes its tables anew when its bucket's layout
-    changes; entry values, e.g. bias corrections, change at most steps; addresses when
-    a gradient or a staged copy moved, or with a stochastic rounding key, every step).
+    changes; addresses change when a gradient or a staged copy moved, or with a
+    stochastic rounding key, every step). The first ``passed`` columns of the entry
+    values are not compared: the launch passes them as arguments (`_uniform_values`;
+    bias corrections, which change every step), and copies them again with the rest
+    once they differ from what the GPU holds.
     A copy after the first lands in the array allocated by the first, in stream order
     after the launches that read it; its host source is pageable memory, which the
     driver has read when the call returns, so the table may be refilled at once.
@@ -356,7 +379,8 @@ def _resident(table, segments, device, stream, upload, scratch=(), capturing=Fal
         return kept[1]
     for k in (0, 2):  # the segments of a table never change, nor the scratch arrays
         array, copied, on_device = arrays[k], kept[0][k], kept[1][k]
-        if array.tobytes() != copied.tobytes():  # bits: a sign of zero is a change
+        compared = (array[:, passed:], copied[:, passed:]) if k == 2 else (array, copied)
+        if compared[0].tobytes() != compared[1].tobytes():  # bits: a sign of zero is a change
             COUNTS.uploads += 1
             copied[...] = array
             on_device.copy_to_device(array, stream=stream)

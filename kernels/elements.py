@@ -78,14 +78,17 @@ def _generated(spec):
     return namespace[f"{spec.name}_at"]
 
 
-def segment_source(spec, indent):
+def segment_source(spec, indent, uniform=False):
     """The lines a generated CPU loop or CUDA kernel (`kernels.cpu.loop_source`,
     `kernels.cuda.kernel_source`) runs per segment before its elements, at ``indent``:
     a typed pointer per array of the entry (8-bit state: its codes, then its absmax as
     ``<state>_absmax``), the entry's values as ``values`` and its entry flags, and a
-    zero per sum of squares (``sum0``, …)."""
+    zero per sum of squares (``sum0``, …). With ``uniform`` (CUDA), ``values`` is the
+    argument ``uniform_values`` where the argument ``uniform`` is set: every entry's."""
     width = spec.entry_coefficient_count
     values = "".join(f"entry_values[entry, {k}], " for k in range(width))
+    if uniform and width:
+        values = f"uniform_values if uniform else ({values})"
     lines = [
         "param = pointer_to(addresses[entry, 0], stored_param)",
         "grad = pointer_to(addresses[entry, 1], stored_grad)",
