@@ -17,7 +17,8 @@ BLOCKS_PER_SM = 32
 ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor kernels, a few
 # thousand per block keeps the per-segment bookkeeping negligible
 # Bytes of each array a CUDA thread loads before it stores its first element (of the
-# widest array: 4 float32 elements, 8 of 16 bits, 2 float64), in flight together
+# widest array: 4 float32 elements, 8 of 16 bits, 2 float64), in flight together: one
+# vector load per array where a segment's arrays are aligned to it, else scalar loads
 # (`kernels.cuda._element_loop`; bench.gpu_static counts them per SM against a target).
 BYTES_IN_FLIGHT_PER_ARRAY = 16
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"

@@ -3,8 +3,9 @@
 The same tables as the CPU kernels (`kernels.tables`): each block takes segments of at
 most ``config.cuda_chunk()`` elements (grid-stride over the segments) and its threads
 stride through the segment's elements, several at a time, each loaded before the first
-is stored (`_element_loop`); over block-wise 8-bit state a segment is one block of state
-and a CUDA block has a thread per element. The functions at the bottom
+is stored, with one vector load per array where the segment's arrays are aligned
+(`_element_loop`); over block-wise 8-bit state a segment is one block of state and a
+CUDA block has a thread per element. The functions at the bottom
 have the CPU kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the
 table's small host arrays reach the GPU; by default a Numba copy on ``stream``).
 Importing this module needs numba-cuda.
@@ -27,7 +28,7 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64, int32  # noqa: F401 (generated kernels)
 
-from . import capturable, config, generated, precision, quantization, sums
+from . import capturable, config, generated, precision, quantization, sums, vectors
 from .capturable import same_type  # noqa: F401 (generated kernels)
 from .elements import element, segment_source, split
 from .pointers import pointer_to as _compiled_pointer_to
@@ -43,6 +44,8 @@ from .quantization import (  # noqa: F401 (generated kernels)
     inverse,
 )
 from .rules.common import nan_max  # noqa: F401 (generated kernels)
+from .tables import KAHAN  # noqa: F401 (generated kernels)
+from .vectors import vector_aligned  # noqa: F401 (generated kernels)
 
 # A small table gets a small grid on purpose; numba-cuda would warn about each launch.
 warnings.filterwarnings(
@@ -57,6 +60,7 @@ else:
     pointer_to = _compiled_pointer_to
     precision.register_cuda()
     quantization.register_cuda()
+    vectors.register_cuda()
 
 
 def kernel(spec):
@@ -74,13 +78,16 @@ def _generated_kernel(spec):
     if spec.blockwise:
         namespace["ELEMENT"] = element(spec)
     else:
-        namespace["LOADS"], namespace["UPDATE"] = split(spec)
+        namespace["LOADS"], namespace["VECTOR_LOADS"], namespace["UPDATE"] = split(spec)
     cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec))
     return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
 
 
 def kernel_source(spec):
-    """The source of `kernel` (readable: ``print(kernel_source(rules.adam.SPEC))``)."""
+    """The source of `kernel` (readable: ``print(kernel_source(rules.adam.SPEC))``): per
+    segment, the entry's pointers and values, then its elements (`_element_loop`: vector
+    loads where the segment's arrays are aligned, scalar loads elsewhere); the sums of
+    squares and the capturable kernels' lines around them."""
     if spec.blockwise:
         return _blockwise_kernel_source(spec)
     lines = _kernel_head(spec)
@@ -109,10 +116,21 @@ def _element_loop(spec, indent):
     (the arrays of an entry do not overlap: a store to one element never changes
     another's value). A group takes `config.BYTES_IN_FLIGHT_PER_ARRAY` of its widest
     array (16: 4 float32 elements, 8 of 16 bits, 2 float64), a choice NVVM makes at
-    compile time from the arrays' types. Whole tiles of a warp's 32 groups first, group
-    ``g`` at the tile's elements ``g mod 32 + 32·k``, so that a warp's load is 32
-    consecutive elements and a member's address is the first's plus a constant (one
-    address register per array); then the rest of the segment one element at a time."""
+    compile time from the arrays' types.
+
+    Where every array the segment loads is aligned to a group at the segment's first
+    element (`_aligned`), thread ``t``'s groups are ``count`` consecutive elements
+    (``begin + count·t`` on, then a block's groups further), each array's read by one
+    vector load (``ld.global.v4``, ``.v2``: `elements.split`'s vector loads); each
+    element is then computed and stored on its own: scalar stores, a warp's store of a
+    member writing 32 elements a group apart (16 bytes of the widest array), whose gaps
+    its other members' stores fill (the L2 cache merges them before memory). Elsewhere
+    (an array at an odd element offset, a view into a buffer), today's whole tiles of a
+    warp's 32 groups, group ``g`` at the tile's elements ``g mod 32 + 32·k``, so that a
+    warp's scalar load is 32 consecutive elements and a member's address is the first's
+    plus a constant (one address register per array). Then, on either path, the rest of
+    the segment one element at a time. Not yet run on a GPU (bench.gpu_static reads the
+    PTX; tests/test_vectors.py runs both paths in the simulator)."""
     arrays = ["param", "grad", *spec.state]
     loads = ", ".join([*arrays, "coefficients", *spec.flags, "companion", "param_store"])
     update = [*arrays, "coefficients", "values", *spec.flags, *spec.entry_flags]
@@ -123,26 +141,59 @@ def _element_loop(spec, indent):
     lines = [
         "begin = segments[segment, 1]",
         f"count = {config.BYTES_IN_FLIGHT_PER_ARRAY} // max({sizes})  # a constant",
-        "groups = (end - begin) // (32 * count) * 32  # in whole tiles",
+        *_aligned(spec),
+        "if aligned:",
+        "    groups = (end - begin) // count",
+        "else:",
+        "    groups = (end - begin) // (32 * count) * 32  # in whole tiles",
         "group = cuda.threadIdx.x",
     ]
     for position, count in enumerate(reversed(counts)):
-        at = ["i"] + [f"i + {32 * k}" for k in range(1, count)]
         test = f"count >= {count}" if position < len(counts) - 1 else ""
         lines.append(f"{'if' if position == 0 else 'elif'} {test}:" if test else "else:")
         lines += [
-            "    while group < groups:",
-            f"        i = begin + group // 32 * {32 * count} + group % 32",
+            "    if aligned:",
+            "        while group < groups:",
+            f"            i = begin + group * {count}",
+            f"            loaded = VECTOR_LOADS(i, {count}, {loads})",
         ]
-        lines += [f"        loaded{k} = LOADS({index}, {loads})" for k, index in enumerate(at)]
+        for k in range(count):
+            index = f"i + {k}" if k else "i"
+            lines.append(f"            {summed}UPDATE({index}, loaded[{k}], {update})")
+            lines += _summed(spec, "            ")
+        lines += ["            group += cuda.blockDim.x", "    else:"]
+        at = ["i"] + [f"i + {32 * k}" for k in range(1, count)]
+        lines += [
+            "        while group < groups:",
+            f"            i = begin + group // 32 * {32 * count} + group % 32",
+        ]
+        lines += [f"            loaded{k} = LOADS({index}, {loads})" for k, index in enumerate(at)]
         for k, index in enumerate(at):
-            lines.append(f"        {summed}UPDATE({index}, loaded{k}, {update})")
-            lines += _summed(spec, "        ")
-        lines.append("        group += cuda.blockDim.x")
+            lines.append(f"            {summed}UPDATE({index}, loaded{k}, {update})")
+            lines += _summed(spec, "            ")
+        lines.append("            group += cuda.blockDim.x")
     lines.append("for i in range(first + groups * count, end, cuda.blockDim.x):")
     lines.append(f"    {summed}UPDATE(i, LOADS(i, {loads}), {update})")
     lines += _summed(spec, "    ")
     return [indent + line for line in lines]
+
+
+def _aligned(spec):
+    """The lines that set ``aligned``: whether every array the segment loads is aligned
+    at its first element to a group of ``count`` elements (`vectors.vector_aligned`):
+    param, grad, each state (an optional one when its flag is set) and the companion
+    when it is loaded (`KAHAN`; mirrored, it is only stored)."""
+    columns = [("param", "0"), ("grad", "1")]
+    columns += [(name, str(column)) for column, name in enumerate(spec.state, start=2)]
+    lines = []
+    for name, column in columns:
+        test = f"vector_aligned(addresses[entry, {column}], begin, count, {name})"
+        flag = spec.optional_flag(name)
+        test = f"(not {flag} or {test})" if flag else test
+        lines.append(f"aligned = aligned and {test}" if lines else f"aligned = {test}")
+    test = "vector_aligned(addresses[entry, last], begin, count, companion)"
+    lines.append(f"aligned = aligned and (param_store != KAHAN or {test})")
+    return lines
 
 
 def _summed(spec, indent):

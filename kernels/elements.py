@@ -28,6 +28,7 @@ from . import generated
 from .precision import load, random_bits, store, store_stochastically, stored_in_16_bits
 from .quantization import decode_signed, decode_unsigned
 from .tables import KAHAN, MIRRORED, STOCHASTIC
+from .vectors import added, by_element, vector_load
 
 
 @register_jitable
@@ -36,6 +37,14 @@ def load_param(param, companion, i, like, param_store):
     if param_store == KAHAN:
         return load(param, i, like) + load(companion, i, like)
     return load(param, i, like)
+
+
+@register_jitable
+def vector_load_param(param, companion, i, count, param_store):
+    """`load_param` of elements ``i`` to ``i + count − 1`` (`vectors.vector_load`)."""
+    if param_store == KAHAN:
+        return added(vector_load(param, i, count), vector_load(companion, i, count))
+    return vector_load(param, i, count)
 
 
 @register_jitable
@@ -125,17 +134,22 @@ def element_source(spec):
 
 
 def split(spec):
-    """`element` of a spec that is not block-wise, in two generated functions::
+    """`element` of a spec that is not block-wise, in three generated functions::
 
         <name>_loads(i, param, grad, *state, coefficients, *flags, companion, param_store)
+        <name>_vector_loads(i, count, param, grad, *state, coefficients, *flags,
+                            companion, param_store)
         <name>_update(i, loaded, param, grad, *state, coefficients, entry, *flags,
                       *entry_flags, clear_grad, companion, param_store, key)
 
     ``_loads`` returns the values element ``i`` of each array holds (a tuple), and
     ``_update`` computes the rule on them and stores what it returns, as `element`
     does: a CUDA thread loads several elements before it stores the first
-    (`kernels.cuda.kernel_source`). The values summed (`specs.KernelSpec.squares`) of
-    a param the step does not update are those loaded."""
+    (`kernels.cuda.kernel_source`). ``_vector_loads`` returns what ``_loads`` returns
+    for each of the elements ``i`` to ``i + count − 1`` (a tuple of them), read with
+    one vector load per array (`vectors.vector_load`: ``count`` a literal, each array
+    aligned to ``count`` elements at ``i``). The values summed
+    (`specs.KernelSpec.squares`) of a param the step does not update are those loaded."""
     return _generated_split(spec)
 
 
@@ -143,7 +157,8 @@ def split(spec):
 def _generated_split(spec):
     namespace = _namespace(spec)
     generated.compile_into(namespace, "element_split", spec, split_source(spec))
-    return namespace[f"{spec.name}_loads"], namespace[f"{spec.name}_update"]
+    names = ("loads", "vector_loads", "update")
+    return tuple(namespace[f"{spec.name}_{name}"] for name in names)
 
 
 def split_source(spec):
@@ -153,6 +168,7 @@ def split_source(spec):
     arrays = ["i", "param", "grad", *spec.state]
     loads = [*arrays, "coefficients", *spec.flags, "companion", "param_store"]
     read, values = _loads(spec)
+    vector_read, vector_values = _loads(spec, vector=True)
     names = [f"loaded{k}" for k in range(len(values))]
     update = [arrays[0], "loaded", *arrays[1:], "coefficients", "entry", *spec.flags]
     update += [*spec.entry_flags, "clear_grad", "companion", "param_store", "key"]
@@ -162,6 +178,12 @@ def split_source(spec):
         "    like = coefficients[0]",
         *read,
         f"    return ({', '.join(values)},)",
+        "",
+        "",
+        "@register_jitable",
+        f"def {spec.name}_vector_loads({', '.join([arrays[0], 'count', *loads[1:]])}):",
+        *vector_read,
+        f"    return by_element(({', '.join(vector_values)},))",
         "",
         "",
         "@register_jitable",
@@ -177,27 +199,44 @@ def _namespace(spec):
     namespace.update(register_jitable=register_jitable, load=load, store=store)
     namespace.update(stored_in_16_bits=stored_in_16_bits)
     namespace.update(load_param=load_param, store_param=store_param)
+    namespace.update(vector_load=vector_load, vector_load_param=vector_load_param)
+    namespace.update(by_element=by_element)
     namespace.update(decode_signed=decode_signed, decode_unsigned=decode_unsigned)
     return namespace
 
 
-def _loads(spec):
+def _loads(spec, vector=False):
     """The lines that read element ``i`` before the rule (optional and 8-bit state), and
-    the expressions of the values the rule takes after them, one per array."""
+    the expressions of the values the rule takes after them, one per array; with
+    ``vector``, of the elements ``i`` to ``i + count − 1``, a tuple per array."""
     lines = []
-    values = ["load_param(param, companion, i, like, param_store)", "load(grad, i, like)"]
+    if vector:
+        current, load = "vector_load_param(param, companion, i, count, param_store)", _vector_load
+    else:
+        current, load = "load_param(param, companion, i, like, param_store)", _load
+    values = [current, load("grad")]
     for position, name in enumerate(spec.state):
         flag = spec.optional_flag(name)
         if flag:  # when the flag is off, the rule gets (and ignores) a state always read
             required = [n for n in spec.state[:position] if spec.optional_flag(n) is None]
-            lines.append(f"    {name}_value = {_optional_value(spec, name, flag, required)}")
+            lines.append(f"    {name}_value = {_optional_value(spec, name, flag, required, load)}")
             values.append(f"{name}_value")
         elif spec.blockwise:
             lines.append(f"    {name}_value = {_decoded(spec, name)}")
             values.append(f"{name}_value")
         else:
-            values.append(f"load({name}, i, like)")
+            values.append(load(name))
     return lines, values
+
+
+def _load(array):
+    """The expression of element ``i`` of ``array`` (a name or expression)."""
+    return f"load({array}, i, like)"
+
+
+def _vector_load(array):
+    """The expression of elements ``i`` to ``i + count − 1`` of ``array``."""
+    return f"vector_load({array}, i, count)"
 
 
 def _update(spec, values, current):
@@ -245,11 +284,12 @@ def _decoded(spec, name):
     return f"decode_{spec.code_kind(name)}({name}[i], {name}_absmax)"
 
 
-def _optional_value(spec, name, flag, required):
-    """The value of optional state ``name`` at element ``i``: with ``flag`` off, that of
-    the last ``required`` state (or the param), which is always there."""
+def _optional_value(spec, name, flag, required, load=_load):
+    """The value of optional state ``name`` at element ``i`` (read by ``load``: `_load`
+    or `_vector_load`): with ``flag`` off, that of the last ``required`` state (or the
+    param), which is always there."""
     if spec.blockwise:
         fallback = f"{required[-1]}_value" if required else "load(param, i, like)"
         return f"{_decoded(spec, name)} if {flag} else {fallback}"
     fallback = required[-1] if required else "param"
-    return f"load({name} if {flag} else {fallback}, i, like)"
+    return load(f"{name} if {flag} else {fallback}")

@@ -43,6 +43,7 @@ SOURCES = (
     "precision.py",
     "quantization.py",
     "tables.py",
+    "vectors.py",
 )
 
 

@@ -11,7 +11,9 @@ indexing, and compile to exactly that.
 In compiled code (`kernels.cpu`, `kernels.cuda`) bfloat16 converts by integer arithmetic
 on the bits, float16 by the hardware's conversions (x86's F16C, a GPU's ``cvt``), with
 no branch in either, so loops over them vectorise on the CPU and unroll on a GPU; in
-Python (Numba's CUDA simulator, references in tests) NumPy does them.
+Python (Numba's CUDA simulator, references in tests) NumPy does them. `widen_bfloat16`,
+`widen_float16` and `widen_float16_keeping_nan` build the IR of the conversions to
+float32, which `kernels.vectors` applies to each element of a vector load.
 
 `store_stochastically` writes a computed value rounded *stochastically* to its 16-bit
 format: up (away from zero) with probability equal to the fraction of the gap between
@@ -240,6 +242,11 @@ def _bits_of_float32(typingctx, value):
     return signature, codegen
 
 
+def widen_float16(builder, bits):
+    """The IR of `_float16_to_float32_by_llvm` on the i16 ``bits``."""
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+
 @intrinsic
 def _float16_to_float32_by_llvm(typingctx, bits):
     """LLVM's ``fpext half`` (x86 with F16C: one vcvtph2ps per vector): on the CPU an
@@ -247,7 +254,7 @@ def _float16_to_float32_by_llvm(typingctx, bits):
     signature = types.float32(types.int16)
 
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return widen_float16(builder, args[0])
 
     return signature, codegen
 
@@ -282,14 +289,18 @@ def _float16_to_float32_on_gpu(typingctx, bits):
     signature = types.float32(types.int16)
 
     def codegen(context, builder, signature, args):
-        half = ir.IntType(16)
-        converted = builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        magnitude = builder.and_(args[0], ir.Constant(half, 0x7FFF))
-        is_nan = builder.icmp_unsigned(">", magnitude, ir.Constant(half, 0x7C00))
-        nan = builder.bitcast(_float16_nan_as_float32(builder, args[0]), ir.FloatType())
-        return builder.select(is_nan, nan, converted)
+        return widen_float16_keeping_nan(builder, args[0])
 
     return signature, codegen
+
+
+def widen_float16_keeping_nan(builder, bits):
+    """The IR of `_float16_to_float32_on_gpu` on the i16 ``bits``."""
+    half = ir.IntType(16)
+    magnitude = builder.and_(bits, ir.Constant(half, 0x7FFF))
+    is_nan = builder.icmp_unsigned(">", magnitude, ir.Constant(half, 0x7C00))
+    nan = builder.bitcast(_float16_nan_as_float32(builder, bits), ir.FloatType())
+    return builder.select(is_nan, nan, widen_float16(builder, bits))
 
 
 @intrinsic
@@ -323,10 +334,15 @@ def _bfloat16_to_float32_by_llvm(typingctx, bits):
     signature = types.float32(types.uint16)
 
     def codegen(context, builder, signature, args):
-        word = builder.zext(args[0], ir.IntType(32))
-        return builder.bitcast(builder.shl(word, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+        return widen_bfloat16(builder, args[0])
 
     return signature, codegen
+
+
+def widen_bfloat16(builder, bits):
+    """The IR of `_bfloat16_to_float32_by_llvm` on the i16 ``bits``."""
+    word = builder.zext(bits, ir.IntType(32))
+    return builder.bitcast(builder.shl(word, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
 
 
 @intrinsic
@@ -547,6 +563,7 @@ overload(load)(_cpu_load)
 overload(store)(_cpu_store)
 overload(fused_multiply_add)(_fused_multiply_add_implementation(_llvm_fma))
 overload(stored_in_16_bits)(_stored_in_16_bits_implementation)
+overload(element_size)(_element_size_implementation)
 overload(true_divide)(_true_divide_implementation)
 overload(store_stochastically)(_store_stochastically_implementation)
 overload(random_bits)(_random_bits_implementation)

@@ -201,26 +201,39 @@ def test_every_low_level_step_on_the_gpu_is_its_cpu_step(kernel, options, size, 
     _low_level_steps_match(kernel, options, size, dtype)
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd offset"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @every_kernel()
-def test_whole_tiles_of_every_element_size_step_as_the_cpu(kernel, options, dtype, monkeypatch):
+def test_whole_tiles_of_every_element_size_step_as_the_cpu(
+    kernel, options, dtype, offset, monkeypatch
+):
     """Segments of 512 elements, so that each element size's group loop runs on whole
-    tiles (a warp's 32 groups of 16 bytes of each array: 256 float16, 128 float32 or 64
-    float64 elements, `kernels.cuda._element_loop`) and the rest of a segment one element
-    at a time: 1100 elements are 2 segments and 76 elements more."""
+    groups (16 bytes of each array: 8 float16, 4 float32 or 2 float64 elements,
+    `kernels.cuda._element_loop`) and the rest of a segment one element at a time: 1100
+    elements are 2 segments and 76 elements more. Aligned device arrays (as allocated)
+    take the vector loads; arrays one element into their allocation, today's whole
+    tiles of a warp's 32 groups (tests/test_vectors.py checks which path runs)."""
     monkeypatch.setattr(config, "ITEMS_PER_THREAD", 64)
-    _low_level_steps_match(kernel, options, 1100, dtype)
+    _low_level_steps_match(kernel, options, 1100, dtype, offset)
 
 
-def _low_level_steps_match(kernel, options, size, dtype):
-    """Steps of ``kernel`` on device arrays give what they give on host arrays."""
+def _at_offset(array, offset):
+    """``array`` on the device, ``offset`` elements into an allocation of its own."""
+    if not offset:
+        return cuda.to_device(array)
+    return cuda.to_device(np.concatenate([np.ones(offset, array.dtype), array]))[offset:]
+
+
+def _low_level_steps_match(kernel, options, size, dtype, offset=0):
+    """Steps of ``kernel`` on device arrays (``offset`` elements into their allocations)
+    give what they give on host arrays."""
     step_function = getattr(kernels, kernel)
     parameters = inspect.signature(step_function).parameters
     arrays = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     rng = np.random.default_rng(size + 17)
     host = [rng.standard_normal(size).astype(dtype)]
     host += [np.zeros(size, dtype) for _ in arrays[2:]]  # state starts at zero
-    device = on_device(*host)
+    device = [_at_offset(array, offset) for array in host]
     carried = {"gpu": {}, "cpu": {}}  # NAdam's mu_product, passed on to the next call
     tolerance = 4 * np.finfo(dtype).eps
     for step in range(1, STEPS + 1):
@@ -228,7 +241,8 @@ def _low_level_steps_match(kernel, options, size, dtype):
         counts = {"step": step, "first_step": step == 1}
         counts = {key: value for key, value in counts.items() if key in parameters}
         returned = {}
-        for where, state, g in (("gpu", device, cuda.to_device(grad)), ("cpu", host, grad)):
+        on_gpu = ("gpu", device, _at_offset(grad, offset))
+        for where, state, g in (on_gpu, ("cpu", host, grad)):
             returned[where] = step_function(
                 state[0], g, *state[1:], **options, **counts, **carried[where]
             )
