@@ -25,15 +25,16 @@ one order at every launch, so the same bits every time. The CPU loop sums float3
 squares per block in float32: the two agree to rounding (tests: 1e-6 relative).
 
 Why this shape (bench.gpu_static; targets 12.9 KB in flight per SM on sm_80, 24.9 KB
-on sm_90): with 8 elements a thread the 8-bit kernels take 47-110 registers, 9-21
+on sm_90): with 8 elements a thread the 8-bit kernels take 40-110 registers, 9-25
 blocks of 64 threads per SM, 25-95 KB in flight (were 5-10 bytes a thread, 5-18 KB).
-Blocks of 64 threads lose little to rounding where registers leave an odd number of
-warps (256 threads: 2 blocks of Adam's 96-100 registers, 24.0 KB on sm_90); a block of
-one warp would allow no more warps and its segments (one block of state) would leave
-LAMB's last block 8 times as many partial sums per thread to add. A warp looping over
-several blocks of a segment took 20-40 more registers. 4 elements a thread (64
-threads per block of state) would give 16-bit Adam 24 bytes a thread and need a
-barrier per reduction.
+Blocks of 256 threads lose warps to rounding (Adam on bfloat16, 96-100 registers: 2
+blocks, 24.0 KB on sm_90). Blocks of one warp would gain at most one warp per SM, and
+their segments of one block of state would leave the CUDA block that adds an entry's
+partial sums of squares (`kernels.sums`, LAMB) twice as many per thread as blocks of
+two (which have twice as many per thread as the old 256 threads over segments of 256
+elements). A warp looping over several blocks of a longer segment took 20-40 more
+registers. 4 elements a thread (64 threads per block of state) would give 16-bit Adam
+24 bytes a thread and need a barrier per reduction.
 
 In Numba's CUDA simulator, which has no shuffles, `shuffle_xor` exchanges values
 through an array of the launch between two barriers of the whole block: every thread
