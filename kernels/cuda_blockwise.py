@@ -50,7 +50,7 @@ from numba import cuda
 from numba.extending import register_jitable
 
 from . import config, generated
-from .elements import _loads, _namespace, _update
+from .elements import _loads, _namespace, _update, element
 from .quantization import BLOCK
 from .tables import KAHAN
 
@@ -99,8 +99,7 @@ else:
 
 def launch_shape():
     """``(elements per segment, threads per CUDA block)`` of a block-wise launch:
-    segments of `config.BLOCKWISE_SEGMENT` blocks of state, `config.BLOCKWISE_WARPS`
-    warps a CUDA block, a warp per block of state at a time."""
+    `config.BLOCKWISE_WARPS` warps a CUDA block, a warp per block of state."""
     return config.BLOCKWISE_WARPS * BLOCK, config.BLOCKWISE_WARPS * LANES
 
 
@@ -156,8 +155,6 @@ def split_source(spec):
 
 def namespace(spec):
     """What `kernel_source`'s kernel refers to beyond `kernels.cuda`'s globals."""
-    from .elements import element
-
     loads, update = split(spec)
     return {
         "ELEMENT": element(spec),
