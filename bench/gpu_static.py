@@ -11,8 +11,8 @@ and each 8-bit variant) is compiled to PTX by numba-cuda for each architecture o
 `ARCHS`, and assembled by ``ptxas -v``. The table (``gpu_static.md`` and ``.json``
 under ``--output``) has per kernel, format and architecture:
 
-- registers per thread and the blocks of the launch's 256 threads resident per SM
-  (`blocks_per_sm`), with the occupancy they give;
+- registers per thread and the blocks of the launch's threads (`threads_per_block`: 256,
+  64 over 8-bit state) resident per SM (`blocks_per_sm`), with the occupancy they give;
 - spills and local memory (bytes per thread, from ``ptxas -v``), shared memory;
 - f64: float64 instructions in the PTX; vector: ``ld.global.v2``/``.v4`` loads;
 - in flight: `bytes_in_flight` per thread, times the resident threads per SM.
@@ -138,10 +138,11 @@ def variants():
 
 
 def threads_per_block(spec):
-    """The threads of ``spec``'s launches (`kernels.cuda.launch`)."""
-    from kernels import config, quantization
+    """The threads of ``spec``'s launches (`kernels.cuda.launch`): a warp per block of
+    8-bit state (`kernels.cuda_blockwise.launch_shape`)."""
+    from kernels import config, cuda_blockwise
 
-    return quantization.BLOCK if spec.blockwise else config.THREADS_PER_BLOCK
+    return cuda_blockwise.launch_shape()[1] if spec.blockwise else config.THREADS_PER_BLOCK
 
 
 def signature(spec, format):
@@ -149,7 +150,7 @@ def signature(spec, format):
     for a table of ``format`` (host arrays type as the device arrays uploaded from them)."""
     import numba
 
-    from kernels import config, hyperparameters
+    from kernels import config, cuda_blockwise, hyperparameters
     from kernels.tables import TensorTable
 
     compute = np.dtype(format.compute)
@@ -159,7 +160,9 @@ def signature(spec, format):
     coefficients = hyperparameters.in_dtype(compute, [0.0] * len(spec.coefficients._fields))
     arguments = [
         table.addresses,
-        table.cuda_segments(config.cuda_chunk()),
+        table.cuda_segments(
+            cuda_blockwise.launch_shape()[0] if spec.blockwise else config.cuda_chunk()
+        ),
         table.entry_values,
         coefficients,
         table.formats,

@@ -21,6 +21,10 @@ ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor ker
 # vector load per array where a segment's arrays are aligned to it, else scalar loads
 # (`kernels.cuda._element_loop`; bench.gpu_static counts them per SM against a target).
 BYTES_IN_FLIGHT_PER_ARRAY = 16
+# Block-wise 8-bit state (`kernels.cuda_blockwise`): a warp per block of state (8
+# elements a thread), BLOCKWISE_WARPS warps per CUDA block (a power of two), as many
+# blocks of state per segment.
+BLOCKWISE_WARPS = 2
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
 
 #: CPU kernels run single-threaded below this many elements in a launch (see

@@ -4,8 +4,9 @@ The same tables as the CPU kernels (`kernels.tables`): each block takes segments
 most ``config.cuda_chunk()`` elements (grid-stride over the segments) and its threads
 stride through the segment's elements, several at a time, each loaded before the first
 is stored, with one vector load per array where the segment's arrays are aligned
-(`_element_loop`); over block-wise 8-bit state a segment is one block of state and a
-CUDA block has a thread per element. The functions at the bottom
+(`_element_loop`). Over block-wise 8-bit state (`cuda_blockwise`) a warp takes a block
+of state at a time, 8 elements a thread, and reduces its new absmax by shuffles. The
+functions at the bottom
 have the CPU kernels' signatures plus ``stream``, ``device`` and ``upload`` (how the
 table's small host arrays reach the GPU; by default a Numba copy on ``stream``).
 Importing this module needs numba-cuda.
@@ -28,9 +29,9 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64, int32  # noqa: F401 (generated kernels)
 
-from . import capturable, config, generated, precision, quantization, sums, vectors
+from . import capturable, config, cuda_blockwise, generated, precision, quantization, sums, vectors
 from .capturable import same_type  # noqa: F401 (generated kernels)
-from .elements import element, segment_source, split
+from .elements import segment_source, split
 from .pointers import pointer_to as _compiled_pointer_to
 from .pointers import simulated_pointer_to
 from .precision import element_size  # noqa: F401 (generated kernels)
@@ -67,7 +68,7 @@ def kernel(spec):
     """The CUDA kernel of ``spec`` (a `specs.KernelSpec`), generated once from
     `kernel_source`: blocks take segments (grid-stride), their threads stride through a
     segment's elements, each applying the rule's element step (`elements.split`; over
-    block-wise state `elements.element`).
+    block-wise state a warp per block of state, `cuda_blockwise.kernel_source`).
     The rule's flags are arguments; entry flags are read per segment."""
     return _generated_kernel(spec)
 
@@ -76,7 +77,7 @@ def kernel(spec):
 def _generated_kernel(spec):
     namespace = {**globals(), "LIVE": spec.live, "FROM_SUMS": spec.from_sums}
     if spec.blockwise:
-        namespace["ELEMENT"] = element(spec)
+        namespace.update(cuda_blockwise.namespace(spec))
     else:
         namespace["LOADS"], namespace["VECTOR_LOADS"], namespace["UPDATE"] = split(spec)
     cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec))
@@ -89,7 +90,7 @@ def kernel_source(spec):
     loads where the segment's arrays are aligned, scalar loads elsewhere); the sums of
     squares and the capturable kernels' lines around them."""
     if spec.blockwise:
-        return _blockwise_kernel_source(spec)
+        return cuda_blockwise.kernel_source(spec, _kernel_head, sums.epilogue)
     lines = _kernel_head(spec)
     if spec.capturable:
         lines += capturable.segment_lines(spec, "        ")
@@ -227,83 +228,6 @@ def _kernel_head(spec, shared=()):
     ]
 
 
-def _blockwise_kernel_source(spec):
-    """`kernel_source` over block-wise 8-bit state (`specs.int8_blockwise`): a CUDA
-    block of `BLOCK` threads per block of state, one element each. Each state's new
-    absmax, and the block's sums of squares, are reductions in shared memory between
-    the step and the codes."""
-    written, squared = range(len(spec.written)), range(len(spec.squares))
-    shared = [f"    top{k} = cuda.shared.array(BLOCK, float32)" for k in written]
-    shared += [f"    square{k} = cuda.shared.array(BLOCK, float64)" for k in squared]
-    shared.append("    thread = cuda.threadIdx.x")
-    lines = _kernel_head(spec, shared)
-    lines.append("        begin, end = segments[segment, 1], segments[segment, 2]")
-    lines.append("        block, i = begin // BLOCK, begin + thread")
-    lines += [f"        new{k} = ABSMAX_ZERO" for k in written]
-    lines += _blockwise_step(spec, "        ")
-    if not (spec.written or spec.squares):
-        return "\n".join(lines) + "\n"  # a pass that only reads its state
-    lines += [f"        top{k}[thread] = abs(new{k})" for k in written]
-    lines += [f"        square{k}[thread] = sum{k} * sum{k}" for k in squared]
-    lines += [
-        "        cuda.syncthreads()  # every thread has read the old absmax and kept its values",
-        "        width = BLOCK // 2",
-        "        while width > 0:",
-        "            if thread < width:",
-    ]
-    for k in written:
-        lines.append(
-            f"                top{k}[thread] = nan_max(top{k}[thread], top{k}[thread + width])"
-        )
-    lines += [f"                square{k}[thread] += square{k}[thread + width]" for k in squared]
-    lines += ["            cuda.syncthreads()", "            width //= 2"]
-    lines += _blockwise_codes(spec, "        ")
-    lines.append(
-        "        cuda.syncthreads()  # before the next segment overwrites the shared arrays"
-    )
-    lines += sums.epilogue(spec, "        ")
-    return "\n".join(lines) + "\n"
-
-
-def _blockwise_step(spec, indent):
-    """The thread's element step, when it has an element: its new state values, and
-    its values to square (`specs.KernelSpec.squares`) as ``sum0``, … (0 without one)."""
-    before = []
-    for name in spec.state:  # the absmax of the block, unread for a state not used
-        flag = spec.optional_flag(name)
-        absmax = f"{name}_absmax[block]"
-        before.append(f"{absmax} if {flag} else ABSMAX_ZERO" if flag else absmax)
-    arguments = ["i", "param", "grad", *spec.state, *before, "coefficients", "values"]
-    arguments += [*spec.flags, *spec.entry_flags, "clear", "companion", "param_store", "key"]
-    call = f"ELEMENT({', '.join(arguments)})"
-    returned = len(spec.written) + len(spec.squares)
-    lines = [f"{indent}if i < end:", f"{indent}    {'new = ' if returned else ''}{call}"]
-    lines += [f"{indent}    new{k} = new[{k}]" for k in range(len(spec.written))]
-    for k in range(len(spec.squares)):
-        lines.append(f"{indent}    sum{k} = float64(new[{len(spec.written) + k}])")
-    return lines
-
-
-def _blockwise_codes(spec, indent):
-    """Each written state's code of the thread's element, and (thread 0) the block's
-    new absmax and sums of squares."""
-    codes, stores = [f"{indent}if i < end:"], [f"{indent}if thread == 0:"]
-    for k, name in enumerate(spec.written):
-        code = f"{name}[i] = encode_{spec.code_kind(name)}(new{k}, inverse(top{k}[0]))"
-        absmax = f"{name}_absmax[block] = top{k}[0]"
-        flag = spec.optional_flag(name)
-        if flag:
-            codes += [f"{indent}    if {flag}:", f"{indent}        {code}"]
-            stores += [f"{indent}    if {flag}:", f"{indent}        {absmax}"]
-        else:
-            codes.append(f"{indent}    {code}")
-            stores.append(f"{indent}    {absmax}")
-    stores += [
-        f"{indent}    partials[segment, {k}] = square{k}[0]" for k in range(len(spec.squares))
-    ]
-    return (codes if spec.written else []) + stores
-
-
 class Counts:
     """What the launches of this process did on the host, counted where it happens (for
     tests/test_cuda.py): ``launches`` kernels queued, ``uploads`` host-to-device copies
@@ -327,10 +251,13 @@ COUNTS = Counts()
 
 
 def _launch(
-    kernel, table, coefficients, flags, stream, device, upload, block=None, spec=None, live=None,
+    kernel, table, coefficients, flags, stream, device, upload, shape=None, spec=None, live=None,
     capturing=False, keep_sums=False, sums=None,
 ):  # fmt: skip
-    """Queue ``kernel`` (of ``spec``) over ``table``. With ``spec.squares``, return the
+    """Queue ``kernel`` (of ``spec``) over ``table``: segments of ``config.cuda_chunk()``
+    elements over blocks of `config.launch_shape`'s threads, or ``shape``, ``(elements
+    per segment, threads per block)`` (block-wise state: `cuda_blockwise.launch_shape`).
+    With ``spec.squares``, return the
     sums per entry (float64, shape ``(entries, squares)``): a device array with
     ``keep_sums``, else copied to the host, which waits for them. ``live``: the
     `capturable.LiveInputs` of a capturable kernel; ``capturing``: a CUDA graph is being
@@ -345,9 +272,10 @@ def _launch(
         stream = stream or 0
         if upload is None:
             upload = lambda array: cuda.to_device(array, stream=stream)  # noqa: E731
-        segments = table.cuda_segments(block or config.cuda_chunk())
-        blocks, threads = config.launch_shape(len(segments))
-        threads = block or threads  # block-wise state: a thread per element of a block
+        chunk, threads = shape or (config.cuda_chunk(), None)
+        segments = table.cuda_segments(chunk)
+        blocks, usual_threads = config.launch_shape(len(segments))
+        threads = threads or usual_threads
         scratch = ()  # zeroed once, and left zeroed (or overwritten) by every launch
         if squares:  # partial sums per segment, sums per entry, finished segments
             scratch = (np.zeros((len(segments), squares)), np.zeros((len(table), squares)))
@@ -452,19 +380,20 @@ def launch(
     """`kernels.cpu.launch` on GPU ``device`` (default: the current one), queued on
     ``stream``: a Numba stream, a raw stream handle, or None for the default stream.
     ``upload(array)`` returns a device copy of a small host array, queued on ``stream``.
-    Over block-wise 8-bit state, a segment is a block, and a CUDA block its threads.
+    Over block-wise 8-bit state, a segment is `config.BLOCKWISE_WARPS` blocks of state,
+    and a CUDA block a warp per block (`cuda_blockwise`).
     A capturable ``spec`` (`capturable.capturable`) takes its `capturable.LiveInputs`
     as ``live``; ``capturing``: a CUDA graph is being captured on ``stream``. A spec
     with ``squares`` returns its sums per entry on the host (a wait), or with
     ``keep_sums`` as a device array, which a ``from_sums`` spec takes as ``sums``
     (`kernels.sums`: nothing read on the host)."""
     flags = tuple(bool(flag) for flag in flags)
-    block = BLOCK if spec.blockwise else None
+    shape = cuda_blockwise.launch_shape() if spec.blockwise else None
     if spec.capturable != (live is not None):
         raise ValueError(f"{spec.name}: live inputs are for capturable kernels, and needed there")
     if (spec.from_sums is not None) != (sums is not None):
         raise ValueError(f"{spec.name}: sums are for kernels that read them, and needed there")
     return _launch(
-        kernel(spec), table, coefficients, flags, stream, device, upload, block, spec, live,
+        kernel(spec), table, coefficients, flags, stream, device, upload, shape, spec, live,
         capturing, keep_sums, sums,
     )  # fmt: skip

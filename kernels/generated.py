@@ -38,6 +38,7 @@ SOURCES = (
     "elements.py",
     "cpu.py",
     "cuda.py",
+    "cuda_blockwise.py",
     "generated.py",
     "pointers.py",
     "precision.py",

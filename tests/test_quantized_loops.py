@@ -170,6 +170,12 @@ RULE_CASES = {
         (),
         lambda step: rules.adagrad.step_coefficients_per_entry(F32, [step], 1e-2, 1e-3)[0],
     ),
+    "lion": (
+        rules.lion.SPEC,
+        rules.lion.coefficients(F32, 1e-3, (0.9, 0.99), 0.1, False),
+        (),
+        lambda step: [],
+    ),
     "lamb-direction": (
         rules.lamb.DIRECTION,
         rules.lamb.coefficients(F32, (0.9, 0.999), 1e-6, 0.01, False),
@@ -281,13 +287,32 @@ def test_each_8bit_loop_is_the_float32_loop_on_the_decoded_state(case, threading
 @pytest.mark.cudasim
 @pytest.mark.parametrize("case", list(RULE_CASES))
 def test_each_8bit_kernel_steps_as_the_8bit_cpu_loop(case):
-    """The generated CUDA kernels (a CUDA block per block of state, its absmax and sums
-    of squares reduced in shared memory) against the CPU loops, 2 steps: params to 1e-6
+    """The generated CUDA kernels (a warp per block of state, its absmax reduced by
+    shuffles, `kernels.cuda_blockwise`) against the CPU loops, 2 steps: params to 1e-6
     (the CPU loops may divide by a reciprocal, ≤ 1 ulp), absmax to 1e-6, codes within a
     level where a value lies on a rounding boundary (`assert_codes_agree`), sums to
     1e-6 (float32 terms summed in another order)."""
+    _compare_kernel_with_loop(case, [300, 5])
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_each_8bit_kernel_over_several_blocks_per_segment(case, monkeypatch):
+    """As above, with CUDA blocks of four warps, so segments of four blocks of state
+    (`config.BLOCKWISE_WARPS`), and more segments than CUDA blocks (grid-stride): each
+    warp steps its own block, a warp whose block lies past its entry's end idles (its
+    lanes still take part in the shuffles), the warps' sums of squares add up in shared
+    memory, and each entry's last block is ragged (a size no multiple of `BLOCK`) or
+    whole."""
+    monkeypatch.setattr(config, "BLOCKWISE_WARPS", 4)
+    monkeypatch.setattr(config, "BLOCKS_PER_SM", 1)
+    _compare_kernel_with_loop(case, [7 * BLOCK + 37, 2 * BLOCK, 100])
+
+
+def _compare_kernel_with_loop(case, sizes):
+    """Two steps of ``case`` over entries of ``sizes`` elements, by the CUDA kernel and
+    by the CPU loop, from the same state: the same numbers (tolerances above)."""
     spec, _, flags, _ = RULE_CASES[case]
-    sizes = [300, 5]
     used = _used(spec, flags)
     runs = []
     for kernels in (cpu, cuda_kernels()):
