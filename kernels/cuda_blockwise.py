@@ -26,7 +26,7 @@ squares per block in float32: the two agree to rounding (tests: 1e-6 relative).
 
 Why this shape (bench.gpu_static; targets 12.9 KB in flight per SM on sm_80, 24.9 KB
 on sm_90): with 8 elements a thread the 8-bit kernels take 40-110 registers, 9-25
-blocks of 64 threads per SM, 25-95 KB in flight (were 5-10 bytes a thread, 5-18 KB).
+blocks of 64 threads per SM, 25-113 KB in flight (were 5-10 bytes a thread, 5-18 KB).
 Blocks of 256 threads lose warps to rounding (Adam on bfloat16, 96-100 registers: 2
 blocks, 24.0 KB on sm_90). Blocks of one warp would gain at most one warp per SM, and
 their segments of one block of state would leave the CUDA block that adds an entry's

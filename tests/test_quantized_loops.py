@@ -306,7 +306,7 @@ def test_each_8bit_kernel_over_several_blocks_per_segment(case, monkeypatch):
     whole."""
     monkeypatch.setattr(config, "BLOCKWISE_WARPS", 4)
     monkeypatch.setattr(config, "BLOCKS_PER_SM", 1)
-    _compare_kernel_with_loop(case, [7 * BLOCK + 37, 2 * BLOCK, 100])
+    _compare_kernel_with_loop(case, [5 * BLOCK + 37, BLOCK, 100])
 
 
 def _compare_kernel_with_loop(case, sizes):
