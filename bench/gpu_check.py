@@ -175,7 +175,9 @@ def data(check):
 def make_torch(check, params):
     peer = getattr(torch.optim, CAPABILITIES[check.name].torch_peer)
     kind = _torch_kind(check.name)
-    options = {**check.options, **({"capturable": True} if "capturable" in check.extra else {})}
+    takes = inspect.signature(peer).parameters  # torch's SGD and Adagrad have no capturable
+    capturable = "capturable" in check.extra and "capturable" in takes
+    options = {**check.options, **({"capturable": True} if capturable else {})}
     if kind == "fused":
         try:
             return peer(params, fused=True, **options), "fused"

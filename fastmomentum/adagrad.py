@@ -8,7 +8,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
-from . import binding, quantized
+from . import binding, capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -16,12 +16,13 @@ from .validation import check_tensor_hyperparameter, host_float
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a tensor only when capturable (`capture.lr_setting`)
     lr_decay: float
     weight_decay: float
     initial_accumulator_value: float
     eps: float
     maximize: bool
+    capturable: bool
 
 
 class Adagrad(FlatOptimizer):
@@ -45,11 +46,16 @@ class Adagrad(FlatOptimizer):
     ``master_weights=True`` (bfloat16 and float16 parameters): the step updates a
     float32 copy of each parameter, ``state[p]["master_param"]``, with float32 state,
     and writes the parameter as that copy rounded, in one pass (as `fastmomentum.Adam`).
+    ``capturable=True`` (CUDA parameters; torch's Adagrad has none): ``step`` lies on the
+    parameters' device, where the kernel advances it, as in `fastmomentum.Adam`
+    (`fastmomentum.capture`); the groups hold ``capturable`` only when it is set, so
+    that state dicts stay torch's.
     """
 
     scalar_state = {"step": 0.0}
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     rule_state = rules.adagrad.SPEC.state
 
@@ -66,6 +72,7 @@ class Adagrad(FlatOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         flat_gradients: bool = False,
         state_dtype=None,
         fused_zero_grad: bool = False,
@@ -85,6 +92,7 @@ class Adagrad(FlatOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
             "fused": fused,
+            **({"capturable": True} if capturable else {}),  # torch's Adagrad has none
         }
         super().__init__(
             params,
@@ -112,7 +120,7 @@ class Adagrad(FlatOptimizer):
 
     def settings(self, group):
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             lr_decay=host_float(group["lr_decay"], "lr_decay"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
             initial_accumulator_value=host_float(
@@ -120,6 +128,7 @@ class Adagrad(FlatOptimizer):
             ),
             eps=host_float(group["eps"], "eps"),
             maximize=bool(group["maximize"]),
+            capturable=capture.is_capturable(group),
         )
 
     def check_arguments(self, defaults):
@@ -134,7 +143,7 @@ class Adagrad(FlatOptimizer):
         )
 
     def steps_cast_params(self, settings):
-        return True
+        return not settings.capturable  # torch's loop would read the counts and AMP's values
 
     def step_cast(self, group, settings, params, grads, state, steps):
         adagrad(
@@ -152,6 +161,13 @@ class Adagrad(FlatOptimizer):
 
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            live_settings = rules.adagrad.live_settings(
+                settings.eps, settings.weight_decay, settings.lr_decay, settings.maximize
+            )
+            spec = rules.adagrad.SPEC
+            capture.launch(self, bucket, plan, spec, spec.state, (), settings.lr, live_settings)
+            return
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),

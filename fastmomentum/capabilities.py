@@ -67,6 +67,7 @@ CAPABILITIES = {
             "SGD momentum": {"lr": 1e-3, "momentum": 0.9},
             "SGD Nesterov": {"lr": 1e-3, "momentum": 0.9, "nesterov": True},
         },
+        capturable=True,
     ),
     "Adam": Capabilities("adam", "Adam", capturable=True),
     "AdamW": Capabilities(
@@ -82,9 +83,13 @@ CAPABILITIES = {
         capturable=True,
         note="8-bit state not with `centered=True`",
     ),
-    "Adagrad": Capabilities("adagrad", "Adagrad", benchmarks={"Adagrad": {"lr": 1e-2}}),
+    "Adagrad": Capabilities(
+        "adagrad", "Adagrad", benchmarks={"Adagrad": {"lr": 1e-2}}, capturable=True
+    ),
     "LAMB": Capabilities("lamb", None, benchmarks={"LAMB": {"lr": 1e-3, "weight_decay": 1e-2}}),
-    "Lion": Capabilities("lion", None, benchmarks={"Lion": {"lr": 1e-4, "weight_decay": 1e-2}}),
+    "Lion": Capabilities(
+        "lion", None, benchmarks={"Lion": {"lr": 1e-4, "weight_decay": 1e-2}}, capturable=True
+    ),
     "Muon": Capabilities(
         "muon",
         "Muon",

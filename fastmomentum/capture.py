@@ -10,7 +10,10 @@ step or more) before capturing, as torch asks, so that the launch tables exist a
 the addresses the graph will use.
 
 Without ``capturable`` the step counts are CPU tensors, as torch keeps them, and
-``found_inf`` is read on the host. Not run on a GPU yet: tests/test_capturable.py runs
+``found_inf`` is read on the host; with it too at a step where SGD makes momentum
+buffers (`fastmomentum.SGD`: a skipped first step must leave the next one first).
+Lion and SGD keep no count; their kernels read the lr and AMP's values all the same.
+Not run on a GPU yet: tests/test_capturable.py runs
 it in Numba's CUDA simulator, where a CUDA graph cannot be captured (docs/gpu.md).
 """
 
@@ -30,8 +33,12 @@ def is_capturable(group):
 
 
 def every_group(optimizer):
-    """Whether every group is capturable: AMP's values are then read on the device only."""
-    return all(is_capturable(group) for group in optimizer.param_groups)
+    """Whether every group is capturable and the step needs no host read of AMP's
+    ``found_inf`` (`FlatOptimizer.reads_found_inf_on_host`): AMP's values are then
+    read on the device only."""
+    return all(is_capturable(group) for group in optimizer.param_groups) and not (
+        optimizer.reads_found_inf_on_host()
+    )
 
 
 def check_group(optimizer, group):
@@ -117,16 +124,17 @@ def live_inputs(optimizer, bucket, lr, settings):
     )
 
 
-def launch(optimizer, bucket, plan, spec, columns, flags, lr, settings):
+def launch(optimizer, bucket, plan, spec, columns, flags, lr, settings, prepare=None):
     """Step ``plan`` (of ``bucket``) with ``spec``'s capturable kernel: ``columns`` its
     state columns (the scalar state's follow), ``flags`` its flags, ``lr`` the group's
     (`live_lr`), ``settings`` the rule's ``live_settings``; the kernel computes every
-    coefficient (the host's are only zeros of the dtype it types on)."""
+    coefficient (the host's are only zeros of the dtype it types on), and every entry
+    flag unless ``prepare(table)`` sets them (`kernels.specs.KernelSpec.live_entry_flags`)."""
     variant = capturable(spec)
     live = live_inputs(optimizer, bucket, lr, settings)
     shared = placeholder_coefficients(variant, bucket.dtype_numpy)
     plan.launch(
-        (*columns, *variant.scalars), variant.entry_width, None, bucket.kernels.launch,
+        (*columns, *variant.scalars), variant.entry_width, prepare, bucket.kernels.launch,
         variant, shared, flags, live,
     )  # fmt: skip
 

@@ -8,7 +8,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
-from . import quantized
+from . import capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -16,7 +16,7 @@ from .validation import check_tensor_hyperparameter, host_float
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a tensor only when capturable (`capture.lr_setting`)
     betas: tuple[float, float]
     weight_decay: float
     maximize: bool
@@ -48,11 +48,13 @@ class Lion(FlatOptimizer):
     ``state_dtype`` (``torch.bfloat16``, or ``"int8_blockwise"``: ``exp_avg_codes`` and
     ``exp_avg_absmax``, `fastmomentum.quantized`), ``master_weights``,
     ``stochastic_rounding``, ``kahan_sum`` and ``step_in_backward``: as in
-    `fastmomentum.SGD`.
+    `fastmomentum.SGD`. ``capturable=True`` (CUDA parameters): no host read during a
+    step, AMP's values and a tensor ``lr`` read by the kernel (`fastmomentum.capture`).
     """
 
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     rule_state = rules.lion.SPEC.state
 
@@ -66,6 +68,7 @@ class Lion(FlatOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         flat_gradients: bool = False,
         state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
@@ -84,6 +87,7 @@ class Lion(FlatOptimizer):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
+            "capturable": capturable,
             # what torch.optim.Optimizer gives a loaded optimizer's defaults (and so
             # our groups): here from the start, so that a resumed run's groups are equal
             "differentiable": False,
@@ -106,7 +110,7 @@ class Lion(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             betas=(host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
             maximize=bool(group["maximize"]),
@@ -119,6 +123,13 @@ class Lion(FlatOptimizer):
 
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            live_settings = rules.lion.live_settings(
+                settings.betas, settings.weight_decay, settings.maximize
+            )
+            spec = rules.lion.SPEC
+            capture.launch(self, bucket, plan, spec, spec.state, (), settings.lr, live_settings)
+            return
         coefficients = self.cached_coefficients(
             bucket,
             (settings, grad_scale),

@@ -230,6 +230,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def reads_found_inf_on_host(self):
+        """Whether this step reads GradScaler's ``found_inf`` on the host even though
+        every group is capturable (`capture.every_group`; SGD where it makes buffers)."""
+        return False
+
     def steps_cast_params(self, settings):
         """Whether torch.optim's for-loop steps a parameter cast to another dtype after its
         first step, its state still of the old dtype (SGD and Adagrad do; Adam's ``lerp``

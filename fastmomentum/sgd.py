@@ -9,7 +9,7 @@ from torch.optim.sgd import sgd
 
 from fastmomentum.kernels import rules
 
-from . import quantized
+from . import capture, quantized
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
 
@@ -20,13 +20,14 @@ _NO_FIRST_STEPS = object()
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a tensor only when capturable (`capture.lr_setting`)
     momentum: float
     dampening: float
     weight_decay: float
     nesterov: bool
     maximize: bool
     momentum_convention: str
+    capturable: bool
 
 
 class SGD(FlatOptimizer):
@@ -73,6 +74,13 @@ class SGD(FlatOptimizer):
     as soon as its gradients are accumulated and frees them (`fastmomentum.backward`);
     ``optimizer.no_step()`` accumulates without stepping. Same numbers as the ordinary
     loop; under DDP, see `fastmomentum.ddp`.
+
+    ``capturable=True`` (CUDA parameters; torch's SGD has none): no host read during a
+    step, AMP's values and a tensor ``lr`` read by the kernel (`fastmomentum.capture`),
+    except at a step where a momentum buffer is made: with GradScaler, that step reads
+    ``found_inf`` on the host, since a skipped first step must leave the next one first
+    (torch's fused SGD leaves that buffer uninitialised). The groups hold
+    ``capturable`` only when it is set, so that state dicts stay torch's.
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class SGD(FlatOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        capturable: bool = False,
         momentum_convention: Literal["pytorch", "lr_folded"] = "pytorch",
         flat_gradients: bool = False,
         state_dtype: torch.dtype | str | None = None,
@@ -109,6 +118,7 @@ class SGD(FlatOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "momentum_convention": momentum_convention,
+            **({"capturable": True} if capturable else {}),  # torch's SGD has none
         }
         if stochastic_rounding:  # the count that keys each step's random bits
             self.scalar_state = {"step": 0.0}
@@ -129,6 +139,7 @@ class SGD(FlatOptimizer):
 
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     def state_names(self, group):
         if group["momentum"] == 0:  # state only for its step count or compensation
@@ -140,13 +151,14 @@ class SGD(FlatOptimizer):
         if convention not in rules.sgd.CONVENTIONS:
             rules.sgd.check_convention(convention)
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             momentum=host_float(group["momentum"], "momentum"),
             dampening=host_float(group["dampening"], "dampening"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             momentum_convention=convention,
+            capturable=capture.is_capturable(group),
         )
 
     def state_dict(self):
@@ -159,7 +171,18 @@ class SGD(FlatOptimizer):
         return state_dict
 
     def steps_cast_params(self, settings):
-        return settings.momentum_convention == "pytorch"  # torch has no lr-folded one
+        # torch has no lr-folded one; its loop would read AMP's values on the host
+        return settings.momentum_convention == "pytorch" and not settings.capturable
+
+    def reads_found_inf_on_host(self):
+        """Whether this step reads GradScaler's ``found_inf`` on the host although every
+        group is capturable: where a momentum buffer is made (class doc)."""
+        buckets = self.buckets or [None] * len(self.param_groups)
+        return any(
+            group["momentum"] != 0
+            and (made is None or not all(bucket.all_initialized for bucket in made))
+            for group, made in zip(self.param_groups, buckets)
+        )
 
     def step_cast(self, group, settings, params, grads, state, steps):
         sgd(
@@ -194,6 +217,9 @@ class SGD(FlatOptimizer):
 
     def update(self, group, bucket, settings, plan, grad_scale):
         dtype = bucket.dtype_numpy
+        if bucket.counts_on_device:  # capturable: the kernel computes its coefficients
+            self._update_live(bucket, settings, plan)
+            return
         if settings.momentum == 0:
             coefficients = self.cached_coefficients(
                 bucket,
@@ -220,18 +246,25 @@ class SGD(FlatOptimizer):
             ),
         )
 
-        def mark_first_steps(table):  # entry value 1: the parameter's first step
-            if not bucket.all_initialized:
-                table.entry_values[:, 0] = ~bucket.initialized[table.rows]
-                table.filled_from = None
-            elif table.filled_from is not _NO_FIRST_STEPS:
-                table.entry_values[:] = 0
-                table.filled_from = _NO_FIRST_STEPS
-
         spec, columns = quantized.launched(rules.sgd.MOMENTUM, rules.sgd.MOMENTUM.state, bucket)
         kernel = bucket.kernels.launch
-        prepare = self._counted(bucket, mark_first_steps)
+        prepare = self._counted(bucket, lambda table: _mark_first_steps(bucket, table))
         plan.launch(columns, 1, prepare, kernel, spec, coefficients, (settings.nesterov,))
+
+    def _update_live(self, bucket, settings, plan):
+        """A capturable step: the coefficients computed by the kernel, the entries'
+        ``first_step`` by the host (`rules.sgd.live_momentum`)."""
+        live_settings = rules.sgd.live_settings(
+            settings.momentum, settings.dampening, settings.weight_decay, settings.maximize,
+            settings.momentum_convention,
+        )  # fmt: skip
+        if settings.momentum == 0:
+            capture.launch(self, bucket, plan, rules.sgd.PLAIN, (), (), settings.lr,
+                           live_settings)  # fmt: skip
+            return
+        spec = rules.sgd.MOMENTUM
+        capture.launch(self, bucket, plan, spec, spec.state, (settings.nesterov,), settings.lr,
+                       live_settings, lambda table: _mark_first_steps(bucket, table))  # fmt: skip
 
     def _counted(self, bucket, prepare):
         """``prepare`` (a table's, or None) that also counts each parameter's steps, with
@@ -245,3 +278,13 @@ class SGD(FlatOptimizer):
                 prepare(table)
 
         return count_then_prepare
+
+
+def _mark_first_steps(bucket, table):
+    """Entry value 1 for a parameter at its first step (its buffer made by this step)."""
+    if not bucket.all_initialized:
+        table.entry_values[:, 0] = ~bucket.initialized[table.rows]
+        table.filled_from = None
+    elif table.filled_from is not _NO_FIRST_STEPS:
+        table.entry_values[:] = 0
+        table.filled_from = _NO_FIRST_STEPS

@@ -93,7 +93,7 @@ def kernel_arguments():
 
 def prologue(spec):
     """Lines before a capturable kernel's grid-stride loop: what every segment shares."""
-    counts = len(spec.coefficients._fields), spec.entry_width, len(spec.scalars)
+    counts = len(spec.coefficients._fields), spec.live_entry_width, len(spec.scalars)
     return [
         "    like = coefficients[0]",
         "    skipped = found_at != 0 and pointer_to(found_at, float32(0))[0] != 0",
@@ -117,15 +117,16 @@ def segment_lines(spec, indent):
         f"float64(pointer_to(addresses[entry, {scalar_column(spec, k)}], scalar_like)[0])"
         for k in range(len(spec.scalars))
     )
+    scalars = f"({scalars},)" if scalars else "()"  # Lion and SGD keep no count
     lines = [
         "if cuda.threadIdx.x == 0:",
-        f"    computed = LIVE(({scalars},), lr_now, inverse_scale, settings)",
+        f"    computed = LIVE({scalars}, lr_now, inverse_scale, settings)",
     ]
     lines += [
         f"    live_coefficients[{k}] = computed[0][{k}]"
         for k in range(len(spec.coefficients._fields))
     ]
-    lines += [f"    live_entry[{k}] = computed[1][{k}]" for k in range(spec.entry_width)]
+    lines += [f"    live_entry[{k}] = computed[1][{k}]" for k in range(spec.live_entry_width)]
     lines += [f"    live_scalars[{k}] = computed[2][{k}]" for k in range(len(spec.scalars))]
     lines.append("cuda.syncthreads()")
     shared = ", ".join(
@@ -135,8 +136,9 @@ def segment_lines(spec, indent):
         f"same_type(live_entry[{k}], like), " for k in range(spec.entry_coefficient_count)
     )
     lines += [f"coefficients = ({shared},)", f"values = ({entry})"]
-    for offset, flag in enumerate(spec.entry_flags, start=spec.entry_coefficient_count):
-        lines.append(f"{flag} = live_entry[{offset}] != 0")
+    if spec.live_entry_flags:  # else the table's, bound by `elements.segment_source`
+        for offset, flag in enumerate(spec.entry_flags, start=spec.entry_coefficient_count):
+            lines.append(f"{flag} = live_entry[{offset}] != 0")
     return [indent + line for line in lines]
 
 

@@ -70,7 +70,11 @@ class KernelSpec(NamedTuple):
       change from one step to the next (``capturable=True``, `kernels.capturable`), a
       ``register_jitable`` function ``live(scalars, lr, inverse_scale, settings) ->
       (coefficients, entry, new scalars)`` in float64 (``entry``: the entry
-      coefficients, then the entry flags as 0 or 1); ``None``: not capturable.
+      coefficients, then the entry flags as 0 or 1, unless ``live_entry_flags`` is
+      False); ``None``: not capturable.
+    - ``live_entry_flags``: whether ``live`` computes the entry flags; False: a capturable
+      kernel reads them from the launch table, where the host sets them (SGD's
+      ``first_step``, which depends on no count the device keeps).
     - ``live_settings``: the ``NamedTuple`` of the host's settings ``live`` takes;
     - ``scalars``: the per-entry scalar state ``live`` reads and advances (``"step"``,
       NAdam's ``"mu_product"``), one float each at an address of the launch table,
@@ -102,6 +106,7 @@ class KernelSpec(NamedTuple):
     blockwise: bool = False
     live: object = None
     live_settings: type = None
+    live_entry_flags: bool = True
     scalars: tuple = ()
     capturable: bool = False
     from_sums: object = None
@@ -114,6 +119,12 @@ class KernelSpec(NamedTuple):
     def entry_coefficient_count(self):
         """How many of an entry's values are `entry` coefficients (before entry flags)."""
         return len(self.entry._fields) if self.entry else 0
+
+    @property
+    def live_entry_width(self):
+        """How many entry values ``live`` returns (`entry_width`, or only the
+        coefficients without `live_entry_flags`)."""
+        return self.entry_width if self.live_entry_flags else self.entry_coefficient_count
 
     @property
     def entry_width(self):

@@ -83,14 +83,26 @@ def test_a_capturable_step_is_the_ordinary_step(case, dtype):
         ("Adamax", {**CASES["adamax"][1], "maximize": True}, torch.float32),
         ("RMSprop", CASES["rmsprop"][1], torch.float32),  # centered, momentum
         ("RMSprop", {"lr": torch.tensor(1e-3), "weight_decay": 1e-2}, torch.float32),
+        ("Adagrad", {"lr": 0.05, "lr_decay": 0.1, "weight_decay": 0.1, "maximize": True},
+         torch.float32),
+        ("Adagrad", {"lr": torch.tensor(0.05), "lr_decay": 0.3}, torch.float64),
+        ("Lion", {"lr": 1e-3, "weight_decay": 0.5}, torch.float32),
+        ("SGD", {"lr": 0.05, "weight_decay": 0.1, "maximize": True}, torch.float32),
+        ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1},
+         torch.float32),
+        ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True,
+                 "momentum_convention": "lr_folded"}, torch.float64),
     ],
     ids=["nadam", "nadam-decoupled-float64", "radam", "radam-decoupled", "adamax-maximize",
-         "rmsprop-centered-momentum", "rmsprop-lr-tensor"],
+         "rmsprop-centered-momentum", "rmsprop-lr-tensor", "adagrad-maximize",
+         "adagrad-lr-tensor-float64", "lion", "sgd-plain-maximize", "sgd-dampening",
+         "sgd-nesterov-lr-folded-float64"],
 )  # fmt: skip
 def test_other_optimizers_capturable_steps_are_their_ordinary_steps(name, options, dtype):
     """As `test_a_capturable_step_is_the_ordinary_step`, for each other optimizer with
     live coefficients, NAdam's ``mu_product`` included (with float32 counts, rounded to
-    float32 as the host rounds it)."""
+    float32 as the host rounds it); SGD's ``first_step`` set by the host in the table.
+    Lion and SGD keep no count."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the dtype of the counts (`bucket.step_dtype`)
     try:
@@ -100,8 +112,10 @@ def test_other_optimizers_capturable_steps_are_their_ordinary_steps(name, option
     finally:
         torch.set_default_dtype(default)
     assert_same(ordinary, capturable, (model, twin))
-    step = capturable.state[next(twin.parameters())]["step"]
-    assert float(step) == STEPS and step.dtype == dtype
+    assert all(b.counts_on_device for b in capturable.buckets[0])  # the capturable kernels
+    if name not in ("Lion", "SGD"):
+        step = capturable.state[next(twin.parameters())]["step"]
+        assert float(step) == STEPS and step.dtype == dtype
 
 
 LIVE_STEPS = range(1, 1001)
@@ -143,6 +157,24 @@ def test_live_coefficients_are_the_hosts(betas):
     settings = rules.rmsprop.live_settings(betas[1], eps, decay, betas[0], True)
     host = rules.rmsprop.coefficients(f64, lr, betas[1], eps, decay, betas[0], True, 1024.0)
     assert _live(rules.rmsprop, (4.0,), lr, settings) == (host, (), (5.0,))
+    settings = rules.adagrad.live_settings(eps, decay, betas[1], True)  # lr_decay: β2
+    host = rules.adagrad.coefficients(f64, eps, decay, True, 1024.0)
+    assert _live(rules.adagrad, (0.0,), lr, settings)[0] == host
+    for t in LIVE_STEPS:
+        _, entry, (step,) = _live(rules.adagrad, (t - 1,), lr, settings)
+        host = rules.adagrad.step_coefficients_per_entry(f64, [t], lr, betas[1])[0]
+        assert entry == tuple(host) and step == t
+    settings = rules.lion.live_settings(betas, decay, True)
+    host = rules.lion.coefficients(f64, lr, betas, decay, True, 1024.0)
+    assert _live(rules.lion, (), lr, settings) == (host, (), ())
+    for convention in rules.sgd.CONVENTIONS:
+        settings = rules.sgd.live_settings(betas[0], betas[1], decay, True, convention)
+        host = rules.sgd.momentum_coefficients(
+            f64, lr, betas[0], betas[1], decay, True, convention, 1024.0
+        )
+        assert rules.sgd.live_momentum((), f64(lr), 1.0 / 1024.0, settings) == (host, (), ())
+        host = rules.sgd.plain_coefficients(f64, lr, decay, True, 1024.0)
+        assert rules.sgd.live_plain((), f64(lr), 1.0 / 1024.0, settings) == (host, (), ())
     for dtype in (np.float32, np.float64):
         settings = rules.nadam.live_settings(betas, eps, decay, False, False, psi, dtype)
         product = dtype(1.0)
@@ -162,20 +194,28 @@ def test_live_settings_name_what_each_live_function_takes():
         "nadam": ((0.9, 0.99), 1e-8, 0.1, True, False, 4e-3, np.float32),
         "adamax": ((0.9, 0.99), 1e-8, 0.1, False),
         "rmsprop": (0.99, 1e-8, 0.1, 0.9, False),
+        "adagrad": (1e-10, 0.1, 0.01, False),
+        "lion": ((0.9, 0.99), 0.1, False),
+        "sgd_plain": (0.0, 0.0, 0.1, False, "pytorch"),
+        "sgd_momentum": (0.9, 0.1, 0.1, False, "lr_folded"),
     }
     live = {spec.name: spec for spec in rules.SPECS if spec.live is not None}
     assert set(live) == set(samples)
     for name, spec in live.items():
-        values = getattr(rules, name).live_settings(*samples[name])
+        values = getattr(rules, name.split("_")[0]).live_settings(*samples[name])
         assert len(values) == len(spec.live_settings._fields)
 
 
-def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("Adam", {}), ("SGD", {"momentum": 0.9}), ("Adagrad", {}), ("Lion", {})],
+)
+def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(name, options, monkeypatch):
     """With AMP's scale and found_inf set as GradScaler sets them, a step after the first
-    two (the second adopts the parameters: new addresses) launches once per bucket,
-    copies nothing to the GPU and reads no tensor on the host."""
+    two (the second adopts the parameters: new addresses; SGD's marks its buffers made)
+    launches once per bucket, copies nothing to the GPU and reads no tensor on the host."""
     model = make_model(torch.float32, tiny=True)
-    optimizer = fastmomentum.Adam(model.parameters(), lr=0.01, capturable=True)
+    optimizer = getattr(fastmomentum, name)(model.parameters(), lr=0.01, capturable=True, **options)
     optimizer.grad_scale = torch.tensor(1024.0)
     optimizer.found_inf = torch.tensor(0.0)
     counts = cuda_kernels().COUNTS
@@ -200,17 +240,27 @@ def _refused(method):
 
 
 @pytest.mark.parametrize(
-    ("name", "fused_zero_grad"), [("AdamW", False), ("AdamW", True), ("NAdam", False)]
+    ("name", "options", "fused_zero_grad"),
+    [
+        ("AdamW", {}, False),
+        ("AdamW", {}, True),
+        ("NAdam", {}, False),
+        ("Adagrad", {"lr_decay": 0.1}, False),
+        ("Lion", {}, True),
+        ("SGD", {"momentum": 0.9, "dampening": 0.5}, False),
+    ],
 )
-def test_found_inf_skips_the_step_on_the_device(name, fused_zero_grad):
+def test_found_inf_skips_the_step_on_the_device(name, options, fused_zero_grad):
     """GradScaler's values read by the kernel: with found_inf set nothing moves and no
     count advances, nor NAdam's mu_product (gradients zeroed with fused_zero_grad, else
     left scaled); without, the step equals the ordinary one, which reads them on the
-    host, gradients left unscaled as torch's fused optimizers leave them."""
-    options = {"lr": 0.01, "weight_decay": 0.1, "fused_zero_grad": fused_zero_grad}
+    host, gradients left unscaled as torch's fused optimizers leave them. SGD's first
+    steps (skipped, then taken) read found_inf on the host: its buffers are made then."""
+    options = {"lr": 0.01, "weight_decay": 0.1, "fused_zero_grad": fused_zero_grad, **options}
     (model, ordinary), (twin, capturable) = twins(name, options, torch.float32)
-    train(model, ordinary, 3, torch.float32)
-    train(twin, capturable, 3, torch.float32)
+    warm_up = 0 if name == "SGD" else 3
+    train(model, ordinary, warm_up, torch.float32)
+    train(twin, capturable, warm_up, torch.float32)
     tokens, targets = next(iter(batches(1, torch.float32, seed=5)))
     for found in (1.0, 0.0, 1.0, 0.0):
         grads = []
@@ -224,7 +274,9 @@ def test_found_inf_skips_the_step_on_the_device(name, fused_zero_grad):
         assert_same(ordinary, capturable, (model, twin))
         for mine, theirs in zip(*grads):
             assert torch.equal(mine, theirs)
-    assert float(capturable.state[next(twin.parameters())]["step"]) == 5
+    if "step" in capturable.state[next(twin.parameters())]:
+        assert float(capturable.state[next(twin.parameters())]["step"]) == warm_up + 2
+    assert all(b.counts_on_device for b in capturable.buckets[0])
 
 
 def test_an_lr_tensor_is_read_on_the_device():
@@ -336,5 +388,5 @@ def test_cpu_parameters_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="capturable=True steps parameters on a CUDA device"):
         fastmomentum.Adam([param], capturable=True)
     with pytest.raises(ValueError, match="does not support capturable=True"):
-        fastmomentum.SGD([{"params": [param], "capturable": True}])  # torch's has none
+        fastmomentum.LAMB([{"params": [param], "capturable": True}])
     assert torch.equal(param, before)

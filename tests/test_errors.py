@@ -82,6 +82,10 @@ def test_momentum_convention_must_be_known():
         ("Adamax", {"capturable": True}, ValueError, "capturable=True"),
         ("Adamax", {"differentiable": True}, ValueError, "differentiable=True"),
         ("RMSprop", {"capturable": True}, ValueError, "capturable=True"),
+        ("SGD", {"capturable": True}, ValueError, "capturable=True"),
+        ("Adagrad", {"capturable": True}, ValueError, "capturable=True"),
+        ("Lion", {"capturable": True}, ValueError, "capturable=True"),
+        ("LAMB", {"capturable": True}, TypeError, "capturable"),
     ],
 )
 def test_implementation_options_we_cannot_honour(name, options, error, message):

@@ -69,6 +69,8 @@ def test_references_are_torch_where_torch_has_the_optimizer():
     for (name, mode), (reference, bound) in rows.items():
         if mode == "step in backward":  # against the ordinary loop, as on the CPU
             assert (reference, bound) == ("our CUDA step", "bits")
+        elif mode == "capturable, CUDA graph":  # against the same steps without a graph
+            assert (reference, bound) == ("our capturable step", "bits"), (name, mode)
         elif CAPABILITIES[name].torch_peer is None:
             assert reference == "our CPU step", (name, mode)
         elif mode in ("fp32", "fp64"):

@@ -56,6 +56,33 @@ def _update(param, grad, state_sum, eps, grad_factor, weight_decay, neg_step_siz
     return param + neg_step_size * grad / std, state_sum
 
 
+@register_jitable
+def live_coefficients(scalars, lr, inverse_scale, settings):
+    """`Coefficients` and `StepCoefficients` of the next step on the device
+    (``capturable=True``, `kernels.capturable`), in float64 as `coefficients` and
+    `step_coefficients_per_entry` compute them, and the step count they advance to:
+    ``scalars`` is ``(t − 1,)``, ``settings`` is `live_settings`."""
+    eps, weight_decay, lr_decay, sign = settings
+    step = scalars[0] + 1.0
+    neg_step_size = -(lr / (1.0 + (step - 1.0) * lr_decay))
+    return (eps, sign * inverse_scale, weight_decay), (neg_step_size,), (step,)
+
+
+class LiveSettings(NamedTuple):
+    """What `live_coefficients` takes from the host: every hyperparameter but lr."""
+
+    eps: float
+    weight_decay: float
+    lr_decay: float
+    sign: float  # −1.0 with ``maximize``, else 1.0
+
+
+def live_settings(eps, weight_decay, lr_decay, maximize):
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    sign = -1.0 if maximize else 1.0
+    return tuple(float(value) for value in LiveSettings(eps, weight_decay, lr_decay, sign))
+
+
 SPEC = KernelSpec(
     "adagrad",
     update,
@@ -64,6 +91,9 @@ SPEC = KernelSpec(
     StepCoefficients,
     blockwise_rule=blockwise_update,
     codes=(("sum", UNSIGNED),),
+    live=live_coefficients,
+    live_settings=LiveSettings,
+    scalars=("step",),
 )
 
 

@@ -73,7 +73,42 @@ def update(
     return param, exp_avg
 
 
-SPEC = KernelSpec("lion", update, ("exp_avg",), Coefficients, codes=(("exp_avg", SIGNED),))
+@register_jitable
+def live_coefficients(scalars, lr, inverse_scale, settings):
+    """`Coefficients` of the next step on the device (``capturable=True``,
+    `kernels.capturable`), in float64 as `coefficients` computes them: Lion keeps no
+    count, so ``scalars`` is ``()``; ``settings`` is `live_settings`."""
+    beta1, beta2, weight_decay, sign = settings
+    shared = (
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, sign * inverse_scale, 1.0 - lr * weight_decay, lr
+    )  # fmt: skip
+    return shared, (), ()
+
+
+class LiveSettings(NamedTuple):
+    """What `live_coefficients` takes from the host: every hyperparameter but lr."""
+
+    beta1: float
+    beta2: float
+    weight_decay: float
+    sign: float  # −1.0 with ``maximize``, else 1.0
+
+
+def live_settings(betas, weight_decay, maximize):
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    sign = -1.0 if maximize else 1.0
+    return tuple(float(value) for value in LiveSettings(*betas, weight_decay, sign))
+
+
+SPEC = KernelSpec(
+    "lion",
+    update,
+    ("exp_avg",),
+    Coefficients,
+    codes=(("exp_avg", SIGNED),),
+    live=live_coefficients,
+    live_settings=LiveSettings,
+)
 
 
 def check(lr, betas, weight_decay):

@@ -34,7 +34,37 @@ def plain(param, grad, lr, grad_factor, weight_decay):
     return param - lr * descent_direction(param, grad, grad_factor, weight_decay)
 
 
-PLAIN = KernelSpec("sgd_plain", plain, (), PlainCoefficients)
+@register_jitable
+def live_plain(scalars, lr, inverse_scale, settings):
+    """`PlainCoefficients` of the next step on the device (``capturable=True``,
+    `kernels.capturable`), in float64 as `plain_coefficients` computes them: SGD keeps
+    no count, so ``scalars`` is ``()``; ``settings`` is `live_settings`."""
+    weight_decay, sign = settings[2], settings[3]
+    return (lr, sign * inverse_scale, weight_decay), (), ()
+
+
+class LiveSettings(NamedTuple):
+    """What `live_plain` and `live_momentum` take from the host: every hyperparameter
+    but lr."""
+
+    momentum: float
+    dampening: float
+    weight_decay: float
+    sign: float  # −1.0 with ``maximize``, else 1.0
+    lr_folded: float  # 1.0 in the lr-folded convention, else 0.0
+
+
+def live_settings(momentum, dampening, weight_decay, maximize, momentum_convention):
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    sign = -1.0 if maximize else 1.0
+    lr_folded = 1.0 if momentum_convention == "lr_folded" else 0.0
+    values = LiveSettings(momentum, dampening, weight_decay, sign, lr_folded)
+    return tuple(float(value) for value in values)
+
+
+PLAIN = KernelSpec(
+    "sgd_plain", plain, (), PlainCoefficients, live=live_plain, live_settings=LiveSettings
+)
 
 
 class MomentumCoefficients(NamedTuple):
@@ -123,6 +153,20 @@ def _momentum(
     return param - update_scale * step, velocity
 
 
+@register_jitable
+def live_momentum(scalars, lr, inverse_scale, settings):
+    """`MomentumCoefficients` of the next step on the device (``capturable=True``,
+    `kernels.capturable`), in float64 as `momentum_coefficients` computes them;
+    ``first_step`` stays the launch table's (`KernelSpec.live_entry_flags`): the host
+    knows which buffers it made. ``scalars`` is ``()``, ``settings`` `live_settings`."""
+    momentum, dampening, weight_decay, sign, lr_folded = settings
+    velocity_scale, update_scale = (lr, 1.0) if lr_folded != 0.0 else (1.0, lr)
+    shared = (
+        momentum, 1.0 - dampening, sign * inverse_scale, weight_decay, velocity_scale, update_scale
+    )  # fmt: skip
+    return shared, (), ()
+
+
 MOMENTUM = KernelSpec(
     "sgd_momentum",
     momentum,
@@ -132,6 +176,9 @@ MOMENTUM = KernelSpec(
     entry_flags=("first_step",),
     blockwise_rule=blockwise_momentum,
     codes=(("momentum_buffer", SIGNED),),
+    live=live_momentum,
+    live_settings=LiveSettings,
+    live_entry_flags=False,
 )
 
 
