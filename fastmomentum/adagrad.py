@@ -22,7 +22,7 @@ class Settings(NamedTuple):
     initial_accumulator_value: float
     eps: float
     maximize: bool
-    capturable: bool
+    capturable: bool  # counts on the device: capturable, or fused on CUDA (`capture.on_device`)
 
 
 class Adagrad(FlatOptimizer):
@@ -128,7 +128,7 @@ class Adagrad(FlatOptimizer):
             ),
             eps=host_float(group["eps"], "eps"),
             maximize=bool(group["maximize"]),
-            capturable=capture.is_capturable(group),
+            capturable=capture.on_device(self, group),
         )
 
     def check_arguments(self, defaults):

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .capture import is_capturable
+from .capture import on_device
 from .checkpoint import mismatch
 from .launches import KAHAN_COMP, MASTER
 from .tracked import StateEntry, StateMap
@@ -200,7 +200,7 @@ def _read_bucket(optimizer, bucket):
 def _write_bucket(optimizer, group, bucket, saved):
     # Entries of parameters without (complete) state stay as they are ({} after
     # ``state[p].clear()``), as torch keeps them; the others are exposed anew.
-    bucket.place_scalars(is_capturable(group))  # a checkpoint may switch ``capturable``
+    bucket.place_scalars(on_device(optimizer, group))  # a checkpoint may switch ``capturable``
     bucket.reset_scalars()
     for name in bucket.state_kept():
         bucket.state(name).flat.zero_()

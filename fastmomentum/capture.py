@@ -9,12 +9,13 @@ steady step, and a whole step can be captured in a CUDA graph and replayed: warm
 step or more) before capturing, as torch asks, so that the launch tables exist and hold
 the addresses the graph will use.
 
-Without ``capturable`` the step counts are CPU tensors, as torch keeps them, and
-``found_inf`` is read on the host; with it too at a step where SGD makes momentum
-buffers (`fastmomentum.SGD`: a skipped first step must leave the next one first).
-Lion and SGD keep no count; their kernels read the lr and AMP's values all the same.
-Not run on a GPU yet: tests/test_capturable.py runs
-it in Numba's CUDA simulator, where a CUDA graph cannot be captured (docs/gpu.md).
+``fused=True`` on CUDA takes the same path (`on_device`), as torch's fused optimizers
+keep their counts on the device. Otherwise the step counts are CPU tensors, as torch
+keeps them, and ``found_inf`` is read on the host; so it is on either path at a step
+where SGD makes momentum buffers (`fastmomentum.SGD`: a skipped first step must leave
+the next one first). Lion and SGD keep no count; their kernels read the lr and AMP's
+values all the same. Not run on a GPU yet: tests/test_capturable.py runs it in Numba's
+CUDA simulator, where a CUDA graph cannot be captured (docs/gpu.md).
 """
 
 import numpy as np
@@ -32,11 +33,24 @@ def is_capturable(group):
     return bool(group.get("capturable", False))
 
 
+def on_device(optimizer, group):
+    """Whether ``group`` steps with its counts on its device, the kernels computing
+    their coefficients there: ``capturable=True``, or ``fused=True`` on CUDA, where
+    torch's fused optimizers keep their counts on the device too and read GradScaler's
+    values there, wherever our device path is written (`check_group`'s conditions; a
+    fused group that misses one steps as an ordinary one, with CPU counts)."""
+    if is_capturable(group):
+        return True
+    if not group.get("fused") or not optimizer.supports_capturable or _refused(optimizer):
+        return False
+    return all(kernels_for(param.device) is not cpu for param in group["params"])
+
+
 def every_group(optimizer):
-    """Whether every group is capturable and the step needs no host read of AMP's
+    """Whether every group steps `on_device` and the step needs no host read of AMP's
     ``found_inf`` (`FlatOptimizer.reads_found_inf_on_host`): AMP's values are then
     read on the device only."""
-    return all(is_capturable(group) for group in optimizer.param_groups) and not (
+    return all(on_device(optimizer, group) for group in optimizer.param_groups) and not (
         optimizer.reads_found_inf_on_host()
     )
 
@@ -56,6 +70,13 @@ def check_group(optimizer, group):
                 f"capturable=True steps parameters on a CUDA device (its step counts lie "
                 f"there); parameter {position} is on {param.device}"
             )
+    for option, why in _refused(optimizer).items():
+        raise ValueError(f"capturable=True with {option}: {why}")
+
+
+def _refused(optimizer):
+    """The options chosen for ``optimizer`` whose host work needs the step counts there,
+    each with why."""
     refused = {
         "stochastic_rounding": "its random keys are drawn from the step counts on the host",
         "state_dtype": "capturable 8-bit kernels are not written",
@@ -66,9 +87,7 @@ def check_group(optimizer, group):
         "state_dtype": optimizer.quantized,
         "step_in_backward": optimizer.steps_in_backward,
     }
-    for option, why in refused.items():
-        if chosen[option]:
-            raise ValueError(f"capturable=True with {option}: {why}")
+    return {option: why for option, why in refused.items() if chosen[option]}
 
 
 def place_counts(optimizer, expose):
@@ -76,7 +95,7 @@ def place_counts(optimizer, expose):
     dict or user code may switch it); ``expose(group, bucket)`` shows moved ones."""
     for group, buckets in zip(optimizer.param_groups, optimizer.buckets):
         for bucket in buckets or ():
-            if bucket.place_scalars(is_capturable(group)):
+            if bucket.place_scalars(on_device(optimizer, group)):
                 expose(group, bucket)
 
 

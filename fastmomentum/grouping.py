@@ -18,7 +18,7 @@ import torch
 
 from . import backward, binding
 from .bucket import ParamBucket
-from .capture import is_capturable
+from .capture import on_device
 from .storage import is_dtensor, local
 from .validation import SUPPORTED_DTYPES
 
@@ -64,7 +64,7 @@ def make_buckets(optimizer, group_index):
                 [row for row, n in enumerate(times) if n >= k] for k in range(2, max(times) + 1)
             ]
     for bucket in buckets:
-        bucket.place_scalars(is_capturable(group))  # step counts on the GPU (`capture`)
+        bucket.place_scalars(on_device(optimizer, group))  # step counts on the GPU (`capture`)
         optimizer.fresh_state(group, bucket)
     buckets.made_from(group, borrowed, meta)
     return buckets

@@ -23,7 +23,7 @@ class Settings(NamedTuple):
     momentum: float
     centered: bool
     maximize: bool
-    capturable: bool
+    capturable: bool  # counts on the device: capturable, or fused on CUDA (`capture.on_device`)
 
 
 class RMSprop(FlatOptimizer):
@@ -136,7 +136,7 @@ class RMSprop(FlatOptimizer):
             momentum=host_float(group["momentum"], "momentum"),
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
-            capturable=capture.is_capturable(group),
+            capturable=capture.on_device(self, group),
         )
 
     def check_arguments(self, defaults):

@@ -27,7 +27,7 @@ class Settings(NamedTuple):
     nesterov: bool
     maximize: bool
     momentum_convention: str
-    capturable: bool
+    capturable: bool  # counts on the device: capturable, or fused on CUDA (`capture.on_device`)
 
 
 class SGD(FlatOptimizer):
@@ -158,7 +158,7 @@ class SGD(FlatOptimizer):
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             momentum_convention=convention,
-            capturable=capture.is_capturable(group),
+            capturable=capture.on_device(self, group),
         )
 
     def state_dict(self):

@@ -208,14 +208,23 @@ def test_live_settings_name_what_each_live_function_takes():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("Adam", {}), ("SGD", {"momentum": 0.9}), ("Adagrad", {}), ("Lion", {})],
+    [
+        ("Adam", {"capturable": True}),
+        ("SGD", {"momentum": 0.9, "capturable": True}),
+        ("Adagrad", {"capturable": True}),
+        ("Lion", {"capturable": True}),
+        ("AdamW", {"fused": True}),
+        ("SGD", {"momentum": 0.9, "fused": True}),
+    ],
+    ids=["adam", "sgd", "adagrad", "lion", "adamw-fused", "sgd-fused"],
 )
 def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(name, options, monkeypatch):
     """With AMP's scale and found_inf set as GradScaler sets them, a step after the first
     two (the second adopts the parameters: new addresses; SGD's marks its buffers made)
-    launches once per bucket, copies nothing to the GPU and reads no tensor on the host."""
+    launches once per bucket, copies nothing to the GPU and reads no tensor on the host:
+    with ``capturable=True``, or ``fused=True`` (on CUDA: `capture.on_device`)."""
     model = make_model(torch.float32, tiny=True)
-    optimizer = getattr(fastmomentum, name)(model.parameters(), lr=0.01, capturable=True, **options)
+    optimizer = getattr(fastmomentum, name)(model.parameters(), lr=0.01, **options)
     optimizer.grad_scale = torch.tensor(1024.0)
     optimizer.found_inf = torch.tensor(0.0)
     counts = cuda_kernels().COUNTS
@@ -277,6 +286,39 @@ def test_found_inf_skips_the_step_on_the_device(name, options, fused_zero_grad):
     if "step" in capturable.state[next(twin.parameters())]:
         assert float(capturable.state[next(twin.parameters())]["step"]) == warm_up + 2
     assert all(b.counts_on_device for b in capturable.buckets[0])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "SGD", "Lion"])
+def test_a_fused_step_on_cuda_keeps_its_counts_there_as_torchs_fused_step(name):
+    """``fused=True`` on CUDA parameters steps as ``capturable=True`` does (torch's fused
+    optimizers keep their counts on the device and read GradScaler's values there): the
+    ordinary step's numbers, bit for bit, with the counts on the device; with an option
+    the device path lacks (stochastic rounding), or on the CPU, counts stay CPU tensors."""
+    options = {"lr": 0.01, "weight_decay": 0.1}
+    if name == "SGD":
+        options["momentum"] = 0.9
+    (model, ordinary), (twin, _) = twins(name, options, torch.float32)
+    fused = getattr(fastmomentum, name)(twin.parameters(), fused=True, **options)
+    train(model, ordinary, STEPS, torch.float32)
+    train(twin, fused, STEPS, torch.float32)
+    assert_same(ordinary, fused, (model, twin))
+    assert all(b.counts_on_device for b in fused.buckets[0])
+    assert not any(b.counts_on_device for b in ordinary.buckets[0])
+    sixteen = make_model(torch.bfloat16, tiny=True)
+    rounded = getattr(fastmomentum, name)(
+        sixteen.parameters(), fused=True, stochastic_rounding=True, **options
+    )
+    train(sixteen, rounded, 2, torch.bfloat16)
+    assert not any(b.counts_on_device for b in rounded.buckets[0])
+
+
+def test_a_fused_step_on_the_cpu_keeps_cpu_counts(monkeypatch):
+    monkeypatch.setattr(config, "FORCE_CUDA", False)
+    model = make_model(torch.float32, tiny=True)
+    optimizer = fastmomentum.Adam(model.parameters(), lr=0.01, fused=True)
+    train(model, optimizer, 2, torch.float32)
+    assert not any(b.counts_on_device for b in optimizer.buckets[0])
+    assert optimizer.state[next(model.parameters())]["step"].device.type == "cpu"
 
 
 def test_an_lr_tensor_is_read_on_the_device():
