@@ -21,10 +21,9 @@ CUDA simulator, where a CUDA graph cannot be captured (docs/gpu.md).
 import numpy as np
 import torch
 
-from fastmomentum.kernels import cpu
 from fastmomentum.kernels.capturable import LiveInputs, capturable, placeholder_coefficients
 
-from .devices import kernels_for
+from .devices import steps_on_gpu
 from .validation import host_float
 
 
@@ -43,7 +42,7 @@ def on_device(optimizer, group):
         return True
     if not group.get("fused") or not optimizer.supports_capturable or _refused(optimizer):
         return False
-    return all(kernels_for(param.device) is not cpu for param in group["params"])
+    return all(steps_on_gpu(param.device) for param in group["params"])
 
 
 def every_group(optimizer):
@@ -65,7 +64,7 @@ def check_group(optimizer, group):
     if not optimizer.supports_capturable:
         raise ValueError(f"fastmomentum does not support capturable=True for {name}")
     for position, param in enumerate(group["params"]):
-        if kernels_for(param.device) is cpu:
+        if not steps_on_gpu(param.device):
             raise ValueError(
                 f"capturable=True steps parameters on a CUDA device (its step counts lie "
                 f"there); parameter {position} is on {param.device}"
@@ -94,8 +93,9 @@ def place_counts(optimizer, expose):
     """Keep each bucket's scalar state where its group's ``capturable`` says (a state
     dict or user code may switch it); ``expose(group, bucket)`` shows moved ones."""
     for group, buckets in zip(optimizer.param_groups, optimizer.buckets):
+        wanted = bool(buckets) and on_device(optimizer, group)
         for bucket in buckets or ():
-            if bucket.place_scalars(on_device(optimizer, group)):
+            if bucket.place_scalars(wanted):
                 expose(group, bucket)
 
 

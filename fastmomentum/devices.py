@@ -20,11 +20,14 @@ def cuda_unavailable_reason():
     return None
 
 
+def steps_on_gpu(device):
+    """Whether a bucket on ``device`` launches the CUDA kernels (`kernels_for`)."""
+    return device.type != "cpu" or config.FORCE_CUDA
+
+
 def kernels_for(device):
     """The kernels for a bucket on ``device`` (``config.FORCE_CUDA``: CUDA for CPU too)."""
-    if device.type == "cpu" and not config.FORCE_CUDA:
-        return cpu
-    return TorchStreamKernels(device)
+    return TorchStreamKernels(device) if steps_on_gpu(device) else cpu
 
 
 class TorchStreamKernels:
