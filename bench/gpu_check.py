@@ -1,7 +1,8 @@
 """GPU check: parity of every optimizer and mode the registry claims for CUDA, and the
 step's achieved memory bandwidth, in one command (docs/gpu.md describes its output).
 
-    python -m bench.gpu_check [--list] [--numel 268435456] [--repeats 20] [--output bench/out]
+    python -m bench.gpu_check [--list] [--jobs 8] [--numel 268435456] [--repeats 20]
+                              [--output bench/out]
 
 Needs a CUDA GPU, a CUDA build of torch and numba-cuda with the CUDA toolkit's NVRTC
 (``pip install 'numba-cuda[cu12]'`` or ``[cu13]``, matching the driver); ``--list``
@@ -13,6 +14,8 @@ needs none and prints what would be checked.
    parameters master weights, stochastic rounding and Kahan summation; the step in
    backward; flat gradients), `STEPS` steps on random data of awkward shapes, against
    the reference `reference_of` names, within the bound `bound_of` names (`BOUNDS`).
+   The checks are shared out over ``--jobs`` processes on the one GPU (`in_processes`),
+   so that the kernels' first-launch compiles, most of a run's time, take as many cores.
 2. Bandwidth: one buffer of ``--numel`` float32 parameters per benchmark row; the
    median step time of ours and of torch's (fused where it has one, else foreach), as
    bytes moved (`bench.providers.arrays_moved` × 4 × numel) per second and as a share of
@@ -21,8 +24,11 @@ needs none and prints what would be checked.
    parity failure.
 """
 
+import concurrent.futures
 import datetime
 import inspect
+import multiprocessing
+import os
 import pathlib
 import statistics
 import time
@@ -327,6 +333,31 @@ def parity(check, device):
     return used, worst, passed
 
 
+def parity_cells(index):
+    """``(reference used, worst difference, passed)`` of the ``index``-th of `checks` on
+    the current CUDA device, a mode that cannot run (an exception) a failure reported
+    by its exception."""
+    check = checks()[index]
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        used, worst, passed = parity(check, device)
+        return used, f"{worst:.2e}", passed
+    except Exception as error:
+        return reference_of(check), f"{type(error).__name__}: {error}", False
+
+
+def in_processes(function, arguments, jobs):
+    """``function`` of each of ``arguments``, in order, yielded as each is ready: in
+    ``jobs`` processes started afresh (``spawn``: a CUDA context does not survive a
+    fork), or in this one for ``jobs`` 1. ``function`` is a module-level function."""
+    if jobs <= 1:
+        yield from map(function, arguments)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        yield from pool.map(function, arguments)
+
+
 # --- bandwidth ------------------------------------------------------------------------
 
 
@@ -399,6 +430,12 @@ def main(argv=None):
         "--numel", type=cli.positive_int, default=256 * 2**20, help="parameters per buffer"
     )
     parser.add_argument("--repeats", type=cli.positive_int, default=20, help="timed steps")
+    parser.add_argument(
+        "--jobs",
+        type=cli.positive_int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes the parity checks are shared over (1: all in this one)",
+    )
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench/out"))
     args = parser.parse_args(argv)
     if args.list:
@@ -423,12 +460,8 @@ def main(argv=None):
     report += ["| --- | --- | --- | --- | --- | --: | --- |"]
     print(head)
     failures = 0
-    for check in checks():
-        try:
-            used, worst, passed = parity(check, device)
-            worst = f"{worst:.2e}"
-        except Exception as error:  # a mode that cannot run is a failure, reported
-            used, worst, passed = reference_of(check), f"{type(error).__name__}: {error}", False
+    found = in_processes(parity_cells, range(len(checks())), args.jobs)
+    for check, (used, worst, passed) in zip(checks(), found):
         failures += not passed
         cells = [check.name, check.row, check.mode, used, bound_of(check), worst]
         line = "| " + " | ".join(cells + ["ok" if passed else "FAILED"]) + " |"

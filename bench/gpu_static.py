@@ -27,6 +27,8 @@ file from the run). ``--strict`` fails on every miss, known or not. docs/gpu.md 
 what each column means and how the target was chosen.
 """
 
+import functools
+import itertools
 import json
 import os
 import re
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -115,25 +118,74 @@ INT8_FORMATS = (
 )
 
 
+class Variant(NamedTuple):
+    """One kernel a launch compiles: ``spec``'s for a table of ``format``, with ``flags``,
+    the values of ``spec.flags`` (constants of the kernel: `kernels.cuda.kernel`)."""
+
+    spec: object
+    format: Format
+    flags: tuple
+
+    @property
+    def name(self):
+        """The spec's name and each path flag that is set: ``rmsprop+centered``."""
+        chosen = (f for f, value in zip(self.spec.flags, self.flags) if value)
+        return "+".join([self.spec.name, *(f for f in chosen if _named_type(f) is None)])
+
+
+#: Flags that name an element type rather than a path (LAMB's ``bfloat16_state``, Muon's
+#: ``float16_param``): ``<type>_<column>``, set where that column of the table has it.
+_TYPE_FLAG = re.compile(r"^(bfloat16|float16)_(param|state)$")
+
+
+def _named_type(flag):
+    """``(carrier, column)`` of a flag that names an element type, else None."""
+    found = _TYPE_FLAG.match(flag)
+    if found is None:
+        return None
+    return {"bfloat16": _BF16, "float16": _FP16}[found[1]], {"param": 0, "state": 2}[found[2]]
+
+
+def flag_values(spec, format):
+    """The values of ``spec.flags`` a launch over ``format`` passes: every combination of
+    those that choose a path (``amsgrad``, ``nesterov``, ``centered``), and those that
+    name an element type as ``format`` has it (Muon's ``bfloat16_param`` only where the
+    parameter is stored to nearest, as `fastmomentum.muon` sets it)."""
+    choices = []
+    for flag in spec.flags:
+        named = _named_type(flag)
+        if named is None:
+            choices.append((False, True))
+            continue
+        carrier, column = named
+        nearest = column != 0 or format.param_store == 0
+        choices.append((nearest and format.formats[column] == carrier,))
+    return list(itertools.product(*choices))
+
+
 def variants():
-    """``(spec, format)`` of every kernel a launch compiles: each spec of
-    `kernels.rules.SPECS` and `kernels.rules.DEVICE_SPECS` in each of `FORMATS`, its
-    capturable variant (`kernels.capturable.capturable`) where it has one, and its 8-bit
-    variant (`kernels.specs.int8_blockwise`) in each of `INT8_FORMATS` where it has one."""
+    """Every kernel a launch compiles (`Variant`): each spec of `kernels.rules.SPECS` and
+    `kernels.rules.DEVICE_SPECS` in each of `FORMATS`, its capturable variant
+    (`kernels.capturable.capturable`) where it has one, and its 8-bit variant
+    (`kernels.specs.int8_blockwise`) in each of `INT8_FORMATS` where it has one, each
+    with every value of its flags (`flag_values`)."""
     from kernels import rules
     from kernels.capturable import capturable
     from kernels.specs import int8_blockwise
 
     found = []
     for spec in (*rules.SPECS, *rules.DEVICE_SPECS):
-        found += [(spec, format) for format in FORMATS]
+        pairs = [(spec, format) for format in FORMATS]
         if spec.live is not None:
-            found += [(capturable(spec), format) for format in FORMATS]
+            pairs += [(capturable(spec), format) for format in FORMATS]
         try:
             blockwise = int8_blockwise(spec)
         except ValueError:  # no 8-bit state (SGD without momentum): never launched so
-            continue
-        found += [(blockwise, format) for format in INT8_FORMATS]
+            blockwise = None
+        if blockwise is not None:
+            pairs += [(blockwise, format) for format in INT8_FORMATS]
+        for kind, format in pairs:
+            found += [Variant(kind, format, flags) for flags in flag_values(kind, format)]
     return found
 
 
@@ -173,7 +225,6 @@ def signature(spec, format):
             if spec.entry_coefficient_count
             else ()
         ),
-        *(False for _ in spec.flags),
     ]
     if spec.squares:  # partial sums, sums per entry, finished segments (`kernels.sums`)
         sums = np.zeros((1, len(spec.squares)))
@@ -182,7 +233,8 @@ def signature(spec, format):
         arguments.append(np.zeros((1, 2)))
     if spec.capturable:  # `kernels.capturable.LiveInputs` (a float lr), finished segments
         settings = hyperparameters.in_dtype(np.float64, [0.0] * len(spec.live_settings._fields))
-        arguments += [settings, np.float64(0), 0, 0, 0, np.float32(0), np.zeros(1, np.int32)]
+        arguments += [settings, np.float64(0), 0, 0, 0, np.float32(0)]
+        arguments += [] if spec.squares else [np.zeros(1, np.int32)]  # else the sums' count
     return tuple(numba.typeof(argument) for argument in arguments)
 
 
@@ -208,17 +260,18 @@ def compute_capability(capability):
         dispatcher.get_current_device = original
 
 
-def compile_ptx(spec, format, arch, usual=False):
-    """The PTX of ``spec``'s kernel for a table of ``format`` on ``arch``; with ``usual``,
-    of the kernel specialised to its usual launch (`usual_launch_source`)."""
+def compile_ptx(variant, arch, usual=False):
+    """The PTX of ``variant``'s kernel (a `Variant`) on ``arch``; with ``usual``, of the
+    kernel specialised to its usual launch (`usual_launch_source`)."""
     from numba import cuda
 
     from kernels import cuda as kernels
 
-    function = kernels.kernel(spec).py_func
+    spec, format = variant.spec, variant.format
+    function = kernels.kernel(spec, variant.flags).py_func
     if usual:
         namespace = dict(function.__globals__)  # the module's, and its element step
-        source = usual_launch_source(spec, format)
+        source = usual_launch_source(variant)
         exec(compile(source, f"<{spec.name}, usual launch>", "exec"), namespace)
         function = namespace[function.__name__]
     with compute_capability(arch.capability):
@@ -226,19 +279,17 @@ def compile_ptx(spec, format, arch, usual=False):
     return ptx
 
 
-def usual_launch_source(spec, format):
-    """`kernels.cuda.kernel_source` with the arguments that choose a path made constants
-    as a constructor's defaults set them: every flag False (no amsgrad, no Nesterov, no
-    momentum for RMSprop; LAMB's flags, which name its state's format, change what it
-    computes, not what it loads), gradients not cleared, and ``format.param_store``. NVVM then
-    compiles only the path such a launch runs, whose loads `bytes_in_flight` counts
-    (the kernel itself has the loads of every path, of which no launch runs all: Kahan
-    with amsgrad on float32 parameters)."""
+def usual_launch_source(variant):
+    """`kernels.cuda.kernel_source` of ``variant`` (a `Variant`) with the arguments that
+    choose a path made constants as a constructor's defaults set them: gradients not
+    cleared, and ``format.param_store``. NVVM then compiles only the path such a launch
+    runs, whose loads `bytes_in_flight` counts (the kernel itself has the loads of every
+    path, of which no launch runs all: Kahan and stochastic rounding)."""
     from kernels import cuda as kernels
 
-    definition, _, body = kernels.kernel_source(spec).partition(":\n")
-    constants = [f"    {flag} = False" for flag in spec.flags]
-    constants += ["    clear = False", f"    param_store = {format.param_store}"]
+    source = kernels.kernel_source(variant.spec, variant.flags)
+    definition, _, body = source.partition(":\n")
+    constants = ["    clear = False", f"    param_store = {variant.format.param_store}"]
     return definition + ":\n" + "\n".join(constants) + "\n" + body
 
 
@@ -509,17 +560,18 @@ def unexpected_f64(spec, format, opcodes):
 # --- the table ------------------------------------------------------------------------
 
 
-def measure(spec, format, arch, executable):
-    """One row of the table: ``spec``'s kernel for ``format`` on ``arch``."""
-    ptx = compile_ptx(spec, format, arch)
+def measure(variant, arch, executable):
+    """One row of the table: ``variant``'s kernel (a `Variant`) on ``arch``."""
+    spec, format = variant.spec, variant.format
+    ptx = compile_ptx(variant, arch)
     resources = parse_ptxas(assemble(ptx, arch, executable))
     threads = threads_per_block(spec)
     blocks = blocks_per_sm(arch, resources.registers, threads, resources.shared)
-    per_thread = bytes_in_flight(compile_ptx(spec, format, arch, usual=True))
+    per_thread = bytes_in_flight(compile_ptx(variant, arch, usual=True))
     opcodes = f64_instructions(ptx)
     vector = sum(_is_memory_load(i.opcode) and _vector(i.opcode) > 1 for i in instructions(ptx))
     return {
-        "kernel": spec.name,
+        "kernel": variant.name,
         "format": format.name,
         "arch": arch.name,
         "registers": resources.registers,
@@ -536,6 +588,18 @@ def measure(spec, format, arch, executable):
         "in_flight_per_sm": per_thread * blocks * threads,
         "target": round(arch.target),
     }
+
+
+@functools.cache
+def _variants():
+    return variants()
+
+
+def _measured(task):
+    """`measure` of ``(variant index, arch index, ptxas)``, in a worker process (indices:
+    a rule does not pickle)."""
+    index, arch, executable = task
+    return measure(_variants()[index], ARCHS[arch], executable)
 
 
 def key(row):
@@ -630,18 +694,24 @@ def main(argv=None):
         help=f"rewrite {BELOW_TARGET_FILE.name} with the kernels below target in this run",
     )
     parser.add_argument("--only", help="kernels whose name contains this (a quick look)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count(),
+        help="processes compiling (default: a core each)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "0":
         raise SystemExit("bench.gpu_static compiles for real GPUs: unset NUMBA_ENABLE_CUDASIM")
     executable = ptxas()
     started = time.perf_counter()
+    chosen = [k for k, variant in enumerate(variants()) if (args.only or "") in variant.name]
+    tasks = [(k, a, executable) for k in chosen for a in range(len(ARCHS))]
     rows = []
-    for spec, format in variants():
-        if args.only and args.only not in spec.name:
-            continue
-        for arch in ARCHS:
-            rows.append(measure(spec, format, arch, executable))
-            print(f"{key(rows[-1]):40} {rows[-1]['registers']:4} registers", flush=True)
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        for row in pool.map(_measured, tasks):
+            rows.append(row)
+            print(f"{key(row):48} {row['registers']:4} registers", flush=True)
     seconds = time.perf_counter() - started
     if args.record_below_target:
         misses = sorted(key(row) for row in rows if row["in_flight_per_sm"] < row["target"])

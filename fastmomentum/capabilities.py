@@ -86,7 +86,9 @@ CAPABILITIES = {
     "Adagrad": Capabilities(
         "adagrad", "Adagrad", benchmarks={"Adagrad": {"lr": 1e-2}}, capturable=True
     ),
-    "LAMB": Capabilities("lamb", None, benchmarks={"LAMB": {"lr": 1e-3, "weight_decay": 1e-2}}),
+    "LAMB": Capabilities(
+        "lamb", None, benchmarks={"LAMB": {"lr": 1e-3, "weight_decay": 1e-2}}, capturable=True
+    ),
     "Lion": Capabilities(
         "lion", None, benchmarks={"Lion": {"lr": 1e-4, "weight_decay": 1e-2}}, capturable=True
     ),

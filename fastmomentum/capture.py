@@ -149,13 +149,23 @@ def launch(optimizer, bucket, plan, spec, columns, flags, lr, settings, prepare=
     (`live_lr`), ``settings`` the rule's ``live_settings``; the kernel computes every
     coefficient (the host's are only zeros of the dtype it types on), and every entry
     flag unless ``prepare(table)`` sets them (`kernels.specs.KernelSpec.live_entry_flags`)."""
+    columns, width, prepare, launcher, args = launch_pass(
+        optimizer, bucket, spec, columns, flags, lr, settings, prepare
+    )
+    plan.launch(columns, width, prepare, launcher, *args)
+
+
+def launch_pass(
+    optimizer, bucket, spec, columns, flags, lr, settings, prepare=None, launcher=None
+):  # fmt: skip
+    """`launch`'s pass as `launches.StepPlan.launch_passes` takes it (LAMB's two):
+    ``launcher(table, *arguments)`` runs it (default: the bucket's kernels' launch)."""
     variant = capturable(spec)
     live = live_inputs(optimizer, bucket, lr, settings)
     shared = placeholder_coefficients(variant, bucket.dtype_numpy)
-    plan.launch(
-        (*columns, *variant.scalars), variant.entry_width, prepare, bucket.kernels.launch,
-        variant, shared, flags, live,
-    )  # fmt: skip
+    launcher = launcher or bucket.kernels.launch
+    columns = (*columns, *variant.scalars)
+    return columns, variant.entry_width, prepare, launcher, (variant, shared, flags, live)
 
 
 def _address(optimizer, name, bucket):

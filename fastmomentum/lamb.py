@@ -9,7 +9,7 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import cpu, rules
 
-from . import quantized
+from . import capture, quantized
 from .collectives import summed_on_device, summed_over_shards
 from .optimizer import FlatOptimizer
 from .validation import check_tensor_hyperparameter, host_float
@@ -18,7 +18,7 @@ from .validation import check_tensor_hyperparameter, host_float
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a tensor only when capturable (`capture.lr_setting`)
     betas: tuple[float, float]
     eps: float
     weight_decay: float
@@ -71,11 +71,17 @@ class LAMB(FlatOptimizer):
     only once the block is done), the update applies ``u`` from the codes: the norm of
     the latter measured 0.97-1.04× the former (float32 and bfloat16 parameters, 30
     steps; tests/test_lamb.py bounds it).
+
+    ``capturable=True`` (CUDA parameters): no host read during a step, as torch's
+    capturable optimizers: the step counts lie on the device, both passes compute their
+    coefficients there, reading a tensor ``lr`` and AMP's values there, and the trust
+    ratios never leave it (`fastmomentum.capture`).
     """
 
     scalar_state = {"step": 0.0}
     supports_master_weights = True
     supports_quantized_state = True
+    supports_capturable = True
 
     rule_state = rules.lamb.DIRECTION.state
 
@@ -89,6 +95,7 @@ class LAMB(FlatOptimizer):
         bias_correction: bool = True,
         *,
         maximize: bool = False,
+        capturable: bool = False,
         flat_gradients: bool = False,
         state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
@@ -107,6 +114,7 @@ class LAMB(FlatOptimizer):
             "weight_decay": weight_decay,
             "bias_correction": bias_correction,
             "maximize": maximize,
+            "capturable": capturable,
             # what torch.optim.Optimizer gives a loaded optimizer's defaults (and so
             # our groups): here from the start, so that a resumed run's groups are equal
             "differentiable": False,
@@ -127,7 +135,7 @@ class LAMB(FlatOptimizer):
     def settings(self, group):
         beta1, beta2 = group["betas"]
         return Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             betas=(host_float(beta1, "betas[0]"), host_float(beta2, "betas[1]")),
             eps=host_float(group["eps"], "eps"),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
@@ -145,6 +153,9 @@ class LAMB(FlatOptimizer):
         lr, betas = settings.lr, settings.betas
         eps, weight_decay = settings.eps, settings.weight_decay
         dtype = bucket.dtype_numpy
+        if bucket.counts_on_device:  # capturable: the kernels compute their coefficients
+            _update_on_device(self, bucket, settings, plan)
+            return
         coefficients, apply_coefficients, flags = self.cached_coefficients(
             bucket,
             (settings, grad_scale),
@@ -212,6 +223,40 @@ class LAMB(FlatOptimizer):
                 ),
             ]
         )
+
+
+def _update_on_device(optimizer, bucket, settings, plan):
+    """A capturable step of ``bucket`` (`capture.launch_pass`): the direction pass
+    advances the counts and keeps the norms on the device; the update pass computes its
+    bias corrections from the advanced counts, and its −lr·r from the norms."""
+    live_settings = rules.lamb.live_settings(
+        settings.betas, settings.eps, settings.weight_decay, settings.bias_correction,
+        settings.maximize,
+    )  # fmt: skip
+    flags = rules.lamb.state_flags(bucket.formats[2] if bucket.formats else bucket.dtype_numpy)
+    measured = _Measured()
+
+    def direction_and_norms(table, *arguments):
+        norms = bucket.kernels.launch(table, *arguments, keep_sums=True)
+        if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
+            norms = summed_on_device([bucket.params[row] for row in table.rows], norms)
+        measured.norms = norms
+
+    def apply_with_norms(table, *arguments):
+        bucket.kernels.launch(table, *arguments, sums=measured.norms)
+
+    moments, lr = rules.lamb.DIRECTION.state, settings.lr
+    passes = [
+        (rules.lamb.DIRECTION, flags, direction_and_norms),
+        (rules.lamb.APPLY_ON_DEVICE, (), apply_with_norms),
+    ]
+    plan.launch_passes(
+        [
+            capture.launch_pass(optimizer, bucket, spec, moments, flags, lr, live_settings,
+                                launcher=launcher)
+            for spec, flags, launcher in passes
+        ]
+    )  # fmt: skip
 
 
 class _Measured:

@@ -55,9 +55,8 @@ def capturable(spec):
     ``spec``. Raises ``ValueError`` for a spec without ``live`` or with 8-bit state."""
     if spec.live is None:
         raise ValueError(f"{spec.name} has no live coefficients: it cannot be capturable")
-    if spec.blockwise or spec.squares:
-        raise ValueError(f"{spec.name}: capturable steps over 8-bit state or with sums of "
-                         "squares are not written")  # fmt: skip
+    if spec.blockwise:
+        raise ValueError(f"{spec.name}: capturable steps over 8-bit state are not written")
     return spec._replace(name=f"{spec.name}_capturable", capturable=True)
 
 
@@ -85,10 +84,11 @@ def _same_type(value, like):
     return lambda value, like: kind(value)
 
 
-def kernel_arguments():
-    """The arguments a capturable kernel takes after its flags (`LiveInputs`, then the
-    per-entry count of finished segments)."""
-    return ", settings, lr, lr_at, scale_at, found_at, scalar_like, done"
+def kernel_arguments(spec):
+    """The arguments a capturable kernel takes after its sums' (`LiveInputs`, then the
+    per-entry count of finished segments, unless the sums' count serves: `epilogue`)."""
+    done = "" if spec.squares else ", done"
+    return ", settings, lr, lr_at, scale_at, found_at, scalar_like" + done
 
 
 def prologue(spec):
@@ -157,22 +157,28 @@ def skip_lines(indent):
 
 
 def epilogue(spec, indent):
-    """Lines after a segment's element loop: the block that finishes an entry's last
-    segment writes the entry's new scalar state and resets its count."""
-    lines = [
-        "cuda.syncthreads()  # every thread has read this segment's coefficients",
-        "if cuda.threadIdx.x == 0:",
-        "    cuda.threadfence()",
-        "    if cuda.atomic.add(done, entry, 1) == segments[segment, 3] - 1:",
-        "        done[entry] = 0",
-        "        if not skipped:",
-    ]
+    """Lines after a segment's element loop (and its sums' `kernels.sums.epilogue`): the
+    block that finishes an entry's last segment writes the entry's new scalar state
+    and resets its count. With sums of squares, their epilogue has counted the segment
+    and found that block (``last_block``), and reset the count."""
+    if spec.squares:  # every thread is past its elements: the sums' epilogue waited
+        lines = ["if cuda.threadIdx.x == 0 and last_block[0] == 1 and not skipped:"]
+    else:
+        lines = [
+            "cuda.syncthreads()  # every thread has read this segment's coefficients",
+            "if cuda.threadIdx.x == 0:",
+            "    cuda.threadfence()",
+            "    if cuda.atomic.add(done, entry, 1) == segments[segment, 3] - 1:",
+            "        done[entry] = 0",
+            "        if not skipped:",
+        ]
+    inner = "    " if spec.squares else "            "
     for k in range(len(spec.scalars)):
         column = scalar_column(spec, k)
         lines.append(
-            f"            pointer_to(addresses[entry, {column}], scalar_like)[0] = "
+            f"{inner}pointer_to(addresses[entry, {column}], scalar_like)[0] = "
             f"same_type(live_scalars[{k}], scalar_like)"
         )
     if not spec.scalars:
-        lines.append("            pass")
+        lines.append(f"{inner}pass")
     return [indent + line for line in lines]

@@ -11,14 +11,14 @@ have the CPU kernels' signatures plus ``stream``, ``device`` and ``upload`` (how
 table's small host arrays reach the GPU; by default a Numba copy on ``stream``).
 Importing this module needs numba-cuda.
 
-Flags differ from the CPU loops on purpose: a rule's flags (``amsgrad``, ``nesterov``),
-``clear`` and ``param_store`` are kernel arguments here, where the CPU compiles a loop
-per value. The CPU needs constants because a runtime flag inside a loop stops LLVM
-vectorising it (measured 2-8×, `kernels.cpu`); a GPU thread runs scalar code, and a
+A rule's flags (``amsgrad``, ``nesterov``) are constants of the kernel, one kernel per
+value, as the CPU compiles a loop per value: a kernel with its flags as arguments kept
+the registers of its heaviest path for every launch (RMSprop on bfloat16 parameters: 94
+registers, 2 blocks of 256 per SM, where its usual launch, no momentum and not centered,
+needs 64 and 4 blocks; bench.gpu_static). ``clear`` and ``param_store`` stay arguments: a
 branch on an argument is the same way in every thread of a warp, so it never diverges
-and costs a predicate per element in a loop bound by memory. One kernel per spec also
-keeps the simulator's tests and the GPU's first-launch compile to one per spec, not one
-per flag combination. Not yet measured on a GPU: issue 22 (kernel shape) may revisit.
+and costs a predicate per element in a loop bound by memory. A kernel is compiled on its
+first launch, so a run compiles only the flag values it uses.
 """
 
 import contextlib
@@ -64,36 +64,46 @@ else:
     vectors.register_cuda()
 
 
-def kernel(spec):
-    """The CUDA kernel of ``spec`` (a `specs.KernelSpec`), generated once from
-    `kernel_source`: blocks take segments (grid-stride), their threads stride through a
-    segment's elements, each applying the rule's element step (`elements.split`; over
-    block-wise state a warp per block of state, `cuda_blockwise.kernel_source`).
-    The rule's flags are arguments; entry flags are read per segment."""
-    return _generated_kernel(spec)
+def kernel(spec, flags=None):
+    """The CUDA kernel of ``spec`` (a `specs.KernelSpec`) for ``flags``, the values of
+    ``spec.flags`` in order (default: all False), generated once from `kernel_source`:
+    blocks take segments (grid-stride), their threads stride through a segment's
+    elements, each applying the rule's element step (`elements.split`; over block-wise
+    state a warp per block of state, `cuda_blockwise.kernel_source`). The flags are
+    constants of the kernel; entry flags are read per segment."""
+    return _generated_kernel(spec, flag_values(spec, flags))
+
+
+def flag_values(spec, flags=None):
+    """``flags`` as a tuple of bools, one per flag of ``spec`` (default: all False)."""
+    flags = (False,) * len(spec.flags) if flags is None else tuple(bool(f) for f in flags)
+    if len(flags) != len(spec.flags):
+        raise ValueError(f"{spec.name} takes {len(spec.flags)} flags {spec.flags}, not {flags}")
+    return flags
 
 
 @functools.cache
-def _generated_kernel(spec):
+def _generated_kernel(spec, flags):
     namespace = {**globals(), "LIVE": spec.live, "FROM_SUMS": spec.from_sums}
     if spec.blockwise:
         namespace.update(cuda_blockwise.namespace(spec))
     else:
         namespace["LOADS"], namespace["VECTOR_LOADS"], namespace["UPDATE"] = split(spec)
-    cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec))
+    cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec, flags))
     return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
 
 
-def kernel_source(spec):
-    """The source of `kernel` (readable: ``print(kernel_source(rules.adam.SPEC))``): per
-    segment, the entry's pointers and values, then its elements (`_element_loop`: vector
-    loads where the segment's arrays are aligned, scalar loads elsewhere); the sums of
-    squares and the capturable kernels' lines around them."""
+def kernel_source(spec, flags=None):
+    """The source of `kernel` (readable: ``print(kernel_source(rules.adam.SPEC, [True]))``):
+    the flags' values, then per segment the entry's pointers and values, then its
+    elements (`_element_loop`: vector loads where the segment's arrays are aligned,
+    scalar loads elsewhere); the sums of squares and the capturable kernels' lines
+    around them."""
+    flags = flag_values(spec, flags)
     if spec.blockwise:
-        return cuda_blockwise.kernel_source(spec, _kernel_head, sums.epilogue)
-    lines = _kernel_head(spec)
-    if spec.capturable:
-        lines += capturable.segment_lines(spec, "        ")
+        head = functools.partial(_kernel_head, flags=flags)
+        return cuda_blockwise.kernel_source(spec, head, sums.epilogue)
+    lines = _kernel_head(spec, flags=flags)
     lines.append(
         "        first, end = segments[segment, 1] + cuda.threadIdx.x, segments[segment, 2]"
     )
@@ -102,8 +112,7 @@ def kernel_source(spec):
         lines += _element_loop(spec, "            ")
     else:
         lines += _element_loop(spec, "        ")
-    for k in range(len(spec.squares)):  # each thread's sums into its segment's
-        lines.append(f"        cuda.atomic.add(partials, (segment, {k}), sum{k})")
+    lines += sums.segment_totals(spec, "        ")  # each thread's sums into its segment's
     lines += sums.epilogue(spec, "        ")
     if spec.capturable:
         lines += capturable.epilogue(spec, "        ")
@@ -206,16 +215,17 @@ def _summed(spec, indent):
     return lines
 
 
-def _kernel_head(spec, shared=()):
-    """A kernel's lines down to its segment's set-up (`elements.segment_source`), with
-    the ``shared`` lines (shared arrays) before its grid-stride loop."""
-    flags = "".join(f", {flag}" for flag in spec.flags)
+def _kernel_head(spec, shared=(), flags=()):
+    """A kernel's lines down to its segment's set-up (`elements.segment_source`): the
+    values of its ``flags`` (constants: NVVM compiles only their path), then the
+    ``shared`` lines (shared arrays) before its grid-stride loop."""
     uniform = ", uniform, uniform_values" if spec.entry_coefficient_count else ""
     measured = sums.kernel_arguments(spec)
-    live = capturable.kernel_arguments() if spec.capturable else ""
+    live = capturable.kernel_arguments(spec) if spec.capturable else ""
     return [
         f"def _{spec.name}(addresses, segments, entry_values, coefficients, formats, clear, "
-        f"param_store{uniform}{flags}{measured}{live}):",
+        f"param_store{uniform}{measured}{live}):",
+        *(f"    {name} = {value}" for name, value in zip(spec.flags, flags)),
         "    stored_param, stored_grad, stored_state, stored_companion = formats",
         "    last = addresses.shape[1] - 1  # the companion column, unless NEAREST",
         *(capturable.prologue(spec) if spec.capturable else ()),
@@ -224,6 +234,8 @@ def _kernel_head(spec, shared=()):
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
         *segment_source(spec, "        ", uniform=True),
+        # the live coefficients before the trust ratio that multiplies one of them
+        *(capturable.segment_lines(spec, "        ") if spec.capturable else ()),
         *sums.segment_lines(spec, "        "),
     ]
 
@@ -251,7 +263,7 @@ COUNTS = Counts()
 
 
 def _launch(
-    kernel, table, coefficients, flags, stream, device, upload, shape=None, spec=None, live=None,
+    kernel, table, coefficients, stream, device, upload, shape=None, spec=None, live=None,
     capturing=False, keep_sums=False, sums=None,
 ):  # fmt: skip
     """Queue ``kernel`` (of ``spec``) over ``table``: segments of ``config.cuda_chunk()``
@@ -289,15 +301,15 @@ def _launch(
             table, segments, device, stream, upload, scratch, capturing,
             width if uniform and uniform[0] else 0,
         )  # fmt: skip
-        extra = (*on_device[3:],) if squares else ()
+        extra = (*on_device[3:],) if squares else ()  # partials, sums, done
         if spec.from_sums is not None:
             extra += (sums,)
-        if live is not None:
-            extra = (*live, on_device[3])
+        if live is not None:  # with sums, their count of finished segments serves
+            extra += (*live, *(() if squares else (on_device[3],)))
         COUNTS.launches += 1
         kernel[blocks, threads, stream](
             *on_device[:3], coefficients, table.formats, table.clear_grads, table.param_store,
-            *uniform, *flags, *extra,
+            *uniform, *extra,
         )  # fmt: skip
         if not squares:
             return None
@@ -387,13 +399,12 @@ def launch(
     with ``squares`` returns its sums per entry on the host (a wait), or with
     ``keep_sums`` as a device array, which a ``from_sums`` spec takes as ``sums``
     (`kernels.sums`: nothing read on the host)."""
-    flags = tuple(bool(flag) for flag in flags)
     shape = cuda_blockwise.launch_shape() if spec.blockwise else None
     if spec.capturable != (live is not None):
         raise ValueError(f"{spec.name}: live inputs are for capturable kernels, and needed there")
     if (spec.from_sums is not None) != (sums is not None):
         raise ValueError(f"{spec.name}: sums are for kernels that read them, and needed there")
     return _launch(
-        kernel(spec), table, coefficients, flags, stream, device, upload, shape, spec, live,
+        kernel(spec, flags), table, coefficients, stream, device, upload, shape, spec, live,
         capturing, keep_sums, sums,
     )  # fmt: skip

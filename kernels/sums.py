@@ -1,14 +1,17 @@
 """Sums of squares per entry, kept on the GPU (LAMB's norms), and the launches that read them.
 
 A launch of a spec with ``squares`` (`specs.KernelSpec.squares`) sums, per segment, the
-squares of those values over the segment's elements (each thread's sum, added
-atomically into ``partials[segment]``, which the segment's thread 0 zeroes first).
-The block that finishes an entry's last segment (an atomic count of finished segments
-per entry, ``done``, which that block resets) adds the entry's partial sums up, in
-segment order, and stores them in ``sums[entry]``: no copy to the host, no wait, and the
-same bits at every run (the order of the atomic additions within one segment aside).
-The partial sums are read back by atomic additions of zero, which read the level of
-the cache every block shares (another block's writes may not be in this block's L1).
+squares of those values over the segment's elements: each thread's in its order, then
+the block's by a tree in shared memory (`segment_totals`; block-wise 8-bit kernels add
+their warps' in warp order, `kernels.cuda_blockwise`), which thread 0 stores in
+``partials[segment]``. The block that finishes an entry's last segment (an atomic count
+of finished segments per entry, ``done``, which that block resets) adds the entry's
+partial sums up by the same tree, in segment order, and stores them in
+``sums[entry]``: no copy to the host, no wait, and one order of additions at every
+launch, so the same bits every time (atomic additions of each thread's sums, as
+before, left the last bits to the order the threads came in). The partial sums are
+read back by atomic additions of zero, which read the level of the cache every block
+shares (another block's writes may not be in this block's L1).
 
 A spec with ``from_sums`` (`specs.KernelSpec.from_sums`) takes such a ``sums`` array
 and computes each segment's entry values from its entry's row (LAMB's update pass: its
@@ -38,16 +41,37 @@ def prologue(spec):
 
 
 def segment_lines(spec, indent):
-    """Lines at the start of a segment, after its entry values are read: the segment's
-    partial sums zeroed; its entry values computed from its entry's sums."""
+    """Lines at the start of a segment, after its entry values are read: its entry
+    values computed from its entry's sums."""
+    if not spec.from_sums:
+        return []
+    return [indent + "values = FROM_SUMS(values, sums, entry)"]
+
+
+def segment_totals(spec, indent):
+    """Lines after a segment's elements: each thread's sums (``sum0``, …) added up over
+    the block by `_block_sum`, thread 0 storing them in ``partials[segment]``."""
     lines = []
-    if spec.squares:
-        lines.append("if cuda.threadIdx.x == 0:")
-        lines += [f"    partials[segment, {k}] = 0.0" for k in range(len(spec.squares))]
-        lines.append("cuda.syncthreads()  # before any thread adds to them")
-    if spec.from_sums:
-        lines.append("values = FROM_SUMS(values, sums, entry)")
+    for k in range(len(spec.squares)):
+        lines += [f"reduced[cuda.threadIdx.x] = sum{k}", *_block_sum()]
+        lines += ["if cuda.threadIdx.x == 0:", f"    partials[segment, {k}] = reduced[0]"]
+        lines.append("cuda.syncthreads()  # before the next sum reuses the shared values")
     return [indent + line for line in lines]
+
+
+def _block_sum():
+    """Lines that add up ``reduced[:blockDim.x]`` into ``reduced[0]``: a tree, element
+    ``t`` adding ``t + width`` for widths of half the block down to 1 (threads per
+    block, a power of two), so every launch adds in one order."""
+    return [
+        "cuda.syncthreads()",
+        "width = cuda.blockDim.x // 2",
+        "while width > 0:",
+        "    if cuda.threadIdx.x < width:",
+        "        reduced[cuda.threadIdx.x] += reduced[cuda.threadIdx.x + width]",
+        "    cuda.syncthreads()",
+        "    width //= 2",
+    ]
 
 
 def epilogue(spec, indent):
@@ -71,13 +95,7 @@ def epilogue(spec, indent):
             "    for s in range(earliest + cuda.threadIdx.x, earliest + count, cuda.blockDim.x):",
             f"        total += cuda.atomic.add(partials, (s, {k}), 0.0)",
             "    reduced[cuda.threadIdx.x] = total",
-            "    cuda.syncthreads()",
-            "    width = cuda.blockDim.x // 2",
-            "    while width > 0:",
-            "        if cuda.threadIdx.x < width:",
-            "            reduced[cuda.threadIdx.x] += reduced[cuda.threadIdx.x + width]",
-            "        cuda.syncthreads()",
-            "        width //= 2",
+            *("    " + line for line in _block_sum()),
             "    if cuda.threadIdx.x == 0:",
             f"        sums[entry, {k}] = reduced[0]",
             "    cuda.syncthreads()  # before the next sum reuses the shared values",

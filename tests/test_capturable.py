@@ -92,17 +92,21 @@ def test_a_capturable_step_is_the_ordinary_step(case, dtype):
          torch.float32),
         ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True,
                  "momentum_convention": "lr_folded"}, torch.float64),
+        ("LAMB", {"lr": 1e-2, "weight_decay": 0.1}, torch.float32),
+        ("LAMB", {"lr": torch.tensor(1e-2), "bias_correction": False, "maximize": True},
+         torch.float64),
     ],
     ids=["nadam", "nadam-decoupled-float64", "radam", "radam-decoupled", "adamax-maximize",
          "rmsprop-centered-momentum", "rmsprop-lr-tensor", "adagrad-maximize",
          "adagrad-lr-tensor-float64", "lion", "sgd-plain-maximize", "sgd-dampening",
-         "sgd-nesterov-lr-folded-float64"],
+         "sgd-nesterov-lr-folded-float64", "lamb", "lamb-lr-tensor-maximize-float64"],
 )  # fmt: skip
 def test_other_optimizers_capturable_steps_are_their_ordinary_steps(name, options, dtype):
     """As `test_a_capturable_step_is_the_ordinary_step`, for each other optimizer with
     live coefficients, NAdam's ``mu_product`` included (with float32 counts, rounded to
-    float32 as the host rounds it); SGD's ``first_step`` set by the host in the table.
-    Lion and SGD keep no count."""
+    float32 as the host rounds it); SGD's ``first_step`` set by the host in the table;
+    LAMB's trust ratios computed on the device from its norms there, as the ordinary
+    CUDA step computes them. Lion and SGD keep no count."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the dtype of the counts (`bucket.step_dtype`)
     try:
@@ -175,6 +179,20 @@ def test_live_coefficients_are_the_hosts(betas):
         assert rules.sgd.live_momentum((), f64(lr), 1.0 / 1024.0, settings) == (host, (), ())
         host = rules.sgd.plain_coefficients(f64, lr, decay, True, 1024.0)
         assert rules.sgd.live_plain((), f64(lr), 1.0 / 1024.0, settings) == (host, (), ())
+    for bias_correction, maximize in ((True, True), (False, False)):
+        settings = rules.lamb.live_settings(betas, eps, decay, bias_correction, maximize)
+        host = rules.lamb.coefficients(f64, betas, eps, decay, maximize, 1024.0)
+        direction, apply = rules.lamb.live_direction, rules.lamb.live_apply
+        assert direction((f64(0),), f64(lr), 1.0 / 1024.0, settings)[0] == host
+        host = rules.lamb.apply_coefficients(f64, eps, decay)
+        assert apply((f64(1),), f64(lr), 1.0 / 1024.0, settings)[0] == host
+        for t in LIVE_STEPS:
+            _, entry, (step,) = direction((f64(t - 1),), f64(lr), 1.0, settings)
+            host = rules.lamb.bias_corrections(f64, t, betas, bias_correction)[0]
+            assert entry == tuple(host) and step == t
+            _, entry, (step,) = apply((f64(t),), f64(lr), 1.0, settings)
+            host = rules.lamb.apply_step_coefficients_on_device(f64, [host], lr)[0]
+            assert entry == tuple(host) and step == t
     for dtype in (np.float32, np.float64):
         settings = rules.nadam.live_settings(betas, eps, decay, False, False, psi, dtype)
         product = dtype(1.0)
@@ -198,6 +216,7 @@ def test_live_settings_name_what_each_live_function_takes():
         "lion": ((0.9, 0.99), 0.1, False),
         "sgd_plain": (0.0, 0.0, 0.1, False, "pytorch"),
         "sgd_momentum": (0.9, 0.1, 0.1, False, "lr_folded"),
+        "lamb_direction": ((0.9, 0.99), 1e-6, 0.1, True, False),
     }
     live = {spec.name: spec for spec in rules.SPECS if spec.live is not None}
     assert set(live) == set(samples)
@@ -213,16 +232,18 @@ def test_live_settings_name_what_each_live_function_takes():
         ("SGD", {"momentum": 0.9, "capturable": True}),
         ("Adagrad", {"capturable": True}),
         ("Lion", {"capturable": True}),
+        ("LAMB", {"capturable": True}),
         ("AdamW", {"fused": True}),
         ("SGD", {"momentum": 0.9, "fused": True}),
     ],
-    ids=["adam", "sgd", "adagrad", "lion", "adamw-fused", "sgd-fused"],
+    ids=["adam", "sgd", "adagrad", "lion", "lamb", "adamw-fused", "sgd-fused"],
 )
 def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(name, options, monkeypatch):
     """With AMP's scale and found_inf set as GradScaler sets them, a step after the first
     two (the second adopts the parameters: new addresses; SGD's marks its buffers made)
-    launches once per bucket, copies nothing to the GPU and reads no tensor on the host:
-    with ``capturable=True``, or ``fused=True`` (on CUDA: `capture.on_device`)."""
+    launches once per bucket and pass (LAMB: 2), copies nothing to the GPU and reads no
+    tensor on the host: with ``capturable=True``, or ``fused=True`` (on CUDA:
+    `capture.on_device`)."""
     model = make_model(torch.float32, tiny=True)
     optimizer = getattr(fastmomentum, name)(model.parameters(), lr=0.01, **options)
     optimizer.grad_scale = torch.tensor(1024.0)
@@ -237,8 +258,8 @@ def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(name, opt
                 monkeypatch.setattr(torch.Tensor, method, _refused(method))
         optimizer.step()
     monkeypatch.undo()
-    buckets = sum(len(b) for b in optimizer.buckets)
-    assert counts.as_dict() == {"launches": buckets, "uploads": 0, "waits": 0}
+    launches = sum(len(b) for b in optimizer.buckets) * (2 if name == "LAMB" else 1)
+    assert counts.as_dict() == {"launches": launches, "uploads": 0, "waits": 0}
 
 
 def _refused(method):
@@ -257,6 +278,7 @@ def _refused(method):
         ("Adagrad", {"lr_decay": 0.1}, False),
         ("Lion", {}, True),
         ("SGD", {"momentum": 0.9, "dampening": 0.5}, False),
+        ("LAMB", {}, True),
     ],
 )
 def test_found_inf_skips_the_step_on_the_device(name, options, fused_zero_grad):
@@ -429,6 +451,7 @@ def test_cpu_parameters_are_refused(monkeypatch):
     before = param.detach().clone()
     with pytest.raises(ValueError, match="capturable=True steps parameters on a CUDA device"):
         fastmomentum.Adam([param], capturable=True)
+    matrix = torch.nn.Parameter(torch.randn(3, 4))
     with pytest.raises(ValueError, match="does not support capturable=True"):
-        fastmomentum.LAMB([{"params": [param], "capturable": True}])
+        fastmomentum.Muon([{"params": [matrix], "capturable": True}])
     assert torch.equal(param, before)

@@ -265,6 +265,22 @@ def test_amsgrad_keeps_nan_like_torch_maximum():
     assert np.isnan(state[2][1]) and not np.isnan(state[2][0])
 
 
+def test_a_kernel_per_value_of_its_flags():
+    from fastmomentum.kernels import cuda as kernels_cuda
+    from fastmomentum.kernels import rules
+
+    spec = rules.rmsprop.SPEC  # has_momentum, centered
+    assert kernels_cuda.kernel(spec) is kernels_cuda.kernel(spec, (False, False))
+    chosen = {kernels_cuda.kernel(spec, flags) for flags in [(0, 0), (0, 1), (1, 0), (1, 1)]}
+    assert len(chosen) == 4
+    source = kernels_cuda.kernel_source(spec, (True, False))
+    definition, body = source.split("\n", 1)
+    assert "has_momentum" not in definition and "centered" not in definition
+    assert body.startswith("    has_momentum = True\n    centered = False\n")
+    with pytest.raises(ValueError, match="takes 2 flags"):
+        kernels_cuda.kernel(spec, (True,))
+
+
 #: Per bucket, what one steady-state step of each optimizer does on the host through
 #: the CUDA kernels (`kernels.cuda.COUNTS`): (launches, uploads, waits). Two launches
 #: for the two-pass steps (LAMB: direction and norms, then the update; Muon: momentum,

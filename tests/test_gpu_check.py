@@ -83,3 +83,11 @@ def test_without_a_gpu_a_run_says_so():
 
     with pytest.raises(SystemExit, match="no CUDA GPU visible.*--list"):
         gpu_check.main([])
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_checks_shared_over_processes_come_back_in_order(jobs):
+    from bench import gpu_check
+
+    found = gpu_check.in_processes(abs, [-3, 1, -4, 1, -5, 9, -2, 6], jobs)
+    assert list(found) == [3, 1, 4, 1, 5, 9, 2, 6]

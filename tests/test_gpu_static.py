@@ -38,7 +38,7 @@ ptxas info    : Compile time = 200.714 ms
 
 
 def test_variants_cover_every_spec_in_every_format():
-    found = {(spec.name, format.name) for spec, format in gpu_static.variants()}
+    found = {(variant.spec.name, variant.format.name) for variant in gpu_static.variants()}
     for spec in rules.DEVICE_SPECS:
         assert {(spec.name, f.name) for f in gpu_static.FORMATS} <= found
     for spec in rules.SPECS:
@@ -51,7 +51,26 @@ def test_variants_cover_every_spec_in_every_format():
         except ValueError:
             continue
         assert {(name, f.name) for f in gpu_static.INT8_FORMATS} <= found
+    assert len(found) == len({(v.spec.name, v.format.name) for v in gpu_static.variants()})
+
+
+def test_variants_take_every_path_flag_and_the_type_flags_of_their_format():
+    found = {(v.name, v.format.name): v.flags for v in gpu_static.variants()}
     assert len(found) == len(gpu_static.variants())
+    for name in ("rmsprop", "rmsprop+centered", "rmsprop+has_momentum+centered"):
+        assert (name, "bf16") in found
+    assert found[("rmsprop+has_momentum", "fp32")] == (True, False)
+    assert found[("adam_capturable+amsgrad", "fp32, bf16 state")] == (True,)
+    assert found[("adam_int8+amsgrad", "fp16, int8 state")] == (True,)
+    # a flag that names an element type follows the format, as the binding sets it
+    lamb = rules.lamb.DIRECTION.name
+    assert found[(lamb, "fp32, bf16 state")] == rules.lamb.state_flags(np.uint16)
+    assert found[(lamb, "fp16")] == rules.lamb.state_flags(np.int16) == (False, True)
+    assert found[(lamb, "fp32")] == (False, False)
+    muon = rules.muon.MOMENTUM.name
+    assert found[(muon + "+nesterov", "bf16")] == (True, True, False)
+    assert found[(rules.muon.APPLY.name, "fp16")] == (False, True)
+    assert found[(rules.muon.APPLY.name, "fp16, master")] == (False, False)
 
 
 def _launched_formats():
@@ -90,19 +109,20 @@ def test_formats_are_those_the_torch_binding_launches():
 
 
 def test_signature_has_an_argument_per_kernel_parameter():
-    for spec, format in gpu_static.variants():
-        definition = cuda.kernel_source(spec).splitlines()[0]
+    for variant in gpu_static.variants():
+        definition = cuda.kernel_source(variant.spec, variant.flags).splitlines()[0]
         parameters = definition[definition.index("(") + 1 : definition.index(")")].split(",")
-        assert len(gpu_static.signature(spec, format)) == len(parameters), spec.name
+        signature = gpu_static.signature(variant.spec, variant.format)
+        assert len(signature) == len(parameters), variant.name
 
 
 def test_usual_launch_source_sets_every_path_argument():
-    for spec, format in gpu_static.variants():
-        source = gpu_static.usual_launch_source(spec, format)
-        compile(source, spec.name, "exec")
-        for name in (*spec.flags, "clear"):
-            assert f"\n    {name} = False\n" in source
-        assert f"\n    param_store = {format.param_store}\n" in source
+    for variant in gpu_static.variants():
+        source = gpu_static.usual_launch_source(variant)
+        compile(source, variant.name, "exec")
+        for name, value in (*zip(variant.spec.flags, variant.flags), ("clear", False)):
+            assert f"\n    {name} = {value}\n" in source
+        assert f"\n    param_store = {variant.format.param_store}\n" in source
 
 
 @pytest.mark.parametrize(
@@ -217,8 +237,8 @@ def test_f64_allowed_only_for_float64_arrays_and_lamb_sums():
 
 def test_known_misses_name_kernels_that_are_compiled():
     keys = {
-        gpu_static.key({"kernel": spec.name, "format": format.name, "arch": arch.name})
-        for spec, format in gpu_static.variants()
+        gpu_static.key({"kernel": v.name, "format": v.format.name, "arch": arch.name})
+        for v in gpu_static.variants()
         for arch in gpu_static.ARCHS
     }
     assert gpu_static.known_below_target() <= keys

@@ -181,7 +181,7 @@ def test_aligned_segments_take_vector_loads_and_step_as_the_cpu(name, amsgrad, m
     formats = TABLE_FORMATS[name]
     compute, param_store = formats[0], formats[2]
     spec = rules.adam.SPEC
-    namespace = kernels.kernel(spec).py_func.__globals__
+    namespace = kernels.kernel(spec, (amsgrad,)).py_func.__globals__
     vector_loads, vector_params = namespace["VECTOR_LOADS"], set()
 
     def counted(i, count, param, *rest):

@@ -119,6 +119,58 @@ def direction(
     return exp_avg, exp_avg_sq, update
 
 
+class LiveSettings(NamedTuple):
+    """What the live functions take from the host (``capturable=True``): every
+    hyperparameter but lr."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction: float  # 1.0 or 0.0
+    sign: float  # −1.0 with ``maximize``, else 1.0
+
+
+@register_jitable
+def _live_corrections(step, settings):
+    """`StepCoefficients` at ``step`` in float64, as `bias_corrections` computes them."""
+    if settings[4] == 0.0:
+        return 1.0, 1.0
+    return 1.0 - settings[0] ** step, 1.0 - settings[1] ** step
+
+
+@register_jitable
+def live_direction(scalars, lr, inverse_scale, settings):
+    """`DIRECTION`'s `Coefficients` and `StepCoefficients` of the next step on the device
+    (`kernels.capturable`), in float64 as `coefficients` and `bias_corrections` compute
+    them from Python floats, and the step count they advance to: ``scalars`` is
+    ``(t − 1,)``, ``settings`` is `live_settings`."""
+    beta1, beta2, eps, weight_decay = settings[0], settings[1], settings[2], settings[3]
+    step = scalars[0] + 1.0
+    shared = (
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, settings[5] * inverse_scale, weight_decay
+    )  # fmt: skip
+    return shared, _live_corrections(step, settings), (step,)
+
+
+@register_jitable
+def live_apply(scalars, lr, inverse_scale, settings):
+    """`APPLY_ON_DEVICE`'s coefficients and entry values on the device: the bias
+    corrections at the count the direction pass has advanced to (``scalars``:
+    ``(t,)``, left as it is) and −lr, which `trust_step` then multiplies by the
+    tensor's trust ratio."""
+    corrections = _live_corrections(scalars[0], settings)
+    entry = (corrections[0], corrections[1], -lr)
+    return (settings[2], settings[3]), entry, (scalars[0],)
+
+
+def live_settings(betas, eps, weight_decay, bias_correction, maximize):
+    """`LiveSettings`, as the plain tuple of floats kernels take."""
+    named = LiveSettings(*betas, eps, weight_decay, float(bias_correction),
+                         -1.0 if maximize else 1.0)  # fmt: skip
+    return tuple(float(value) for value in named)
+
+
 #: 8-bit state (`specs.int8_blockwise`): both passes read the codes the first writes.
 MOMENT_CODES = (("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED))
 
@@ -136,6 +188,9 @@ DIRECTION = KernelSpec(
     computed=("update",),
     squares=("param", "update"),
     codes=MOMENT_CODES,
+    live=live_direction,
+    live_settings=LiveSettings,
+    scalars=("step",),
 )
 
 
@@ -199,7 +254,13 @@ def trust_step(values, sums, entry):
 
 #: `APPLY` reading each tensor's norms from the device (CUDA: `kernels.sums`): its
 #: third entry value is −lr, and the kernel multiplies it by the trust ratio.
-APPLY_ON_DEVICE = APPLY._replace(name="lamb_apply_on_device", from_sums=trust_step)
+APPLY_ON_DEVICE = APPLY._replace(
+    name="lamb_apply_on_device",
+    from_sums=trust_step,
+    live=live_apply,
+    live_settings=LiveSettings,
+    scalars=("step",),
+)
 
 
 def state_flags(state_format):
