@@ -85,7 +85,7 @@ def test_momentum_convention_must_be_known():
         ("SGD", {"capturable": True}, ValueError, "capturable=True"),
         ("Adagrad", {"capturable": True}, ValueError, "capturable=True"),
         ("Lion", {"capturable": True}, ValueError, "capturable=True"),
-        ("LAMB", {"capturable": True}, TypeError, "capturable"),
+        ("LAMB", {"capturable": True}, ValueError, "capturable=True"),
     ],
 )
 def test_implementation_options_we_cannot_honour(name, options, error, message):
