@@ -1,8 +1,8 @@
 """GPU check: parity of every optimizer and mode the registry claims for CUDA, and the
 step's achieved memory bandwidth, in one command (docs/gpu.md describes its output).
 
-    python -m bench.gpu_check [--list] [--jobs 8] [--numel 268435456] [--repeats 20]
-                              [--output bench/out]
+    python -m bench.gpu_check [--list] [--parts parity,bandwidth] [--jobs 8]
+                              [--numel 268435456] [--repeats 20] [--output bench/out]
 
 Needs a CUDA GPU, a CUDA build of torch and numba-cuda with the CUDA toolkit's NVRTC
 (``pip install 'numba-cuda[cu12]'`` or ``[cu13]``, matching the driver); ``--list``
@@ -20,10 +20,12 @@ needs none and prints what would be checked.
    median step time of ours and of torch's (fused where it has one, else foreach), as
    bytes moved (`bench.providers.arrays_moved` × 4 × numel) per second and as a share of
    the device's peak: memory clock × 2 (double data rate) × bus width / 8.
-3. A markdown report (``--output``, default bench/out/), and exit status 1 on any
-   parity failure.
+3. A markdown report (``--output``, default bench/out/), written again after each row so
+   that a run cut short keeps what it measured, and exit status 1 on any parity failure.
+   ``--parts`` runs one part alone (``bandwidth`` first, say, on a short lease).
 """
 
+import argparse
 import concurrent.futures
 import datetime
 import inspect
@@ -423,9 +425,82 @@ def listing():
     return lines
 
 
+PARTS = ("parity", "bandwidth")
+
+
+def parts(text):
+    """``argparse`` type: a comma-separated subset of `PARTS`, in the order given."""
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"expected parts among {', '.join(PARTS)}, got {text!r}")
+    return chosen
+
+
+class Report:
+    """The markdown report, rewritten to ``path`` at each `add` (a run cut short keeps
+    its rows) and printed line by line."""
+
+    def __init__(self, path, lines):
+        self.path, self.lines = path, []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.add(*lines)
+
+    def add(self, *lines):
+        self.lines += lines
+        print("\n".join(lines), flush=True)
+        self.path.write_text("\n".join(self.lines) + "\n")
+
+
+def parity_part(report, jobs):
+    """The parity table; returns the number of failed checks."""
+    report.add(f"\n## Parity, {STEPS} steps\n")
+    report.add("| optimizer | row | mode | reference | bound | worst | result |")
+    report.add("| --- | --- | --- | --- | --- | --: | --- |")
+    failures = 0
+    found = in_processes(parity_cells, range(len(checks())), jobs)
+    for check, (used, worst, passed) in zip(checks(), found):
+        failures += not passed
+        cells = [check.name, check.row, check.mode, used, bound_of(check), worst]
+        report.add("| " + " | ".join(cells + ["ok" if passed else "FAILED"]) + " |")
+    return failures
+
+
+def bandwidth_part(report, device, numel, repeats):
+    """The bandwidth table, one row per benchmark row of an optimizer with CUDA."""
+    peak = peak_bandwidth(device)
+    report.add(
+        f"\n## Bandwidth, {numel / 2**20:.0f}M fp32 parameters, median of {repeats}",
+        f"\nPeak: memory clock × 2 × bus width / 8 = {peak / 1e9:.0f} GB/s\n",
+        "| row | bytes/param | ours ms | ours GB/s | ours % peak | torch | torch ms "
+        "| torch GB/s | torch % peak |",
+        "| --- | --: | --: | --: | --: | --- | --: | --: | --: |",
+    )
+    for row, (name, _) in benchmarks().items():
+        if not CAPABILITIES[name].cuda:
+            continue
+        moved, result = bandwidth(row, device, numel, repeats)
+        cells = [row, f"{moved / numel:.0f}"]
+        for provider in ("ours", "torch"):
+            milliseconds, kind = result.get(provider, (None, "–"))
+            if milliseconds is None:
+                cells += ["–"] * (3 if provider == "ours" else 4)
+                continue
+            rate = moved / (milliseconds / 1e3)
+            cells += [kind] if provider == "torch" else []
+            cells += [f"{milliseconds:.3f}", f"{rate / 1e9:.0f}", f"{100 * rate / peak:.0f}%"]
+        report.add("| " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     parser = cli.parser("bench.gpu_check", __doc__)
     parser.add_argument("--list", action="store_true", help="print the checks; needs no GPU")
+    parser.add_argument(
+        "--parts",
+        type=parts,
+        default=list(PARTS),
+        help="comma-separated parts to run, in that order (default: parity,bandwidth)",
+    )
     parser.add_argument(
         "--numel", type=cli.positive_int, default=256 * 2**20, help="parameters per buffer"
     )
@@ -455,51 +530,19 @@ def main(argv=None):
         f"{torch.version.cuda}, fastmomentum {fastmomentum.__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
-    report = [f"# GPU check\n\n{head}\n", f"## Parity, {STEPS} steps\n"]
-    report += ["| optimizer | row | mode | reference | bound | worst | result |"]
-    report += ["| --- | --- | --- | --- | --- | --: | --- |"]
-    print(head)
+    report = Report(args.output / "gpu_check.md", [f"# GPU check\n\n{head}"])
     failures = 0
-    found = in_processes(parity_cells, range(len(checks())), args.jobs)
-    for check, (used, worst, passed) in zip(checks(), found):
-        failures += not passed
-        cells = [check.name, check.row, check.mode, used, bound_of(check), worst]
-        line = "| " + " | ".join(cells + ["ok" if passed else "FAILED"]) + " |"
-        report.append(line)
-        print(line, flush=True)
-
-    peak = peak_bandwidth(device)
-    report += [
-        f"\n## Bandwidth, {args.numel / 2**20:.0f}M fp32 parameters, median of {args.repeats}",
-        f"\nPeak: memory clock × 2 × bus width / 8 = {peak / 1e9:.0f} GB/s\n",
-        "| row | bytes/param | ours ms | ours GB/s | ours % peak | torch | torch ms "
-        "| torch GB/s | torch % peak |",
-        "| --- | --: | --: | --: | --: | --- | --: | --: | --: |",
-    ]
-    print(report[-4].strip())
-    for row, (name, _) in benchmarks().items():
-        if not CAPABILITIES[name].cuda:
-            continue
-        moved, result = bandwidth(row, device, args.numel, args.repeats)
-        cells = [row, f"{moved / args.numel:.0f}"]
-        for provider in ("ours", "torch"):
-            milliseconds, kind = result.get(provider, (None, "–"))
-            if milliseconds is None:
-                cells += ["–"] * (3 if provider == "ours" else 4)
-                continue
-            rate = moved / (milliseconds / 1e3)
-            cells += [kind] if provider == "torch" else []
-            cells += [f"{milliseconds:.3f}", f"{rate / 1e9:.0f}", f"{100 * rate / peak:.0f}%"]
-        report.append("| " + " | ".join(cells) + " |")
-        print(report[-1], flush=True)
+    for part in args.parts:
+        if part == "parity":
+            failures = parity_part(report, args.jobs)
+        else:
+            bandwidth_part(report, device, args.numel, args.repeats)
 
     seconds = time.perf_counter() - began
     verdict = f"{failures} parity failure(s)" if failures else "parity: every check ok"
-    report.append(f"\n{verdict}; {seconds:.0f} s in all.")
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / "gpu_check.md"
-    path.write_text("\n".join(report) + "\n")
-    print(f"{verdict}; {seconds:.0f} s; report: {path}")
+    if "parity" not in args.parts:
+        verdict = "parity not run"
+    report.add(f"\n{verdict}; {seconds:.0f} s in all; report: {report.path}")
     if failures:
         raise SystemExit(1)
 

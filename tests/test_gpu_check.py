@@ -1,6 +1,7 @@
 """``python -m bench.gpu_check`` without a GPU: ``--list`` names every optimizer × mode
 the registry claims for CUDA, and a run says plainly that it needs a GPU."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,20 @@ def test_checks_shared_over_processes_come_back_in_order(jobs):
 
     found = gpu_check.in_processes(abs, [-3, 1, -4, 1, -5, 9, -2, 6], jobs)
     assert list(found) == [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+def test_parts_are_chosen_by_name_and_a_wrong_one_is_refused():
+    from bench import gpu_check
+
+    assert gpu_check.parts("bandwidth") == ["bandwidth"]
+    assert gpu_check.parts("bandwidth, parity") == ["bandwidth", "parity"]
+    with pytest.raises(argparse.ArgumentTypeError, match="parity, bandwidth.*'speed'"):
+        gpu_check.parts("speed")
+
+
+def test_the_report_is_on_disk_after_each_row(tmp_path):
+    from bench import gpu_check
+
+    report = gpu_check.Report(tmp_path / "out" / "gpu_check.md", ["# GPU check"])
+    report.add("| a | ok |")
+    assert (tmp_path / "out" / "gpu_check.md").read_text() == "# GPU check\n| a | ok |\n"
