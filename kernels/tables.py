@@ -188,7 +188,9 @@ def _block_parts(lengths, parts, block):
 
 
 def _chunks(lengths, chunk):
-    counts = -(-lengths // chunk)
+    # An empty entry gets one empty segment: a capturable kernel advances an entry's step
+    # count when its segments are done (torch counts a step for an empty parameter too).
+    counts = np.maximum(-(-lengths // chunk), 1)
     entries = np.repeat(np.arange(lengths.size, dtype=np.int64), counts)
     first_of_entry = np.repeat(np.cumsum(counts) - counts, counts)
     begin = (np.arange(entries.size, dtype=np.int64) - first_of_entry) * chunk

@@ -122,6 +122,30 @@ def test_other_optimizers_capturable_steps_are_their_ordinary_steps(name, option
         assert float(step) == STEPS and step.dtype == dtype
 
 
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "LAMB"])
+def test_an_empty_parameter_counts_its_steps_as_the_ordinary_step(name):
+    """An empty parameter has no elements to step, but torch counts its steps (and NAdam
+    its ``mu_product``): the capturable kernel advances its count too (found on an H200
+    by bench.gpu_check, where a (0,) parameter kept step 0 against torch's 10)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(37,), (0,), (3, 5)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ordinary = getattr(fastmomentum, name)(params, lr=1e-2)
+    capturable = getattr(fastmomentum, name)(twins, lr=1e-2, capturable=True)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        ordinary.step()
+        capturable.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        for key, value in ordinary.state[p].items():
+            assert torch.equal(capturable.state[q][key], value), (p.shape, key)
+    assert float(capturable.state[twins[1]]["step"]) == 3
+
+
 LIVE_STEPS = range(1, 1001)
 
 

@@ -109,3 +109,40 @@ def test_the_report_is_on_disk_after_each_row(tmp_path):
     report = gpu_check.Report(tmp_path / "out" / "gpu_check.md", ["# GPU check"])
     report.add("| a | ok |")
     assert (tmp_path / "out" / "gpu_check.md").read_text() == "# GPU check\n| a | ok |\n"
+
+
+def test_a_capturable_mode_s_cpu_reference_is_the_ordinary_step():
+    """LAMB and Lion have no torch peer: their capturable mode is checked against our CPU
+    step, which CPU parameters must build without ``capturable`` (on an H200 the check
+    raised "capturable=True steps parameters on a CUDA device" instead)."""
+    from bench import gpu_check
+
+    found = [c for c in gpu_check.checks() if c.mode == "capturable"]
+    on_cpu = [c for c in found if gpu_check.reference_of(c) == "our CPU step"]
+    assert {c.name for c in on_cpu} >= {"LAMB", "Lion"}
+    for check in on_cpu:
+        start = [torch.randn(5, 3), torch.randn(0, 3)]
+        grads = [[torch.randn(5, 3), torch.randn(0, 3)] for _ in range(2)]
+        params, optimizer, used = gpu_check.side(check, "cpu", start, grads, "our CPU step")
+        assert used == "our CPU step" and not optimizer.defaults.get("capturable")
+        assert not torch.equal(params[0].detach(), start[0])
+
+
+def test_adagrad_is_checked_against_torch_foreach_on_cuda():
+    """torch's fused Adagrad steps CPU tensors only (it raises on CUDA ones at the step)."""
+    from bench import gpu_check
+
+    assert gpu_check._torch_kind("Adagrad") == "foreach"
+    assert gpu_check._torch_kind("Adam") == "fused"
+
+
+def test_the_worst_names_the_first_tensor_out_of_bound():
+    from bench import gpu_check
+
+    worst = gpu_check.Worst()
+    worst.add("p0", 1e-7, True)
+    worst.add("p0.exp_avg", 3e-7, True)
+    assert worst.passed and worst.text == "3.00e-07 (p0.exp_avg)"
+    worst.add("p1", 2e-5, False)
+    worst.add("p1.exp_avg", 1e-6, True)  # within: does not hide the failure
+    assert not worst.passed and worst.text == "2.00e-05 (p1)"
