@@ -1,5 +1,5 @@
 """Static checks of every CUDA kernel, without a GPU: registers, occupancy, spills,
-float64 instructions, vector loads and bytes in flight, for sm_80 and sm_90.
+float64 instructions, vector loads and stores and bytes in flight, for sm_80 and sm_90.
 
     python -m bench.gpu_static [--output bench/results] [--strict] [--record-below-target]
 
@@ -527,6 +527,20 @@ def bytes_in_flight(ptx):
     return most
 
 
+def global_stores(ptx):
+    """``(vector, all)``: how many stores to global (or generic) memory the kernel's
+    PTX has, and how many of them store a vector (``st.global.v4.f32``). The element loop
+    loads 16 bytes per array where aligned; a scalar store per element writes a warp's
+    4 bytes at a 16-byte stride, four instructions where one would do."""
+    stores = [
+        i.opcode
+        for i in instructions(ptx)
+        if i.opcode.split(".")[0] == "st"
+        and not {"shared", "local", "param"} & set(i.opcode.split(".")[1:])
+    ]
+    return sum(_vector(opcode) > 1 for opcode in stores), len(stores)
+
+
 def f64_instructions(ptx):
     """The opcodes of the kernel's float64 instructions (an ``.f64`` in the opcode)."""
     return [i.opcode for i in instructions(ptx) if ".f64" in i.opcode]
@@ -567,7 +581,9 @@ def measure(variant, arch, executable):
     resources = parse_ptxas(assemble(ptx, arch, executable))
     threads = threads_per_block(spec)
     blocks = blocks_per_sm(arch, resources.registers, threads, resources.shared)
-    per_thread = bytes_in_flight(compile_ptx(variant, arch, usual=True))
+    usual = compile_ptx(variant, arch, usual=True)
+    per_thread = bytes_in_flight(usual)
+    vector_stores, stores = global_stores(usual)
     opcodes = f64_instructions(ptx)
     vector = sum(_is_memory_load(i.opcode) and _vector(i.opcode) > 1 for i in instructions(ptx))
     return {
@@ -584,6 +600,8 @@ def measure(variant, arch, executable):
         "f64": len(opcodes),
         "unexpected_f64": sorted(set(unexpected_f64(spec, format, opcodes))),
         "vector_loads": vector,
+        "vector_stores": vector_stores,  # of the usual launch's PTX
+        "stores": stores,
         "in_flight_per_thread": per_thread,
         "in_flight_per_sm": per_thread * blocks * threads,
         "target": round(arch.target),
@@ -651,15 +669,17 @@ def markdown(rows, known, strict, header):
     lines += [
         "",
         "| kernel | format | arch | registers | blocks/SM (occupancy) | spills B | local B "
-        "| shared B | f64 | vector loads | in flight B/thread | in flight KB/SM | status |",
-        "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --- |",
+        "| shared B | f64 | vector loads | vector / all stores | in flight B/thread "
+        "| in flight KB/SM | status |",
+        "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['kernel']} | {row['format']} | {row['arch']} | {row['registers']} "
             f"| {row['blocks_per_sm']} ({row['occupancy']:.1%}) | {row['spill_bytes']} "
             f"| {row['local_bytes']} | {row['shared_bytes']} | {row['f64']} "
-            f"| {row['vector_loads']} | {row['in_flight_per_thread']} "
+            f"| {row['vector_loads']} | {row['vector_stores']} / {row['stores']} "
+            f"| {row['in_flight_per_thread']} "
             f"| {row['in_flight_per_sm'] / 1024:.1f} | {status(row, known, strict)} |"
         )
     return "\n".join(lines) + "\n"

@@ -139,8 +139,8 @@ def _element_loop(spec, indent):
     warp's 32 groups, group ``g`` at the tile's elements ``g mod 32 + 32·k``, so that a
     warp's scalar load is 32 consecutive elements and a member's address is the first's
     plus a constant (one address register per array). Then, on either path, the rest of
-    the segment one element at a time. Not yet run on a GPU (bench.gpu_static reads the
-    PTX; tests/test_vectors.py runs both paths in the simulator)."""
+    the segment one element at a time. bench.gpu_static reads the PTX, tests/test_vectors.py
+    runs both paths in the simulator, bench.gpu_check ran them on an H200 (docs/gpu.md)."""
     arrays = ["param", "grad", *spec.state]
     loads = ", ".join([*arrays, "coefficients", *spec.flags, "companion", "param_store"])
     update = [*arrays, "coefficients", "values", *spec.flags, *spec.entry_flags]

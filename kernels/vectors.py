@@ -19,7 +19,8 @@ turns a tuple of arrays' tuples into a tuple per element (what `elements.split`'
 In Python (Numba's CUDA simulator, tests) each is the plain elementwise version, with
 the same values; compiled, overloads make them intrinsics, for the CPU at import and
 for CUDA by `register_cuda` (float16 there by ``cvt``, a NaN keeping its bits, as
-`precision.load` on a GPU). Compiled to PTX by bench.gpu_static; not yet run on a GPU.
+`precision.load` on a GPU). Compiled to PTX by bench.gpu_static; run on an H200 by
+bench.gpu_check (docs/gpu.md).
 """
 
 from llvmlite import ir

@@ -221,6 +221,16 @@ def test_vector_and_f64_instructions_are_found():
     assert gpu_static.f64_instructions(ptx) == ["cvt.f64.f32", "add.f64"]
 
 
+def test_global_stores_count_vector_ones_and_leave_out_shared_and_local():
+    assert gpu_static.global_stores(PTX) == (0, 1)
+    ptx = PTX.replace(
+        "st.global.f32 	[%rd8], %f4;",
+        "st.global.v4.f32 	[%rd8], {%f4, %f4, %f4, %f4};\n\tst.shared.f32 	[%rd1], %f4;\n"
+        "\tst.local.f32 	[%rd1], %f4;\n\tst.f32 	[%rd9], %f4;",
+    )
+    assert gpu_static.global_stores(ptx) == (1, 2)
+
+
 def test_f64_allowed_only_for_float64_arrays_and_lamb_sums():
     fp32, fp64 = gpu_static.FORMATS[0], gpu_static.FORMATS[1]
     sums = ["cvt.f64.f32", "fma.rn.f64", "atom.global.add.f64", "st.shared.f64"]
