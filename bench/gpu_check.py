@@ -460,7 +460,7 @@ def listing():
     return lines
 
 
-PARTS = ("parity", "bandwidth")
+PARTS = ("parity", "bandwidth", "exactness")
 
 
 def parts(text):
@@ -503,6 +503,55 @@ def parity_part(report, jobs, only=None):
     return failures
 
 
+def exactness_part(report, device):
+    """One fp32 step of each benchmark row on the GPU and on the CPU from the same data:
+    how many elements of each tensor differ (the CPU loop computes each rule as written,
+    bit for bit with Numba's simulator), and how many fused multiply-adds the PTX of the
+    row's launched kernels holds (``fma.rn``: a·b + c rounded once, where NVVM contracts
+    what the rule writes as a product and a sum)."""
+    report.add(
+        "\n## Our CUDA step against our CPU step, one fp32 step\n",
+        "| row | elements differing | tensors differing | fma.rn in the launched PTX |",
+        "| --- | --: | --- | --: |",
+    )
+    for row, (name, options) in benchmarks().items():
+        if not CAPABILITIES[name].cuda:
+            continue
+        check = Check(name, row, options, "fp32", torch.float32, {})
+        start, grads = data(check)
+        params, ours, _ = side(check, device, start, grads[:1])
+        ref_params, theirs, _ = side(check, "cpu", start, grads[:1], "our CPU step")
+        mine, wanted = tensors(params, ours), tensors(ref_params, theirs)
+        differing = {
+            k: int((mine[k].detach().cpu() != v.detach().cpu()).sum()) for k, v in wanted.items()
+        }
+        total = sum(v.numel() for v in wanted.values())
+        named = ", ".join(k for k, n in differing.items() if n)[:80] or "none"
+        cells = [row, f"{sum(differing.values())} of {total}", named, str(launched_fmas(name))]
+        report.add("| " + " | ".join(cells) + " |")
+
+
+def launched_fmas(name):
+    """``fma.rn`` instructions in the PTX of every CUDA kernel of ``name``'s rule module
+    that has been compiled in this process (`kernels.cuda.kernel` keeps one per spec and
+    flag values)."""
+    import itertools
+
+    from fastmomentum.kernels import cuda as kernels
+    from fastmomentum.kernels import rules
+    from fastmomentum.kernels.specs import KernelSpec
+
+    module = getattr(rules, CAPABILITIES[name].module, None)
+    specs = [value for value in vars(module).values() if isinstance(value, KernelSpec)]
+    found = 0
+    for spec in specs if module else ():
+        for flags in itertools.product((False, True), repeat=len(spec.flags)):
+            dispatcher = kernels.kernel(spec, flags)
+            if getattr(dispatcher, "overloads", None):  # none in the simulator
+                found += sum(ptx.count("fma.rn") for ptx in dispatcher.inspect_asm().values())
+    return found
+
+
 def bandwidth_part(report, device, numel, repeats):
     """The bandwidth table, one row per benchmark row of an optimizer with CUDA."""
     peak = peak_bandwidth(device)
@@ -535,8 +584,9 @@ def main(argv=None):
     parser.add_argument(
         "--parts",
         type=parts,
-        default=list(PARTS),
-        help="comma-separated parts to run, in that order (default: parity,bandwidth)",
+        default=["parity", "bandwidth"],
+        help="comma-separated parts to run, in that order (default: parity,bandwidth; "
+        "exactness: our CUDA step against our CPU step, element by element)",
     )
     parser.add_argument(
         "--only",
@@ -580,8 +630,10 @@ def main(argv=None):
     for part in args.parts:
         if part == "parity":
             failures = parity_part(report, args.jobs, args.only)
-        else:
+        elif part == "bandwidth":
             bandwidth_part(report, device, args.numel, args.repeats)
+        else:
+            exactness_part(report, device)
 
     seconds = time.perf_counter() - began
     verdict = f"{failures} parity failure(s)" if failures else "parity: every check ok"

@@ -48,10 +48,12 @@ class Capabilities(NamedTuple):
     ddp: bool = True
     #: Under FSDP2 (``fully_shard``: DTensor parameters stepped through their shards).
     fsdp2: bool = True
-    #: CUDA tensors (kernels checked in Numba's simulator; never yet run on a GPU).
+    #: CUDA tensors (kernels checked in Numba's simulator; run once on an H200:
+    #: bench/results/gpu_check_h200.md).
     cuda: bool = True
     #: ``capturable=True``: no host read during a step, CUDA-graph capturable
-    #: (`fastmomentum.capture`; simulator-checked, never yet run on a GPU).
+    #: (`fastmomentum.capture`; simulator-checked; on an H200 a captured step replays
+    #: bit for bit the steps launched one by one).
     capturable: bool = False
     #: What the cells do not say (a limit of one option).
     note: str = ""

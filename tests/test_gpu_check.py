@@ -146,3 +146,17 @@ def test_the_worst_names_the_first_tensor_out_of_bound():
     worst.add("p1", 2e-5, False)
     worst.add("p1.exp_avg", 1e-6, True)  # within: does not hide the failure
     assert not worst.passed and worst.text == "2.00e-05 (p1)"
+
+
+def test_the_exactness_part_counts_differing_elements(monkeypatch, tmp_path):
+    """Its plumbing, on the CPU against itself (a GPU run compares the CUDA step): one
+    row, small data; nothing differs and no PTX was compiled."""
+    from bench import gpu_check
+
+    rows = {"SGD momentum": gpu_check.benchmarks()["SGD momentum"]}
+    monkeypatch.setattr(gpu_check, "benchmarks", lambda: rows)
+    small = ([torch.randn(7, 3), torch.randn(5)], [[torch.randn(7, 3), torch.randn(5)]])
+    monkeypatch.setattr(gpu_check, "data", lambda check: small)
+    report = gpu_check.Report(tmp_path / "gpu_check.md", ["# GPU check"])
+    gpu_check.exactness_part(report, "cpu")
+    assert report.lines[-1] == "| SGD momentum | 0 of 52 | none | 0 |"
