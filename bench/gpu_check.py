@@ -508,7 +508,8 @@ def exactness_part(report, device):
     how many elements of each tensor differ (the CPU loop computes each rule as written,
     bit for bit with Numba's simulator), and how many fused multiply-adds the PTX of the
     row's launched kernels holds (``fma.rn``: a·b + c rounded once, where NVVM contracts
-    what the rule writes as a product and a sum)."""
+    what the rule writes as a product and a sum). LAMB's norms and Muon's Newton–Schulz
+    add in another order on the GPU: they may differ for that reason alone."""
     report.add(
         "\n## Our CUDA step against our CPU step, one fp32 step\n",
         "| row | elements differing | tensors differing | fma.rn in the launched PTX |",
@@ -534,7 +535,7 @@ def exactness_part(report, device):
 def launched_fmas(name):
     """``fma.rn`` instructions in the PTX of every CUDA kernel of ``name``'s rule module
     that has been compiled in this process (`kernels.cuda.kernel` keeps one per spec and
-    flag values)."""
+    flag values); a note where the PTX is not at hand."""
     import itertools
 
     from fastmomentum.kernels import cuda as kernels
@@ -542,13 +543,17 @@ def launched_fmas(name):
     from fastmomentum.kernels.specs import KernelSpec
 
     module = getattr(rules, CAPABILITIES[name].module, None)
-    specs = [value for value in vars(module).values() if isinstance(value, KernelSpec)]
+    values = vars(module).values() if module is not None else ()
     found = 0
-    for spec in specs if module else ():
+    for spec in (value for value in values if isinstance(value, KernelSpec)):
         for flags in itertools.product((False, True), repeat=len(spec.flags)):
             dispatcher = kernels.kernel(spec, flags)
-            if getattr(dispatcher, "overloads", None):  # none in the simulator
+            if not getattr(dispatcher, "overloads", None):  # none in the simulator
+                continue
+            try:
                 found += sum(ptx.count("fma.rn") for ptx in dispatcher.inspect_asm().values())
+            except Exception:  # a kernel read from Numba's cache may keep no PTX
+                return "n/a (run with an empty NUMBA_CACHE_DIR)"
     return found
 
 
