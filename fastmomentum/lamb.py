@@ -168,7 +168,7 @@ class LAMB(FlatOptimizer):
                 rules.lamb.state_flags(bucket.formats[2] if bucket.formats else dtype),
             ),
         )
-        measured = _Measured()  # from the direction pass to the update pass of a wave
+        measured = _Measured(bucket)  # from the direction pass to the update pass of a wave
 
         def count_step(table):  # each parameter's t, and its bias corrections
             step = bucket.count_steps(table.rows)  # None unless all are at one step
@@ -177,16 +177,7 @@ class LAMB(FlatOptimizer):
                 dtype, steps, betas, settings.bias_correction
             )
 
-        on_gpu = bucket.kernels is not cpu  # the norms stay there (`kernels.sums`)
-
-        def direction_and_norms(table, *arguments):
-            options = {"keep_sums": True} if on_gpu else {}
-            norms = bucket.kernels.launch(table, *arguments, **options)
-            if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
-                params = [bucket.params[row] for row in table.rows]
-                summed = summed_on_device if on_gpu else summed_over_shards
-                norms = summed(params, norms)
-            measured.corrections, measured.norms = table.entry_values.copy(), norms
+        on_gpu = measured.on_gpu
 
         def trust(table):
             if on_gpu:  # −lr, which the kernel multiplies by the tensor's trust ratio
@@ -198,9 +189,6 @@ class LAMB(FlatOptimizer):
                     dtype, measured.corrections, measured.norms, lr
                 )
 
-        def apply_with_norms(table, *arguments):
-            bucket.kernels.launch(table, *arguments, sums=measured.norms)
-
         moments = rules.lamb.DIRECTION.state  # the update pass reads what the first wrote
         direction, columns = quantized.launched(rules.lamb.DIRECTION, moments, bucket)
         apply_spec = rules.lamb.APPLY_ON_DEVICE if on_gpu else rules.lamb.APPLY
@@ -211,14 +199,14 @@ class LAMB(FlatOptimizer):
                     columns,
                     direction.entry_width,
                     count_step,
-                    direction_and_norms,
+                    measured.direction_and_norms,
                     (direction, coefficients, flags),
                 ),
                 (
                     columns,
                     apply.entry_width,
                     trust,
-                    apply_with_norms if on_gpu else bucket.kernels.launch,
+                    measured.apply_with_norms if on_gpu else bucket.kernels.launch,
                     (apply, apply_coefficients),
                 ),
             ]
@@ -234,21 +222,11 @@ def _update_on_device(optimizer, bucket, settings, plan):
         settings.maximize,
     )  # fmt: skip
     flags = rules.lamb.state_flags(bucket.formats[2] if bucket.formats else bucket.dtype_numpy)
-    measured = _Measured()
-
-    def direction_and_norms(table, *arguments):
-        norms = bucket.kernels.launch(table, *arguments, keep_sums=True)
-        if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
-            norms = summed_on_device([bucket.params[row] for row in table.rows], norms)
-        measured.norms = norms
-
-    def apply_with_norms(table, *arguments):
-        bucket.kernels.launch(table, *arguments, sums=measured.norms)
-
+    measured = _Measured(bucket)
     moments, lr = rules.lamb.DIRECTION.state, settings.lr
     passes = [
-        (rules.lamb.DIRECTION, flags, direction_and_norms),
-        (rules.lamb.APPLY_ON_DEVICE, (), apply_with_norms),
+        (rules.lamb.DIRECTION, flags, measured.direction_and_norms),
+        (rules.lamb.APPLY_ON_DEVICE, (), measured.apply_with_norms),
     ]
     plan.launch_passes(
         [
@@ -262,6 +240,27 @@ def _update_on_device(optimizer, bucket, settings, plan):
 class _Measured:
     """What a wave's direction pass hands its update pass (`launches.StepPlan.launch_passes`
     runs them in turn over one wave): the bias corrections of its parameters (rows of
-    `rules.lamb.StepCoefficients`) and each tensor's ``(‖p‖², ‖u‖²)``."""
+    `rules.lamb.StepCoefficients`) and each tensor's ``(‖p‖², ‖u‖²)``, kept on the GPU
+    where the kernels run there (`kernels.sums`). Its two launchers run the passes of
+    the ordinary step and of the capturable one (`_update_on_device`)."""
 
-    __slots__ = ("corrections", "norms")
+    __slots__ = ("bucket", "on_gpu", "corrections", "norms")
+
+    def __init__(self, bucket):
+        self.bucket, self.on_gpu = bucket, bucket.kernels is not cpu
+
+    def direction_and_norms(self, table, *arguments):
+        """The direction pass: its norms (a shard's summed into the whole tensor's, on
+        whichever side they are) and its table's bias corrections, kept."""
+        bucket = self.bucket
+        options = {"keep_sums": True} if self.on_gpu else {}
+        norms = bucket.kernels.launch(table, *arguments, **options)
+        if bucket.distributed:  # a shard's sums: the trust ratio is the whole tensor's
+            params = [bucket.params[row] for row in table.rows]
+            summed = summed_on_device if self.on_gpu else summed_over_shards
+            norms = summed(params, norms)
+        self.corrections, self.norms = table.entry_values.copy(), norms
+
+    def apply_with_norms(self, table, *arguments):
+        """The update pass on the GPU, reading the norms the direction pass kept there."""
+        self.bucket.kernels.launch(table, *arguments, sums=self.norms)
