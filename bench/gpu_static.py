@@ -530,8 +530,9 @@ def bytes_in_flight(ptx):
 def global_stores(ptx):
     """``(vector, all)``: how many stores to global (or generic) memory the kernel's
     PTX has, and how many of them store a vector (``st.global.v4.f32``). The element loop
-    loads 16 bytes per array where aligned; a scalar store per element writes a warp's
-    4 bytes at a 16-byte stride, four instructions where one would do."""
+    loads and stores 16 bytes per array where aligned (one vector store per array the
+    usual launch writes); a scalar store per element there would write a warp's 4 bytes
+    at a 16-byte stride, four instructions where one would do."""
     stores = [
         i.opcode
         for i in instructions(ptx)

@@ -45,7 +45,7 @@ from .quantization import (  # noqa: F401 (generated kernels)
     inverse,
 )
 from .rules.common import nan_max  # noqa: F401 (generated kernels)
-from .tables import KAHAN  # noqa: F401 (generated kernels)
+from .tables import KAHAN, MIRRORED  # noqa: F401 (generated kernels)
 from .vectors import vector_aligned  # noqa: F401 (generated kernels)
 
 # A small table gets a small grid on purpose; numba-cuda would warn about each launch
@@ -89,7 +89,9 @@ def _generated_kernel(spec, flags):
     if spec.blockwise:
         namespace.update(cuda_blockwise.namespace(spec))
     else:
-        namespace["LOADS"], namespace["VECTOR_LOADS"], namespace["UPDATE"] = split(spec)
+        loads, vector_loads, update, vector_updates = split(spec, _vector_counts())
+        namespace.update(LOADS=loads, VECTOR_LOADS=vector_loads, UPDATE=update)
+        namespace.update((f"VECTOR_UPDATE{n}", f) for n, f in vector_updates.items())
     cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec, flags))
     return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
 
@@ -129,13 +131,14 @@ def _element_loop(spec, indent):
     array (16: 4 float32 elements, 8 of 16 bits, 2 float64), a choice NVVM makes at
     compile time from the arrays' types.
 
-    Where every array the segment loads is aligned to a group at the segment's first
-    element (`_aligned`), thread ``t``'s groups are ``count`` consecutive elements
-    (``begin + count·t`` on, then a block's groups further), each array's read by one
-    vector load (``ld.global.v4``, ``.v2``: `elements.split`'s vector loads); each
-    element is then computed and stored on its own: scalar stores, a warp's store of a
-    member writing 32 elements a group apart (16 bytes of the widest array), whose gaps
-    its other members' stores fill (the L2 cache merges them before memory). Elsewhere
+    Where every array the segment loads or stores is aligned to a group at the
+    segment's first element (`_aligned`), thread ``t``'s groups are ``count``
+    consecutive elements (``begin + count·t`` on, then a block's groups further), each
+    array's read by one vector load (``ld.global.v4``, ``.v2``: `elements.split`'s
+    vector loads) and, once the rule has run on each element, written by one vector
+    store (``st.global.v4``: its vector updates), so that a warp's store is 512
+    consecutive bytes of the widest array, not 4 in every 16 (stochastically rounded
+    parameters: a scalar store per element, their random bits drawn per element). Elsewhere
     (an array at an odd element offset, a view into a buffer), today's whole tiles of a
     warp's 32 groups, group ``g`` at the tile's elements ``g mod 32 + 32·k``, so that a
     warp's scalar load is 32 consecutive elements and a member's address is the first's
@@ -148,7 +151,7 @@ def _element_loop(spec, indent):
     update = ", ".join([*update, "clear", "companion", "param_store", "key"])
     summed = "summed = " if spec.squares else ""
     sizes = ", ".join(f"element_size({name})" for name in arrays)
-    counts = sorted({max(1, config.BYTES_IN_FLIGHT_PER_ARRAY // size) for size in (2, 4, 8)})
+    counts = _vector_counts()
     lines = [
         "begin = segments[segment, 1]",
         f"count = {config.BYTES_IN_FLIGHT_PER_ARRAY} // max({sizes})  # a constant",
@@ -167,11 +170,10 @@ def _element_loop(spec, indent):
             "        while group < groups:",
             f"            i = begin + group * {count}",
             f"            loaded = VECTOR_LOADS(i, {count}, {loads})",
+            f"            {summed}VECTOR_UPDATE{count}(i, loaded, {update})",
         ]
         for k in range(count):
-            index = f"i + {k}" if k else "i"
-            lines.append(f"            {summed}UPDATE({index}, loaded[{k}], {update})")
-            lines += _summed(spec, "            ")
+            lines += _summed(spec, "            ", f"summed[{k}]")
         lines += ["            group += cuda.blockDim.x", "    else:"]
         at = ["i"] + [f"i + {32 * k}" for k in range(1, count)]
         lines += [
@@ -190,10 +192,10 @@ def _element_loop(spec, indent):
 
 
 def _aligned(spec):
-    """The lines that set ``aligned``: whether every array the segment loads is aligned
-    at its first element to a group of ``count`` elements (`vectors.vector_aligned`):
-    param, grad, each state (an optional one when its flag is set) and the companion
-    when it is loaded (`KAHAN`; mirrored, it is only stored)."""
+    """The lines that set ``aligned``: whether every array the segment loads or stores
+    is aligned at its first element to a group of ``count`` elements
+    (`vectors.vector_aligned`): param, grad, each state (an optional one when its flag
+    is set) and the companion when it is an array (`KAHAN`, `MIRRORED`)."""
     columns = [("param", "0"), ("grad", "1")]
     columns += [(name, str(column)) for column, name in enumerate(spec.state, start=2)]
     lines = []
@@ -203,15 +205,23 @@ def _aligned(spec):
         test = f"(not {flag} or {test})" if flag else test
         lines.append(f"aligned = aligned and {test}" if lines else f"aligned = {test}")
     test = "vector_aligned(addresses[entry, last], begin, count, companion)"
-    lines.append(f"aligned = aligned and (param_store != KAHAN or {test})")
+    companion = "param_store != KAHAN and param_store != MIRRORED"
+    lines.append(f"aligned = aligned and ({companion} or {test})")
     return lines
 
 
-def _summed(spec, indent):
-    """The lines that add the squares of ``summed`` to the thread's sums."""
+def _vector_counts():
+    """The lengths of the vectors a thread loads and stores, one per element size (2, 4
+    and 8 bytes): `config.BYTES_IN_FLIGHT_PER_ARRAY` of each, at least 1 element."""
+    return tuple(sorted({max(1, config.BYTES_IN_FLIGHT_PER_ARRAY // size) for size in (2, 4, 8)}))
+
+
+def _summed(spec, indent, summed="summed"):
+    """The lines that add the squares of ``summed`` (one element's values) to the
+    thread's sums."""
     lines = []
     for k in range(len(spec.squares)):
-        lines.append(f"{indent}value{k} = float64(summed[{k}])")
+        lines.append(f"{indent}value{k} = float64({summed}[{k}])")
         lines.append(f"{indent}sum{k} += value{k} * value{k}")
     return lines
 

@@ -25,10 +25,18 @@ import functools
 from numba.extending import register_jitable
 
 from . import generated
-from .precision import load, random_bits, store, store_stochastically, stored_in_16_bits
+from .precision import (
+    as_stored,
+    load,
+    random_bits,
+    stochastic_bits,
+    store,
+    store_stochastically,
+    stored_in_16_bits,
+)
 from .quantization import decode_signed, decode_unsigned
 from .tables import KAHAN, MIRRORED, STOCHASTIC
-from .vectors import added, by_element, vector_load
+from .vectors import added, by_element, vector_load, vector_store, vector_store_bits
 
 
 @register_jitable
@@ -133,14 +141,15 @@ def element_source(spec):
     return "\n".join(lines + read + _update(spec, values, current) + [""])
 
 
-def split(spec):
-    """`element` of a spec that is not block-wise, in three generated functions::
+def split(spec, counts=(2, 4, 8)):
+    """`element` of a spec that is not block-wise, in generated functions::
 
         <name>_loads(i, param, grad, *state, coefficients, *flags, companion, param_store)
         <name>_vector_loads(i, count, param, grad, *state, coefficients, *flags,
                             companion, param_store)
         <name>_update(i, loaded, param, grad, *state, coefficients, entry, *flags,
                       *entry_flags, clear_grad, companion, param_store, key)
+        <name>_vector_update<count>(i, loaded, <the arguments of _update after it>)
 
     ``_loads`` returns the values element ``i`` of each array holds (a tuple), and
     ``_update`` computes the rule on them and stores what it returns, as `element`
@@ -148,20 +157,28 @@ def split(spec):
     (`kernels.cuda.kernel_source`). ``_vector_loads`` returns what ``_loads`` returns
     for each of the elements ``i`` to ``i + count − 1`` (a tuple of them), read with
     one vector load per array (`vectors.vector_load`: ``count`` a literal, each array
-    aligned to ``count`` elements at ``i``). The values summed
-    (`specs.KernelSpec.squares`) of a param the step does not update are those loaded."""
-    return _generated_split(spec)
+    aligned to ``count`` elements at ``i``), and ``_vector_update<count>``, one for
+    each of ``counts``, computes the rule on each of them and stores the new values
+    of each array with one vector store (`vectors.vector_store`; every array it
+    stores aligned as for the loads, the companion too where it is stored: mirrored
+    or Kahan; a stochastically rounded param's bits by `vectors.vector_store_bits`). It
+    returns, where the spec sums squares, the values `_update` returns, a tuple per
+    element. The values summed (`specs.KernelSpec.squares`) of a param the step does
+    not update are those loaded. Each array's elements are rounded and stored as
+    `_update` stores them, so the two give the same bits."""
+    return _generated_split(spec, tuple(counts))
 
 
 @functools.cache
-def _generated_split(spec):
+def _generated_split(spec, counts):
     namespace = _namespace(spec)
-    generated.compile_into(namespace, "element_split", spec, split_source(spec))
+    generated.compile_into(namespace, "element_split", spec, split_source(spec, counts))
     names = ("loads", "vector_loads", "update")
-    return tuple(namespace[f"{spec.name}_{name}"] for name in names)
+    functions = tuple(namespace[f"{spec.name}_{name}"] for name in names)
+    return (*functions, {count: namespace[f"{spec.name}_vector_update{count}"] for count in counts})
 
 
-def split_source(spec):
+def split_source(spec, counts=(2, 4, 8)):
     """The source of `split` (readable: ``print(split_source(rules.adam.SPEC))``)."""
     if spec.blockwise:
         raise ValueError(f"{spec.name}: block-wise state is not split")
@@ -189,8 +206,11 @@ def split_source(spec):
         "@register_jitable",
         f"def {spec.name}_update({', '.join(update)}):",
         f"    {', '.join(names)}, = loaded",
+        *_update(spec, names, names[0]),
     ]
-    return "\n".join(lines + _update(spec, names, names[0]) + [""])
+    for count in counts:
+        lines += ["", "", *_vector_update(spec, count, update)]
+    return "\n".join(lines + [""])
 
 
 def _namespace(spec):
@@ -200,7 +220,10 @@ def _namespace(spec):
     namespace.update(stored_in_16_bits=stored_in_16_bits)
     namespace.update(load_param=load_param, store_param=store_param)
     namespace.update(vector_load=vector_load, vector_load_param=vector_load_param)
-    namespace.update(by_element=by_element)
+    namespace.update(by_element=by_element, vector_store=vector_store, as_stored=as_stored)
+    namespace.update(vector_store_bits=vector_store_bits, stochastic_bits=stochastic_bits)
+    namespace.update(random_bits=random_bits)
+    namespace.update(STOCHASTIC=STOCHASTIC, MIRRORED=MIRRORED, KAHAN=KAHAN)
     namespace.update(decode_signed=decode_signed, decode_unsigned=decode_unsigned)
     return namespace
 
@@ -239,9 +262,9 @@ def _vector_load(array):
     return f"vector_load({array}, i, count)"
 
 
-def _update(spec, values, current):
-    """The lines that call the rule on ``values`` (`_loads`), store what it returns and
-    return the values to square; ``current`` is the param's value if not updated."""
+def _rule_call(spec, values, suffix=""):
+    """The lines that call the rule on ``values`` (`_loads`) into ``new_<name><suffix>``,
+    one per value it returns (param, written state, computed values)."""
     lines = []
     values = [
         *values,
@@ -251,12 +274,68 @@ def _update(spec, values, current):
     values += [*spec.flags, *spec.entry_flags]
     results = (["new_param"] if spec.updates_param else []) + [f"new_{n}" for n in spec.written]
     results += [f"new_{name}" for name in spec.computed]
+    results = [result + suffix for result in results]
     call = f"{', '.join(results)} = {{}}({', '.join(values)})"  # one: returned bare
     if spec.fused_rule is None:
         lines.append("    " + call.format("RULE"))
     else:  # a constant condition where compiled: one of the two calls is left
         lines += ["    if stored_in_16_bits(param):", "        " + call.format("FUSED_RULE")]
         lines += ["    else:", "        " + call.format("RULE")]
+    return lines
+
+
+def _squared(spec, current, suffix=""):
+    """The expressions of the values whose squares the loop sums, after the step;
+    ``current`` is the param's value if not updated."""
+    after = {"param": f"new_param{suffix}" if spec.updates_param else current}
+    after.update((name, f"new_{name}{suffix}") for name in (*spec.written, *spec.computed))
+    return [after[name] for name in spec.squares]
+
+
+def _vector_update(spec, count, arguments):
+    """The lines of ``<name>_vector_update<count>`` (`split`), taking ``arguments``:
+    element ``k``'s loaded values are ``<array>_<k>``, its new ones ``new_<name>_<k>``."""
+    arrays = ["param", "grad", *spec.state]
+    lines = ["@register_jitable", f"def {spec.name}_vector_update{count}({', '.join(arguments)}):"]
+    for k in range(count):
+        values = [f"{array}_{k}" for array in arrays]
+        lines.append(f"    {', '.join(values)}, = loaded[{k}]")
+        lines += _rule_call(spec, values, f"_{k}")
+
+    def each(template):
+        return "(" + ", ".join(template.format(k=k) for k in range(count)) + ",)"
+
+    if spec.updates_param:
+        rounded = "stochastic_bits(param, new_param_{k}, random_bits(key, i + {k}))"
+        lines += [
+            "    if param_store == STOCHASTIC:",
+            f"        vector_store_bits(param, i, {each(rounded)})",
+            "    else:",
+            f"        vector_store(param, i, {each('new_param_{k}')})",
+            "        if param_store == MIRRORED:",
+            f"            vector_store(companion, i, {each('new_param_{k}')})",
+            "        elif param_store == KAHAN:  # what rounding p lost, itself rounded",
+            f"            vector_store(companion, i, {each('new_param_{k} - as_stored(param, new_param_{k})')})",  # noqa: E501
+        ]
+    for name in spec.written:
+        flag = spec.optional_flag(name)
+        indent = "    "
+        if flag:
+            lines.append(f"    if {flag}:")
+            indent = "        "
+        lines.append(f"{indent}vector_store({name}, i, {each('new_' + name + '_{k}')})")
+    if spec.reads_grad:
+        lines += ["    if clear_grad:", f"        vector_store(grad, i, {each('0')})"]
+    if spec.squares:
+        squared = [f"({', '.join(_squared(spec, f'param_{k}', f'_{k}'))},)" for k in range(count)]
+        lines.append(f"    return ({', '.join(squared)},)")
+    return lines
+
+
+def _update(spec, values, current):
+    """The lines that call the rule on ``values`` (`_loads`), store what it returns and
+    return the values to square; ``current`` is the param's value if not updated."""
+    lines = _rule_call(spec, values)
     if spec.updates_param:
         lines.append("    store_param(param, companion, i, new_param, param_store, key)")
     if not spec.blockwise:  # 8-bit state is encoded by the caller, block by block
@@ -270,10 +349,7 @@ def _update(spec, values, current):
     if spec.reads_grad:
         lines += ["    if clear_grad:", "        grad[i] = 0"]
     returned = [f"new_{name}" for name in spec.written] if spec.blockwise else []
-    if spec.squares:  # the values the loop sums the squares of, after the step
-        after = {"param": "new_param" if spec.updates_param else current}
-        after.update((name, f"new_{name}") for name in (*spec.written, *spec.computed))
-        returned += [after[name] for name in spec.squares]
+    returned += _squared(spec, current)  # the values the loop sums the squares of
     if returned:
         lines.append(f"    return ({', '.join(returned)},)")
     return lines

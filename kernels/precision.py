@@ -13,7 +13,9 @@ on the bits, float16 by the hardware's conversions (x86's F16C, a GPU's ``cvt``)
 no branch in either, so loops over them vectorise on the CPU and unroll on a GPU; in
 Python (Numba's CUDA simulator, references in tests) NumPy does them. `widen_bfloat16`,
 `widen_float16` and `widen_float16_keeping_nan` build the IR of the conversions to
-float32, which `kernels.vectors` applies to each element of a vector load.
+float32, which `kernels.vectors` applies to each element of a vector load, and
+`narrow_bfloat16`, `narrow_float16` and `narrow_float16_keeping_nan` that of the
+conversions back, applied to each element of a vector store.
 
 `store_stochastically` writes a computed value rounded *stochastically* to its 16-bit
 format: up (away from zero) with probability equal to the fraction of the gap between
@@ -24,7 +26,9 @@ loops, the CUDA kernels and the simulator draw the same bits.
 
 `as_bfloat16` and `as_float16` give a computed value as a 16-bit array keeps it
 (rounded as `store` rounds, read back): for a rule that computes with its new state as
-it will be stored (LAMB's direction, whose norm must be that of the update applied).
+it will be stored (LAMB's direction, whose norm must be that of the update applied);
+`as_stored` does the same for any array's format (a CUDA kernel's vector store of
+Kahan's compensation ``y − round(y)``, `kernels.elements`).
 
 `stored_in_16_bits` tells a rule's element step, at compile time, that an array holds
 one of these formats, `fused_multiply_add` is ``a·b + c`` rounded once and
@@ -148,6 +152,17 @@ def as_float16(value):
         return np.float32(np.float16(np.float32(value)))
 
 
+def as_stored(pointer, value):
+    """``value`` as ``pointer``'s array keeps it: rounded to its format as `store` rounds
+    it and read back as `load` reads it, in registers (Kahan's ``y − round(y)``)."""
+    kind = np.asarray(pointer).dtype
+    if kind == BFLOAT16_BITS:
+        return as_bfloat16(value)
+    if kind == FLOAT16_BITS:
+        return as_float16(value)
+    return value
+
+
 #: 2³²/φ, odd: consecutive element indices times it are far apart modulo 2³² (Weyl).
 GOLDEN = 0x9E3779B9
 _WORD = 0xFFFFFFFF
@@ -172,13 +187,20 @@ def store_stochastically(pointer, i, value, bits):
     """Write ``value`` to element ``i`` of a 16-bit ``pointer`` rounded stochastically
     with the 32 random ``bits`` (`float32_to_bfloat16_bits_stochastically`,
     `float32_to_float16_bits_stochastically`); other formats: as `store`."""
+    pointer[i] = stochastic_bits(pointer, value, bits)
+
+
+def stochastic_bits(pointer, value, bits):
+    """What `store_stochastically` writes of ``value`` into ``pointer``'s array: a 16-bit
+    format's bits (as its carrier type), rounded with the random ``bits``; other
+    formats: ``value`` (a CUDA kernel's vector store of such values,
+    `vectors.vector_store_bits`)."""
     kind = np.asarray(pointer).dtype
     if kind == BFLOAT16_BITS:
-        pointer[i] = float32_to_bfloat16_bits_stochastically(value, bits)
-    elif kind == FLOAT16_BITS:
-        pointer[i] = float32_to_float16_bits_stochastically(value, bits)
-    else:
-        pointer[i] = value
+        return float32_to_bfloat16_bits_stochastically(value, bits)
+    if kind == FLOAT16_BITS:
+        return float32_to_float16_bits_stochastically(value, bits)
+    return value
 
 
 def float32_to_bfloat16_bits_stochastically(value, bits):
@@ -265,9 +287,14 @@ def _float32_to_float16_by_llvm(typingctx, value):
     signature = types.int16(types.float32)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return narrow_float16(builder, args[0])
 
     return signature, codegen
+
+
+def narrow_float16(builder, value):
+    """The IR of `_float32_to_float16_by_llvm` on the float ``value``."""
+    return builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
 
 
 def _float16_nan_as_float32(builder, half_bits):
@@ -312,18 +339,21 @@ def _float32_to_float16_on_gpu(typingctx, value):
     signature = types.int16(types.float32)
 
     def codegen(context, builder, signature, args):
-        word, half = ir.IntType(32), ir.IntType(16)
-        converted = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), half)
-        bits = builder.bitcast(args[0], word)
-        sign = builder.and_(builder.lshr(bits, ir.Constant(word, 16)), ir.Constant(word, 0x8000))
-        payload = builder.lshr(
-            builder.and_(bits, ir.Constant(word, 0x7FFFFF)), ir.Constant(word, 13)
-        )
-        nan = builder.or_(builder.or_(sign, payload), ir.Constant(word, 0x7E00))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.select(is_nan, builder.trunc(nan, half), converted)
+        return narrow_float16_keeping_nan(builder, args[0])
 
     return signature, codegen
+
+
+def narrow_float16_keeping_nan(builder, value):
+    """The IR of `_float32_to_float16_on_gpu` on the float ``value``."""
+    word, half = ir.IntType(32), ir.IntType(16)
+    converted = narrow_float16(builder, value)
+    bits = builder.bitcast(value, word)
+    sign = builder.and_(builder.lshr(bits, ir.Constant(word, 16)), ir.Constant(word, 0x8000))
+    payload = builder.lshr(builder.and_(bits, ir.Constant(word, 0x7FFFFF)), ir.Constant(word, 13))
+    nan = builder.or_(builder.or_(sign, payload), ir.Constant(word, 0x7E00))
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.select(is_nan, builder.trunc(nan, half), converted)
 
 
 @intrinsic
@@ -352,15 +382,20 @@ def _float32_to_bfloat16_by_llvm(typingctx, value):
     signature = types.uint16(types.float32)
 
     def codegen(context, builder, signature, args):
-        word, half = ir.IntType(32), ir.IntType(16)
-        bits = builder.bitcast(args[0], word)
-        lowest_kept = builder.and_(builder.lshr(bits, ir.Constant(word, 16)), ir.Constant(word, 1))
-        rounded = builder.add(bits, builder.add(lowest_kept, ir.Constant(word, 0x7FFF)))
-        high = builder.trunc(builder.lshr(rounded, ir.Constant(word, 16)), half)
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.select(is_nan, ir.Constant(half, 0x7FC0), high)
+        return narrow_bfloat16(builder, args[0])
 
     return signature, codegen
+
+
+def narrow_bfloat16(builder, value):
+    """The IR of `_float32_to_bfloat16_by_llvm` on the float ``value``."""
+    word, half = ir.IntType(32), ir.IntType(16)
+    bits = builder.bitcast(value, word)
+    lowest_kept = builder.and_(builder.lshr(bits, ir.Constant(word, 16)), ir.Constant(word, 1))
+    rounded = builder.add(bits, builder.add(lowest_kept, ir.Constant(word, 0x7FFF)))
+    high = builder.trunc(builder.lshr(rounded, ir.Constant(word, 16)), half)
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.select(is_nan, ir.Constant(half, 0x7FC0), high)
 
 
 @intrinsic
@@ -554,6 +589,27 @@ def _store_stochastically_implementation(pointer, i, value, bits):
     return store_native
 
 
+def _as_stored_implementation(as_bfloat16, as_float16):
+    """The `as_stored` overload over the given compiled `as_bfloat16` and `as_float16`."""
+
+    def implementation(pointer, value):
+        if pointer.dtype == types.uint16:
+            return lambda pointer, value: as_bfloat16(value)
+        if pointer.dtype == types.int16:
+            return lambda pointer, value: as_float16(value)
+        return lambda pointer, value: value
+
+    return implementation
+
+
+def _stochastic_bits_implementation(pointer, value, bits):
+    if pointer.dtype == types.uint16:
+        return lambda pointer, value, bits: _float32_to_bfloat16_stochastically_by_llvm(value, bits)
+    if pointer.dtype == types.int16:
+        return lambda pointer, value, bits: _float32_to_float16_stochastically(value, bits)
+    return lambda pointer, value, bits: value
+
+
 def _random_bits_implementation(key, i):
     return lambda key, i: _random_bits_by_llvm(key, i)
 
@@ -566,6 +622,7 @@ overload(stored_in_16_bits)(_stored_in_16_bits_implementation)
 overload(element_size)(_element_size_implementation)
 overload(true_divide)(_true_divide_implementation)
 overload(store_stochastically)(_store_stochastically_implementation)
+overload(stochastic_bits)(_stochastic_bits_implementation)
 overload(random_bits)(_random_bits_implementation)
 overload(as_bfloat16)(
     lambda value: lambda value: _bfloat16_to_float32_by_llvm(_float32_to_bfloat16_by_llvm(value))
@@ -573,15 +630,17 @@ overload(as_bfloat16)(
 overload(as_float16)(
     lambda value: lambda value: _float16_to_float32_by_llvm(_float32_to_float16_by_llvm(value))
 )
+overload(as_stored)(_as_stored_implementation(as_bfloat16, as_float16))
 
 
 def register_cuda():
     """Make `load`, `store`, `element_size`, `fused_multiply_add`, `stored_in_16_bits`,
-    `true_divide`, `store_stochastically`, `random_bits`, `as_bfloat16` and `as_float16`
-    compile for the CUDA target too (needs numba-cuda): float16 by ``cvt`` there, a NaN
-    keeping its bits as on the CPU (`_float16_to_float32_on_gpu`,
-    `_float32_to_float16_on_gpu`; compiled to PTX by bench.gpu_static, not yet run on a
-    GPU), and `fused_multiply_add` by ``cuda.fma``."""
+    `true_divide`, `store_stochastically`, `stochastic_bits`, `random_bits`,
+    `as_bfloat16`, `as_float16` and `as_stored` compile for the CUDA target too (needs
+    numba-cuda): float16 by ``cvt`` there, a NaN keeping its bits as on the CPU
+    (`_float16_to_float32_on_gpu`, `_float32_to_float16_on_gpu`; compiled to PTX by
+    bench.gpu_static, run on an H200 by bench.gpu_check), and `fused_multiply_add` by
+    ``cuda.fma``."""
     from numba import cuda
     from numba.cuda.extending import overload as cuda_overload
 
@@ -595,6 +654,7 @@ def register_cuda():
     cuda_overload(element_size, target="cuda")(_element_size_implementation)
     cuda_overload(true_divide, target="cuda")(lambda a, b: lambda a, b: a / b)
     cuda_overload(store_stochastically, target="cuda")(_store_stochastically_implementation)
+    cuda_overload(stochastic_bits, target="cuda")(_stochastic_bits_implementation)
     cuda_overload(random_bits, target="cuda")(_random_bits_implementation)
     cuda_overload(as_bfloat16, target="cuda")(
         lambda value: (
@@ -604,3 +664,4 @@ def register_cuda():
     cuda_overload(as_float16, target="cuda")(
         lambda value: lambda value: _float16_to_float32_on_gpu(_float32_to_float16_on_gpu(value))
     )
+    cuda_overload(as_stored, target="cuda")(_as_stored_implementation(as_bfloat16, as_float16))

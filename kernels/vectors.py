@@ -12,6 +12,15 @@ where LLVM emits an aligned move), so a caller asks `vector_aligned` first, per
 segment, and takes scalar loads where it says no (`kernels.cuda._element_loop`).
 ``count`` must be a literal of the source: it fixes the vector's type at compile time.
 
+`vector_store` is the store's counterpart: it writes a tuple of ``count`` computed values
+to elements ``i`` to ``i + count − 1`` as ONE aligned store (``st.global.v4.f32``), each
+rounded to the array's format as `precision.store` rounds it. A warp's scalar store of
+4-byte elements a vector apart writes 4 bytes in every 16 (bench/NOTES.md entry 26);
+its vector store writes 512 consecutive bytes.
+
+`vector_store_bits` stores values already in the array's format (a stochastically rounded
+parameter's bits, `precision.stochastic_bits`) the same way.
+
 `added` adds two such tuples element by element (Kahan's ``p + c``) and `by_element`
 turns a tuple of arrays' tuples into a tuple per element (what `elements.split`'s
 ``_loads`` returns for each), both on registers, no memory touched.
@@ -23,6 +32,8 @@ for CUDA by `register_cuda` (float16 there by ``cvt``, a NaN keeping its bits, a
 bench.gpu_check (docs/gpu.md).
 """
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload, register_jitable
@@ -30,6 +41,10 @@ from numba.extending import intrinsic, overload, register_jitable
 from .precision import (
     element_size,
     load,
+    narrow_bfloat16,
+    narrow_float16,
+    narrow_float16_keeping_nan,
+    store,
     widen_bfloat16,
     widen_float16,
     widen_float16_keeping_nan,
@@ -42,6 +57,21 @@ def vector_load(pointer, i, count):
     """Elements ``i`` to ``i + count − 1`` of ``pointer``, each as `precision.load` reads
     it, as a tuple; compiled, one aligned vector load (module doc)."""
     return tuple(load(pointer, i + k, None) for k in range(count))
+
+
+def vector_store(pointer, i, values):
+    """Store the tuple ``values`` to elements ``i`` to ``i + len(values) − 1`` of
+    ``pointer``, each as `precision.store` writes it; compiled, one aligned vector store
+    (module doc)."""
+    for k, value in enumerate(values):
+        store(pointer, i + k, value)
+
+
+def vector_store_bits(pointer, i, values):
+    """`vector_store` of ``values`` already in the array's format (a 16-bit format's
+    bits, as `precision.stochastic_bits` gives them), stored as they are."""
+    for k, value in enumerate(values):
+        pointer[i + k] = value
 
 
 def added(first, second):
@@ -105,6 +135,58 @@ def _vector_load_intrinsic(float16_to_float32):
     return vector_load_by_llvm
 
 
+def _vector_store_intrinsic(float32_to_float16=None):
+    """The intrinsic of `vector_store`, converting to float16 by ``float32_to_float16``
+    (an IR builder: `precision.narrow_float16` or `precision.narrow_float16_keeping_nan`);
+    without it, of `vector_store_bits` (values cast to the element type, no rounding to
+    a 16-bit format)."""
+
+    @intrinsic
+    def vector_store_by_llvm(typingctx, pointer, i, values):
+        if not (
+            isinstance(pointer, types.CPointer)
+            and isinstance(values, types.BaseTuple)
+            and all(isinstance(value, (types.Float, types.Integer)) for value in values)
+        ):
+            return None
+        stored = pointer.dtype
+        narrow = {types.uint16: narrow_bfloat16, types.int16: float32_to_float16}.get(stored)
+        if float32_to_float16 is None:  # bits as they are
+            narrow = None
+        computed = types.float32 if narrow is not None else stored
+
+        def codegen(context, builder, signature, args):
+            element = context.get_value_type(stored)
+            size = len(values) * context.get_abi_sizeof(element)
+            items = [  # each in the compute type, as `store` takes it, then narrowed
+                context.cast(builder, builder.extract_value(args[2], k), value, computed)
+                for k, value in enumerate(values)
+            ]
+            if narrow is not None:
+                items = [narrow(builder, item) for item in items]
+            if stored.bitwidth == 16 and size % 4 == 0:  # as 32-bit words (`_halves`)
+                items = [_word(builder, *items[k : k + 2]) for k in range(0, len(items), 2)]
+            vector_type = ir.VectorType(items[0].type, len(items))
+            vector = ir.Constant(vector_type, ir.Undefined)
+            for k, item in enumerate(items):
+                vector = builder.insert_element(vector, item, ir.Constant(ir.IntType(32), k))
+            address = builder.bitcast(builder.gep(args[0], [args[1]]), vector_type.as_pointer())
+            builder.store(vector, address, align=size)
+            return context.get_dummy_value()
+
+        return types.void(pointer, i, values), codegen
+
+    return vector_store_by_llvm
+
+
+def _word(builder, first, second):
+    """The 32-bit word of the 16-bit elements ``first`` (at the lower address) and
+    ``second``: `_halves` undone."""
+    word = ir.IntType(32)
+    high = builder.shl(builder.zext(second, word), ir.Constant(word, 16))
+    return builder.or_(builder.zext(first, word), high)
+
+
 def _halves(builder, word):
     """The two 16-bit elements of the 32-bit ``word``, the first at the lower address
     (little-endian) first. 16-bit elements are loaded as words because NVPTX loads a
@@ -162,32 +244,42 @@ def _by_element_by_llvm(typingctx, arrays):
     return signature, codegen
 
 
-def _implementations(float16_to_float32):
-    """`vector_load`, `added` and `by_element` overloads, with the given float16
-    conversion (`_vector_load_intrinsic`)."""
-    by_llvm = _vector_load_intrinsic(float16_to_float32)
+def _implementations(float16_to_float32, float32_to_float16):
+    """`vector_load`, `vector_store`, `added` and `by_element` overloads, with the given
+    float16 conversions (`_vector_load_intrinsic`, `_vector_store_intrinsic`)."""
+    load_by_llvm = _vector_load_intrinsic(float16_to_float32)
+    store_by_llvm = _vector_store_intrinsic(float32_to_float16)
     return (
-        lambda pointer, i, count: lambda pointer, i, count: by_llvm(pointer, i, count),
+        lambda pointer, i, count: lambda pointer, i, count: load_by_llvm(pointer, i, count),
+        lambda pointer, i, values: lambda pointer, i, values: store_by_llvm(pointer, i, values),
+        lambda pointer, i, values: lambda pointer, i, values: _store_bits(pointer, i, values),
         lambda first, second: lambda first, second: _added_by_llvm(first, second),
         lambda arrays: lambda arrays: _by_element_by_llvm(arrays),
     )
 
 
-_cpu_vector_load, _cpu_added, _cpu_by_element = _implementations(widen_float16)
-overload(vector_load, prefer_literal=True)(_cpu_vector_load)
-overload(added)(_cpu_added)
-overload(by_element)(_cpu_by_element)
+_store_bits = _vector_store_intrinsic()
+
+
+def _register(overload, implementations):
+    """Register ``implementations`` (`_implementations`) with ``overload``."""
+    loads, stores, stores_bits, sums, transposed = implementations
+    overload(vector_load, prefer_literal=True)(loads)
+    overload(vector_store)(stores)
+    overload(vector_store_bits)(stores_bits)
+    overload(added)(sums)
+    overload(by_element)(transposed)
+
+
+_register(overload, _implementations(widen_float16, narrow_float16))
 
 
 def register_cuda():
-    """Make `vector_load`, `added` and `by_element` compile for the CUDA target too
-    (needs numba-cuda): float16 by ``cvt``, a NaN keeping its bits
-    (`precision.widen_float16_keeping_nan`, as `precision.load` there)."""
+    """Make `vector_load`, `vector_store`, `vector_store_bits`, `added` and `by_element`
+    compile for the CUDA target too (needs numba-cuda): float16 by ``cvt``, a NaN keeping its bits
+    (`precision.widen_float16_keeping_nan` and `narrow_float16_keeping_nan`, as
+    `precision.load` and `store` there)."""
     from numba.cuda.extending import overload as cuda_overload
 
-    vector_load_implementation, added_implementation, by_element_implementation = _implementations(
-        widen_float16_keeping_nan
-    )
-    cuda_overload(vector_load, target="cuda", prefer_literal=True)(vector_load_implementation)
-    cuda_overload(added, target="cuda")(added_implementation)
-    cuda_overload(by_element, target="cuda")(by_element_implementation)
+    implementations = _implementations(widen_float16_keeping_nan, narrow_float16_keeping_nan)
+    _register(functools.partial(cuda_overload, target="cuda"), implementations)

@@ -10,9 +10,24 @@ from numba import njit
 
 from fastmomentum.kernels import config, cpu, rules
 from fastmomentum.kernels.pointers import pointer_to
-from fastmomentum.kernels.precision import BFLOAT16_BITS, FLOAT16_BITS, load
-from fastmomentum.kernels.tables import KAHAN, MIRRORED, NEAREST, TensorTable
-from fastmomentum.kernels.vectors import added, by_element, vector_aligned, vector_load
+from fastmomentum.kernels.precision import (
+    BFLOAT16_BITS,
+    FLOAT16_BITS,
+    load,
+    random_bits,
+    stochastic_bits,
+    store,
+    store_stochastically,
+)
+from fastmomentum.kernels.tables import KAHAN, MIRRORED, NEAREST, STOCHASTIC, TensorTable
+from fastmomentum.kernels.vectors import (
+    added,
+    by_element,
+    vector_aligned,
+    vector_load,
+    vector_store,
+    vector_store_bits,
+)
 
 #: Element formats (as the kernels carry them) and the vector lengths of at most 16 bytes.
 CARRIERS = {
@@ -88,6 +103,86 @@ def test_compiled_vector_load_is_each_element_loaded(name):
 
 
 @njit
+def _vector_stores(address, like, values, count):
+    """``values`` stored at ``address`` by vectors of ``count`` (2, 4 or 8), compiled."""
+    pointer = pointer_to(address, like)
+    for i in range(0, len(values), count):
+        if count == 2:
+            vector_store(pointer, i, (values[i], values[i + 1]))
+        elif count == 4:
+            vector_store(pointer, i, (values[i], values[i + 1], values[i + 2], values[i + 3]))
+        else:
+            a, b, c, d, e, f, g, h = values[i : i + 8]
+            vector_store(pointer, i, (a, b, c, d, e, f, g, h))
+
+
+@njit
+def _scalar_stores(address, like, values):
+    pointer = pointer_to(address, like)
+    for i in range(len(values)):
+        store(pointer, i, values[i])
+
+
+@pytest.mark.parametrize("name", list(CARRIERS))
+def test_compiled_vector_store_is_each_element_stored(name):
+    """On the CPU (njit), into a 64-byte aligned buffer, vectors of 2, 4 and 8 elements
+    (where they fit in 16 bytes) store the bits `precision.store` stores one by one,
+    compiled and in Python: values that round (16-bit formats: ties too), ±0, ±inf,
+    NaN and float16's overflow."""
+    carrier, counts = CARRIERS[name]
+    compute = np.float64 if carrier == np.float64 else np.float32
+    values = (nonzero_random(64, 3) * np.float32(3.1)).astype(compute)
+    values[:8] = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e5, 1 + 2.0**-8, 1 + 3 * 2.0**-8]
+    expected = aligned_buffer(np.zeros(64, carrier))
+    _scalar_stores(expected.ctypes.data, carrier(0), values)
+    python = aligned_buffer(np.zeros(64, carrier))
+    for i in range(0, 64, 2):
+        vector_store(python, i, (values[i], values[i + 1]))
+    bits = f"u{expected.itemsize}"
+    np.testing.assert_array_equal(python.view(bits), expected.view(bits))
+    assert len(set(expected.view(bits))) > 50  # every store landed, none alike
+    for count in counts:
+        stored = aligned_buffer(np.full(64, 7, carrier))
+        _vector_stores(stored.ctypes.data, carrier(0), values, count)
+        np.testing.assert_array_equal(stored.view(bits), expected.view(bits), f"by {count}")
+
+
+@njit
+def _stochastic_stores(address, like, values, key, by_vector):
+    """``values`` rounded stochastically under ``key`` into ``address``, by vectors of 2
+    (`precision.stochastic_bits`, `vector_store_bits`) or one by one, compiled."""
+    pointer = pointer_to(address, like)
+    for i in range(0, len(values), 2):
+        if by_vector:
+            first = stochastic_bits(pointer, values[i], random_bits(key, i))
+            second = stochastic_bits(pointer, values[i + 1], random_bits(key, i + 1))
+            vector_store_bits(pointer, i, (first, second))
+        else:
+            store_stochastically(pointer, i, values[i], random_bits(key, i))
+            store_stochastically(pointer, i + 1, values[i + 1], random_bits(key, i + 1))
+
+
+@pytest.mark.parametrize("name", list(CARRIERS))
+def test_compiled_stochastic_vector_store_is_each_element_stored(name):
+    """`vector_store_bits` of `stochastic_bits` stores what `store_stochastically` stores
+    element by element (compiled and in Python), the same random bits per element."""
+    carrier, _ = CARRIERS[name]
+    compute = np.float64 if carrier == np.float64 else np.float32
+    values = (nonzero_random(64, 4) * np.float32(3.1)).astype(compute)
+    values[:4] = [np.nan, np.inf, -0.0, 1e5]
+    stored = [aligned_buffer(np.zeros(64, carrier)) for _ in range(2)]
+    for buffer, by_vector in zip(stored, (True, False)):
+        _stochastic_stores(buffer.ctypes.data, carrier(0), values, 77, by_vector)
+    python = aligned_buffer(np.zeros(64, carrier))
+    for i in range(0, 64, 2):
+        bits = [stochastic_bits(python, values[i + k], random_bits(77, i + k)) for k in (0, 1)]
+        vector_store_bits(python, i, tuple(bits))
+    view = f"u{python.itemsize}"
+    np.testing.assert_array_equal(stored[0].view(view), stored[1].view(view))
+    np.testing.assert_array_equal(python.view(view), stored[1].view(view))
+
+
+@njit
 def _pairs(address, like, i):
     pointer = pointer_to(address, like)
     first, second = vector_load(pointer, i, 4), vector_load(pointer, i + 4, 4)
@@ -120,6 +215,7 @@ TABLE_FORMATS = {
     "bf16": (F32, (BF16, BF16, BF16, BF16), NEAREST),
     "fp16, kahan": (F32, (FP16, FP16, FP16, FP16), KAHAN),
     "bf16, master": (F32, (F32, BF16, F32, BF16), MIRRORED),  # grad vectors of 8 bytes
+    "bf16, stochastic": (F32, (BF16, BF16, BF16, BF16), STOCHASTIC),  # the key: an address
 }
 #: Adam's entries: a length, and where each array starts past a 64-byte boundary, in
 #: elements (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, companion); 8 elements
@@ -134,8 +230,8 @@ ENTRIES = [
 
 
 def _expected_vector_entries(amsgrad, param_store):
-    """The entries of `ENTRIES` whose every loaded array is aligned."""
-    vector = {0, 4} if param_store != KAHAN else {0}
+    """The entries of `ENTRIES` whose every array loaded or stored is aligned."""
+    vector = {0, 4} if param_store not in (KAHAN, MIRRORED) else {0}
     return vector | ({3} if not amsgrad else set())
 
 
@@ -159,6 +255,8 @@ def _adam_table(formats, param_store, seed):
             )
             arrays.append(buffer)
             table.addresses[entry, column] = buffer[offsets[column] :].ctypes.data
+        if param_store == STOCHASTIC:  # the last column: a random key, the same in both
+            table.addresses[entry, -1] = 0x5EED + entry
     return table, arrays
 
 
@@ -167,9 +265,10 @@ def _adam_table(formats, param_store, seed):
 @pytest.mark.parametrize("name", list(TABLE_FORMATS))
 def test_aligned_segments_take_vector_loads_and_step_as_the_cpu(name, amsgrad, monkeypatch):
     """Adam over a table whose entries are aligned, at odd offsets, or aligned but for
-    one array: the entries every loaded array of which is aligned take the vector path,
-    the others today's scalar one (which entries: counted at the kernel's vector loads),
-    and both give the CPU loop's bits in every array, over two steps."""
+    one array: the entries every array of which is aligned where loaded or stored take
+    the vector path (vector loads and stores), the others today's scalar one (which
+    entries: counted at the kernel's vector loads), and both give the CPU loop's bits
+    in every array, over two steps, the second clearing the gradients."""
     pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
     if not numba_config.ENABLE_CUDASIM:  # host arrays, the kernel's Python run
         pytest.skip("runs the kernels in Numba's CUDA simulator")
@@ -195,10 +294,14 @@ def test_aligned_segments_take_vector_loads_and_step_as_the_cpu(name, amsgrad, m
     for step in (1, 2):
         for table, launch in ((on_cpu, cpu.launch), (on_gpu, kernels.launch)):
             table.entry_values[:] = rules.adam.step_coefficients(compute, step, 1e-2, (0.9, 0.999))
+            table.clear_grads = step == 2
             launch(table, spec, coefficients, (amsgrad,))
     for k, (a, b) in enumerate(zip(on_cpu_arrays, on_gpu_arrays)):
         np.testing.assert_array_equal(
             b.view(f"u{b.itemsize}"), a.view(f"u{a.itemsize}"), f"array {k}"
         )
+    columns = len(on_gpu_arrays) // len(ENTRIES)
+    for entry, (_, offsets) in enumerate(ENTRIES):  # each gradient cleared, past its offset
+        assert not on_gpu_arrays[entry * columns + 1][offsets[1] :].any(), f"entry {entry}"
     took = {e for e in range(len(ENTRIES)) if on_gpu.addresses[e, 0] in vector_params}
     assert took == _expected_vector_entries(amsgrad, param_store)
