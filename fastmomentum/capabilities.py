@@ -98,6 +98,7 @@ CAPABILITIES = {
         "muon",
         "Muon",
         state_dtypes=("param", "bfloat16"),
+        capturable=True,
         note="2-D parameters only, as torch; no 8-bit state (its Nesterov update needs an "
         "array the 8-bit loops do not write)",
     ),

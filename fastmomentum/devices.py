@@ -1,5 +1,6 @@
 """Which kernels a bucket launches: CPU loops, or CUDA kernels on torch's stream."""
 
+import numpy as np
 import torch
 
 from fastmomentum.kernels import config, cpu
@@ -28,6 +29,16 @@ def steps_on_gpu(device):
 def kernels_for(device):
     """The kernels for a bucket on ``device`` (``config.FORCE_CUDA``: CUDA for CPU too)."""
     return TorchStreamKernels(device) if steps_on_gpu(device) else cpu
+
+
+def kernel_array(tensor):
+    """``tensor`` as a CUDA kernel takes it, its memory neither copied nor waited for:
+    a Numba view of it, or in the simulator (a CPU tensor) a NumPy one."""
+    if tensor.device.type != "cuda":
+        return np.from_dlpack(tensor)
+    from numba import cuda
+
+    return cuda.as_cuda_array(tensor, sync=False)
 
 
 class TorchStreamKernels:

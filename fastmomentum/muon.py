@@ -9,6 +9,8 @@ from torch.optim.optimizer import ParamsT
 
 from fastmomentum.kernels import rules
 
+from . import capture
+from .devices import kernel_array
 from .kernels.tables import NEAREST
 from .launches import param_store
 from .optimizer import FlatOptimizer
@@ -24,7 +26,7 @@ EPS = 1e-7
 class Settings(NamedTuple):
     """A group's hyperparameters as one step reads them."""
 
-    lr: float
+    lr: float | Tensor  # a tensor only when capturable (`capture.lr_setting`)
     weight_decay: float
     momentum: float
     nesterov: bool
@@ -67,9 +69,16 @@ class Muon(FlatOptimizer):
     ``torch.bfloat16`` (float32 parameters); no 8-bit state. ``master_weights``,
     ``stochastic_rounding``, ``kahan_sum``, ``flat_gradients``, ``fused_zero_grad`` and
     ``step_in_backward`` as in `fastmomentum.SGD`.
+
+    ``capturable=True`` (CUDA parameters; torch's Muon has no such argument): no host
+    read during a step, so that it can be captured in a CUDA graph. Both launches read
+    AMP's values and a tensor ``lr`` on the device (`fastmomentum.capture`), and each
+    parameter's ``−lr'`` is computed there between them, in float64 as the host
+    computes it (`rules.muon.APPLY_ON_DEVICE`): the ordinary step's numbers, bit for bit.
     """
 
     supports_master_weights = True
+    supports_capturable = True
     supports_quantized_state = False
     #: Only 2-D parameters (the Newton–Schulz iteration orthogonalises matrices).
     matrices_only = True
@@ -88,6 +97,7 @@ class Muon(FlatOptimizer):
         ns_steps: int = NS_STEPS,
         adjust_lr_fn: str | None = None,
         *,
+        capturable: bool = False,
         flat_gradients: bool = False,
         state_dtype: torch.dtype | str | None = None,
         fused_zero_grad: bool = False,
@@ -107,6 +117,8 @@ class Muon(FlatOptimizer):
             "ns_steps": ns_steps,
             "adjust_lr_fn": adjust_lr_fn,
         }
+        if capturable:  # not torch's argument: in the groups only when asked for
+            defaults["capturable"] = True
         if stochastic_rounding:  # the count that keys each step's random bits
             self.scalar_state = {"step": 0.0}
         super().__init__(
@@ -124,7 +136,7 @@ class Muon(FlatOptimizer):
 
     def settings(self, group):
         settings = Settings(
-            lr=host_float(group["lr"], "lr"),
+            lr=capture.lr_setting(group),
             weight_decay=host_float(group["weight_decay"], "weight_decay"),
             momentum=host_float(group["momentum"], "momentum"),
             nesterov=bool(group["nesterov"]),
@@ -156,6 +168,9 @@ class Muon(FlatOptimizer):
                 )
 
     def update(self, group, bucket, settings, plan, grad_scale):
+        if bucket.counts_on_device:  # capturable: the kernels compute their coefficients
+            _update_on_device(self, bucket, settings, plan)
+            return
         dtype = bucket.dtype_numpy
         coefficients, apply_coefficients, state_flags, param_flags = self.cached_coefficients(
             bucket,
@@ -190,6 +205,29 @@ class Muon(FlatOptimizer):
         )
 
 
+def _update_on_device(optimizer, bucket, settings, plan):
+    """A capturable step of ``bucket`` (`capture.launch_pass`): both passes compute
+    their coefficients on the device, and the update pass reads each parameter's
+    ``−lr'``, which `_Step.orthogonalize` computes there."""
+    state_format = bucket.formats[2] if bucket.formats else bucket.dtype_numpy
+    step = _Step(bucket, settings, counts_steps=False, on_device=True)
+    momentum = (settings.nesterov, *rules.muon.rounded_to(state_format))
+    plan.launch_passes(
+        [
+            capture.launch_pass(
+                optimizer, bucket, rules.muon.MOMENTUM, ("momentum_buffer", None), momentum,
+                settings.lr, rules.muon.momentum_live_settings(settings.momentum),
+                step.momentum_pass,
+            ),
+            capture.launch_pass(
+                optimizer, bucket, rules.muon.APPLY_ON_DEVICE, (None,), _param_flags(bucket),
+                settings.lr, rules.muon.apply_live_settings(settings.weight_decay),
+                step.orthogonalize, step.apply,
+            ),
+        ]
+    )  # fmt: skip
+
+
 def _param_flags(bucket):
     """`rules.muon.APPLY`'s flags: a 16-bit parameter stored to nearest (no master copy,
     Kahan or stochastic rounding) has its decayed value rounded as torch's ``mul_``."""
@@ -200,21 +238,30 @@ def _param_flags(bucket):
 
 class _Step:
     """One step of a bucket, wave by wave: the scratch array of a wave's ``U`` (then its
-    ``O``), which the momentum pass writes and `orthogonalize` reads."""
+    ``O``), which the momentum pass writes and `orthogonalize` reads; ``on_device``
+    (capturable), each parameter's ``−lr'`` computed on the device (``steps``)."""
 
-    __slots__ = ("bucket", "settings", "counts_steps", "scratch")
+    __slots__ = ("bucket", "settings", "counts_steps", "scratch", "on_device", "steps")
 
-    def __init__(self, bucket, settings, counts_steps):
+    def __init__(self, bucket, settings, counts_steps, on_device=False):
         self.bucket, self.settings, self.scratch = bucket, settings, None
         self.counts_steps = counts_steps  # stochastic rounding: its bits need a count
+        self.on_device, self.steps = on_device, None
 
     def momentum_pass(self, table):
         """Before the momentum pass: a scratch array for the wave, laid out like the
-        state (dropped after the step: torch too makes a new ``U`` per parameter)."""
+        state (dropped after the step: torch too makes a new ``U`` per parameter; kept
+        with the table ``on_device``, so that a steady step's table keeps its
+        addresses, as a CUDA graph's replays do, and is not copied to the GPU again)."""
         bucket = self.bucket
         if self.counts_steps:
             bucket.count_steps(table.rows)
-        self.scratch = torch.empty(table.size, dtype=bucket.state_dtype, device=bucket.device)
+        scratch = table.__dict__.get("muon_scratch") if self.on_device else None
+        if scratch is None or scratch.dtype != bucket.state_dtype:
+            scratch = torch.empty(table.size, dtype=bucket.state_dtype, device=bucket.device)
+            if self.on_device:
+                table.__dict__["muon_scratch"] = scratch
+        self.scratch = scratch
         table.addresses[:, 3] = self._addresses(table)
 
     def orthogonalize(self, table):
@@ -231,8 +278,40 @@ class _Step:
                     piece.copy_(shard_like(orthogonalized(whole, settings), param))
                 else:
                     piece.copy_(orthogonalized(piece, settings))
-                table.entry_values[entry, 0] = -self._adjusted_lr(param.shape)
+                if not self.on_device:
+                    table.entry_values[entry, 0] = -self._adjusted_lr(param.shape)
+            if self.on_device:
+                self.steps = self._steps_on_device(table)
         table.addresses[:, 2] = self._addresses(table)
+
+    def apply(self, table, *arguments):
+        """The capturable update pass, reading the ``−lr'`` of `_steps_on_device`."""
+        self.bucket.kernels.launch(table, *arguments, sums=kernel_array(self.steps))
+
+    def _steps_on_device(self, table):
+        """Each entry's ``−lr'`` (float64, one row each) computed on the bucket's device
+        from the live lr, as `_adjusted_lr` computes it on the host: lr times the shape's
+        factor (`rules.muon.adjusted_lr_factor`, kept with the table), in bfloat16 where
+        torch's bfloat16 ``add_`` takes it so."""
+        bucket, settings = self.bucket, self.settings
+        key = f"muon_factors_{settings.adjust_lr_fn}"
+        factors = table.__dict__.get(key)
+        if factors is None:  # once per layout (and before a graph is captured)
+            values = [
+                rules.muon.adjusted_lr_factor(settings.adjust_lr_fn, bucket.params[row].shape)
+                for row in table.rows.tolist()
+            ]
+            factors = torch.tensor(values, dtype=torch.float64).to(bucket.device)
+            table.__dict__[key] = factors
+        lr = settings.lr
+        if isinstance(lr, Tensor) and lr.device == factors.device:
+            steps = factors * lr.to(torch.float64)
+        else:  # a float, or a CPU tensor: no wait
+            steps = factors * float(lr)
+        steps = steps.neg_()
+        if _param_flags(bucket)[0]:
+            steps = steps.to(torch.bfloat16).to(torch.float64)
+        return steps.reshape(-1, 1)
 
     def _adjusted_lr(self, shape):
         settings = self.settings

@@ -241,12 +241,17 @@ def test_live_settings_name_what_each_live_function_takes():
         "sgd_plain": (0.0, 0.0, 0.1, False, "pytorch"),
         "sgd_momentum": (0.9, 0.1, 0.1, False, "lr_folded"),
         "lamb_direction": ((0.9, 0.99), 1e-6, 0.1, True, False),
+        "muon_momentum": (0.95,),
     }
+    functions = {"muon_momentum": rules.muon.momentum_live_settings}
     live = {spec.name: spec for spec in rules.SPECS if spec.live is not None}
     assert set(live) == set(samples)
     for name, spec in live.items():
-        values = getattr(rules, name.split("_")[0]).live_settings(*samples[name])
+        function = functions.get(name) or getattr(rules, name.split("_")[0]).live_settings
+        values = function(*samples[name])
         assert len(values) == len(spec.live_settings._fields)
+    values = rules.muon.apply_live_settings(0.1)
+    assert len(values) == len(rules.muon.APPLY_ON_DEVICE.live_settings._fields)
 
 
 @pytest.mark.parametrize(

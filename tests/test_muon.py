@@ -18,6 +18,7 @@ element after `STEPS` steps (9-14% of the elements of those matrices), bounded a
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
@@ -369,3 +370,113 @@ def test_the_cuda_kernels_in_the_simulator_are_the_cpu_kernels(dtype, monkeypatc
             0.0,
             "momentum_buffer",
         )
+
+
+def _simulated_gpu(monkeypatch):
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    monkeypatch.setattr(config, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(config, "ITEMS_PER_THREAD", 2)  # parameters of several segments
+    monkeypatch.setattr(config, "BLOCKS_PER_SM", 2)
+    monkeypatch.setattr(config, "multiprocessors", lambda: 2)
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+
+
+def _amp_step(pairs, generator, found):
+    """One step of each ``(optimizer, params)`` on gradients scaled by 256, with
+    GradScaler's ``grad_scale`` and ``found_inf`` (``found``) set as it sets them."""
+    grads = gradients(pairs[0][1], generator)
+    for optimizer, params in pairs:
+        optimizer.grad_scale = torch.tensor(256.0)
+        optimizer.found_inf = torch.tensor(found)
+        for p, g in zip(params, grads):
+            p.grad = (256.0 * g.float()).to(p.dtype)
+        optimizer.step()
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        (torch.float32, {"lr": torch.tensor(2e-2)}),
+        (torch.float64, {"lr": 3e-2, "nesterov": False, "momentum": 0.9}),
+        (torch.bfloat16, {"lr": 2e-2, "adjust_lr_fn": "match_rms_adamw"}),
+    ],
+    ids=["float32-lr-tensor", "float64-heavy-ball", "bfloat16-match-rms"],
+)
+def test_a_capturable_step_is_the_ordinary_step(dtype, options, monkeypatch):
+    """``capturable=True`` (the coefficients and each parameter's −lr' computed on the
+    device, in float64 as the host computes them) gives the ordinary step's bits, both
+    through the CUDA kernels in the simulator, over 4 steps; AMP's values read on
+    the device: with found_inf set nothing moves, without, the step is the ordinary one
+    (which reads them on the host)."""
+    _simulated_gpu(monkeypatch)
+    params = matrices(dtype)[1:4]  # tall, square and one row: three factors
+    ref_params = twins(params)
+    ordinary = fastmomentum.Muon(ref_params, weight_decay=0.1, **options)
+    capturable = fastmomentum.Muon(params, weight_decay=0.1, capturable=True, **options)
+    assert all(b.counts_on_device for b in capturable.buckets[0])
+    train([capturable, ordinary], [params, ref_params], 4)
+    assert_same_bits(params, ref_params, capturable, ordinary)
+    generator = torch.Generator().manual_seed(3)
+    pairs = [(capturable, params), (ordinary, ref_params)]
+    before = [p.detach().clone() for p in params]
+    _amp_step(pairs, generator, 1.0)
+    assert_same_bits(params, before)
+    _amp_step(pairs, generator, 0.0)
+    assert_same_bits(params, ref_params, capturable, ordinary)
+    assert not any(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.cudasim
+def test_a_steady_capturable_step_uploads_nothing_and_reads_nothing(monkeypatch):
+    """After the first steps, a capturable step launches its two passes per bucket,
+    copies nothing to the GPU through the launch tables and reads no tensor on the
+    host, AMP's values and a tensor lr included."""
+    from fastmomentum.kernels.calls import cuda_kernels
+
+    _simulated_gpu(monkeypatch)
+    params = matrices(torch.float32)
+    optimizer = fastmomentum.Muon(params, lr=torch.tensor(1e-2), capturable=True)
+    optimizer.grad_scale, optimizer.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    counts = cuda_kernels().COUNTS
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for p, g in zip(params, gradients(params, generator)):
+            if p.grad is None:  # laid out as the parameter, as autograd's
+                p.grad = torch.empty_like(p.detach())
+            p.grad.copy_(g)  # where backward adds them
+        counts.reset()
+        if step == 3:
+            for method in ("item", "__float__", "__bool__", "tolist", "cpu", "numpy"):
+                monkeypatch.setattr(torch.Tensor, method, _refused(method))
+        optimizer.step()
+    monkeypatch.undo()
+    launches = 2 * sum(len(b) for b in optimizer.buckets)
+    assert counts.as_dict() == {"launches": launches, "uploads": 0, "waits": 0}
+
+
+def _refused(method):
+    def read(*args, **kwargs):
+        raise AssertionError(f"the step read a tensor on the host (Tensor.{method})")
+
+    return read
+
+
+def test_live_coefficients_are_the_hosts():
+    """The capturable passes' coefficients (`rules.muon.live_momentum`, `live_apply`)
+    are the float64 values the host computes, and ``−lr'`` from the factor is the host's
+    adjusted lr, for every `SHAPES` shape and ``adjust_lr_fn``."""
+    from fastmomentum.kernels import rules
+
+    f64, lr = np.float64, 0.0123
+    for momentum in (0.95, 0.3):
+        settings = rules.muon.momentum_live_settings(momentum)
+        host = rules.muon.momentum_coefficients(f64, momentum, 1024.0)
+        assert rules.muon.live_momentum((), f64(lr), 1.0 / 1024.0, settings) == (host, (), ())
+    settings = rules.muon.apply_live_settings(0.1)
+    host = rules.muon.apply_coefficients(f64, lr, 0.1)
+    assert rules.muon.live_apply((), f64(lr), 1.0, settings)[0] == host
+    for shape in [*SHAPES, (10, 24)]:
+        for function in rules.muon.ADJUST_LR_FNS:
+            factor = rules.muon.adjusted_lr_factor(function, shape)
+            assert lr * factor == rules.muon.adjusted_lr(lr, function, shape)

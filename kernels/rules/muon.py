@@ -24,6 +24,10 @@ stored to nearest has ``p·(1 − lr·λ)`` rounded to its format before ``O`` i
 (the flags of `APPLY`; not for a float32 master copy, Kahan's ``p + c`` or stochastic
 rounding, which keep that product in float32).
 
+``capturable=True`` (`APPLY_ON_DEVICE`): the update pass reads each parameter's
+``−lr'`` from a float64 array on the device, which the step computes there between the
+passes from a live lr (`fastmomentum.muon`), and its decay from that lr (`live_apply`).
+
 No 8-bit state: ``U`` must be stored in an array of its own, which the block-wise
 loops (`specs.int8_blockwise`, codes for every state array) do not write. No low-level
 function either: the middle part needs torch (`fastmomentum.kernels` imports without
@@ -36,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 from numba.extending import register_jitable
 
+from ..capturable import same_type
 from ..hyperparameters import grad_factor, in_dtype
 from ..precision import BFLOAT16_BITS, FLOAT16_BITS, fused_multiply_add
 from ..specs import KernelSpec
@@ -78,6 +83,21 @@ def momentum(
     return momentum_buffer, stored
 
 
+@register_jitable
+def live_momentum(scalars, lr, inverse_scale, settings):
+    """`MomentumCoefficients` on the device (``capturable=True``, `kernels.capturable`),
+    in float64 as `momentum_coefficients` computes them: no count (``scalars`` is
+    ``()``), ``settings`` is `MomentumLiveSettings` (lr is not read)."""
+    momentum = settings[0]
+    return (momentum, 1.0 - momentum, inverse_scale), (), ()
+
+
+class MomentumLiveSettings(NamedTuple):
+    """What `live_momentum` takes from the host."""
+
+    momentum: float
+
+
 MOMENTUM = KernelSpec(
     "muon_momentum",
     momentum,
@@ -85,6 +105,8 @@ MOMENTUM = KernelSpec(
     MomentumCoefficients,
     flags=("nesterov", "bfloat16_state", "float16_state"),
     updates_param=False,
+    live=live_momentum,
+    live_settings=MomentumLiveSettings,
 )
 
 
@@ -118,6 +140,38 @@ APPLY = KernelSpec(
     flags=("bfloat16_param", "float16_param"),
     read_only=("update",),
     reads_grad=False,
+)
+
+
+@register_jitable
+def live_apply(scalars, lr, inverse_scale, settings):
+    """`ApplyCoefficients` on the device, in float64 as `apply_coefficients` computes
+    them (``settings`` is `ApplyLiveSettings`); the entry's ``−lr'`` is read from the
+    device (`step_from_device`), here a placeholder."""
+    return (1.0 - lr * settings[0],), (0.0,), ()
+
+
+class ApplyLiveSettings(NamedTuple):
+    """What `live_apply` takes from the host."""
+
+    weight_decay: float
+
+
+@register_jitable
+def step_from_device(values, steps, entry):
+    """`ApplyStepCoefficients` of ``entry`` from ``steps`` (float64, one row per entry:
+    its ``−lr'``, computed on the device from a live lr by `fastmomentum.muon`),
+    rounded once to the table's dtype."""
+    return (same_type(steps[entry, 0], values[0]),)
+
+
+#: `APPLY` reading each parameter's ``−lr'`` from the device (``capturable=True``: lr
+#: is a tensor there, and lr' is lr times the parameter's shape factor, in float64).
+APPLY_ON_DEVICE = APPLY._replace(
+    name="muon_apply_on_device",
+    from_sums=step_from_device,
+    live=live_apply,
+    live_settings=ApplyLiveSettings,
 )
 
 
@@ -178,8 +232,25 @@ def rounded_to(value_format):
     return kind == np.dtype(BFLOAT16_BITS), kind == np.dtype(FLOAT16_BITS)
 
 
+def momentum_live_settings(momentum):
+    """`MomentumLiveSettings`, as the plain tuple of floats kernels take."""
+    return (float(momentum),)
+
+
+def apply_live_settings(weight_decay):
+    """`ApplyLiveSettings`, as the plain tuple of floats kernels take."""
+    return (float(weight_decay),)
+
+
+def adjusted_lr_factor(adjust_lr_fn, shape):
+    """``lr' / lr`` for a parameter of ``shape`` (`adjusted_lr` of lr 1)."""
+    return adjusted_lr(1.0, adjust_lr_fn, shape)
+
+
 #: The specs of this module's rules (`rules.SPECS`).
 SPECS = (MOMENTUM, APPLY)
+#: Only the CUDA kernels launch it (`rules.DEVICE_SPECS`).
+DEVICE_SPECS = (APPLY_ON_DEVICE,)
 
 #: No low-level function: Newton–Schulz needs torch (see the module doc).
 FUNCTIONS = ()
