@@ -137,8 +137,7 @@ def _element_loop(spec, indent):
     array's read by one vector load (``ld.global.v4``, ``.v2``: `elements.split`'s
     vector loads) and, once the rule has run on each element, written by one vector
     store (``st.global.v4``: its vector updates), so that a warp's store is 512
-    consecutive bytes of the widest array, not 4 in every 16 (stochastically rounded
-    parameters: a scalar store per element, their random bits drawn per element). Elsewhere
+    consecutive bytes of the widest array, not 4 in every 16. Elsewhere
     (an array at an odd element offset, a view into a buffer), today's whole tiles of a
     warp's 32 groups, group ``g`` at the tile's elements ``g mod 32 + 32·k``, so that a
     warp's scalar load is 32 consecutive elements and a member's address is the first's
