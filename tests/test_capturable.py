@@ -481,6 +481,14 @@ def test_cpu_parameters_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="capturable=True steps parameters on a CUDA device"):
         fastmomentum.Adam([param], capturable=True)
     matrix = torch.nn.Parameter(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="does not support capturable=True"):
+    with pytest.raises(ValueError, match="capturable=True steps parameters on a CUDA device"):
         fastmomentum.Muon([{"params": [matrix], "capturable": True}])
     assert torch.equal(param, before)
+
+
+def test_an_optimizer_without_a_capturable_step_refuses_it():
+    """Every optimizer here has one; a subclass that says it has none is refused."""
+    without = type("WithoutCapture", (fastmomentum.Muon,), {"supports_capturable": False})
+    matrix = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="does not support capturable=True"):
+        without([{"params": [matrix], "capturable": True}])
