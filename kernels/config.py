@@ -12,7 +12,7 @@ import os
 
 THREADS_PER_BLOCK = 256
 # Several waves at any occupancy: 2 to 6 blocks of 256 threads are resident per SM, by
-# the kernel's registers (float32 Adam 82: 2; bench/results/gpu_static.md).
+# the kernel's registers (float32 Adam 72: 3; bench/results/gpu_static.md).
 BLOCKS_PER_SM = 32
 ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor kernels, a few
 # thousand per block keeps the per-segment bookkeeping negligible
