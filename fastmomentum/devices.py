@@ -70,12 +70,9 @@ class TorchStreamKernels:
         return {"stream": stream, "device": self.device.index, "upload": self._upload}
 
     def _upload(self, array):
-        from numba import cuda
-
         source = torch.from_numpy(array)
         if capturing(self.device):  # a graph captures a copy from pinned memory only, and
             source = source.pin_memory()  # replays it: the source lives with the array
-        tensor = source.to(self.device, non_blocking=True)
-        on_device = cuda.as_cuda_array(tensor, sync=False)
+        on_device = kernel_array(source.to(self.device, non_blocking=True))
         on_device.source = source
         return on_device

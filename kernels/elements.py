@@ -307,6 +307,7 @@ def _vector_update(spec, count, arguments):
 
     if spec.updates_param:
         rounded = "stochastic_bits(param, new_param_{k}, random_bits(key, i + {k}))"
+        compensation = "new_param_{k} - as_stored(param, new_param_{k})"
         lines += [
             "    if param_store == STOCHASTIC:",
             f"        vector_store_bits(param, i, {each(rounded)})",
@@ -315,20 +316,29 @@ def _vector_update(spec, count, arguments):
             "        if param_store == MIRRORED:",
             f"            vector_store(companion, i, {each('new_param_{k}')})",
             "        elif param_store == KAHAN:  # what rounding p lost, itself rounded",
-            f"            vector_store(companion, i, {each('new_param_{k} - as_stored(param, new_param_{k})')})",  # noqa: E501
+            f"            vector_store(companion, i, {each(compensation)})",
         ]
-    for name in spec.written:
-        flag = spec.optional_flag(name)
-        indent = "    "
-        if flag:
-            lines.append(f"    if {flag}:")
-            indent = "        "
-        lines.append(f"{indent}vector_store({name}, i, {each('new_' + name + '_{k}')})")
+    lines += _state_stores(
+        spec, lambda name: f"vector_store({name}, i, {each(f'new_{name}_{{k}}')})"
+    )
     if spec.reads_grad:
         lines += ["    if clear_grad:", f"        vector_store(grad, i, {each('0')})"]
     if spec.squares:
         squared = [f"({', '.join(_squared(spec, f'param_{k}', f'_{k}'))},)" for k in range(count)]
         lines.append(f"    return ({', '.join(squared)},)")
+    return lines
+
+
+def _state_stores(spec, stored):
+    """The lines that store each state array the rule writes, ``stored(name)`` the
+    statement; an optional one only when its flag is set."""
+    lines = []
+    for name in spec.written:
+        flag = spec.optional_flag(name)
+        if flag:
+            lines += [f"    if {flag}:", f"        {stored(name)}"]
+        else:
+            lines.append(f"    {stored(name)}")
     return lines
 
 
@@ -339,13 +349,7 @@ def _update(spec, values, current):
     if spec.updates_param:
         lines.append("    store_param(param, companion, i, new_param, param_store, key)")
     if not spec.blockwise:  # 8-bit state is encoded by the caller, block by block
-        for name in spec.written:
-            flag = spec.optional_flag(name)
-            indent = "    "
-            if flag:
-                lines.append(f"    if {flag}:")
-                indent = "        "
-            lines.append(f"{indent}store({name}, i, new_{name})")
+        lines += _state_stores(spec, lambda name: f"store({name}, i, new_{name})")
     if spec.reads_grad:
         lines += ["    if clear_grad:", "        grad[i] = 0"]
     returned = [f"new_{name}" for name in spec.written] if spec.blockwise else []

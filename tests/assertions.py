@@ -79,3 +79,21 @@ def assert_same_training(ours, theirs, dtype, factor=1.0):
             if torch.is_tensor(theirs):  # a tensor hyperparameter
                 mine, theirs = float(mine), float(theirs)
             assert mine == pytest.approx(theirs, rel=1e-15), key
+
+
+#: The ``Tensor`` methods that read a tensor's value on the host.
+HOST_READS = ("item", "__float__", "__bool__", "tolist", "cpu", "numpy")
+
+
+def refuse_host_reads(monkeypatch):
+    """Make every `HOST_READS` method of ``torch.Tensor`` raise, until
+    ``monkeypatch.undo()``: a step that reads a tensor on the host then fails."""
+
+    def refused(method):
+        def read(*args, **kwargs):
+            raise AssertionError(f"the step read a tensor on the host (Tensor.{method})")
+
+        return read
+
+    for method in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, method, refused(method))

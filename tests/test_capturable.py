@@ -16,6 +16,7 @@ from fastmomentum import devices
 from fastmomentum.kernels import config, rules
 from fastmomentum.kernels.calls import cuda_kernels
 
+from .assertions import refuse_host_reads
 from .cases import ADAM_CASES, CASES
 from .models import batches, make_model, train
 
@@ -283,19 +284,11 @@ def test_a_steady_step_launches_once_uploads_nothing_and_reads_nothing(name, opt
         torch.nn.functional.mse_loss(model(tokens), targets).backward()  # accumulates
         counts.reset()
         if step == 3:
-            for method in ("item", "__float__", "__bool__", "tolist", "cpu", "numpy"):
-                monkeypatch.setattr(torch.Tensor, method, _refused(method))
+            refuse_host_reads(monkeypatch)
         optimizer.step()
     monkeypatch.undo()
     launches = sum(len(b) for b in optimizer.buckets) * (2 if name == "LAMB" else 1)
     assert counts.as_dict() == {"launches": launches, "uploads": 0, "waits": 0}
-
-
-def _refused(method):
-    def read(*args, **kwargs):
-        raise AssertionError(f"the step read a tensor on the host (Tensor.{method})")
-
-    return read
 
 
 @pytest.mark.parametrize(
