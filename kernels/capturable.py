@@ -97,22 +97,19 @@ def prologue(spec):
     return [
         "    like = coefficients[0]",
         "    skipped = found_at != 0 and pointer_to(found_at, float32(0))[0] != 0",
-        "    inverse_scale = 1.0",
-        "    if scale_at != 0:",
-        "        inverse_scale = 1.0 / float64(pointer_to(scale_at, float32(0))[0])",
-        "    lr_now = float64(lr)",
-        "    if lr_at != 0:",
-        "        lr_now = float64(pointer_to(lr_at, lr)[0])",
         f"    live_coefficients = cuda.shared.array({max(counts[0], 1)}, float64)",
         f"    live_entry = cuda.shared.array({max(counts[1], 1)}, float64)",
         f"    live_scalars = cuda.shared.array({max(counts[2], 1)}, float64)",
     ]
 
 
-def segment_lines(spec, indent):
-    """Lines at the start of a segment: thread 0 computes the coefficients, every thread
-    reads them (rebinding ``coefficients``, ``values`` and the entry flags, which
-    ``live`` returns after the entry coefficients, as a launch table holds them)."""
+def coefficient_lines(spec, indent):
+    """Lines at the start of a segment, before its arrays' pointers: thread 0 reads the
+    lr and ``1/scale`` and computes the entry's coefficients and new scalar state into
+    shared memory. Read here rather than once per kernel, and before the pointers, none
+    of these float64 values is held in registers through the element loop, nor the
+    pointers through this float64 code: that cost the capturable kernels up to 14
+    registers, a block per SM for 102 of 266 (bench/NOTES.md entry 28)."""
     scalars = ", ".join(
         f"float64(pointer_to(addresses[entry, {scalar_column(spec, k)}], scalar_like)[0])"
         for k in range(len(spec.scalars))
@@ -120,6 +117,12 @@ def segment_lines(spec, indent):
     scalars = f"({scalars},)" if scalars else "()"  # Lion and SGD keep no count
     lines = [
         "if cuda.threadIdx.x == 0:",
+        "    inverse_scale = 1.0",
+        "    if scale_at != 0:",
+        "        inverse_scale = 1.0 / float64(pointer_to(scale_at, float32(0))[0])",
+        "    lr_now = float64(lr)",
+        "    if lr_at != 0:",
+        "        lr_now = float64(pointer_to(lr_at, lr)[0])",
         f"    computed = LIVE({scalars}, lr_now, inverse_scale, settings)",
     ]
     lines += [
@@ -129,13 +132,21 @@ def segment_lines(spec, indent):
     lines += [f"    live_entry[{k}] = computed[1][{k}]" for k in range(spec.live_entry_width)]
     lines += [f"    live_scalars[{k}] = computed[2][{k}]" for k in range(len(spec.scalars))]
     lines.append("cuda.syncthreads()")
+    return [indent + line for line in lines]
+
+
+def segment_lines(spec, indent):
+    """Lines after a segment's `elements.segment_source`: every thread reads the
+    coefficients `coefficient_lines` computed (rebinding ``coefficients``, ``values``
+    and the entry flags, which ``live`` returns after the entry coefficients, as a
+    launch table holds them)."""
     shared = ", ".join(
         f"same_type(live_coefficients[{k}], like)" for k in range(len(spec.coefficients._fields))
     )
     entry = "".join(
         f"same_type(live_entry[{k}], like), " for k in range(spec.entry_coefficient_count)
     )
-    lines += [f"coefficients = ({shared},)", f"values = ({entry})"]
+    lines = [f"coefficients = ({shared},)", f"values = ({entry})"]
     if spec.live_entry_flags:  # else the table's, bound by `elements.segment_source`
         for offset, flag in enumerate(spec.entry_flags, start=spec.entry_coefficient_count):
             lines.append(f"{flag} = live_entry[{offset}] != 0")

@@ -116,6 +116,9 @@ def kernel_source(spec, flags=None):
     else:
         lines += _element_loop(spec, "        ")
     lines += sums.segment_totals(spec, "        ")  # each thread's sums into its segment's
+    if spec.squares or spec.capturable:  # an epilogue follows, which needs the entry:
+        # read again, as held through the element loop it cost registers (NOTES entry 28)
+        lines.append("        entry = segments[segment, 0]")
     lines += sums.epilogue(spec, "        ")
     if spec.capturable:
         lines += capturable.epilogue(spec, "        ")
@@ -243,6 +246,7 @@ def _kernel_head(spec, shared=(), flags=()):
         *shared,
         "    for segment in range(cuda.blockIdx.x, segments.shape[0], cuda.gridDim.x):",
         "        entry = segments[segment, 0]",
+        *(capturable.coefficient_lines(spec, "        ") if spec.capturable else ()),
         *segment_source(spec, "        ", uniform=True),
         # the live coefficients before the trust ratio that multiplies one of them
         *(capturable.segment_lines(spec, "        ") if spec.capturable else ()),

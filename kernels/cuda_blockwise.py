@@ -8,15 +8,17 @@ the segment's block ``w``, lane ``l`` its elements ``l + 32·k`` (k < 8), so tha
 warp load is 32 consecutive elements. In a whole block a thread loads all 8 elements of
 every array (`split`: param, grad, each state's code decoded on the block's old absmax)
 before it computes and stores the first, so it has 8 elements of each array in flight
-(5-10 bytes each, 40-80 bytes) where a thread per element had one. A launch that reads
-more arrays than its usual one (an optional state's flag set, a Kahan compensation)
-takes them 4 at a time: the kernel's registers are those of its heaviest path, and
-RMSprop's momentum and centered arrays held 8 at a time cost its usual launch a block
-per SM. The entry's last block, when shorter, takes one element at a time
-(`elements.element`) under a test of its index. A block's new absmax per state is its
-elements' largest magnitude (`nan_max`: a NaN is kept): each lane's over its 8 values,
-then the warp's by `shuffle_xor`, a butterfly after which every lane holds it; no
-shared memory, no barrier. Each lane then encodes its values on it.
+(5-10 bytes each, 40-80 bytes) where a thread per element had one. A launch that
+stores by Kahan summation (``param_store``, an argument of the kernel) reads a
+compensation array more and takes them 4 at a time: the kernel's registers are those
+of its heaviest path. An optional state's flag (RMSprop's ``centered``) is a constant
+of the kernel (`kernels.cuda`), so its arrays are held 8 at a time in a kernel of their
+own (4 at a time held RMSprop's centered kernels at 17-21 KB in flight per SM on sm_90,
+below the target; 8 at a time, 35-36 KB). The entry's last block, when shorter, takes
+one element at a time (`elements.element`) under a test of its index. A block's new
+absmax per state is its elements' largest magnitude (`nan_max`: a NaN is kept): each
+lane's over its 8 values, then the warp's by `shuffle_xor`, a butterfly after which
+every lane holds it; no shared memory, no barrier. Each lane then encodes its values on it.
 
 LAMB's sums of squares (`specs.KernelSpec.squares`, float64): each lane's over its
 elements in order, the warp's by the same butterfly, then the segment's by thread 0
@@ -226,21 +228,12 @@ def _returns(spec):
 
 def _whole_steps(spec, indent):
     """A whole block: each lane's 8 elements loaded, then stepped in order; 4 at a time
-    where a launch reads more arrays than its usual one (`_heavier`)."""
-    heavier = _heavier(spec)
-    if not heavier:
-        return _steps(spec, range(PER_LANE), indent)
+    where the launch stores by Kahan summation (module doc)."""
     halves = range(PER_LANE // 2), range(PER_LANE // 2, PER_LANE)
-    lines = [f"{indent}if {heavier}:  # fewer registers for the arrays that come with these"]
+    lines = [f"{indent}if param_store == KAHAN:  # fewer registers for the compensation"]
     for half in halves:
         lines += _steps(spec, half, indent + "    ")
     return lines + [f"{indent}else:", *_steps(spec, range(PER_LANE), indent + "    ")]
-
-
-def _heavier(spec):
-    """The test of the arguments with which a launch reads more arrays than usual: an
-    optional state's flag, a compensation array (`tables.KAHAN`)."""
-    return " or ".join([*(flag for _, flag in spec.optional), "param_store == KAHAN"])
 
 
 def _steps(spec, members, indent):
