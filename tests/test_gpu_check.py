@@ -2,6 +2,7 @@
 the registry claims for CUDA, and a run says plainly that it needs a GPU."""
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,44 @@ def test_the_exactness_part_counts_differing_elements(monkeypatch, tmp_path):
     report = gpu_check.Report(tmp_path / "gpu_check.md", ["# GPU check"])
     gpu_check.exactness_part(report, "cpu")
     assert report.lines[-1] == "| SGD momentum | 0 of 52 | none | 0 |"
+
+
+def test_without_contraction_compiles_every_kernel_with_fma_0_in_a_fresh_cache(
+    monkeypatch, tmp_path
+):
+    """``--contraction off``: NVVM gets ``fma=False`` (``-fma=0``) unless a kernel asks
+    for fastmath, the wrapper is applied once however often it is asked for, and the
+    kernels go to a new cache directory, which the parity workers inherit."""
+    import numba
+    from numba.cuda.cudadrv import nvvm
+
+    from bench import gpu_check
+
+    seen = []
+    monkeypatch.setattr(nvvm, "compile_ir", lambda llvmir, **options: seen.append(options))
+    monkeypatch.delenv(gpu_check.NO_CONTRACTION, raising=False)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "earlier"))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "earlier"))
+    monkeypatch.setattr(gpu_check.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "fresh"))
+    gpu_check.without_contraction()
+    gpu_check.without_contraction()
+    nvvm.compile_ir("ir", opt=3)
+    nvvm.compile_ir("ir", fastmath=True)
+    assert seen == [{"opt": 3, "fma": False}, {"fastmath": True}]
+    assert os.environ[gpu_check.NO_CONTRACTION] == "1"
+    assert os.environ["NUMBA_CACHE_DIR"] == numba.config.CACHE_DIR == str(tmp_path / "fresh")
+
+
+def test_the_gpu_session_script_parses_and_runs_each_part_under_its_limit():
+    """bench/gpu_session.sh, the one call a GPU lease gets: valid bash, every part it
+    names is a part of gpu_check, and its limits fit the device tool's 600 s per call."""
+    import re
+
+    from bench import gpu_check
+
+    script = ROOT / "bench" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    calls = re.findall(r"\bpart (\S+) (\d+) --parts (\S+)", script.read_text())
+    assert [name for name, _, _ in calls] == ["fma", "no-fma", "bandwidth", "parity"]
+    assert {part for _, _, part in calls} <= set(gpu_check.PARTS)
+    assert sum(int(limit) for _, limit, _ in calls) <= 600
