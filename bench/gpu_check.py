@@ -573,10 +573,8 @@ def exactness_part(report, device):
 
 def launched_fmas(name):
     """``fma.rn`` instructions in the PTX of every CUDA kernel of ``name``'s rule module
-    that has been compiled in this process (`kernels.cuda.kernel` keeps one per spec and
-    flag values); a note where the PTX is not at hand."""
-    import itertools
-
+    that has been compiled in this process (`kernels.cuda.kernels_of`: one per flag
+    values and register limit); a note where the PTX is not at hand."""
     from fastmomentum.kernels import cuda as kernels
     from fastmomentum.kernels import rules
     from fastmomentum.kernels.specs import KernelSpec
@@ -585,8 +583,7 @@ def launched_fmas(name):
     values = vars(module).values() if module is not None else ()
     found = 0
     for spec in (value for value in values if isinstance(value, KernelSpec)):
-        for flags in itertools.product((False, True), repeat=len(spec.flags)):
-            dispatcher = kernels.kernel(spec, flags)
+        for dispatcher in kernels.kernels_of(spec):
             if not getattr(dispatcher, "overloads", None):  # none in the simulator
                 continue
             try:

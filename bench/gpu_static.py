@@ -11,7 +11,8 @@ and each 8-bit variant) is compiled to PTX by numba-cuda for each architecture o
 `ARCHS`, and assembled by ``ptxas -v``. The table (``gpu_static.md`` and ``.json``
 under ``--output``) has per kernel, format and architecture:
 
-- registers per thread and the blocks of the launch's threads (`threads_per_block`: 256,
+- registers per thread (with the limit ptxas was given, where a launch gives one:
+  `kernels.cuda.fitted`) and the blocks of the launch's threads (`threads_per_block`: 256,
   64 over 8-bit state) resident per SM (`blocks_per_sm`), with the occupancy they give;
 - spills and local memory (bytes per thread, from ``ptxas -v``), shared memory;
 - f64: float64 instructions in the PTX; vector: ``ld.global.v2``/``.v4`` loads;
@@ -279,6 +280,26 @@ def compile_ptx(variant, arch, usual=False):
     return ptx
 
 
+def fitted(ptx, arch, executable, limit):
+    """``(resources, limit)`` of ``ptx`` as a launch compiles it (`kernels.cuda.fitted`):
+    assembled as it is, and assembled again within ``limit`` registers a thread where it
+    takes more, kept where that does not spill (``limit`` None otherwise)."""
+    resources = parse_ptxas(assemble(ptx, arch, executable))
+    if limit is not None and resources.registers > limit:
+        within = parse_ptxas(assemble(ptx, arch, executable, limit))
+        if within.spill_stores + within.spill_loads + within.stack + within.local == 0:
+            return within, limit
+    return resources, None
+
+
+def register_limit(variant):
+    """`kernels.cuda.register_limit` of ``variant``'s kernel over its format's tables."""
+    from kernels import cuda as kernels
+
+    formats = tuple(np.dtype(kind).type(0) for kind in variant.format.formats)
+    return kernels.register_limit(variant.spec, variant.flags, formats)
+
+
 def usual_launch_source(variant):
     """`kernels.cuda.kernel_source` of ``variant`` (a `Variant`) with the arguments that
     choose a path made constants as a constructor's defaults set them: gradients not
@@ -314,12 +335,15 @@ def ptxas():
     return found
 
 
-def assemble(ptx, arch, executable):
-    """``ptxas -v``'s report (its standard error) on ``ptx`` for ``arch``."""
+def assemble(ptx, arch, executable, register_limit=None):
+    """``ptxas -v``'s report (its standard error) on ``ptx`` for ``arch``, with at most
+    ``register_limit`` registers a thread (as numba-cuda's ``max_registers`` asks)."""
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
         command = [executable, "-v", "--gpu-name", arch.name, "-o", os.devnull, str(source)]
+        if register_limit is not None:
+            command.append(f"--maxrregcount={register_limit}")
         run = subprocess.run(command, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise RuntimeError(f"ptxas failed for {arch.name}:\n{run.stderr}")
@@ -579,7 +603,7 @@ def measure(variant, arch, executable):
     """One row of the table: ``variant``'s kernel (a `Variant`) on ``arch``."""
     spec, format = variant.spec, variant.format
     ptx = compile_ptx(variant, arch)
-    resources = parse_ptxas(assemble(ptx, arch, executable))
+    resources, limit = fitted(ptx, arch, executable, register_limit(variant))
     threads = threads_per_block(spec)
     blocks = blocks_per_sm(arch, resources.registers, threads, resources.shared)
     usual = compile_ptx(variant, arch, usual=True)
@@ -592,6 +616,7 @@ def measure(variant, arch, executable):
         "format": format.name,
         "arch": arch.name,
         "registers": resources.registers,
+        "register_limit": limit,  # given to ptxas (`fitted`), or None
         "threads": threads,
         "blocks_per_sm": blocks,
         "occupancy": blocks * threads / arch.max_threads,
@@ -676,7 +701,7 @@ def markdown(rows, known, strict, header):
     ]
     for row in rows:
         lines.append(
-            f"| {row['kernel']} | {row['format']} | {row['arch']} | {row['registers']} "
+            f"| {row['kernel']} | {row['format']} | {row['arch']} | {_registers(row)} "
             f"| {row['blocks_per_sm']} ({row['occupancy']:.1%}) | {row['spill_bytes']} "
             f"| {row['local_bytes']} | {row['shared_bytes']} | {row['f64']} "
             f"| {row['vector_loads']} | {row['vector_stores']} / {row['stores']} "
@@ -684,6 +709,12 @@ def markdown(rows, known, strict, header):
             f"| {row['in_flight_per_sm'] / 1024:.1f} | {status(row, known, strict)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _registers(row):
+    """The registers cell: the count, and the limit ptxas was given where it was."""
+    limit = row.get("register_limit")
+    return f"{row['registers']} (limit {limit})" if limit else str(row["registers"])
 
 
 def versions():

@@ -65,14 +65,84 @@ else:
     vectors.register_cuda()
 
 
-def kernel(spec, flags=None):
+def kernel(spec, flags=None, max_registers=None):
     """The CUDA kernel of ``spec`` (a `specs.KernelSpec`) for ``flags``, the values of
     ``spec.flags`` in order (default: all False), generated once from `kernel_source`:
     blocks take segments (grid-stride), their threads stride through a segment's
     elements, each applying the rule's element step (`elements.split`; over block-wise
     state a warp per block of state, `cuda_blockwise.kernel_source`). The flags are
-    constants of the kernel; entry flags are read per segment."""
-    return _generated_kernel(spec, flag_values(spec, flags))
+    constants of the kernel; entry flags are read per segment. With ``max_registers``,
+    compiled to use at most that many registers a thread (ptxas's ``-maxrregcount``;
+    `fitted` says when)."""
+    return _generated_kernel(spec, flag_values(spec, flags), max_registers)
+
+
+def kernels_of(spec):
+    """Every kernel of ``spec`` generated in this process (any flags and limit)."""
+    return [found for (owner, *_), found in _generated.items() if owner is spec]
+
+
+def fitted(spec, flags, table, arguments):
+    """The `kernel` a launch of ``spec`` with ``flags`` over ``table`` runs (``arguments``:
+    the launch's): as ptxas compiles it, unless that takes more registers than
+    `register_limit`; then compiled again within the limit, so that the blocks per SM
+    the bytes-in-flight target needs are resident (capturable RAdam on bfloat16 state,
+    sm_90: 83 registers and 2 blocks of 256; 80 and 3). A limit is given only where it
+    binds: given one it does not need, ptxas takes more registers, up to it (capturable
+    Adam on float32: 76 and 3 blocks; under a limit of 128, 90 and 2). Nor where the
+    limited kernel spills (uses local memory): a spill costs more than a block.
+    Decided on the first launch for each set of element types, which compiles the
+    kernel (and the limited one, where it is tried) with this device's compiler; the
+    simulator, which has no registers, runs the kernel as written."""
+    key = (spec, flags, table.dtype, *map(type, table.formats), len(arguments))
+    found = _fitted.get(key)
+    if found is None:
+        found = kernel(spec, flags)
+        limit = register_limit(spec, flags, table.formats)
+        if limit is not None and _resources(found, arguments)[0] > limit:
+            limited = kernel(spec, flags, limit)
+            if _resources(limited, arguments)[1] == 0:
+                found = limited
+        _fitted[key] = found
+    return found
+
+
+def _resources(dispatcher, arguments):
+    """``(registers a thread, bytes of local memory a thread)`` of ``dispatcher``'s
+    kernel for the types of ``arguments``, compiled and loaded; ``(0, 0)`` in the
+    simulator."""
+    if numba_config.ENABLE_CUDASIM:
+        return 0, 0
+    compiled = dispatcher.compile(tuple(dispatcher.typeof_pyval(value) for value in arguments))
+    return compiled.regs_per_thread, compiled.local_mem_per_thread
+
+
+_fitted = {}  # (spec, flags, what sets the types of its arguments) -> the kernel launched
+
+
+def register_limit(spec, flags, formats):
+    """The most registers a thread of ``spec``'s kernel with ``flags`` may take over
+    tables of ``formats`` (param, grad, state and companion element types): as many as
+    let the fewest blocks of `config.THREADS_PER_BLOCK` threads that keep
+    `config.BYTES_IN_FLIGHT_PER_SM` in flight be resident on an SM together (its
+    `config.REGISTERS_PER_SM`, allocated 8 a thread at a time), each thread loading a
+    group of `_element_loop` (`config.BYTES_IN_FLIGHT_PER_ARRAY` of the widest array, as
+    many elements of the others). The arrays counted are those a step may read: param,
+    grad and each state array in use. A rule that ignores one (an apply pass reads no
+    gradient) loads less than counted and is allowed more registers than the target
+    leaves it, never fewer; bench.gpu_static measures what it loads. None for
+    block-wise 8-bit state, whose launches have a shape of their own
+    (`cuda_blockwise.launch_shape`). Applied where it binds (`fitted`)."""
+    if spec.blockwise:
+        return None
+    param, grad, state, _ = (np.asarray(value).itemsize for value in formats)
+    chosen = dict(zip(spec.flags, flag_values(spec, flags)))
+    sizes = [param, grad]
+    sizes += [state for name in spec.state if chosen.get(spec.optional_flag(name), True)]
+    per_thread = config.BYTES_IN_FLIGHT_PER_ARRAY // max(sizes) * sum(sizes)
+    threads = config.THREADS_PER_BLOCK
+    blocks = -(-config.BYTES_IN_FLIGHT_PER_SM // (threads * per_thread))
+    return min(255, config.REGISTERS_PER_SM // (blocks * threads) // 8 * 8)
 
 
 def flag_values(spec, flags=None):
@@ -83,8 +153,17 @@ def flag_values(spec, flags=None):
     return flags
 
 
-@functools.cache
-def _generated_kernel(spec, flags):
+def _generated_kernel(spec, flags, max_registers):
+    key = (spec, flags, max_registers)
+    if key not in _generated:
+        _generated[key] = _new_kernel(spec, flags, max_registers)
+    return _generated[key]
+
+
+_generated = {}  # (spec, flags, max_registers) -> its kernel
+
+
+def _new_kernel(spec, flags, max_registers):
     namespace = {**globals(), "LIVE": spec.live, "FROM_SUMS": spec.from_sums}
     if spec.blockwise:
         namespace.update(cuda_blockwise.namespace(spec))
@@ -92,8 +171,14 @@ def _generated_kernel(spec, flags):
         loads, vector_loads, update, vector_updates = split(spec, _vector_counts())
         namespace.update(LOADS=loads, VECTOR_LOADS=vector_loads, UPDATE=update)
         namespace.update((f"VECTOR_UPDATE{n}", f) for n, f in vector_updates.items())
-    cacheable = generated.compile_into(namespace, "cuda", spec, kernel_source(spec, flags))
-    return cuda.jit(cache=cacheable)(namespace[f"_{spec.name}"])
+    source = kernel_source(spec, flags)
+    options = {}
+    if max_registers is not None:  # in the source too: its file, hence its cache, differ
+        source = f"# at most {max_registers} registers a thread (register_limit)\n{source}"
+        if not numba_config.ENABLE_CUDASIM:  # which takes no register limit
+            options["max_registers"] = max_registers
+    cacheable = generated.compile_into(namespace, "cuda", spec, source)
+    return cuda.jit(cache=cacheable, **options)(namespace[f"_{spec.name}"])
 
 
 def kernel_source(spec, flags=None):
@@ -277,17 +362,17 @@ COUNTS = Counts()
 
 
 def _launch(
-    kernel, table, coefficients, stream, device, upload, shape=None, spec=None, live=None,
+    flags, table, coefficients, stream, device, upload, shape=None, spec=None, live=None,
     capturing=False, keep_sums=False, sums=None,
 ):  # fmt: skip
-    """Queue ``kernel`` (of ``spec``) over ``table``: segments of ``config.cuda_chunk()``
-    elements over blocks of `config.launch_shape`'s threads, or ``shape``, ``(elements
-    per segment, threads per block)`` (block-wise state: `cuda_blockwise.launch_shape`).
-    With ``spec.squares``, return the
-    sums per entry (float64, shape ``(entries, squares)``): a device array with
-    ``keep_sums``, else copied to the host, which waits for them. ``live``: the
-    `capturable.LiveInputs` of a capturable kernel; ``capturing``: a CUDA graph is being
-    captured on ``stream`` (`_resident`); ``sums``: the device array of sums a
+    """Queue the kernel of ``spec`` with ``flags`` (`fitted`) over ``table``: segments of
+    ``config.cuda_chunk()`` elements over blocks of `config.launch_shape`'s threads, or
+    ``shape``, ``(elements per segment, threads per block)`` (block-wise state:
+    `cuda_blockwise.launch_shape`). With ``spec.squares``, return the sums per entry
+    (float64, shape ``(entries, squares)``): a device array with ``keep_sums``, else
+    copied to the host, which waits for them. ``live``: the `capturable.LiveInputs` of a
+    capturable kernel; ``capturing``: a CUDA graph is being captured on ``stream``
+    (`_resident`); ``sums``: the device array of sums a
     ``from_sums`` spec reads (`kernels.sums`)."""
     squares = len(spec.squares)
     if table.size == 0:
@@ -320,11 +405,12 @@ def _launch(
             extra += (sums,)
         if live is not None:  # with sums, their count of finished segments serves
             extra += (*live, *(() if squares else (on_device[3],)))
-        COUNTS.launches += 1
-        kernel[blocks, threads, stream](
+        arguments = (
             *on_device[:3], coefficients, table.formats, table.clear_grads, table.param_store,
             *uniform, *extra,
         )  # fmt: skip
+        COUNTS.launches += 1
+        fitted(spec, flags, table, arguments)[blocks, threads, stream](*arguments)
         if not squares:
             return None
         if keep_sums:
@@ -419,6 +505,6 @@ def launch(
     if (spec.from_sums is not None) != (sums is not None):
         raise ValueError(f"{spec.name}: sums are for kernels that read them, and needed there")
     return _launch(
-        kernel(spec, flags), table, coefficients, stream, device, upload, shape, spec, live,
-        capturing, keep_sums, sums,
+        flag_values(spec, flags), table, coefficients, stream, device, upload, shape, spec,
+        live, capturing, keep_sums, sums,
     )  # fmt: skip

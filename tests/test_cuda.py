@@ -281,6 +281,59 @@ def test_a_kernel_per_value_of_its_flags():
         kernels_cuda.kernel(spec, (True,))
 
 
+@pytest.mark.parametrize(
+    ("natural", "limited", "chosen"),
+    [
+        ((83, 0), (80, 0), "limited"),  # over the limit: compiled again within it
+        ((83, 0), (80, 16), "as written"),  # within it only by spilling: kept
+        ((76, 0), None, "as written"),  # under it: never compiled with a limit
+    ],
+)
+def test_a_launch_limits_registers_only_where_they_exceed_the_limit(
+    monkeypatch, natural, limited, chosen
+):
+    """`kernels.cuda.fitted` (on a GPU, registers and local memory come from the loaded
+    kernel; here, from a stand-in): capturable RAdam over float32 params and bfloat16
+    state may take 80 registers, which let 3 blocks of 256 be resident per SM."""
+    from fastmomentum.kernels import cuda as kernels_cuda
+    from fastmomentum.kernels import rules
+    from fastmomentum.kernels.capturable import capturable
+    from fastmomentum.kernels.tables import TensorTable
+
+    monkeypatch.setattr(config, "THREADS_PER_BLOCK", 256)
+    monkeypatch.setattr(kernels_cuda, "_fitted", {})
+    spec, flags = capturable(rules.radam.SPEC), ()
+    written, within = kernels_cuda.kernel(spec, flags), kernels_cuda.kernel(spec, flags, 80)
+    compiled = []
+
+    def resources(dispatcher, arguments):
+        compiled.append(dispatcher)
+        return natural if dispatcher is written else limited
+
+    monkeypatch.setattr(kernels_cuda, "_resources", resources)
+    formats = (np.float32, np.float32, np.uint16, np.float32)
+    table = TensorTable([5], 6, np.float32, formats=formats)
+    arguments = (0,) * 12
+    found = kernels_cuda.fitted(spec, flags, table, arguments)
+    assert found is (within if chosen == "limited" else written)
+    assert compiled == ([written] if limited is None else [written, within])
+    assert kernels_cuda.fitted(spec, flags, table, arguments) is found  # decided once
+    assert len(compiled) == (1 if limited is None else 2)
+    assert {written, within} <= set(kernels_cuda.kernels_of(spec))
+
+
+def test_a_limited_kernel_is_compiled_from_a_file_of_its_own():
+    """Numba's disk cache keys a kernel on its source file: the limit is in the file."""
+    from fastmomentum.kernels import cuda as kernels_cuda
+    from fastmomentum.kernels import rules
+
+    written, limited = (kernels_cuda.kernel(rules.adam.SPEC, (False,), n) for n in (None, 80))
+    files = [inspect.getsourcefile(k.py_func) for k in (written, limited)]
+    assert files[0] != files[1]
+    with open(files[1]) as generated:
+        assert generated.readline().startswith("# at most 80 registers a thread")
+
+
 #: Per bucket, what one steady-state step of each optimizer does on the host through
 #: the CUDA kernels (`kernels.cuda.COUNTS`): (launches, uploads, waits). Two launches
 #: for the two-pass steps (LAMB: direction and norms, then the update; Muon: momentum,

@@ -159,6 +159,96 @@ def test_targets_from_littles_law():
     assert 12 * 1024 < SM80.target < 14 * 1024
 
 
+def test_the_kernels_target_and_registers_are_those_of_sm_90():
+    from kernels import config
+
+    assert config.BYTES_IN_FLIGHT_PER_SM == round(SM90.target)
+    assert config.REGISTERS_PER_SM == SM90.registers == SM80.registers
+
+
+def _limit(spec, kinds, flags=None):
+    formats = tuple(np.dtype(kind).type(0) for kind in kinds)
+    return cuda.register_limit(spec, cuda.flag_values(spec, flags), formats)
+
+
+F32, F64, BF16 = np.float32, np.float64, np.uint16  # bfloat16's carrier
+
+
+@pytest.mark.parametrize(
+    ("spec", "kinds", "flags", "expected"),
+    [
+        # 4 arrays × 16 bytes a thread: 64 B, 2 blocks of 256 hold 32 KB ≥ 24.9: 128
+        (rules.adam.SPEC, (F32,) * 4, None, 128),
+        (rules.adam.SPEC, (F64,) * 4, None, 128),  # 2 float64 a thread, as many bytes
+        (rules.adam.SPEC, (BF16,) * 4, None, 128),  # 8 elements of 2 bytes
+        # float32 param and grad, 16-bit moments: 4 × (4 + 4 + 2 + 2) = 48 B, 3 blocks
+        (capturable(rules.radam.SPEC), (F32, F32, BF16, F32), None, 80),
+        # AMSGrad's third moment only when the flag is set: 56 B, 2 blocks
+        (rules.adam.SPEC, (F32, F32, BF16, F32), (True,), 128),
+        (rules.adam.SPEC, (F32, F32, BF16, F32), (False,), 80),
+        (rules.sgd.PLAIN, (F32,) * 4, None, 64),  # param and grad: 32 B, 4 blocks
+    ],
+)
+def test_register_limit_leaves_room_for_the_blocks_the_target_needs(spec, kinds, flags, expected):
+    limit = _limit(spec, kinds, flags)
+    assert limit == expected
+    blocks = gpu_static.blocks_per_sm(SM90, limit, 256)
+    assert gpu_static.blocks_per_sm(SM90, limit + 1, 256) < blocks  # the most that fit
+
+
+def test_register_limit_is_none_over_block_wise_state():
+    spec = int8_blockwise(rules.adam.SPEC)
+    assert _limit(spec, (F32,) * 4) is None
+
+
+def test_register_limits_keep_every_variant_at_its_target():
+    """For every kernel over 256-thread blocks, the blocks its limit lets be resident
+    hold the target in flight, each thread loading what `register_limit` counts."""
+    for variant in gpu_static.variants():
+        limit = gpu_static.register_limit(variant)
+        if variant.spec.blockwise:
+            assert limit is None
+            continue
+        blocks = gpu_static.blocks_per_sm(SM90, limit, 256)
+        sizes = [np.dtype(kind).itemsize for kind in variant.format.formats[:2]]
+        flags = dict(zip(variant.spec.flags, variant.flags))
+        state = np.dtype(variant.format.formats[2]).itemsize
+        sizes += [state for n in variant.spec.state if flags.get(variant.spec.optional_flag(n), 1)]
+        per_thread = 16 // max(sizes) * sum(sizes)
+        assert blocks * 256 * per_thread >= SM90.target, variant
+        assert (blocks - 1) * 256 * per_thread < SM90.target, variant  # the fewest
+
+
+def _report(registers, spills=0):
+    return (
+        "ptxas info    : Function properties for kernel\n"
+        f"    0 bytes stack frame, {spills} bytes spill stores, {spills} bytes spill loads\n"
+        f"ptxas info    : Used {registers} registers, used 1 barriers, 112 bytes smem\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("natural", "within", "expected"),
+    [
+        (83, _report(80), (80, 80)),  # the limit binds: ptxas is asked again
+        (83, _report(80, spills=16), (83, None)),  # it would spill: kept as ptxas made it
+        (76, None, (76, None)),  # under the limit: not asked again (ptxas would take more)
+    ],
+)
+def test_fitted_assembles_again_only_where_the_limit_binds(monkeypatch, natural, within, expected):
+    calls = []
+
+    def assemble(ptx, arch, executable, register_limit=None):
+        calls.append(register_limit)
+        return _report(natural) if register_limit is None else within
+
+    monkeypatch.setattr(gpu_static, "assemble", assemble)
+    resources, limit = gpu_static.fitted("ptx", SM90, "ptxas", 80)
+    assert (resources.registers, limit) == expected
+    assert calls == ([None, 80] if within else [None])
+    assert gpu_static.fitted("ptx", SM90, "ptxas", None)[1] is None
+
+
 # A kernel's shape in PTX: the table's arrays are kernel parameters; an entry's arrays
 # are addresses loaded from the table; the element index derives from %tid.
 PTX = """\
@@ -280,7 +370,8 @@ from kernels import rules
 formats = {format.name: format for format in gpu_static.FORMATS}
 found = {}
 for name in sys.argv[1:]:
-    ptx = gpu_static.compile_ptx(rules.adam.SPEC, formats[name], gpu_static.ARCHS[1], usual=True)
+    variant = gpu_static.Variant(rules.adam.SPEC, formats[name], (False,))
+    ptx = gpu_static.compile_ptx(variant, gpu_static.ARCHS[1], usual=True)
     loads = [i.opcode for i in gpu_static.instructions(ptx) if gpu_static._vector(i.opcode) > 1]
     found[name] = [opcode for opcode in loads if gpu_static._is_memory_load(opcode)]
 print(json.dumps(found))
