@@ -22,9 +22,10 @@ ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor ker
 # (`kernels.cuda._element_loop`; bench.gpu_static counts them per SM against a target).
 BYTES_IN_FLIGHT_PER_ARRAY = 16
 # Bytes of loads a multiprocessor keeps in flight to keep the memory busy (Little's law:
-# an H200's 4.8 TB/s × 700 ns over its 132 SMs, bench.gpu_static's sm_90 target). Each
-# kernel's registers are limited so that the blocks per SM that hold this many fit
-# (`kernels.cuda.register_limit`), in the 64 Ki 32-bit registers of an SM (sm_80, sm_90).
+# an H200's 4.8 TB/s × 700 ns over its 132 SMs, bench.gpu_static's sm_90 target). A
+# kernel whose registers leave fewer blocks per SM than hold this many, of the 64 Ki
+# 32-bit registers of an SM (sm_80, sm_90), is compiled again within a register limit
+# (`kernels.cuda.fitted`).
 BYTES_IN_FLIGHT_PER_SM = 25_455
 REGISTERS_PER_SM = 65_536
 # Block-wise 8-bit state (`kernels.cuda_blockwise`): a warp per block of state (8

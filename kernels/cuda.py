@@ -372,8 +372,8 @@ def _launch(
     (float64, shape ``(entries, squares)``): a device array with ``keep_sums``, else
     copied to the host, which waits for them. ``live``: the `capturable.LiveInputs` of a
     capturable kernel; ``capturing``: a CUDA graph is being captured on ``stream``
-    (`_resident`); ``sums``: the device array of sums a
-    ``from_sums`` spec reads (`kernels.sums`)."""
+    (`_resident`); ``sums``: the device array of sums a ``from_sums`` spec reads
+    (`kernels.sums`)."""
     squares = len(spec.squares)
     if table.size == 0:
         return np.zeros((len(table), squares)) if squares else None
