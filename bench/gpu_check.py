@@ -27,6 +27,8 @@ needs none and prints what would be checked.
 4. ``--contraction off`` compiles every CUDA kernel with NVVM's ``-fma=0``, in a fresh
    Numba cache (`without_contraction`): whether fused multiply-adds are why our CUDA
    and CPU steps differ (``--parts exactness``, docs/gpu.md).
+5. ``--parts registers``: the registers of the kernels one step of each row launches,
+   as the device's compiler made them, and the limit a launch gave (`registers_part`).
 """
 
 import argparse
@@ -499,7 +501,7 @@ def listing():
     return lines
 
 
-PARTS = ("parity", "bandwidth", "exactness")
+PARTS = ("parity", "bandwidth", "exactness", "registers")
 
 
 def parts(text):
@@ -593,6 +595,54 @@ def launched_fmas(name):
     return found
 
 
+#: The modes whose kernels bench.gpu_static's table gives a register limit (sm_90:
+#: float32 parameters, bfloat16 state, capturable; `kernels.cuda.fitted`).
+LIMITED = {
+    "RAdam": {"capturable": True, "state_dtype": torch.bfloat16},
+    "LAMB": {"capturable": True, "state_dtype": torch.bfloat16},
+}
+#: The element types of a launch table, as bench.gpu_static's formats name them.
+TYPE_NAMES = {"float32": "fp32", "float64": "fp64", "uint16": "bf16", "int16": "fp16"}
+
+
+def registers_part(report, device):
+    """One step of each benchmark row with CUDA in fp32 and of each mode of `LIMITED`,
+    then the registers of every kernel launched, as this device's compiler made them
+    (bench/results/gpu_static.md has ptxas 12.9's), with the limit a launch gave
+    (`kernels.cuda.fitted`) and the local memory a thread uses (spills)."""
+    steps = [(row, name, options, {}) for row, (name, options) in benchmarks().items()]
+    for name, extra in LIMITED.items():
+        row = next(row for row, (owner, _) in benchmarks().items() if owner == name)
+        steps.append((row, name, benchmarks()[row][1], extra))
+    for row, name, options, extra in steps:
+        if CAPABILITIES[name].cuda:
+            check = Check(name, row, options, "registers", torch.float32, extra)
+            start, grads = data(check)
+            side(check, device, start, grads[:1])
+    report.add(
+        "\n## Registers of the kernels launched, as this device compiled them\n",
+        "| kernel | param / grad / state / companion | registers | limit given | local B |",
+        "| --- | --- | --: | --: | --: |",
+    )
+    for line in register_rows():
+        report.add(line)
+
+
+def register_rows():
+    """A row per kernel launched in this process (`kernels.cuda.launched`) and compiled
+    signature: its registers and local memory per thread, and the limit given."""
+    from fastmomentum.kernels import cuda as kernels
+
+    rows = []
+    for spec, flags, types, limit, dispatcher in kernels.launched():
+        named = "+".join([spec.name, *(flag for flag, on in zip(spec.flags, flags) if on)])
+        kinds = " / ".join(TYPE_NAMES.get(kind.__name__, kind.__name__) for kind in types)
+        for compiled in getattr(dispatcher, "overloads", {}).values():  # none in the simulator
+            cells = [named, kinds, str(compiled.regs_per_thread), str(limit or "–")]
+            rows.append("| " + " | ".join([*cells, str(compiled.local_mem_per_thread)]) + " |")
+    return rows
+
+
 def bandwidth_part(report, device, numel, repeats):
     """The bandwidth table, one row per benchmark row of an optimizer with CUDA."""
     peak = peak_bandwidth(device)
@@ -627,7 +677,8 @@ def main(argv=None):
         type=parts,
         default=["parity", "bandwidth"],
         help="comma-separated parts to run, in that order (default: parity,bandwidth; "
-        "exactness: our CUDA step against our CPU step, element by element)",
+        "exactness: our CUDA step against our CPU step, element by element; registers: "
+        "of the kernels launched, as the device compiled them)",
     )
     parser.add_argument(
         "--only",
@@ -683,6 +734,8 @@ def main(argv=None):
             failures = parity_part(report, args.jobs, args.only)
         elif part == "bandwidth":
             bandwidth_part(report, device, args.numel, args.repeats)
+        elif part == "registers":
+            registers_part(report, device)
         else:
             exactness_part(report, device)
 

@@ -95,16 +95,22 @@ def fitted(spec, flags, table, arguments):
     kernel (and the limited one, where it is tried) with this device's compiler; the
     simulator, which has no registers, runs the kernel as written."""
     key = (spec, flags, table.dtype, *map(type, table.formats), len(arguments))
-    found = _fitted.get(key)
-    if found is None:
-        found = kernel(spec, flags)
+    if key not in _fitted:
+        found, given = kernel(spec, flags), None
         limit = register_limit(spec, flags, table.formats)
         if limit is not None and _resources(found, arguments)[0] > limit:
             limited = kernel(spec, flags, limit)
             if _resources(limited, arguments)[1] == 0:
-                found = limited
-        _fitted[key] = found
-    return found
+                found, given = limited, limit
+        _fitted[key] = given, found
+    return _fitted[key][1]
+
+
+def launched():
+    """What `fitted` chose in this process, one ``(spec, flags, element types, limit,
+    kernel)`` per launch kind: the table's param, grad, state and companion types (16-bit
+    floats as their integer carriers) and the register limit given, or None."""
+    return [(key[0], key[1], key[3:7], *chosen) for key, chosen in _fitted.items()]
 
 
 def _resources(dispatcher, arguments):
@@ -117,7 +123,7 @@ def _resources(dispatcher, arguments):
     return compiled.regs_per_thread, compiled.local_mem_per_thread
 
 
-_fitted = {}  # (spec, flags, what sets the types of its arguments) -> the kernel launched
+_fitted = {}  # (spec, flags, what sets its arguments' types) -> (limit given, kernel)
 
 
 def register_limit(spec, flags, formats):

@@ -318,6 +318,8 @@ def test_a_launch_limits_registers_only_where_they_exceed_the_limit(
     assert found is (within if chosen == "limited" else written)
     assert compiled == ([written] if limited is None else [written, within])
     assert kernels_cuda.fitted(spec, flags, table, arguments) is found  # decided once
+    given = 80 if chosen == "limited" else None
+    assert kernels_cuda.launched() == [(spec, flags, formats, given, found)]
     assert len(compiled) == (1 if limited is None else 2)
     assert {written, within} <= set(kernels_cuda.kernels_of(spec))
 

@@ -200,5 +200,40 @@ def test_the_gpu_session_script_parses_and_runs_each_part_under_its_limit():
     subprocess.run(["bash", "-n", str(script)], check=True)
     calls = re.findall(r"\bpart (\S+) (\d+) --parts (\S+)", script.read_text())
     assert [name for name, _, _ in calls] == ["fma", "no-fma", "bandwidth", "parity"]
-    assert {part for _, _, part in calls} <= set(gpu_check.PARTS)
+    assert {part for _, _, parts in calls for part in parts.split(",")} <= set(gpu_check.PARTS)
     assert sum(int(limit) for _, limit, _ in calls) <= 600
+
+
+def test_the_registers_part_steps_every_row_and_the_limited_modes(monkeypatch, tmp_path):
+    """Its plumbing (on a GPU the kernels are compiled and report their registers; here a
+    stand-in): a step of each benchmark row with CUDA and of each mode given a register
+    limit, then a row per kernel launched."""
+    import numpy as np
+
+    from bench import gpu_check
+    from fastmomentum.kernels import cuda as kernels
+    from fastmomentum.kernels import rules
+    from fastmomentum.kernels.capturable import capturable
+
+    stepped = []
+    monkeypatch.setattr(
+        gpu_check, "side", lambda check, *_: stepped.append((check.name, sorted(check.extra)))
+    )
+    monkeypatch.setattr(gpu_check, "data", lambda check: ([torch.randn(3)], [[torch.randn(3)]]))
+
+    class Compiled:
+        regs_per_thread, local_mem_per_thread = 80, 0
+
+    class Dispatcher:
+        overloads = {"one signature": Compiled()}
+
+    types = (np.float32, np.float32, np.uint16, np.float32)
+    launched = [(capturable(rules.radam.SPEC), (), types, 80, Dispatcher())]
+    monkeypatch.setattr(kernels, "launched", lambda: launched)
+    report = gpu_check.Report(tmp_path / "gpu_check.md", ["# GPU check"])
+    gpu_check.registers_part(report, "cuda")
+    rows = [n for n, _ in gpu_check.benchmarks().values() if gpu_check.CAPABILITIES[n].cuda]
+    assert len(stepped) == len(rows) + len(gpu_check.LIMITED)
+    for name in gpu_check.LIMITED:
+        assert (name, ["capturable", "state_dtype"]) in stepped
+    assert report.lines[-1] == "| radam_capturable | fp32 / fp32 / bf16 / fp32 | 80 | 80 | 0 |"
