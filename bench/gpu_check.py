@@ -610,10 +610,11 @@ def registers_part(report, device):
     then the registers of every kernel launched, as this device's compiler made them
     (bench/results/gpu_static.md has ptxas 12.9's), with the limit a launch gave
     (`kernels.cuda.fitted`) and the local memory a thread uses (spills)."""
-    steps = [(row, name, options, {}) for row, (name, options) in benchmarks().items()]
+    rows = benchmarks()
+    steps = [(row, name, options, {}) for row, (name, options) in rows.items()]
     for name, extra in LIMITED.items():
-        row = next(row for row, (owner, _) in benchmarks().items() if owner == name)
-        steps.append((row, name, benchmarks()[row][1], extra))
+        row = next(row for row, (owner, _) in rows.items() if owner == name)
+        steps.append((row, name, rows[row][1], extra))
     for row, name, options, extra in steps:
         if CAPABILITIES[name].cuda:
             check = Check(name, row, options, "registers", torch.float32, extra)

@@ -2,9 +2,9 @@
 # One GPU lease, run from the repository root (the device tool's `run`): the parts of
 # `python -m bench.gpu_check` in the order the open questions need them (docs/gpu.md,
 # "First run on a GPU"): our CUDA step against our CPU step with and without FMA
-# contraction, the registers the device gave the kernels and the bandwidth, then parity. Each part has its own time limit and report,
-# $OUT/<part>/gpu_check.md (default OUT: bench/out), written row by row, so a lease cut
-# short keeps what ran. The device image's NumPy 2.5 breaks numba-cuda 0.30.4: a NumPy
+# contraction, the registers the device gave the kernels and the bandwidth, then parity.
+# Each part has its own time limit and report, $OUT/<part>/gpu_check.md (default OUT:
+# bench/out), written row by row, so a lease cut short keeps what ran. The device image's NumPy 2.5 breaks numba-cuda 0.30.4: a NumPy
 # wheel left under .device/whl (ignored by git; carried) is installed into /tmp/site.
 set -u
 out=${OUT:-bench/out}
