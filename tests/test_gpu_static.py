@@ -5,12 +5,6 @@ the ptxas report and the PTX analyses are checked on known numbers and small sam
 Compiling and assembling run in CI's own step (.ci/run), with the ``cuda-dev`` extra.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -344,9 +338,16 @@ def test_known_misses_name_kernels_that_are_compiled():
     assert gpu_static.known_below_target() <= keys
 
 
-def test_a_known_miss_fails_once_it_meets_the_target():
+def _row(**changes):
+    """A row of the table that passes every check, with ``changes``."""
     row = {"kernel": "adam", "format": "fp32", "arch": "sm_90", "spill_bytes": 0}
-    row.update(unexpected_f64=[], in_flight_per_sm=100, target=200)
+    row.update(unexpected_f64=[], in_flight_per_sm=300, target=200, element_wise=True)
+    row.update(vector_loads=4, vector_stores=3)
+    return {**row, **changes}
+
+
+def test_a_known_miss_fails_once_it_meets_the_target():
+    row = _row(in_flight_per_sm=100)
     assert gpu_static.failures(row, known=set()) == ["below target"]
     assert gpu_static.failures(row, known={"adam fp32 sm_90"}) == []
     assert gpu_static.failures(row, known={"adam fp32 sm_90"}, strict=True) == ["below target"]
@@ -354,50 +355,17 @@ def test_a_known_miss_fails_once_it_meets_the_target():
     assert "meets target" in gpu_static.failures(row, known={"adam fp32 sm_90"})[0]
 
 
-# Compiles Adam for sm_90 as its usual launch, outside the simulator (which the tests
-# run under), and prints its vector loads per format: None where numba-cuda cannot
-# compile a trivial kernel to PTX (no NVVM or NVRTC libraries).
-VECTOR_LOADS_SCRIPT = """\
-import json, sys
-from numba import cuda, float32
-try:
-    cuda.compile_ptx(lambda x: None, (float32[:],), cc=(9, 0))
-except Exception:
-    print(json.dumps(None))
-    sys.exit()
-from bench import gpu_static
-from kernels import rules
-formats = {format.name: format for format in gpu_static.FORMATS}
-found = {}
-for name in sys.argv[1:]:
-    variant = gpu_static.Variant(rules.adam.SPEC, formats[name], (False,))
-    ptx = gpu_static.compile_ptx(variant, gpu_static.ARCHS[1], usual=True)
-    loads = [i.opcode for i in gpu_static.instructions(ptx) if gpu_static._vector(i.opcode) > 1]
-    found[name] = [opcode for opcode in loads if gpu_static._is_memory_load(opcode)]
-print(json.dumps(found))
-"""
-
-
-def test_adam_loads_each_array_in_16_byte_vectors():
-    """The PTX of Adam's usual launch (NVVM; skipped where numba-cuda has none) loads each
-    array of an aligned segment as one vector (`kernels.vectors`, `kernels.cuda.
-    _element_loop`): 4 float32 (``ld.global.v4.f32``), 8 bfloat16 as 4 32-bit words
-    (``ld.v4.u32``: generic, as every 16-bit load of these kernels), and with master
-    weights 4 bfloat16 gradients, 8 bytes (``.v2.u32``), beside 4 float32 of the rest."""
-    root = Path(__file__).resolve().parents[1]
-    environment = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    environment["PYTHONPATH"] = os.pathsep.join([str(root), environment.get("PYTHONPATH", "")])
-    formats = ["fp32", "bf16", "bf16, master"]
-    run = subprocess.run(
-        [sys.executable, "-c", VECTOR_LOADS_SCRIPT, *formats],
-        capture_output=True, text=True, cwd=root, env=environment, check=False, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    found = json.loads(run.stdout.splitlines()[-1])
-    if found is None:
-        pytest.skip("numba-cuda has no NVVM here")
-    assert set(found["fp32"]) == {"ld.global.v4.f32"} and len(found["fp32"]) >= 4
-    assert {opcode.split(".", 1)[1] for opcode in found["bf16"]} <= {"v4.u32", "global.v4.u32"}
-    assert len(found["bf16"]) >= 4
-    master = [opcode.rsplit(".", 2)[-2:] for opcode in found["bf16, master"]]
-    assert ["v4", "f32"] in master and ["v2", "u32"] in master
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({}, []),
+        ({"vector_loads": 0}, ["no vector load or store"]),
+        ({"vector_stores": 0}, ["no vector load or store"]),
+        ({"vector_loads": 0, "vector_stores": 0, "element_wise": False}, []),  # 8-bit state
+    ],
+)
+def test_an_element_wise_kernel_without_vector_loads_or_stores_fails(changes, expected):
+    """The aligned path's vector loads and stores (`kernels.cuda._element_loop`) are in
+    every element-wise kernel: CI's run of bench.gpu_static fails where one has lost
+    them (block-wise 8-bit kernels have none)."""
+    assert gpu_static.failures(_row(**changes), known=set()) == expected
