@@ -221,6 +221,25 @@ def test_lamb_through_the_cuda_kernels_is_the_cpu_step(monkeypatch):
         torch.testing.assert_close(cuda_param, cpu_param, rtol=1e-6, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_cpu_and_the_gpu_make_the_same_step_size_of_the_same_norms(dtype):
+    """``−lr·r`` of `rules.lamb.apply_step_coefficients` (the CPU step, from the norms
+    on the host) and of `trust_step` (each GPU segment, from the norms on the device,
+    −lr read from its table) are the same bits: 4096 random pairs of norms and learning
+    rates, a zero norm among them."""
+    generator = np.random.default_rng(3)
+    lamb = rules.lamb
+    corrections = generator.uniform(0.01, 1.0, (64, 2))
+    for lr in generator.uniform(1e-5, 1e-1, 64):
+        squared_norms = generator.uniform(0.0, 1e3, (64, 2)) ** 2
+        squared_norms[0, 1] = 0.0
+        on_host = lamb.apply_step_coefficients(dtype, corrections, squared_norms, lr)
+        table = lamb.apply_step_coefficients_on_device(dtype, corrections, lr)
+        on_device = [lamb.trust_step(table[e], squared_norms, e) for e in range(64)]
+        np.testing.assert_array_equal(on_host, np.array(on_device, dtype))
+        assert on_host[0, 2] == dtype(-lr)  # a zero norm: r = 1
+
 # --- 16-bit parameters: rounded to nearest, master weights, stochastic rounding, Kahan ----
 
 #: mode -> (parameter dtypes, constructor options). Each steps 16-bit parameters (float32

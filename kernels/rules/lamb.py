@@ -310,14 +310,16 @@ def bias_corrections(dtype, steps, betas, bias_correction):
 def apply_step_coefficients(dtype, corrections, squared_norms, lr):
     """Rows of `ApplyStepCoefficients` from each tensor's bias corrections (rows of
     `StepCoefficients`) and ``(‖p‖², ‖u‖²)``: ``−lr·r`` with ``r = ‖p‖/‖u‖``, or
-    ``−lr`` when either norm is 0."""
+    ``−lr`` when either norm is 0. −lr is rounded to ``dtype`` before the product (in
+    float64, rounded to ``dtype``), as the GPU's `trust_step` reads it from its table
+    (and as Apex's FusedLAMB takes lr, a float32 argument): the same bits on either."""
     param_norm, update_norm = np.sqrt(squared_norms[:, 0]), np.sqrt(squared_norms[:, 1])
     ratio = np.ones(len(param_norm))  # `trust_ratio`, over arrays
     with np.errstate(invalid="ignore"):  # inf / inf: NaN, as the norms are
         np.divide(param_norm, update_norm, out=ratio, where=(param_norm > 0) & (update_norm > 0))
     rows = np.empty((len(ratio), 3), dtype)
     rows[:, :2] = corrections
-    rows[:, 2] = -lr * ratio
+    rows[:, 2] = np.float64(np.asarray(-lr, dtype)) * ratio
     return rows
 
 
