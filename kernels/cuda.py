@@ -24,6 +24,7 @@ first launch, so a run compiles only the flag values it uses.
 import contextlib
 import functools
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from numba import config as numba_config
@@ -94,7 +95,7 @@ def fitted(spec, flags, table, arguments):
     Decided on the first launch for each set of element types, which compiles the
     kernel (and the limited one, where it is tried) with this device's compiler; the
     simulator, which has no registers, runs the kernel as written."""
-    key = (spec, flags, table.dtype, *map(type, table.formats), len(arguments))
+    key = LaunchKind(spec, flags, table.dtype, tuple(map(type, table.formats)), len(arguments))
     if key not in _fitted:
         found, given = kernel(spec, flags), None
         limit = register_limit(spec, flags, table.formats)
@@ -110,7 +111,7 @@ def launched():
     """What `fitted` chose in this process, one ``(spec, flags, element types, limit,
     kernel)`` per launch kind: the table's param, grad, state and companion types (16-bit
     floats as their integer carriers) and the register limit given, or None."""
-    return [(key[0], key[1], key[3:7], *chosen) for key, chosen in _fitted.items()]
+    return [(kind.spec, kind.flags, kind.formats, *chosen) for kind, chosen in _fitted.items()]
 
 
 def _resources(dispatcher, arguments):
@@ -123,7 +124,19 @@ def _resources(dispatcher, arguments):
     return compiled.regs_per_thread, compiled.local_mem_per_thread
 
 
-_fitted = {}  # (spec, flags, what sets its arguments' types) -> (limit given, kernel)
+class LaunchKind(NamedTuple):
+    """What `fitted` decides on once: a spec, its flags and what sets the types of its
+    launch's arguments (the table's compute type, the types of its `tables.TensorTable.
+    formats`, the count of arguments)."""
+
+    spec: object
+    flags: tuple
+    dtype: object
+    formats: tuple
+    arguments: int
+
+
+_fitted = {}  # LaunchKind -> (limit given, kernel)
 
 
 def register_limit(spec, flags, formats):
