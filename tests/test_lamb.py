@@ -221,7 +221,6 @@ def test_lamb_through_the_cuda_kernels_is_the_cpu_step(monkeypatch):
         torch.testing.assert_close(cuda_param, cpu_param, rtol=1e-6, atol=1e-7)
 
 
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_cpu_and_the_gpu_make_the_same_step_size_of_the_same_norms(dtype):
     """``−lr·r`` of `rules.lamb.apply_step_coefficients` (the CPU step, from the norms
@@ -239,6 +238,7 @@ def test_the_cpu_and_the_gpu_make_the_same_step_size_of_the_same_norms(dtype):
         on_device = [lamb.trust_step(table[e], squared_norms, e) for e in range(64)]
         np.testing.assert_array_equal(on_host, np.array(on_device, dtype))
         assert on_host[0, 2] == dtype(-lr)  # a zero norm: r = 1
+
 
 # --- 16-bit parameters: rounded to nearest, master weights, stochastic rounding, Kahan ----
 
