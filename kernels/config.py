@@ -5,14 +5,16 @@ CUDA: ``THREADS_PER_BLOCK`` threads per block, each block stepping segments of a
 multiprocessor, each block striding over the remaining segments (grid-stride loop).
 ``FORCE_CUDA`` (environment ``FASTMOMENTUM_FORCE_CUDA=1``) makes the torch optimizers
 run the CUDA kernels on CPU tensors: with ``NUMBA_ENABLE_CUDASIM=1`` that is how the
-tests drive the CUDA path end to end on a machine without a GPU.
+tests drive the CUDA path end to end on a machine without a GPU. ``CUDA_CONTRACTION``
+(environment ``FASTMOMENTUM_CUDA_CONTRACTION=1``): NVVM's fused multiply-adds, for
+comparison (`kernels.contraction`).
 """
 
 import os
 
 THREADS_PER_BLOCK = 256
 # Several waves at any occupancy: 2 to 6 blocks of 256 threads are resident per SM, by
-# the kernel's registers (float32 Adam 72: 3; bench/results/gpu_static.md).
+# the kernel's registers (float32 Adam 72-78: 3; bench/results/gpu_static.md).
 BLOCKS_PER_SM = 32
 ITEMS_PER_THREAD = 16  # a segment of 4096 elements: as torch's multi-tensor kernels, a few
 # thousand per block keeps the per-segment bookkeeping negligible
@@ -33,6 +35,10 @@ REGISTERS_PER_SM = 65_536
 # blocks of state per segment.
 BLOCKWISE_WARPS = 2
 FORCE_CUDA = os.environ.get("FASTMOMENTUM_FORCE_CUDA") == "1"
+# NVVM fuses the CUDA kernels' products and sums (its default, -fma=1) only with
+# FASTMOMENTUM_CUDA_CONTRACTION=1: by default each is rounded, as on the CPU
+# (`kernels.contraction`).
+CUDA_CONTRACTION = os.environ.get("FASTMOMENTUM_CUDA_CONTRACTION") == "1"
 
 #: CPU kernels run single-threaded below this many elements in a launch (see
 #: `kernels.cpu._compiled`).

@@ -30,7 +30,17 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32, float64, int32  # noqa: F401 (generated kernels)
 
-from . import capturable, config, cuda_blockwise, generated, precision, quantization, sums, vectors
+from . import (
+    capturable,
+    config,
+    contraction,
+    cuda_blockwise,
+    generated,
+    precision,
+    quantization,
+    sums,
+    vectors,
+)
 from .capturable import same_type  # noqa: F401 (generated kernels)
 from .elements import segment_source, split
 from .pointers import pointer_to as _compiled_pointer_to
@@ -90,7 +100,8 @@ def fitted(spec, flags, table, arguments):
     the bytes-in-flight target needs are resident (capturable RAdam on bfloat16 state,
     sm_90: 83 registers and 2 blocks of 256; 80 and 3). A limit is given only where it
     binds: given one it does not need, ptxas takes more registers, up to it (capturable
-    Adam on float32: 76 and 3 blocks; under a limit of 128, 90 and 2). Nor where the
+    Adam on float32, then compiled with contraction: 76 and 3 blocks; under a limit of
+    128, 90 and 2; bench/NOTES.md entry 29). Nor where the
     limited kernel spills (uses local memory): a spill costs more than a block.
     Decided on the first launch for each set of element types, which compiles the
     kernel (and the limited one, where it is tried) with this device's compiler; the
@@ -173,13 +184,13 @@ def flag_values(spec, flags=None):
 
 
 def _generated_kernel(spec, flags, max_registers):
-    key = (spec, flags, max_registers)
+    key = (spec, flags, max_registers, config.CUDA_CONTRACTION)
     if key not in _generated:
         _generated[key] = _new_kernel(spec, flags, max_registers)
     return _generated[key]
 
 
-_generated = {}  # (spec, flags, max_registers) -> its kernel
+_generated = {}  # (spec, flags, max_registers, contraction) -> its kernel
 
 
 def _new_kernel(spec, flags, max_registers):
@@ -190,7 +201,7 @@ def _new_kernel(spec, flags, max_registers):
         loads, vector_loads, update, vector_updates = split(spec, _vector_counts())
         namespace.update(LOADS=loads, VECTOR_LOADS=vector_loads, UPDATE=update)
         namespace.update((f"VECTOR_UPDATE{n}", f) for n, f in vector_updates.items())
-    source = kernel_source(spec, flags)
+    source = contraction.source_note() + kernel_source(spec, flags)
     options = {}
     if max_registers is not None:  # in the source too: its file, hence its cache, differ
         source = f"# at most {max_registers} registers a thread (register_limit)\n{source}"
@@ -429,7 +440,8 @@ def _launch(
             *uniform, *extra,
         )  # fmt: skip
         COUNTS.launches += 1
-        fitted(spec, flags, table, arguments)[blocks, threads, stream](*arguments)
+        with contraction.uncontracted():  # where a launch compiles (`fitted` does first)
+            fitted(spec, flags, table, arguments)[blocks, threads, stream](*arguments)
         if not squares:
             return None
         if keep_sums:

@@ -37,6 +37,7 @@ SOURCES = (
     "specs.py",
     "elements.py",
     "cpu.py",
+    "contraction.py",
     "cuda.py",
     "cuda_blockwise.py",
     "generated.py",
