@@ -15,17 +15,20 @@ under ``--output``) has per kernel, format and architecture:
   `kernels.cuda.fitted`) and the blocks of the launch's threads (`threads_per_block`: 256,
   64 over 8-bit state) resident per SM (`blocks_per_sm`), with the occupancy they give;
 - spills and local memory (bytes per thread, from ``ptxas -v``), shared memory;
-- f64: float64 instructions in the PTX; vector: ``ld.global.v2``/``.v4`` loads;
+- f64: float64 instructions in the PTX; unrounded: float sums and products ptxas may
+  fuse (`unrounded`); vector: ``ld.global.v2``/``.v4`` loads;
 - in flight: `bytes_in_flight` per thread, times the resident threads per SM.
 
 The command exits 1 when a kernel spills, when a kernel whose arrays are not float64
 has a float64 instruction other than those of LAMB's float64 sums of squares
-(`unexpected_f64`), when an element-wise kernel (not over 8-bit block-wise state) has no
-vector load or no vector store, or when a kernel is below its architecture's bytes-in-flight
-target (`Arch.target`) and is not in `BELOW_TARGET_FILE`, the known misses that
-issue 22 point 4 (the kernels' shape) is to remove; a known miss that now meets the
-target fails too, until its line is removed (``--record-below-target`` rewrites the
-file from the run). ``--strict`` fails on every miss, known or not. docs/gpu.md says
+(`unexpected_f64`), when a kernel has a float sum or product without a rounding mode
+(which ptxas may fuse: NVVM compiles the kernels without contraction,
+`kernels.contraction`), when an element-wise kernel (not over 8-bit block-wise state)
+has no vector load or no vector store, or when a kernel is below its architecture's
+bytes-in-flight target (`Arch.target`) and is not in `BELOW_TARGET_FILE`, the known
+misses that issue 22 point 4 (the kernels' shape) is to remove; a known miss that now
+meets the target fails too, until its line is removed (``--record-below-target``
+rewrites the file from the run). ``--strict`` fails on every miss, known or not. docs/gpu.md says
 what each column means and how the target was chosen.
 """
 
@@ -267,6 +270,7 @@ def compile_ptx(variant, arch, usual=False):
     kernel specialised to its usual launch (`usual_launch_source`)."""
     from numba import cuda
 
+    from kernels import contraction
     from kernels import cuda as kernels
 
     spec, format = variant.spec, variant.format
@@ -276,7 +280,7 @@ def compile_ptx(variant, arch, usual=False):
         source = usual_launch_source(variant)
         exec(compile(source, f"<{spec.name}, usual launch>", "exec"), namespace)
         function = namespace[function.__name__]
-    with compute_capability(arch.capability):
+    with compute_capability(arch.capability), contraction.uncontracted():  # as launched
         ptx, _ = cuda.compile_ptx(function, signature(spec, format), cc=arch.capability)
     return ptx
 
@@ -567,6 +571,17 @@ def global_stores(ptx):
     return sum(_vector(opcode) > 1 for opcode in stores), len(stores)
 
 
+#: A float sum, difference or product with no rounding mode (``add.f32``, ``mul.f64``):
+#: ptxas may fuse one with another into a multiply-add rounded once. NVVM without
+#: contraction (`kernels.contraction`) writes each with ``.rn``, which ptxas keeps apart.
+UNROUNDED = re.compile(r"^(?:add|sub|mul)(?:\.ftz)?(?:\.sat)?\.f(?:32|64)$")
+
+
+def unrounded(ptx):
+    """How many of the kernel's float sums and products ptxas may fuse (`UNROUNDED`)."""
+    return sum(bool(UNROUNDED.match(i.opcode)) for i in instructions(ptx))
+
+
 def f64_instructions(ptx):
     """The opcodes of the kernel's float64 instructions (an ``.f64`` in the opcode)."""
     return [i.opcode for i in instructions(ptx) if ".f64" in i.opcode]
@@ -625,6 +640,7 @@ def measure(variant, arch, executable):
         "local_bytes": max(resources.stack, resources.local),
         "shared_bytes": resources.shared,
         "f64": len(opcodes),
+        "unrounded": unrounded(ptx),
         "unexpected_f64": sorted(set(unexpected_f64(spec, format, opcodes))),
         "element_wise": not spec.blockwise,  # which should load and store vectors
         "vector_loads": vector,
@@ -663,8 +679,11 @@ def known_below_target(path=BELOW_TARGET_FILE):
 def failures(row, known, strict=False):
     """What fails in ``row``: a spill, an unexpected float64 instruction, an element-wise
     kernel without a vector load or without a vector store (its aligned path: issue 22
-    point 4), a miss of the target that is not known (any, ``strict``), a known miss
-    that no longer misses."""
+    point 4), a float sum or product without a rounding mode (`unrounded`; but with
+    ``FASTMOMENTUM_CUDA_CONTRACTION=1``, which asks for them), a miss of the target that
+    is not known (any, ``strict``), a known miss that no longer misses."""
+    from kernels import config
+
     found = []
     if row["spill_bytes"]:
         found.append(f"spills {row['spill_bytes']} B")
@@ -672,6 +691,8 @@ def failures(row, known, strict=False):
         found.append("f64: " + " ".join(row["unexpected_f64"]))
     if row["element_wise"] and not (row["vector_loads"] and row["vector_stores"]):
         found.append("no vector load or store")
+    if row["unrounded"] and not config.CUDA_CONTRACTION:
+        found.append(f"{row['unrounded']} sums or products ptxas may fuse")
     below = row["in_flight_per_sm"] < row["target"]
     if below and (strict or key(row) not in known):
         found.append("below target")
@@ -701,15 +722,16 @@ def markdown(rows, known, strict, header):
     lines += [
         "",
         "| kernel | format | arch | registers | blocks/SM (occupancy) | spills B | local B "
-        "| shared B | f64 | vector loads | vector / all stores | in flight B/thread "
-        "| in flight KB/SM | status |",
-        "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --- |",
+        "| shared B | f64 | unrounded | vector loads | vector / all stores "
+        "| in flight B/thread | in flight KB/SM | status |",
+        "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: "
+        "| --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['kernel']} | {row['format']} | {row['arch']} | {_registers(row)} "
             f"| {row['blocks_per_sm']} ({row['occupancy']:.1%}) | {row['spill_bytes']} "
-            f"| {row['local_bytes']} | {row['shared_bytes']} | {row['f64']} "
+            f"| {row['local_bytes']} | {row['shared_bytes']} | {row['f64']} | {row['unrounded']} "
             f"| {row['vector_loads']} | {row['vector_stores']} / {row['stores']} "
             f"| {row['in_flight_per_thread']} "
             f"| {row['in_flight_per_sm'] / 1024:.1f} | {status(row, known, strict)} |"

@@ -305,6 +305,19 @@ def test_vector_and_f64_instructions_are_found():
     assert gpu_static.f64_instructions(ptx) == ["cvt.f64.f32", "add.f64"]
 
 
+def test_unrounded_counts_the_float_sums_and_products_ptxas_may_fuse():
+    """The sample's ``add.f32`` has no rounding mode; with ``.rn``, and beside an integer
+    ``add.s64``, an explicit ``fma.rn`` and ``mul.wide``, none is counted."""
+    assert gpu_static.unrounded(PTX) == 1
+    rounded = PTX.replace("add.f32", "add.rn.f32")
+    rounded = rounded.replace(
+        "ret;", "fma.rn.f32 \t%f5, %f1, %f2, %f4;\n\tmul.rn.f64 \t%fd1, %fd2, %fd3;\n\tret;"
+    )
+    assert gpu_static.unrounded(rounded) == 0
+    assert gpu_static.unrounded(rounded.replace("mul.rn.f64", "mul.f64")) == 1
+    assert gpu_static.unrounded(PTX.replace("add.f32", "sub.ftz.f32")) == 1
+
+
 def test_global_stores_count_vector_ones_and_leave_out_shared_and_local():
     assert gpu_static.global_stores(PTX) == (0, 1)
     ptx = PTX.replace(
@@ -342,7 +355,7 @@ def _row(**changes):
     """A row of the table that passes every check, with ``changes``."""
     row = {"kernel": "adam", "format": "fp32", "arch": "sm_90", "spill_bytes": 0}
     row.update(unexpected_f64=[], in_flight_per_sm=300, target=200, element_wise=True)
-    row.update(vector_loads=4, vector_stores=3)
+    row.update(vector_loads=4, vector_stores=3, unrounded=0)
     return {**row, **changes}
 
 
@@ -369,3 +382,17 @@ def test_an_element_wise_kernel_without_vector_loads_or_stores_fails(changes, ex
     every element-wise kernel: CI's run of bench.gpu_static fails where one has lost
     them (block-wise 8-bit kernels have none)."""
     assert gpu_static.failures(_row(**changes), known=set()) == expected
+
+
+def test_a_sum_or_product_ptxas_may_fuse_fails_unless_contraction_is_asked_for(monkeypatch):
+    """NVVM compiles the kernels without contraction (`kernels.contraction`), every
+    float sum and product rounded (``.rn``): one without fails CI's run, but where
+    ``FASTMOMENTUM_CUDA_CONTRACTION=1`` asks for NVVM's fused multiply-adds."""
+    from kernels import config
+
+    monkeypatch.setattr(config, "CUDA_CONTRACTION", False)
+    assert gpu_static.failures(_row(unrounded=2), known=set()) == [
+        "2 sums or products ptxas may fuse"
+    ]
+    monkeypatch.setattr(config, "CUDA_CONTRACTION", True)
+    assert gpu_static.failures(_row(unrounded=2), known=set()) == []
