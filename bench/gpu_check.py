@@ -3,7 +3,7 @@ step's achieved memory bandwidth, in one command (docs/gpu.md describes its outp
 
     python -m bench.gpu_check [--list] [--parts parity,bandwidth] [--only Adam,LAMB]
                               [--jobs 8] [--numel 268435456] [--repeats 20]
-                              [--contraction off] [--output bench/out]
+                              [--contraction on] [--output bench/out]
 
 Needs a CUDA GPU, a CUDA build of torch and numba-cuda with the CUDA toolkit's NVRTC
 (``pip install 'numba-cuda[cu12]'`` or ``[cu13]``, matching the driver); ``--list``
@@ -24,9 +24,10 @@ needs none and prints what would be checked.
 3. A markdown report (``--output``, default bench/out/), written again after each row so
    that a run cut short keeps what it measured, and exit status 1 on any parity failure.
    ``--parts`` runs one part alone (``bandwidth`` first, say, on a short lease).
-4. ``--contraction off`` compiles every CUDA kernel with NVVM's ``-fma=0``, in a fresh
-   Numba cache (`without_contraction`): whether fused multiply-adds are why our CUDA
-   and CPU steps differ (``--parts exactness``, docs/gpu.md).
+4. ``--contraction on`` compiles every CUDA kernel with NVVM's fused multiply-adds
+   (`with_contraction`; the library's kernels have none, `kernels.contraction`): with
+   ``--parts exactness``, how far our CUDA step is from our CPU step with and without
+   them (docs/gpu.md).
 5. ``--parts registers``: the registers of the kernels one step of each row launches,
    as the device's compiler made them, and the limit a launch gave (`registers_part`).
 """
@@ -39,7 +40,6 @@ import multiprocessing
 import os
 import pathlib
 import statistics
-import tempfile
 import time
 from typing import NamedTuple
 
@@ -381,8 +381,6 @@ def parity_cells(index):
     """``(reference used, worst difference, passed)`` of the ``index``-th of `checks` on
     the current CUDA device, a mode that cannot run (an exception) a failure reported
     by its exception."""
-    if os.environ.get(NO_CONTRACTION):  # a worker of a run with --contraction off
-        without_contraction()
     check = checks()[index]
     device = torch.device("cuda", torch.cuda.current_device())
     try:
@@ -391,37 +389,20 @@ def parity_cells(index):
         return reference_of(check), f"{type(error).__name__}: {error}", False
 
 
-#: Set (to 1) by `without_contraction`, for this process and the workers it starts.
-NO_CONTRACTION = "FASTMOMENTUM_GPU_CHECK_NO_FMA"
+def with_contraction():
+    """Compile every CUDA kernel compiled from here on as NVVM does by default, fusing
+    products and sums into ``fma.rn`` (`kernels.contraction`: the library compiles them
+    with ``-fma=0``), in this process and the parity workers it starts (through the
+    environment, read when each imports the kernels): ``--contraction on``, to compare.
+    The kernels' source says which, so Numba's cache keeps the two apart."""
+    from fastmomentum.kernels import config
+
+    os.environ[CONTRACTION] = "1"
+    config.CUDA_CONTRACTION = True
 
 
-def without_contraction():
-    """Make NVVM compile each CUDA kernel compiled from here on with ``-fma=0``: every
-    ``a·b + c`` a rule writes as a product and a sum, each rounded, as the CPU loops
-    compute it (NVVM's default, ``-fma=1``, fuses them into one ``fma.rn``, rounded
-    once). numba-cuda has no option for it: its ``nvvm.compile_ir`` is wrapped (as
-    `bench.gpu_static` compiles them, the fp32 Adam kernel then has no ``fma.rn``, where
-    it had 94). The kernels go to a fresh Numba cache directory, else a kernel cached by
-    an earlier run, with contraction, would be loaded as it is; the parity workers
-    inherit both through the environment."""
-    import numba
-    from numba.cuda.cudadrv import nvvm
-
-    if not os.environ.get(NO_CONTRACTION):
-        os.environ[NO_CONTRACTION] = "1"
-        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpu_check_no_fma_")
-    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
-    if getattr(nvvm.compile_ir, "without_contraction", False):
-        return
-    contracting = nvvm.compile_ir
-
-    def compile_ir(llvmir, **options):
-        if not options.get("fastmath"):  # fastmath asks for contraction (and gets it)
-            options["fma"] = False
-        return contracting(llvmir, **options)
-
-    compile_ir.without_contraction = True
-    nvvm.compile_ir = compile_ir
+#: `kernels.config.CUDA_CONTRACTION`'s environment variable.
+CONTRACTION = "FASTMOMENTUM_CUDA_CONTRACTION"
 
 
 def in_processes(function, arguments, jobs):
@@ -699,9 +680,9 @@ def main(argv=None):
     parser.add_argument(
         "--contraction",
         choices=("on", "off"),
-        default="on",
-        help="off: compile the CUDA kernels with NVVM's -fma=0 (no fused multiply-adds), "
-        "in a fresh Numba cache",
+        default="off",
+        help="on: compile the CUDA kernels with NVVM's fused multiply-adds (its default; "
+        "the library's kernels have none: -fma=0), to compare",
     )
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("bench/out"))
     args = parser.parse_args(argv)
@@ -720,13 +701,13 @@ def main(argv=None):
         )
     device = torch.device("cuda", torch.cuda.current_device())
     began = time.perf_counter()
-    if args.contraction == "off":
-        without_contraction()
+    if args.contraction == "on":
+        with_contraction()
     head = (
         f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA "
         f"{torch.version.cuda}, fastmomentum {fastmomentum.__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"kernels compiled with{'out' if args.contraction == 'off' else ''} FMA contraction"
+        f"kernels compiled with{'' if args.contraction == 'on' else 'out'} FMA contraction"
     )
     report = Report(args.output / "gpu_check.md", [f"# GPU check\n\n{head}"])
     failures = 0

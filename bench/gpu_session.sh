@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One GPU lease, run from the repository root (the device tool's `run`): the parts of
 # `python -m bench.gpu_check` in the order the open questions need them (docs/gpu.md,
-# "First run on a GPU"): our CUDA step against our CPU step with and without FMA
-# contraction, the registers the device gave the kernels and the bandwidth, then parity.
+# "First run on a GPU"): our CUDA step against our CPU step as the library compiles it
+# (without FMA contraction, kernels/contraction.py) and with it, the registers the device
+# gave the kernels and the bandwidth, then parity.
 # Each part has its own time limit and report, $OUT/<part>/gpu_check.md (default OUT:
-# bench/out), written row by row, so a lease cut short keeps what ran. The device image's NumPy 2.5 breaks numba-cuda 0.30.4: a NumPy
-# wheel left under .device/whl (ignored by git; carried) is installed into /tmp/site.
+# bench/out), written row by row, so a lease cut short keeps what ran; an empty Numba
+# cache for each exactness part keeps every kernel's PTX (its fma.rn are counted). The
+# device image's NumPy 2.5 breaks numba-cuda 0.30.4: a NumPy wheel left under
+# .device/whl (ignored by git; carried) is installed into /tmp/site.
 set -u
 out=${OUT:-bench/out}
 if compgen -G ".device/whl/*.whl" > /dev/null; then
@@ -22,7 +25,7 @@ part() {  # name, seconds, then gpu_check's arguments
     echo "== $name: exit $? (124: cut at ${limit} s)"
 }
 
-NUMBA_CACHE_DIR=$(mktemp -d) part fma 110 --parts exactness
-part no-fma 110 --parts exactness --contraction off
+NUMBA_CACHE_DIR=$(mktemp -d) part no-fma 110 --parts exactness
+NUMBA_CACHE_DIR=$(mktemp -d) part fma 110 --parts exactness --contraction on
 part bandwidth 170 --parts registers,bandwidth --repeats 10
 part parity 180 --parts parity
