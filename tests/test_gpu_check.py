@@ -190,7 +190,7 @@ def test_the_gpu_session_script_parses_and_runs_each_part_under_its_limit():
     script = ROOT / "bench" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     calls = re.findall(r"\bpart (\S+) (\d+) --parts (\S+)", script.read_text())
-    assert [name for name, _, _ in calls] == ["fma", "no-fma", "bandwidth", "parity"]
+    assert [name for name, _, _ in calls] == ["no-fma", "fma", "bandwidth", "parity"]
     assert {part for _, _, parts in calls for part in parts.split(",")} <= set(gpu_check.PARTS)
     assert sum(int(limit) for _, limit, _ in calls) <= 600
 
