@@ -4,14 +4,14 @@ GPU computes each rule as it is written, as the CPU loops and Numba's CUDA simul
 
 NVVM's default (``-fma=1``) fuses such a pair into one ``fma.rn``, rounded once, and
 leaves the other products and sums without a rounding mode, which ptxas may fuse too.
-On an H200 (bench/results/gpu_check_h200.md, one fp32 step of each optimizer after 10)
-that put about half the elements of fp32 Adam's moments, SGD's momentum and Lion's
-``exp_avg`` one ulp from our CPU step's, which in 16-bit and 8-bit modes shows as
-rounding flips; the only modes bit for bit were those with no product to fuse: bf16
-Adam, whose rule writes each multiply-add as `precision.fused_multiply_add` (torch's
-fused CPU step), and bf16 Adagrad, whose ``g·g`` is exact in float32. With ``-fma=0``
-NVVM writes every product and sum with its rounding mode (``mul.rn``, ``add.rn``),
-which ptxas keeps; `precision.fused_multiply_add` is still one ``fma.rn``.
+On an H200 (bench/results/gpu_check_h200.md: 10 steps of each optimizer) that put about
+half the elements of fp32 Adam's moments, SGD's momentum and Lion's ``exp_avg`` one ulp
+from our CPU step's, which in 16-bit and 8-bit modes shows as rounding flips; the only
+modes bit for bit were those with no product to fuse: bf16 Adam, whose rule writes each
+multiply-add as `precision.fused_multiply_add` (torch's fused CPU step), and bf16
+Adagrad, whose ``g·g`` is exact in float32. With ``-fma=0`` NVVM writes every product
+and sum with its rounding mode (``mul.rn``, ``add.rn``), which ptxas keeps;
+`precision.fused_multiply_add` is still one ``fma.rn``.
 `bench.gpu_static` fails on a kernel with a product or sum left without one.
 
 numba-cuda has no option for a kernel's NVVM flags: `uncontracted` makes every
@@ -55,8 +55,8 @@ def uncontracted():
 
 
 def _wrapped():
-    """numba-cuda's ``nvvm.compile_ir``, wrapped by `_compile_ir` (once); False where
-    numba-cuda has none (the simulator compiles nothing)."""
+    """Whether numba-cuda's ``nvvm.compile_ir`` is wrapped by `_compile_ir` (done here,
+    once): False where numba-cuda has none (the simulator, which compiles nothing)."""
     try:
         from numba.cuda.cudadrv import nvvm
     except ImportError:
