@@ -557,9 +557,13 @@ def exactness_part(report, device):
 def launched_fmas(name):
     """``fma.rn`` instructions in the PTX of every CUDA kernel of ``name``'s rule module
     that has been compiled in this process (`kernels.cuda.kernels_of`: one per flag
-    values and register limit); a note where the PTX is not at hand."""
+    values and register limit); a note where the PTX is not at hand. Read inside
+    `kernels.contraction.uncontracted`, as launches compile: numba-cuda 0.30's
+    ``inspect_asm`` keys the PTX by the compute capability as a pair, where a launch's
+    key has a third element (the ``a`` of sm_90a), so it compiles the PTX again, which
+    outside would be NVVM's default."""
+    from fastmomentum.kernels import contraction, rules
     from fastmomentum.kernels import cuda as kernels
-    from fastmomentum.kernels import rules
     from fastmomentum.kernels.specs import KernelSpec
 
     module = getattr(rules, CAPABILITIES[name].module, None)
@@ -570,7 +574,9 @@ def launched_fmas(name):
             if not getattr(dispatcher, "overloads", None):  # none in the simulator
                 continue
             try:
-                found += sum(ptx.count("fma.rn") for ptx in dispatcher.inspect_asm().values())
+                with contraction.uncontracted():
+                    assembly = dispatcher.inspect_asm()
+                found += sum(ptx.count("fma.rn") for ptx in assembly.values())
             except Exception:  # a kernel read from Numba's cache may keep no PTX
                 return "n/a (run with an empty NUMBA_CACHE_DIR)"
     return found

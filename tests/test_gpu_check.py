@@ -163,6 +163,32 @@ def test_the_exactness_part_counts_differing_elements(monkeypatch, tmp_path):
     assert report.lines[-1] == "| SGD momentum | 0 of 52 | none | 0 |"
 
 
+def test_the_fma_count_reads_the_ptx_as_launches_compile_it(monkeypatch):
+    """numba-cuda's ``inspect_asm`` compiles the PTX again (another key than a launch's):
+    `launched_fmas` asks for it inside `kernels.contraction.uncontracted`, so the count
+    is of the kernels as the library compiles them (here a stand-in kernel and NVVM)."""
+    from numba.cuda.cudadrv import nvvm
+
+    from bench import gpu_check
+    from fastmomentum.kernels import config, contraction, rules
+    from fastmomentum.kernels import cuda as kernels
+
+    monkeypatch.setattr(nvvm, "compile_ir", lambda llvmir, **options: "", raising=False)
+    monkeypatch.setattr(config, "CUDA_CONTRACTION", False)
+
+    class Kernel:
+        overloads = {"signature": None}
+
+        def inspect_asm(self):
+            inside = getattr(contraction._compiling, "uncontracted", False)
+            return {"signature": "fma.rn.f32" if not inside else "mul.rn.f32"}
+
+    monkeypatch.setattr(
+        kernels, "kernels_of", lambda spec: [Kernel()] * (spec is rules.sgd.MOMENTUM)
+    )
+    assert gpu_check.launched_fmas("SGD") == 0
+
+
 def test_with_contraction_compiles_the_kernels_as_nvvm_does_by_default(monkeypatch):
     """``--contraction on``: `kernels.config.CUDA_CONTRACTION` set here and, through the
     environment, in the parity workers (which read it as they import the kernels)."""
