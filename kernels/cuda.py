@@ -101,12 +101,13 @@ def fitted(spec, flags, table, arguments):
     sm_90: 83 registers and 2 blocks of 256; 80 and 3). A limit is given only where it
     binds: given one it does not need, ptxas takes more registers, up to it (capturable
     Adam on float32, then compiled with contraction: 76 and 3 blocks; under a limit of
-    128, 90 and 2; bench/NOTES.md entry 29). Nor where the
-    limited kernel spills (uses local memory): a spill costs more than a block.
-    Decided on the first launch for each set of element types, which compiles the
-    kernel (and the limited one, where it is tried) with this device's compiler; the
-    simulator, which has no registers, runs the kernel as written."""
-    key = LaunchKind(spec, flags, table.dtype, tuple(map(type, table.formats)), len(arguments))
+    128, 90 and 2; bench/NOTES.md entry 29). Nor where the limited kernel spills (uses
+    local memory): a spill costs more than a block. Decided on the first launch for each
+    set of element types (and `config.CUDA_CONTRACTION`), which compiles the kernel (and
+    the limited one, where it is tried) with this device's compiler; the simulator,
+    which has no registers, runs the kernel as written."""
+    formats = tuple(map(type, table.formats))
+    key = LaunchKind(spec, flags, table.dtype, formats, len(arguments), config.CUDA_CONTRACTION)
     if key not in _fitted:
         found, given = kernel(spec, flags), None
         limit = register_limit(spec, flags, table.formats)
@@ -138,13 +139,15 @@ def _resources(dispatcher, arguments):
 class LaunchKind(NamedTuple):
     """What `fitted` decides on once: a spec, its flags and what sets the types of its
     launch's arguments (the table's compute type, the types of its `tables.TensorTable.
-    formats`, the count of arguments)."""
+    formats`, the count of arguments), and whether NVVM may contract (`kernel` keeps the
+    two builds apart too)."""
 
     spec: object
     flags: tuple
     dtype: object
     formats: tuple
     arguments: int
+    contraction: bool
 
 
 _fitted = {}  # LaunchKind -> (limit given, kernel)

@@ -110,3 +110,25 @@ def test_every_launch_compiles_inside_uncontracted(compiles, monkeypatch):
     optimizer.step()
     assert inside == [True]
     assert not np.array_equal(param.detach().numpy(), before.numpy())
+
+
+@pytest.mark.cudasim
+def test_a_launch_after_contraction_is_switched_on_runs_the_contracted_build(monkeypatch):
+    """`fitted` decides once per launch kind and per `config.CUDA_CONTRACTION`: a step
+    after the switch (as `bench.gpu_check --contraction on` makes it) launches the
+    kernel compiled with contraction, not the one chosen before."""
+    monkeypatch.setattr(config, "FORCE_CUDA", True)
+    monkeypatch.setattr(kernels_cuda, "_fitted", {})
+    param = torch.nn.Parameter(torch.randn(37, generator=torch.Generator().manual_seed(0)))
+    optimizer = fastmomentum.Adam([param], lr=1e-2)
+    param.grad = torch.ones_like(param)
+    builds = []
+    for contracted in (False, True):
+        monkeypatch.setattr(config, "CUDA_CONTRACTION", contracted)
+        optimizer.step()
+        builds.append(kernels_cuda.launched()[-1][-1])
+    (spec, flags, *_), _ = kernels_cuda.launched()
+    assert builds == [
+        kernels_cuda._generated[spec, flags, None, contracted] for contracted in (False, True)
+    ]
+    assert builds[0] is not builds[1]
