@@ -254,3 +254,53 @@ def test_the_registers_part_steps_every_row_and_the_limited_modes(monkeypatch, t
     for name in gpu_check.LIMITED:
         assert (name, ["capturable", "state_dtype"]) in stepped
     assert report.lines[-1] == "| radam_capturable | fp32 / fp32 / bf16 / fp32 | 80 | 80 | 0 |"
+
+
+def test_bits_apart_counts_every_element_not_the_same_bits():
+    """NaN is NaN; 0.0 and -0.0 are apart; a tensor of another shape is apart whole; a
+    tensor the reference has and ours does not is skipped."""
+    from bench import gpu_check
+
+    nan = float("nan")
+    wanted = {
+        "p0": torch.tensor([1.0, nan, 0.0, 2.0]),
+        "p0.codes": torch.tensor([3, -4, 5], dtype=torch.int8),
+        "p1": torch.zeros(2, 3, dtype=torch.bfloat16),
+        "p1.exp_avg": torch.ones(9),
+    }
+    mine = {
+        "p0": torch.tensor([1.0, nan, -0.0, 2.0]),
+        "p0.codes": torch.tensor([3, -4, 6], dtype=torch.int8),
+        "p1": torch.zeros(3, 2, dtype=torch.bfloat16),
+    }
+    assert gpu_check.bits_apart(mine, wanted) == "8 of 13"
+    assert gpu_check.bits_apart(wanted, wanted) == "0 of 22"
+
+
+def test_a_parity_row_reports_its_bits_apart(monkeypatch, tmp_path):
+    """The plumbing, on the CPU (a GPU run steps ours on CUDA, where this count is the
+    question): our step against our CPU step, 10 steps of random data, the parameters
+    and bf16 ``exp_avg`` counted; and the table's row has a cell per column."""
+    from bench import gpu_check
+
+    shapes = [(7, 3), (5,)]
+    generator = torch.Generator().manual_seed(1)
+    small = (
+        [torch.randn(s, generator=generator) for s in shapes],
+        [[torch.randn(s, generator=generator) for s in shapes] for _ in range(gpu_check.STEPS)],
+    )
+    monkeypatch.setattr(gpu_check, "data", lambda check: small)
+    lion = gpu_check.Check("Lion", "Lion", {"lr": 1e-3}, "bf16 state", torch.float32, {})
+    lion = lion._replace(extra={"state_dtype": torch.bfloat16})
+    used, _, passed, apart = gpu_check.parity(lion, "cpu")
+    assert (used, passed, apart) == ("our CPU step", True, "0 of 52")
+    found = [c for c in gpu_check.checks() if c.name == "Lion"]
+
+    def cells(index):
+        return gpu_check.parity(lion, "cpu")
+
+    monkeypatch.setattr(gpu_check, "parity_cells", cells)
+    report = gpu_check.Report(tmp_path / "gpu_check.md", ["# GPU check"])
+    assert gpu_check.parity_part(report, jobs=1, only={"Lion"}) == 0
+    header, rows = report.lines[-len(found) - 2], report.lines[-len(found) :]
+    assert all(row.count("|") == header.count("|") and "| 0 of 52 | ok |" in row for row in rows)
