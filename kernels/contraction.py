@@ -17,11 +17,14 @@ and sum with its rounding mode (``mul.rn``, ``add.rn``), which ptxas keeps;
 numba-cuda has no option for a kernel's NVVM flags: `uncontracted` makes every
 compile on this thread inside it pass ``fma=False`` to numba-cuda's ``nvvm.compile_ir``
 (wrapped once, on first use, where the CUDA target is imported; other code's kernels
-compile as before). `config.CUDA_CONTRACTION` (environment
-``FASTMOMENTUM_CUDA_CONTRACTION=1``) keeps NVVM's default, for comparison
-(``python -m bench.gpu_check --contraction on``). Each choice is written into the
-kernel's source (`source_note`), so that Numba's disk cache never serves a kernel
-compiled under the other.
+compile as before). Every numba-cuda from 0.20, the oldest we take, to 0.30.4 calls it
+through the module (``nvvm.compile_ir`` in ``numba/cuda/codegen.py``) and turns
+``fma=False`` into ``-fma=0``; a version that stopped would compile with contraction
+again, which `bench.gpu_static` reports once the ``[cuda-dev]`` pin reaches it.
+`config.CUDA_CONTRACTION` (environment ``FASTMOMENTUM_CUDA_CONTRACTION=1``) keeps
+NVVM's default, for comparison (``python -m bench.gpu_check --contraction on``). Each
+choice is written into the kernel's source (`source_note`), so that Numba's disk cache
+never serves a kernel compiled under the other.
 """
 
 import contextlib
