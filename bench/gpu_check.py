@@ -366,19 +366,21 @@ def bits_apart(mine, wanted):
     run shows where ours and the reference are the same bits (16-bit and 8-bit modes
     against our CPU step, once both compile without contraction: docs/gpu.md), as
     "k of n"."""
-    apart = total = 0
-    for key, value in wanted.items():
-        if key in mine:
-            a, b = mine[key].detach().cpu(), value.detach().cpu()
-            total += b.numel()
-            if a.shape != b.shape:
-                apart += b.numel()
-            elif a.is_floating_point():  # 0.0 and -0.0 are not the same bits
-                same = (a == b) & (a.signbit() == b.signbit()) | a.isnan() & b.isnan()
-                apart += int((~same).sum())
-            else:
-                apart += int((a != b).sum())
-    return f"{apart} of {total}"
+    shared = [key for key in wanted if key in mine]
+    apart = sum(elements_apart(mine[key], wanted[key]) for key in shared)
+    return f"{apart} of {sum(wanted[key].numel() for key in shared)}"
+
+
+def elements_apart(a, b):
+    """How many elements of ``a`` are not the same bits as ``b``'s (NaN is NaN; 0.0 and
+    -0.0 are apart); all of them where the shapes differ."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.shape != b.shape:
+        return b.numel()
+    if not a.is_floating_point():
+        return int((a != b).sum())
+    same = (a == b) & (a.signbit() == b.signbit()) | a.isnan() & b.isnan()
+    return int((~same).sum())
 
 
 class Worst:
@@ -569,9 +571,7 @@ def exactness_part(report, device):
         params, ours, _ = side(check, device, start, grads[:1])
         ref_params, theirs, _ = side(check, "cpu", start, grads[:1], "our CPU step")
         mine, wanted = tensors(params, ours), tensors(ref_params, theirs)
-        differing = {
-            k: int((mine[k].detach().cpu() != v.detach().cpu()).sum()) for k, v in wanted.items()
-        }
+        differing = {k: elements_apart(mine[k], v) for k, v in wanted.items()}
         total = sum(v.numel() for v in wanted.values())
         named = ", ".join(k for k, n in differing.items() if n)[:80] or "none"
         cells = [row, f"{sum(differing.values())} of {total}", named, str(launched_fmas(name))]
