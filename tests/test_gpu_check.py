@@ -116,31 +116,31 @@ def test_a_capturable_mode_s_cpu_reference_is_the_ordinary_step():
     """LAMB and Lion have no torch peer: their capturable mode is checked against our CPU
     step, which CPU parameters must build without ``capturable`` (on an H200 the check
     raised "capturable=True steps parameters on a CUDA device" instead)."""
-    from bench import gpu_check
+    from bench import gpu_parity
 
-    found = [c for c in gpu_check.checks() if c.mode == "capturable"]
-    on_cpu = [c for c in found if gpu_check.reference_of(c) == "our CPU step"]
+    found = [c for c in gpu_parity.checks() if c.mode == "capturable"]
+    on_cpu = [c for c in found if gpu_parity.reference_of(c) == "our CPU step"]
     assert {c.name for c in on_cpu} >= {"LAMB", "Lion"}
     for check in on_cpu:
         start = [torch.randn(5, 3), torch.randn(0, 3)]
         grads = [[torch.randn(5, 3), torch.randn(0, 3)] for _ in range(2)]
-        params, optimizer, used = gpu_check.side(check, "cpu", start, grads, "our CPU step")
+        params, optimizer, used = gpu_parity.side(check, "cpu", start, grads, "our CPU step")
         assert used == "our CPU step" and not optimizer.defaults.get("capturable")
         assert not torch.equal(params[0].detach(), start[0])
 
 
 def test_adagrad_is_checked_against_torch_foreach_on_cuda():
     """torch's fused Adagrad steps CPU tensors only (it raises on CUDA ones at the step)."""
-    from bench import gpu_check
+    from bench import gpu_parity
 
-    assert gpu_check._torch_kind("Adagrad") == "foreach"
-    assert gpu_check._torch_kind("Adam") == "fused"
+    assert gpu_parity.torch_kind("Adagrad") == "foreach"
+    assert gpu_parity.torch_kind("Adam") == "fused"
 
 
 def test_the_worst_names_the_first_tensor_out_of_bound():
-    from bench import gpu_check
+    from bench import gpu_parity
 
-    worst = gpu_check.Worst()
+    worst = gpu_parity.Worst()
     worst.add("p0", 1e-7, True)
     worst.add("p0.exp_avg", 3e-7, True)
     assert worst.passed and worst.text == "3.00e-07 (p0.exp_avg)"
@@ -259,7 +259,7 @@ def test_the_registers_part_steps_every_row_and_the_limited_modes(monkeypatch, t
 def test_bits_apart_counts_every_element_not_the_same_bits():
     """NaN is NaN; 0.0 and -0.0 are apart; a tensor of another shape is apart whole; a
     tensor the reference has and ours does not is skipped."""
-    from bench import gpu_check
+    from bench import gpu_parity
 
     nan = float("nan")
     wanted = {
@@ -273,31 +273,31 @@ def test_bits_apart_counts_every_element_not_the_same_bits():
         "p0.codes": torch.tensor([3, -4, 6], dtype=torch.int8),
         "p1": torch.zeros(3, 2, dtype=torch.bfloat16),
     }
-    assert gpu_check.bits_apart(mine, wanted) == "8 of 13"
-    assert gpu_check.bits_apart(wanted, wanted) == "0 of 22"
+    assert gpu_parity.bits_apart(mine, wanted) == "8 of 13"
+    assert gpu_parity.bits_apart(wanted, wanted) == "0 of 22"
 
 
 def test_a_parity_row_reports_its_bits_apart(monkeypatch, tmp_path):
     """The plumbing, on the CPU (a GPU run steps ours on CUDA, where this count is the
     question): our step against our CPU step, 10 steps of random data, the parameters
     and bf16 ``exp_avg`` counted; and the table's row has a cell per column."""
-    from bench import gpu_check
+    from bench import gpu_check, gpu_parity
 
     shapes = [(7, 3), (5,)]
     generator = torch.Generator().manual_seed(1)
     small = (
         [torch.randn(s, generator=generator) for s in shapes],
-        [[torch.randn(s, generator=generator) for s in shapes] for _ in range(gpu_check.STEPS)],
+        [[torch.randn(s, generator=generator) for s in shapes] for _ in range(gpu_parity.STEPS)],
     )
-    monkeypatch.setattr(gpu_check, "data", lambda check: small)
-    lion = gpu_check.Check("Lion", "Lion", {"lr": 1e-3}, "bf16 state", torch.float32, {})
+    monkeypatch.setattr(gpu_parity, "data", lambda check: small)
+    lion = gpu_parity.Check("Lion", "Lion", {"lr": 1e-3}, "bf16 state", torch.float32, {})
     lion = lion._replace(extra={"state_dtype": torch.bfloat16})
-    used, _, passed, apart = gpu_check.parity(lion, "cpu")
+    used, _, passed, apart = gpu_parity.parity(lion, "cpu")
     assert (used, passed, apart) == ("our CPU step", True, "0 of 52")
-    found = [c for c in gpu_check.checks() if c.name == "Lion"]
+    found = [c for c in gpu_parity.checks() if c.name == "Lion"]
 
     def cells(index):
-        return gpu_check.parity(lion, "cpu")
+        return gpu_parity.parity(lion, "cpu")
 
     monkeypatch.setattr(gpu_check, "parity_cells", cells)
     report = gpu_check.Report(tmp_path / "gpu_check.md", ["# GPU check"])
