@@ -37,6 +37,12 @@ BOUNDS = {
     "0.001 becomes 0.00099998713, 1.3e-5 apart); 16-bit tensors within one 16-bit step of "
     "each element (near 0: of 2⁻⁸·max|b|), ≤ 1% of elements differing; 8-bit codes within "
     "one code, ≤ 1% differing; counts equal",
+    "rounding": "16-bit tensors against torch's CUDA kernels, which round a step's float32 "
+    "values their own way (nvcc fuses their products and sums: torch's fused Adam computes "
+    "fma(β1, m, (1−β1)·g), our rule torch's fused CPU step's lerp): max|a−b| ≤ steps·ε·max|b| "
+    "per tensor, one 16-bit step of its largest value per step, carried on by the "
+    "recurrences (10 steps: 7% of bf16 exp_avg apart, by up to 5.3·ε·max|b|); other tensors "
+    "as rtol",
 }
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 FACTOR = {"NAdam": 2.0}
@@ -137,11 +143,17 @@ def reference_of(check):
 
 
 def bound_of(check):
-    """ "bits" where the same CUDA kernels must give the same bits, else "rtol": on an
-    H200 our CUDA step is not our CPU step bit for bit (fp32 states one ulp apart in
-    about half their elements; docs/gpu.md, "First run on a GPU")."""
+    """ "bits" where the same CUDA kernels must give the same bits; "rounding" for 16-bit
+    parameters against torch's CUDA step (another rounding of each step); else "rtol":
+    on an H200 our CUDA step, then compiled with FMA contraction, was not our CPU step
+    bit for bit (docs/gpu.md, "First run on a GPU"; the *bits apart* column says whether
+    it is now)."""
     if check.mode in ("step in backward", CUDA_GRAPH):
         return "bits"
+    sixteen = check.dtype in (torch.bfloat16, torch.float16)
+    reference = reference_of(check)
+    if sixteen and reference.startswith("torch") and "fp32 twins" not in reference:
+        return "rounding"
     return "rtol"
 
 
@@ -207,8 +219,8 @@ def side(check, device, start, grads, reference=None):
 
 def compare(a, b, bound, name, reference=""):
     """The worst difference of ``a`` against ``b`` as a number (relative, or 16-bit
-    steps, or codes) and whether it is within ``bound`` (`BOUNDS`) for ``name`` against
-    ``reference``."""
+    steps of each element or, for ``rounding``, of the tensor's largest value, or codes)
+    and whether it is within ``bound`` (`BOUNDS`) for ``name`` against ``reference``."""
     a, b = a.detach().cpu(), b.detach().cpu()
     if a.is_floating_point():  # NaN and inf must lie alike; the rest is compared
         finite = a.isfinite() & b.isfinite()
@@ -232,6 +244,9 @@ def compare(a, b, bound, name, reference=""):
         return float(error.max() / scale), out <= ELEMENTS_ALLOWED_OUT.get(name, 0.0)
     eps = torch.finfo(a.dtype).eps
     af, bf = a.float(), b.float()
+    if bound == "rounding":
+        steps = float((af - bf).abs().max() / (eps * bf.abs().max()).clamp_min(1e-30))
+        return steps, steps <= STEPS
     near_zero = bf.abs().max() * eps * 2**-7
     one_step = torch.maximum(torch.maximum(af.abs(), bf.abs()) * eps * 2, near_zero)
     apart = (af - bf).abs()

@@ -112,43 +112,6 @@ def test_the_report_is_on_disk_after_each_row(tmp_path):
     assert (tmp_path / "out" / "gpu_check.md").read_text() == "# GPU check\n| a | ok |\n"
 
 
-def test_a_capturable_mode_s_cpu_reference_is_the_ordinary_step():
-    """LAMB and Lion have no torch peer: their capturable mode is checked against our CPU
-    step, which CPU parameters must build without ``capturable`` (on an H200 the check
-    raised "capturable=True steps parameters on a CUDA device" instead)."""
-    from bench import gpu_parity
-
-    found = [c for c in gpu_parity.checks() if c.mode == "capturable"]
-    on_cpu = [c for c in found if gpu_parity.reference_of(c) == "our CPU step"]
-    assert {c.name for c in on_cpu} >= {"LAMB", "Lion"}
-    for check in on_cpu:
-        start = [torch.randn(5, 3), torch.randn(0, 3)]
-        grads = [[torch.randn(5, 3), torch.randn(0, 3)] for _ in range(2)]
-        params, optimizer, used = gpu_parity.side(check, "cpu", start, grads, "our CPU step")
-        assert used == "our CPU step" and not optimizer.defaults.get("capturable")
-        assert not torch.equal(params[0].detach(), start[0])
-
-
-def test_adagrad_is_checked_against_torch_foreach_on_cuda():
-    """torch's fused Adagrad steps CPU tensors only (it raises on CUDA ones at the step)."""
-    from bench import gpu_parity
-
-    assert gpu_parity.torch_kind("Adagrad") == "foreach"
-    assert gpu_parity.torch_kind("Adam") == "fused"
-
-
-def test_the_worst_names_the_first_tensor_out_of_bound():
-    from bench import gpu_parity
-
-    worst = gpu_parity.Worst()
-    worst.add("p0", 1e-7, True)
-    worst.add("p0.exp_avg", 3e-7, True)
-    assert worst.passed and worst.text == "3.00e-07 (p0.exp_avg)"
-    worst.add("p1", 2e-5, False)
-    worst.add("p1.exp_avg", 1e-6, True)  # within: does not hide the failure
-    assert not worst.passed and worst.text == "2.00e-05 (p1)"
-
-
 def test_the_exactness_part_counts_differing_elements(monkeypatch, tmp_path):
     """Its plumbing, on the CPU against itself (a GPU run compares the CUDA step): one
     row, small data; nothing differs and no PTX was compiled."""
@@ -254,53 +217,3 @@ def test_the_registers_part_steps_every_row_and_the_limited_modes(monkeypatch, t
     for name in gpu_check.LIMITED:
         assert (name, ["capturable", "state_dtype"]) in stepped
     assert report.lines[-1] == "| radam_capturable | fp32 / fp32 / bf16 / fp32 | 80 | 80 | 0 |"
-
-
-def test_bits_apart_counts_every_element_not_the_same_bits():
-    """NaN is NaN; 0.0 and -0.0 are apart; a tensor of another shape is apart whole; a
-    tensor the reference has and ours does not is skipped."""
-    from bench import gpu_parity
-
-    nan = float("nan")
-    wanted = {
-        "p0": torch.tensor([1.0, nan, 0.0, 2.0]),
-        "p0.codes": torch.tensor([3, -4, 5], dtype=torch.int8),
-        "p1": torch.zeros(2, 3, dtype=torch.bfloat16),
-        "p1.exp_avg": torch.ones(9),
-    }
-    mine = {
-        "p0": torch.tensor([1.0, nan, -0.0, 2.0]),
-        "p0.codes": torch.tensor([3, -4, 6], dtype=torch.int8),
-        "p1": torch.zeros(3, 2, dtype=torch.bfloat16),
-    }
-    assert gpu_parity.bits_apart(mine, wanted) == "8 of 13"
-    assert gpu_parity.bits_apart(wanted, wanted) == "0 of 22"
-
-
-def test_a_parity_row_reports_its_bits_apart(monkeypatch, tmp_path):
-    """The plumbing, on the CPU (a GPU run steps ours on CUDA, where this count is the
-    question): our step against our CPU step, 10 steps of random data, the parameters
-    and bf16 ``exp_avg`` counted; and the table's row has a cell per column."""
-    from bench import gpu_check, gpu_parity
-
-    shapes = [(7, 3), (5,)]
-    generator = torch.Generator().manual_seed(1)
-    small = (
-        [torch.randn(s, generator=generator) for s in shapes],
-        [[torch.randn(s, generator=generator) for s in shapes] for _ in range(gpu_parity.STEPS)],
-    )
-    monkeypatch.setattr(gpu_parity, "data", lambda check: small)
-    lion = gpu_parity.Check("Lion", "Lion", {"lr": 1e-3}, "bf16 state", torch.float32, {})
-    lion = lion._replace(extra={"state_dtype": torch.bfloat16})
-    used, _, passed, apart = gpu_parity.parity(lion, "cpu")
-    assert (used, passed, apart) == ("our CPU step", True, "0 of 52")
-    found = [c for c in gpu_parity.checks() if c.name == "Lion"]
-
-    def cells(index):
-        return gpu_parity.parity(lion, "cpu")
-
-    monkeypatch.setattr(gpu_check, "parity_cells", cells)
-    report = gpu_check.Report(tmp_path / "gpu_check.md", ["# GPU check"])
-    assert gpu_check.parity_part(report, jobs=1, only={"Lion"}) == 0
-    header, rows = report.lines[-len(found) - 2], report.lines[-len(found) :]
-    assert all(row.count("|") == header.count("|") and "| 0 of 52 | ok |" in row for row in rows)
