@@ -31,7 +31,9 @@ SEEDED = {"stochastic_rounding": {"rounding_seed": 0}}
 #: tests/test_precision_params.py, test_step_in_backward.py and test_master_weights.py).
 BOUNDS = {
     "bits": "bit-identical, every tensor: the same kernels launched per parameter (the "
-    "step in backward) or replayed from a CUDA graph, against the bucket's launch",
+    "step in backward) or replayed from a CUDA graph, against the bucket's launch; and our "
+    "CUDA step against our CPU step, both computing each rule as written (no FMA "
+    "contraction: kernels.contraction), but for LAMB's and Muon's sums and products",
     "rtol": "max|a−b| ≤ rtol·max|b| per tensor: fp64 1e-12, fp32 1e-5 (×2 for NAdam, its "
     "extra roundings, and against torch's fused CUDA kernels, which round 1 − β to float32: "
     "0.001 becomes 0.00099998713, 1.3e-5 apart); 16-bit tensors within one 16-bit step of "
@@ -49,9 +51,6 @@ FACTOR = {"NAdam": 2.0}
 #: torch's fused CUDA Adam and AdamW compute 1 − β1 and 1 − β2 in float32 (their
 #: "opmath" type): exp_avg_sq 1.3e-5 apart from ours after 10 steps (H200, 2026-12-04).
 FUSED_CUDA_FACTOR = 2.0
-#: Lion's step is ±lr by the sign of β1·m + (1−β1)·g: one ulp flips it where that is
-#: within an ulp of 0, moving the element by 2·lr.
-ELEMENTS_ALLOWED_OUT = {"Lion": 1e-4}
 
 
 class Check(NamedTuple):
@@ -98,6 +97,10 @@ def checks():
     return out
 
 
+#: Optimizers whose CUDA step adds a sum or a matrix product in another order than their
+#: CPU step: LAMB's norms (per GPU segment, per CPU chunk), Muon's Newton–Schulz
+#: (cuBLAS against the CPU's matrix products).
+SUMMED_IN_ANOTHER_ORDER = {"LAMB", "Muon"}
 #: The mode of a capturable step captured once in a CUDA graph and replayed (`captured`).
 CUDA_GRAPH = "capturable, CUDA graph"
 
@@ -143,15 +146,18 @@ def reference_of(check):
 
 
 def bound_of(check):
-    """ "bits" where the same CUDA kernels must give the same bits; "rounding" for 16-bit
-    parameters against torch's CUDA step (another rounding of each step); else "rtol":
-    on an H200 our CUDA step, then compiled with FMA contraction, was not our CPU step
-    bit for bit (docs/gpu.md, "First run on a GPU"; the *bits apart* column says whether
-    it is now)."""
+    """ "bits" where the same CUDA kernels must give the same bits, and against our CPU
+    step (`SUMMED_IN_ANOTHER_ORDER` apart); "rounding" for 16-bit parameters against
+    torch's CUDA step (another rounding of each step); else "rtol". Against our CPU
+    step, the H200's differences were NVVM's FMA contraction, since removed: LLVM's
+    contraction on the CPU gives the same counts of differing elements (bench/NOTES.md
+    entries 30-31); not yet run on a GPU without it."""
     if check.mode in ("step in backward", CUDA_GRAPH):
         return "bits"
-    sixteen = check.dtype in (torch.bfloat16, torch.float16)
     reference = reference_of(check)
+    if reference == "our CPU step" and check.name not in SUMMED_IN_ANOTHER_ORDER:
+        return "bits"
+    sixteen = check.dtype in (torch.bfloat16, torch.float16)
     if sixteen and reference.startswith("torch") and "fp32 twins" not in reference:
         return "rounding"
     return "rtol"
@@ -240,8 +246,7 @@ def compare(a, b, bound, name, reference=""):
         scale = b.double().abs().max().clamp_min(1e-300)
         error = (a.double() - b.double()).abs()
         rtol = RTOL[a.dtype] * FACTOR.get(name, 1.0) * (FUSED_CUDA_FACTOR if fused else 1.0)
-        out = float((error > rtol * scale).double().mean())
-        return float(error.max() / scale), out <= ELEMENTS_ALLOWED_OUT.get(name, 0.0)
+        return float(error.max() / scale), bool((error <= rtol * scale).all())
     eps = torch.finfo(a.dtype).eps
     af, bf = a.float(), b.float()
     if bound == "rounding":
