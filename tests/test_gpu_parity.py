@@ -199,3 +199,25 @@ def test_a_parity_row_reports_its_bits_apart(monkeypatch, tmp_path):
     assert gpu_check.parity_part(report, jobs=1, only={"Lion"}) == 0
     header, rows = report.lines[-len(found) - 2], report.lines[-len(found) :]
     assert all(row.count("|") == header.count("|") and "| 0 of 52 | ok |" in row for row in rows)
+
+
+def test_a_kahan_pair_is_compared_by_the_value_it_holds():
+    """Rounded to adjacent bfloat16 values, two parameters' compensations differ by a
+    whole step, their sums not at all: `kahan_sums` compares the sums."""
+    bf16 = torch.bfloat16
+    ours = {
+        "p0": torch.tensor([1.0], dtype=bf16),
+        "p0.kahan_comp": torch.tensor([2**-8 + 2**-12], dtype=bf16),
+    }
+    theirs = {
+        "p0": torch.tensor([1 + 2**-7], dtype=bf16),
+        "p0.kahan_comp": torch.tensor([-(2**-8) + 2**-12], dtype=bf16),
+    }
+    _, within = gpu_parity.compare(ours["p0.kahan_comp"], theirs["p0.kahan_comp"], "rtol", "LAMB")
+    assert not within
+    mine, wanted = gpu_parity.kahan_sums(ours), gpu_parity.kahan_sums(theirs)
+    assert set(mine) == {"p0", "p0+kahan_comp"}
+    assert gpu_parity.compare(mine["p0+kahan_comp"], wanted["p0+kahan_comp"], "rtol", "LAMB") == (
+        0.0,
+        True,
+    )
