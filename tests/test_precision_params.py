@@ -8,7 +8,8 @@ except in each tensor's last ``numel mod 16`` elements, whose exp_avg_sq torch c
 in a scalar loop; tests/test_precision_rate.py measures both on 2²⁰ elements.
 torch 2.13's fused CPU SGD is no reference for these dtypes: in its vectorised body
 it leaves bfloat16 and float16 parameters unchanged (seen here: a 100-element
-bfloat16 parameter with lr 0.1 does not move). SGD is therefore checked bit for bit
+bfloat16 parameter with lr 0.1 does not move; pytorch #191763, fixed by #192545 after
+2.13). SGD is therefore checked bit for bit
 against a float32 computation rounded once per stored value, and against torch's
 for-loop step within one unit in the last place.
 """
