@@ -122,7 +122,6 @@ def test_a_capturable_mode_s_cpu_reference_is_the_ordinary_step():
     """LAMB and Lion have no torch peer: their capturable mode is checked against our CPU
     step, which CPU parameters must build without ``capturable`` (on an H200 the check
     raised "capturable=True steps parameters on a CUDA device" instead)."""
-
     found = [c for c in gpu_parity.checks() if c.mode == "capturable"]
     on_cpu = [c for c in found if gpu_parity.reference_of(c) == "our CPU step"]
     assert {c.name for c in on_cpu} >= {"LAMB", "Lion"}
@@ -136,7 +135,6 @@ def test_a_capturable_mode_s_cpu_reference_is_the_ordinary_step():
 
 def test_adagrad_is_checked_against_torch_foreach_on_cuda():
     """torch's fused Adagrad steps CPU tensors only (it raises on CUDA ones at the step)."""
-
     assert gpu_parity.torch_kind("Adagrad") == "foreach"
     assert gpu_parity.torch_kind("Adam") == "fused"
 
@@ -155,7 +153,6 @@ def test_the_worst_names_the_first_tensor_out_of_bound():
 def test_bits_apart_counts_every_element_not_the_same_bits():
     """NaN is NaN; 0.0 and -0.0 are apart; a tensor of another shape is apart whole; a
     tensor the reference has and ours does not is skipped."""
-
     nan = float("nan")
     wanted = {
         "p0": torch.tensor([1.0, nan, 0.0, 2.0]),
