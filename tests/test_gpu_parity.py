@@ -152,7 +152,9 @@ def test_the_worst_names_the_first_tensor_out_of_bound():
 
 def test_bits_apart_counts_every_element_not_the_same_bits():
     """NaN is NaN; 0.0 and -0.0 are apart; a tensor of another shape is apart whole; a
-    tensor the reference has and ours does not is skipped."""
+    tensor the reference has and ours does not is skipped. `compare`'s ``bits`` counts
+    alike, and a NaN where the reference has one is no failure (``torch.equal`` of two
+    NaNs is False, which failed every bound)."""
     nan = float("nan")
     wanted = {
         "p0": torch.tensor([1.0, nan, 0.0, 2.0]),
@@ -167,6 +169,13 @@ def test_bits_apart_counts_every_element_not_the_same_bits():
     }
     assert gpu_parity.bits_apart(mine, wanted) == "8 of 13"
     assert gpu_parity.bits_apart(wanted, wanted) == "0 of 22"
+    assert gpu_parity.compare(mine["p0"], wanted["p0"], "bits", "Adam") == (1.0, False)
+    assert gpu_parity.compare(wanted["p0"], wanted["p0"], "bits", "Adam") == (0.0, True)
+    inf = torch.tensor([float("inf"), 1.0])
+    assert gpu_parity.compare(inf, torch.tensor([nan, 1.0]), "rtol", "Adam") == (
+        float("inf"),
+        False,
+    )
 
 
 def test_a_parity_row_reports_its_bits_apart(monkeypatch, tmp_path):
