@@ -6,6 +6,7 @@ runs one check, as `bench.gpu_check`'s worker processes do. docs/gpu.md describe
 table and its bounds.
 """
 
+import contextlib
 import inspect
 from typing import NamedTuple
 
@@ -310,8 +311,36 @@ def captured(check, device, start, grads, graph=True):
 
 
 def parity(check, device):
-    """Steps ``check`` and its reference; (reference used, worst difference, passed,
-    elements not bit-identical as "k of n")."""
+    """Steps ``check`` and its reference, 16-bit matrix products summed in float32
+    (`products_summed_in_float32`); (reference used, worst difference, passed, elements
+    not bit-identical as "k of n")."""
+    with products_summed_in_float32():
+        return _parity(check, device)
+
+
+@contextlib.contextmanager
+def products_summed_in_float32():
+    """bfloat16 and float16 matrix products on CUDA with every partial sum in float32,
+    as on the CPU: by default torch lets cuBLAS add split-K partial sums in 16 bits
+    (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` and its
+    float16 twin). Muon's Newton–Schulz multiplies in bfloat16; emulated on gpu_check's
+    data, such 16-bit partial sums put 2.0-4.8% of a float16 parameter's elements a step
+    from our CPU step's (bfloat16: 1.7 steps), where float32 sums in another order put at
+    most 0.76% (bench/NOTES.md entry 32): the check's allowance of 1% then measures our
+    kernels, not cuBLAS's choice of reduction."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_bf16_reduced_precision_reduction,
+             matmul.allow_fp16_reduced_precision_reduction)  # fmt: skip
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = saved[0]
+        matmul.allow_fp16_reduced_precision_reduction = saved[1]
+
+
+def _parity(check, device):
     start, grads = data(check)
     reference = reference_of(check)
     if check.mode == CUDA_GRAPH:  # replays against launches, bit for bit

@@ -227,3 +227,30 @@ def test_a_kahan_pair_is_compared_by_the_value_it_holds():
         0.0,
         True,
     )
+
+
+def test_parity_sums_16_bit_products_in_float32_and_restores_the_setting(monkeypatch):
+    """Muon's Newton–Schulz multiplies in bfloat16: a parity check runs with cuBLAS's
+    16-bit partial sums off (`products_summed_in_float32`), and leaves torch's setting
+    as it found it, a step that raises included."""
+    matmul = torch.backends.cuda.matmul
+
+    def settings():
+        return (
+            matmul.allow_bf16_reduced_precision_reduction,
+            matmul.allow_fp16_reduced_precision_reduction,
+        )
+
+    seen = []
+
+    def failing_step(check, device):
+        seen.append(settings())
+        raise RuntimeError("a step that fails")
+
+    monkeypatch.setattr(gpu_parity, "_parity", failing_step)
+    muon = next(c for c in gpu_parity.checks() if c.name == "Muon" and c.mode == "fp16")
+    assert settings() == (True, True)  # torch's defaults
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        gpu_parity.parity(muon, "cpu")
+    assert seen == [(False, False)]
+    assert settings() == (True, True)
