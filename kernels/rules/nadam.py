@@ -66,10 +66,60 @@ def update(
 
     Returns ``(param, m, v)``.
     """
+    return _update(
+        param, grad, exp_avg, exp_avg_sq, beta1, beta1_complement, beta2, beta2_complement,
+        eps, grad_factor, weight_decay, param_decay, grad_step, average_step,
+        bias_correction2, False,
+    )  # fmt: skip
+
+
+@register_jitable
+def blockwise_update(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    beta1,
+    beta1_complement,
+    beta2,
+    beta2_complement,
+    eps,
+    grad_factor,
+    weight_decay,
+    param_decay,
+    grad_step,
+    average_step,
+    bias_correction2,
+):
+    """`update` as the 8-bit loops compute it (`specs.KernelSpec.blockwise_rule`), where no
+    torch bits are to be matched: no test of λ or of the lerp's weight
+    (`common.descent_direction`, `common.lerp` unbranched), ``v · (1/(1 − β2ᵗ))`` with
+    the reciprocal computed once per loop, and one division per element, ``1/d``, that
+    both steps multiply by: one division where `update` makes three. Each differs from
+    `update` by an ulp or two, or the sign of a zero (bench/NOTES.md entry 32)."""
+    return _update(
+        param, grad, exp_avg, exp_avg_sq, beta1, beta1_complement, beta2, beta2_complement,
+        eps, grad_factor, weight_decay, param_decay, grad_step, average_step,
+        bias_correction2, True,
+    )  # fmt: skip
+
+
+@register_jitable
+def _update(
+    param, grad, exp_avg, exp_avg_sq, beta1, beta1_complement, beta2, beta2_complement,
+    eps, grad_factor, weight_decay, param_decay, grad_step, average_step,
+    bias_correction2, blockwise,
+):  # fmt: skip
+    """`update`, or `blockwise_update` with ``blockwise`` (a constant where compiled)."""
     param = param * param_decay
-    grad = descent_direction(param, grad, grad_factor, weight_decay)
-    exp_avg = lerp(exp_avg, grad, beta1_complement, beta1)
+    grad = descent_direction(param, grad, grad_factor, weight_decay, blockwise)
+    exp_avg = lerp(exp_avg, grad, beta1_complement, beta1, blockwise)
     exp_avg_sq = exp_avg_sq * beta2 + beta2_complement * grad * grad
+    if blockwise:  # a loop invariant's reciprocal: hoisted out of the loop
+        denom = math.sqrt(exp_avg_sq * (np.float32(1) / bias_correction2)) + eps
+        inverse = np.float32(1) / denom
+        param = param + grad_step * grad * inverse
+        return param + average_step * exp_avg * inverse, exp_avg, exp_avg_sq
     denom = math.sqrt(exp_avg_sq / bias_correction2) + eps
     param = param + grad_step * grad / denom
     param = param + average_step * exp_avg / denom
@@ -128,6 +178,7 @@ SPEC = KernelSpec(
     ("exp_avg", "exp_avg_sq"),
     Coefficients,
     StepCoefficients,
+    blockwise_rule=blockwise_update,
     codes=(("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)),
     live=live_coefficients,
     live_settings=LiveSettings,
