@@ -95,8 +95,11 @@ def blockwise_update(
     torch bits are to be matched: no test of λ or of the lerp's weight
     (`common.descent_direction`, `common.lerp` unbranched), ``v · (1/(1 − β2ᵗ))`` with
     the reciprocal computed once per loop, and one division per element, ``1/d``, that
-    both steps multiply by: one division where `update` makes three. Each differs from
-    `update` by an ulp or two, or the sign of a zero (bench/NOTES.md entry 32)."""
+    both steps multiply by: one division where `update` makes three. The moments are
+    `update`'s (but the sign of a zero); the parameter differs, measured over 10 steps
+    of 2^20 random elements, in 0.28% of them, by up to 8 ulps of its larger value
+    before or after the step (its two terms may exceed it and cancel; bench/NOTES.md
+    entry 32)."""
     return _update(
         param, grad, exp_avg, exp_avg_sq, beta1, beta1_complement, beta2, beta2_complement,
         eps, grad_factor, weight_decay, param_decay, grad_step, average_step,
