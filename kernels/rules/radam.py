@@ -106,7 +106,11 @@ def blockwise_update(
 ):
     """`update` as the 8-bit loops compute it (`specs.KernelSpec.blockwise_rule`), as
     `adam.blockwise_update` computes Adam's: no test of λ or of the lerp's weight, and
-    ``m · (1/(1 − β1ᵗ))``, a loop invariant's reciprocal, in place of a division."""
+    ``m · (1/(1 − β1ᵗ))``, a loop invariant's reciprocal, in place of a division. The
+    moments are `update`'s (but the sign of a zero); the parameter differs, measured
+    over 10 rectified steps of 2^20 elements at lr 10⁻², in 0.04% of standard normal
+    parameters a step and 0.6% of parameters of many magnitudes, by up to 6 ulps of its
+    larger value before or after the step (tests/test_quantized_loops.py)."""
     return _update(
         param, grad, exp_avg, exp_avg_sq, beta1, beta1_complement, beta2, beta2_complement,
         eps, grad_factor, weight_decay, param_decay, bias_correction1, lr,
