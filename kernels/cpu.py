@@ -61,7 +61,13 @@ CHUNK = 64
 AHEAD = 2048
 
 #: A loop that sums squares (`specs.KernelSpec.squares`) sums each chunk of SQUARES_CHUNK
-#: elements in the computing dtype, then adds that into a float64 sum per segment.
+#: elements of an entry in the computing dtype (in smaller pieces added in float64 where
+#: it prefetches, or over 8-bit state's blocks) and stores that chunk's float64 sum by
+#: the chunk's index among the table's chunks; `_launch` adds each entry's chunk sums in
+#: chunk order. So an entry's sums are the same bits however a table is cut among
+#: threads, and whatever else the table holds (a bucket of the step in backward against
+#: the whole model): adding float64 sums per segment, then the segments', made LAMB's
+#: float64 parameters differ from the ordinary step's in the last bit (a 512×512 layer).
 #: Summing float64 values per element made LLVM vectorise the whole loop at float64's
 #: width, half float32's (LAMB's direction pass, 2 threads, 2^24 float32 elements: 11.3
 #: ms against 10.0; its sums differ by 1e-9 relative); a scratch array per chunk summed
@@ -115,13 +121,13 @@ def loop_source(spec):
     lines += [f"                chunk_sum{k} = zero" for k in sums]
     lines += _cases(spec, spec.entry_flags, (), "                ")
     lines += [f"                sum{k} += np.float64(chunk_sum{k})" for k in sums]
-    lines += [f"            partials[segment, {k}] = sum{k}" for k in sums]
+    lines += _chunk_sums_stored(spec, "                ")
     return "\n".join(lines) + "\n"
 
 
 def _loop_head(spec):
     """A loop's lines down to its segment's set-up (`elements.segment_source`)."""
-    partials = ", partials" if spec.squares else ""
+    partials = ", first_chunk, partials" if spec.squares else ""
     lines = [
         f"def _{spec.name}(addresses, segments, part_starts, entry_values, coefficients, "
         f"formats{partials}):",
@@ -139,6 +145,22 @@ def _loop_head(spec):
         "            end = segments[segment, 2]",
         *segment_source(spec, "            "),
     ]
+
+
+def _chunk_sums_stored(spec, indent):
+    """After the elements up to ``stop``: where they end a chunk of `SQUARES_CHUNK` (or
+    the entry), the chunk's sums of squares stored by its index among the table's
+    chunks (``first_chunk[entry]``: the entry's first), and set to zero again.
+    Segments start at chunk boundaries and end at one or at their entry's end."""
+    if not spec.squares:
+        return []
+    lines = [
+        "if stop == end or stop % SQUARES_CHUNK == 0:",
+        "    at = first_chunk[entry] + (stop - 1) // SQUARES_CHUNK",
+    ]
+    for k in range(len(spec.squares)):
+        lines += [f"    partials[at, {k}] = sum{k}", f"    sum{k} = 0.0"]
+    return [indent + line for line in lines]
 
 
 def _always(spec):
@@ -207,7 +229,7 @@ def _blockwise_loop_source(spec):
     lines += _cases(spec, spec.entry_flags, (), "                ")
     lines += [f"                sum{k} += np.float64(chunk_sum{k})" for k in sums]
     lines += _blockwise_codes(spec, "                ")
-    lines += [f"            partials[segment, {k}] = sum{k}" for k in sums]
+    lines += _chunk_sums_stored(spec, "                ")
     return "\n".join(lines) + "\n"
 
 
@@ -346,13 +368,14 @@ def _launch(variant, table, coefficients):
             table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats
         )
         return None
-    partials = np.zeros((len(segments), squares))
+    first_chunk, chunk_entries = table.blocks(SQUARES_CHUNK)
+    partials = np.zeros((chunk_entries.size, squares))
     kernel(
         table.addresses, segments, part_starts, table.entry_values, coefficients, table.formats,
-        partials,
+        first_chunk, partials,
     )  # fmt: skip
     sums = np.zeros((len(table), squares))
-    np.add.at(sums, segments[:, 0], partials)
+    np.add.at(sums, chunk_entries, partials)  # in index order: each entry's chunks in order
     return sums
 
 
@@ -383,10 +406,11 @@ def _variant(spec, flags):
     # (bench/NOTES.md entry 24). The cost: about a second per variant and process.
     cacheable = cacheable and not spec.squares
     constants = tuple((name.upper(), bool(value)) for name, value in zip(spec.flags, flags))
-    # segments start at block boundaries; a sum of squares at a chunk boundary, so that
-    # its chunks, and their float32 sums, do not depend on how the table is split among
-    # threads (a bucket of the step in backward, a shard: the same sums)
-    block = BLOCK if spec.blockwise else SQUARES_CHUNK if spec.squares else 1
+    # segments start at block boundaries; a sum of squares at a chunk boundary (a
+    # multiple of BLOCK), so that its chunks, and their sums, do not depend on how the
+    # table is split among threads (a bucket of the step in backward, a shard: the same
+    # sums)
+    block = SQUARES_CHUNK if spec.squares else BLOCK if spec.blockwise else 1
     fastmath = tuple(sorted(spec.fastmath))
     variant = _Variant(spec, loop, cacheable, constants, block, fastmath, len(spec.squares))
     _variants[(spec.name, flags)] = variant

@@ -108,6 +108,19 @@ class TensorTable:
             self._schedules[key] = schedule
         return schedule
 
+    def blocks(self, block):
+        """``(first, entries)``: the index of each entry's first block of ``block``
+        elements among all entries' blocks (and their count, last), and each block's
+        entry (an empty entry has no block)."""
+        key = ("blocks", block)
+        if key not in self._schedules:
+            counts = -(-self.lengths // block)
+            first = np.zeros(counts.size + 1, np.int64)
+            np.cumsum(counts, out=first[1:])
+            entries = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+            self._schedules[key] = first, entries
+        return self._schedules[key]
+
     def cuda_segments(self, chunk):
         """Segments of at most ``chunk`` elements, in entry order: ``(entry, begin, end,
         segments of that entry, the first of them)``."""
