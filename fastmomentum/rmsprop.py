@@ -125,8 +125,9 @@ class RMSprop(FlatOptimizer):
         if group["centered"] and self.quantized:
             raise ValueError(
                 f"centered=True is not implemented with state_dtype={quantized.INT8_BLOCKWISE!r}: "
-                "with square_avg s and grad_avg g each within 1/16 of its value, the variance "
-                "s - g^2 is off by up to 3/16 of s, negative (NaN) where it is smaller"
+                "square_avg s is kept within 1/16 of its value and grad_avg g within 1/254 "
+                "of its block's largest magnitude, so the variance s - g^2 can be off by more "
+                "than itself where it is small, negative (NaN)"
             )
         return Settings(
             lr=capture.lr_setting(group),

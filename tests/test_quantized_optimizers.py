@@ -122,10 +122,12 @@ def test_8bit_state_trains_as_float32_state(name, options):
     """200 steps from the same start, the same gradients (a noisy quadratic), against
     float32 state: each tensor ends within 10% of the distance the float32 run moved it.
 
-    Why 10%: every code is within 1/16 of its value (above), so a step computed from
-    8-bit state is within about 1/16 (the first moment, a momentum buffer) + 1/32 (the
-    square root of a second moment) ≈ 9.4% of the step float32 state gives; the states'
-    averages then keep such errors from adding up. Measured: 0.5-6.1% (SGD ≈ 1%, the
+    Why 10%: a second moment's code is within 1/16 of its value, so its square root, what
+    a step divides by, within 1/32; a first moment's (a momentum buffer's) within 1/254
+    of its block's largest magnitude (`kernels.quantization`), so the steps of a block's
+    largest elements, which move a tensor most, within about 0.4% where small ones may
+    round to zero: a step from 8-bit state is within a few percent of float32 state's,
+    and the states' averages keep such errors from adding up. Measured: 0.5-6.1% (SGD ≈ 1%, the
     Adam family, Adagrad and LAMB 2-6%); a one-element tensor (its block's absmax, kept
     exactly) 0. Lion's step is ±lr, the sign of ``β1·m + (1 − β1)·g``: an 8-bit ``m``
     flips it where that is within about ``|β1·m|/16`` of zero, a whole ``2·lr`` apart;
