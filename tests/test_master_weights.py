@@ -13,12 +13,12 @@ from .sixteen_bits import FORMATS, IDS, assert_close
 # --- float32 master weights for 16-bit parameters ---------------------------------------
 
 
-def _master_twins(name, dtype, options=None, seed=0):
+def _master_twins(name, dtype, options=None, seed=0, shapes=((64, 33), (33,))):
     """16-bit params with ``master_weights=True``, and float32 params holding the same
     values under our float32 optimizer: the master copies must follow the latter."""
     options = {"lr": 1e-2, **(options or {})}
     generator = torch.Generator().manual_seed(seed)
-    values = [torch.randn(shape, generator=generator).to(dtype) for shape in [(64, 33), (33,)]]
+    values = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
     low = [v.clone().requires_grad_() for v in values]
     full = [v.float().requires_grad_() for v in values]
     return (
@@ -69,6 +69,23 @@ def test_master_weights_step_a_float32_copy_and_round_it_into_the_param(
         assert torch.equal(p.detach(), q.detach().to(dtype))  # the param is the copy rounded
         for key, value in full[1].state[q].items():  # float32 state, equal to float32's
             assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize(("dtype", "carrier"), FORMATS, ids=IDS)
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("AdamW", {}), ("NAdam", {"weight_decay": 0.01}), ("LAMB", {"weight_decay": 0.01}),
+     ("RMSprop", {"momentum": 0.9, "centered": True, "lr": 1e-3}), ("SGD", {"momentum": 0.9})],
+    ids=["adamw", "nadam", "lamb", "rmsprop", "sgd-momentum"],
+)  # fmt: skip
+def test_master_weights_at_the_size_of_a_layer(name, options, dtype, carrier):
+    """As above, on 2^20 + 77 elements, 5 steps: the threaded loops, LAMB's sums over
+    many chunks; the copy still our float32 step bit for bit."""
+    low, full = _master_twins(name, dtype, options, shapes=[(1024, 1024), (77,)])
+    _step_master_twins(low, full, 5, dtype)
+    for p, q in zip(low[0], full[0]):
+        assert torch.equal(low[1].state[p]["master_param"], q.detach())
+        assert torch.equal(p.detach(), q.detach().to(dtype))
 
 
 def test_master_weights_resume_bit_identically_and_torch_can_load_them():

@@ -87,6 +87,20 @@ def test_matches_torch_bit_for_bit(case, dtype):
     assert_same_bits(params, ref_params, ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+def test_matches_torch_bit_for_bit_at_the_size_of_a_layer(dtype):
+    """As above on matrices of 393,216 and 258,741 elements (the threaded loops), 3
+    steps."""
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(768, 512), (333, 777)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in shapes]
+    ref_params = twins(params)
+    ours = fastmomentum.Muon(params, lr=2e-2)
+    theirs = torch.optim.Muon(ref_params, lr=2e-2)
+    train([ours, theirs], [params, ref_params], 3)
+    assert_same_bits(params, ref_params, ours, theirs)
+
+
 def test_bfloat16_parameters_within_a_few_ulps_of_torch():
     params = matrices(torch.bfloat16)
     ref_params = twins(params)

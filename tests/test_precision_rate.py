@@ -118,6 +118,29 @@ def test_a_million_16_bit_params_step_bit_identically_to_torch_fused(dtype, name
 
 @needs_vector_kernels
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_gradscaler_power_of_two_scale_keeps_the_bits(dtype):
+    """`torch.amp.GradScaler` (scale 1024, a power of two as its default 65536 and its
+    factors keep it) passing its scale and found_inf to both steps: 2²⁰ elements, 10
+    AdamW steps, param and state bit for bit with torch's fused step after each."""
+    dtype = getattr(torch, dtype)
+    ours, theirs = _twins("AdamW", {"lr": 1e-2, "weight_decay": 0.1}, dtype, [(SIZE,)])
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    generator = torch.Generator().manual_seed(2)
+    for step in range(1, 11):
+        weights = torch.randn(SIZE, generator=generator) * 1e-3
+        for (params, optimizer), scaler in zip((ours, theirs), scalers):
+            scaler.scale((params[0].float() * weights).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        for key in (None, "exp_avg", "exp_avg_sq"):
+            a, b = _flat(ours, key), _flat(theirs, key)
+            assert torch.equal(a, b), (step, key or "param", int((a != b).sum()))
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 1024.0
+
+
+@needs_vector_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_last_numel_mod_16_elements_differ_at_a_bounded_rate(dtype):
     """400 tensors of 31 elements: torch steps elements 0–15 of each in vector
     registers, 16–30 in its scalar loop. The first 16 are bit-identical; in the other
