@@ -142,6 +142,12 @@ LAYER_CASES = {
     "lamb-float64": ("lamb", torch.float64, {}),
     "lamb-bfloat16": ("lamb", torch.bfloat16, {}),
     "lamb-int8-state": ("lamb", torch.float32, {"state_dtype": "int8_blockwise"}),
+    "lamb-bfloat16-master": ("lamb", torch.bfloat16, {"master_weights": True}),
+    "adamw-bfloat16-stochastic": (
+        "adamw",
+        torch.bfloat16,
+        {"stochastic_rounding": True, "rounding_seed": 7},
+    ),
 }
 
 
