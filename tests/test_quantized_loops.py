@@ -361,7 +361,8 @@ def test_each_blockwise_rule_is_its_rule_but_for_the_rounding_of_the_step(case, 
     a hoisted reciprocal where its rule divides by a loop invariant) against its rule, in
     generated float32 loops, 10 steps of 2^20 elements, each step from the rule's state:
     the moments bit for bit (but the sign of a zero); the parameters bit for bit where
-    only tests go, else apart in at most the measured share of elements
+    the rule only drops tests (SGD, Adamax, Adagrad), else apart in at most the measured
+    share of elements
     (`BLOCKWISE_APART`) by at most the measured ulps of the larger of the values before
     and after the step. Where the step is small against the parameter the rate is
     small; awkward values (many magnitudes) include parameters the step exceeds."""
