@@ -100,7 +100,7 @@ class TensorTable:
         schedule = self._schedules.get(key)
         if schedule is None:
             if block > 1:
-                schedule = _block_parts(self.lengths, parts, block)
+                schedule = _block_parts(self.lengths, self.blocks(block)[0], parts, block)
             elif len(self.lengths) == 1:  # the low-level API's tables, made anew each call
                 schedule = _one_entry_parts(self.size, parts)
             else:
@@ -188,11 +188,9 @@ def _one_entry_parts(size, parts):
     return np.array(segments, np.int64).reshape(-1, 3), np.array(part_starts, np.int64)
 
 
-def _block_parts(lengths, parts, block):
-    """`_equal_parts` over the entries' blocks, as element segments."""
-    counts = -(-lengths // block)
-    block_starts = np.zeros(counts.size + 1, np.int64)
-    np.cumsum(counts, out=block_starts[1:])
+def _block_parts(lengths, block_starts, parts, block):
+    """`_equal_parts` over the entries' blocks (``block_starts``: `TensorTable.blocks`),
+    as element segments."""
     segments, part_starts = _equal_parts(block_starts, parts)
     segments = segments.copy()
     segments[:, 1] *= block
